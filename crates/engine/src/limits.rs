@@ -1,0 +1,45 @@
+//! The engine's limits: every queue and buffer bound in one struct, filled from the server's
+//! configuration. Defaults are what a broker on a small machine should run with.
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest packet accepted from a client, header included. Checked from the fixed header,
+    /// before the body is buffered.
+    pub max_packet_size: u32,
+    /// Outbound QoS 1/2 messages sent but not yet acknowledged, per connection. The window
+    /// keeps a slow client from holding an unbounded retransmission set.
+    pub max_inflight: u16,
+    /// QoS 1/2 messages waiting per session (offline, or behind the in-flight window). Past it
+    /// new messages for that session are dropped and counted.
+    pub max_queued_messages: usize,
+    /// Payload bytes waiting per session, same policy.
+    pub max_queued_bytes: usize,
+    /// QoS 0 payload bytes waiting for one connection; past it further QoS 0 messages are
+    /// dropped and counted. This is what keeps a subscriber that stopped reading from growing
+    /// the broker's memory.
+    pub outbox_bytes: usize,
+    /// Longest client identifier accepted.
+    pub max_client_id_len: u16,
+    /// Whether an empty client id with clean session gets a generated one [MQTT-3.1.3-6].
+    pub allow_empty_client_id: bool,
+    pub retain_available: bool,
+    /// Upper bound on the keepalive a v5 client may choose (sent as Server Keep Alive); 0 = no
+    /// cap.
+    pub max_keepalive: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024,
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            outbox_bytes: 1024 * 1024,
+            max_client_id_len: u16::MAX,
+            allow_empty_client_id: true,
+            retain_available: true,
+            max_keepalive: 0,
+        }
+    }
+}

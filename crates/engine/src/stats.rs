@@ -1,0 +1,35 @@
+//! Broker-wide counters. Relaxed atomics: each is an independent tally read for reporting, so
+//! no ordering between them is needed and the hot path pays one uncontended add.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub connections_current: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_enqueued: AtomicU64,
+    pub dropped_outbox_full: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_offline_qos0: AtomicU64,
+    pub connect_timeouts: AtomicU64,
+    pub keepalive_timeouts: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub wills_published: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn count_enqueued(&self) {
+        self.messages_enqueued.fetch_add(1, Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

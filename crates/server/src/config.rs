@@ -1,0 +1,1124 @@
+//! Broker configuration: the TOML file format, its built-in defaults, and
+//! validation whose errors point at `file:line: key`.
+//!
+//! Loading reads the text twice, cheaply (config files are small):
+//!
+//! 1. `toml::de::DeTable` parses the document and keeps the byte span of every
+//!    key and value. Syntax errors surface here.
+//! 2. serde deserializes the typed [`Config`] from that tree. Unknown keys
+//!    (`deny_unknown_fields`), wrong types and malformed values surface here,
+//!    each with the span of the offending key or value.
+//! 3. [`Config::validate`] checks the rules serde cannot express: ranges,
+//!    non-zero durations, distinct bind addresses.
+//!
+//! Whatever fails, the spanned tree from step 1 turns the failure into a
+//! dotted key path (`listeners[0].connect_timeout`) and a line number, so an
+//! operator reads `petrel.toml:3: listeners[0].connect_timeout: must be
+//! greater than zero` instead of a serde backtrace. Nothing here panics on
+//! file contents.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// Where errors say a config came from when it was built in code rather than
+/// read from a file (see [`Config::validate`]).
+const BUILT_IN_ORIGIN: &str = "<config>";
+
+/// The whole broker configuration. `Config::default()` is what petrel runs
+/// with when no file is given, and what every absent key falls back to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table of petrel settings")]
+pub struct Config {
+    /// Sockets that accept clients. When the key is absent: one TCP listener
+    /// on loopback, so a broker started without a config is not exposed to
+    /// the network. An explicit empty array is an error: a broker that
+    /// listens nowhere is a typo, not a wish.
+    pub listeners: Vec<ListenerConfig>,
+    pub mqtt: MqttConfig,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [[listeners]] table")]
+pub struct ListenerConfig {
+    pub protocol: ListenerProtocol,
+    /// `IP:port`. Host names are not resolved: binding is a local decision
+    /// and a name that resolves to several addresses would make it ambiguous.
+    #[serde(deserialize_with = "deserialize_socket_addr")]
+    pub bind: SocketAddr,
+    /// From accept until a complete CONNECT has been read. Bounds how long a
+    /// silent or slow peer can hold a connection slot before it is known who
+    /// it is.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub connect_timeout: Duration,
+    /// Open connections on this listener. Past it, new clients wait in the
+    /// kernel's accept backlog until a slot frees, so file descriptors and
+    /// per-connection memory stay bounded.
+    pub max_connections: usize,
+}
+
+/// How a listener speaks to its clients. An enum rather than a string so that
+/// adding `tls`, `ws`, `wss` and `unix` later makes every `match` say where
+/// they need handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// MQTT over plain TCP.
+    #[default]
+    Tcp,
+}
+
+/// The `[mqtt]` table: protocol limits, every one a bound on memory that a
+/// client could otherwise grow without limit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [mqtt] table")]
+pub struct MqttConfig {
+    /// Largest inbound packet in bytes, fixed header included. A larger one is
+    /// a protocol error and closes the connection before its body is
+    /// buffered.
+    pub max_packet_size: u32,
+    /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged.
+    /// Past it, further messages wait in the session queue.
+    pub max_inflight: u16,
+    /// QoS 1/2 messages one session may hold waiting, while its client is
+    /// offline or its in-flight window is full.
+    pub max_queued_messages: usize,
+    /// Payload bytes one session may hold waiting; the byte bound matters as
+    /// much as the count because payloads range up to `max_packet_size`.
+    pub max_queued_bytes: usize,
+    /// Bytes of QoS 0 messages one connection may have waiting to be written.
+    /// Past it, further QoS 0 messages to that client are dropped: QoS 0
+    /// promises nothing, and a slow reader must not stall its publishers.
+    pub outbox_bytes: usize,
+    /// Longest accepted client identifier in bytes (MQTT 3.1 limits it to 23).
+    pub max_client_id_len: u16,
+    /// Whether retained messages are stored and delivered.
+    pub retain_available: bool,
+    /// Whether a client that connects with an empty client id and a clean
+    /// session gets a generated one, rather than being refused.
+    pub allow_empty_client_id: bool,
+    /// Cap on the keep alive a client may ask for, in seconds; 0 means no cap.
+    pub max_keepalive: u16,
+}
+
+/// Everything that can go wrong loading a config. Each variant's `Display`
+/// reads `origin[:line]: [key: ]what is wrong`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML, has a key petrel does not know, or has a
+    /// value of the wrong type or form. `key` is `None` for syntax errors and
+    /// for unknown keys (whose message names the key and its table).
+    #[error("{}", render(origin, *line, key.as_deref(), message))]
+    Parse {
+        origin: String,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+    /// The document is well-formed but breaks a rule, e.g. a zero timeout or
+    /// two listeners on the same address. `line` is the line of `key`, or of
+    /// the nearest enclosing table when the key was left to its default.
+    #[error("{}", render(origin, *line, Some(key), message))]
+    Invalid {
+        origin: String,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
+}
+
+fn render(origin: &str, line: Option<usize>, key: Option<&str>, message: &str) -> String {
+    let line = line.map(|line| format!(":{line}")).unwrap_or_default();
+    let key = key.map(|key| format!(": {key}")).unwrap_or_default();
+    format!("{origin}{line}{key}: {message}")
+}
+
+const DEFAULT_BIND: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883));
+
+/// The largest packet MQTT can express: a remaining length of at most
+/// 268,435,455 (four variable-length bytes) plus the fixed header's type byte
+/// and those four length bytes.
+const MQTT_MAX_PACKET_SIZE: u64 = 268_435_455 + 5;
+
+/// Below this not even a minimal CONNECT fits, so no client could connect.
+const MIN_PACKET_SIZE: u64 = 16;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: vec![ListenerConfig::default()],
+            mqtt: MqttConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            protocol: ListenerProtocol::Tcp,
+            bind: DEFAULT_BIND,
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_packet_size: 1024 * 1024,
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            outbox_bytes: 1024 * 1024,
+            max_client_id_len: 65_535,
+            retain_available: true,
+            allow_empty_client_id: true,
+            max_keepalive: 0,
+        }
+    }
+}
+
+impl ListenerProtocol {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for ListenerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Config {
+    /// Parses and validates a config document. `origin` names it in error
+    /// messages, normally the file path.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let root = DeTable::parse(text).map_err(|err| syntax_error(text, origin, &err))?;
+        let config = Config::deserialize(toml::de::Deserializer::from(root.clone()))
+            .map_err(|err| deserialize_error(text, origin, root.get_ref(), &err))?;
+        config.check().map_err(|violation| {
+            let line =
+                span_of(root.get_ref(), &violation.key).map(|span| line_at(text, span.start));
+            violation.into_error(origin, line)
+        })?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates the file at `path`. A missing file is an
+    /// error: the caller asked for this file. Run with `Config::default()`
+    /// when no file is given.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Checks the rules that types alone do not enforce. [`from_toml_str`]
+    /// calls it and adds line numbers; called directly on a config built in
+    /// code, errors name the key but no file or line.
+    ///
+    /// [`from_toml_str`]: Config::from_toml_str
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+            .map_err(|violation| violation.into_error(BUILT_IN_ORIGIN, None))
+    }
+
+    fn check(&self) -> Result<(), Violation> {
+        if self.listeners.is_empty() {
+            return Err(Violation {
+                key: KeyPath::root().key("listeners"),
+                message: "at least one listener is required".to_owned(),
+            });
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if listener.connect_timeout.is_zero() {
+                return Err(Violation {
+                    key: listener_key(i, "connect_timeout"),
+                    message: "must be greater than zero".to_owned(),
+                });
+            }
+            // Port 0 asks the OS for a fresh port on every bind, so several
+            // listeners on `127.0.0.1:0` do not collide.
+            if listener.bind.port() == 0 {
+                continue;
+            }
+            if let Some(first) = self.listeners[..i]
+                .iter()
+                .position(|l| l.bind == listener.bind)
+            {
+                return Err(Violation {
+                    key: listener_key(i, "bind"),
+                    message: format!(
+                        "address {} is already used by listeners[{first}]",
+                        listener.bind
+                    ),
+                });
+            }
+        }
+        for (key, value, bounds) in self.numeric_settings() {
+            if !bounds.contains(value) {
+                return Err(Violation {
+                    message: format!("{} (got {value})", bounds.describe()),
+                    key,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every integer setting with its allowed range. This list is the one
+    /// place ranges are written down: validation walks it, and a parse error
+    /// for an integer that does not even fit its field's type looks its key
+    /// up here, so that `max_inflight = 0` and `max_inflight = 70000` get the
+    /// same message.
+    fn numeric_settings(&self) -> Vec<(KeyPath, u64, Bounds)> {
+        let mut settings = Vec::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            settings.push((
+                listener_key(i, "max_connections"),
+                as_u64(listener.max_connections),
+                Bounds::at_least(1),
+            ));
+        }
+        let mqtt = &self.mqtt;
+        let mqtt_key = |name| KeyPath::root().key("mqtt").key(name);
+        settings.extend([
+            (
+                mqtt_key("max_packet_size"),
+                u64::from(mqtt.max_packet_size),
+                Bounds::between(MIN_PACKET_SIZE, MQTT_MAX_PACKET_SIZE),
+            ),
+            (
+                mqtt_key("max_inflight"),
+                u64::from(mqtt.max_inflight),
+                Bounds::between(1, 65_535),
+            ),
+            (
+                mqtt_key("max_queued_messages"),
+                as_u64(mqtt.max_queued_messages),
+                Bounds::at_least(1),
+            ),
+            (
+                mqtt_key("max_queued_bytes"),
+                as_u64(mqtt.max_queued_bytes),
+                Bounds::at_least(1),
+            ),
+            (
+                mqtt_key("outbox_bytes"),
+                as_u64(mqtt.outbox_bytes),
+                Bounds::at_least(1),
+            ),
+            (
+                mqtt_key("max_client_id_len"),
+                u64::from(mqtt.max_client_id_len),
+                Bounds::between(1, 65_535),
+            ),
+            (
+                mqtt_key("max_keepalive"),
+                u64::from(mqtt.max_keepalive),
+                Bounds::between(0, 65_535),
+            ),
+        ]);
+        settings
+    }
+}
+
+/// A commented TOML document listing every key with its default value.
+/// `petrel` can print it as a starting point for a config file; it parses
+/// back to `Config::default()`.
+pub fn default_config_toml() -> String {
+    let defaults = Config::default();
+    let mqtt = &defaults.mqtt;
+    let mut out = String::from(
+        "# petrel configuration.\n\
+         # Every key is optional: the values below are the built-in defaults.\n\
+         # Durations are written like \"500ms\", \"10s\" or \"1m\".\n\
+         \n\
+         # One [[listeners]] table per socket that accepts clients. Without any,\n\
+         # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n",
+    );
+    for listener in &defaults.listeners {
+        out.push_str(&format!(
+            "[[listeners]]\n\
+             # Transport: \"tcp\".\n\
+             protocol = \"{protocol}\"\n\
+             # IP:port to listen on. \"0.0.0.0:1883\" or \"[::]:1883\" for all interfaces.\n\
+             bind = \"{bind}\"\n\
+             # Time a client has, from accept, to send a complete CONNECT.\n\
+             connect_timeout = \"{timeout}\"\n\
+             # Open connections on this listener; further ones are refused.\n\
+             max_connections = {max_connections}\n\
+             \n",
+            protocol = listener.protocol,
+            bind = listener.bind,
+            timeout = humantime::format_duration(listener.connect_timeout),
+            max_connections = listener.max_connections,
+        ));
+    }
+    out.push_str(&format!(
+        "[mqtt]\n\
+         # Largest inbound packet in bytes, header included ({MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}).\n\
+         max_packet_size = {max_packet_size}\n\
+         # Unacknowledged outbound QoS 1/2 messages per client (1 to 65535).\n\
+         max_inflight = {max_inflight}\n\
+         # QoS 1/2 messages a session may hold while its client is offline or\n\
+         # its in-flight window is full.\n\
+         max_queued_messages = {max_queued_messages}\n\
+         # Payload bytes a session may hold queued.\n\
+         max_queued_bytes = {max_queued_bytes}\n\
+         # Bytes of QoS 0 messages waiting to be written to one connection;\n\
+         # further QoS 0 messages to it are dropped until it catches up.\n\
+         outbox_bytes = {outbox_bytes}\n\
+         # Longest client id in bytes (1 to 65535; MQTT 3.1 allowed 23).\n\
+         max_client_id_len = {max_client_id_len}\n\
+         # Store and deliver retained messages.\n\
+         retain_available = {retain_available}\n\
+         # Generate an id for a client that connects with an empty one and a\n\
+         # clean session, instead of refusing it.\n\
+         allow_empty_client_id = {allow_empty_client_id}\n\
+         # Largest keep alive a client may ask for, in seconds; 0 = no cap.\n\
+         max_keepalive = {max_keepalive}\n",
+        max_packet_size = mqtt.max_packet_size,
+        max_inflight = mqtt.max_inflight,
+        max_queued_messages = mqtt.max_queued_messages,
+        max_queued_bytes = mqtt.max_queued_bytes,
+        outbox_bytes = mqtt.outbox_bytes,
+        max_client_id_len = mqtt.max_client_id_len,
+        retain_available = mqtt.retain_available,
+        allow_empty_client_id = mqtt.allow_empty_client_id,
+        max_keepalive = mqtt.max_keepalive,
+    ));
+    out
+}
+
+fn listener_key(index: usize, field: &str) -> KeyPath {
+    KeyPath::root().key("listeners").index(index).key(field)
+}
+
+fn as_u64(value: usize) -> u64 {
+    // usize is at most 64 bits on every platform Rust supports.
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+/// An inclusive range of allowed values for an integer setting.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    min: u64,
+    /// `None`: no limit beyond the field's type.
+    max: Option<u64>,
+}
+
+impl Bounds {
+    fn at_least(min: u64) -> Self {
+        Bounds { min, max: None }
+    }
+
+    fn between(min: u64, max: u64) -> Self {
+        Bounds {
+            min,
+            max: Some(max),
+        }
+    }
+
+    fn contains(self, value: u64) -> bool {
+        value >= self.min && !matches!(self.max, Some(max) if value > max)
+    }
+
+    /// "must be between 1 and 65535", "must be at least 1".
+    fn describe(self) -> String {
+        format!("must be {}", self.range())
+    }
+
+    fn range(self) -> String {
+        match self.max {
+            Some(max) => format!("between {} and {max}", self.min),
+            None => format!("at least {}", self.min),
+        }
+    }
+}
+
+/// A broken rule, before it is placed in a file.
+struct Violation {
+    key: KeyPath,
+    message: String,
+}
+
+impl Violation {
+    fn into_error(self, origin: &str, line: Option<usize>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: origin.to_owned(),
+            line,
+            key: self.key.to_string(),
+            message: self.message,
+        }
+    }
+}
+
+/// A position in the document: `listeners[0].bind`, `mqtt.max_inflight`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyPath(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    fn root() -> Self {
+        KeyPath(Vec::new())
+    }
+
+    fn key(mut self, key: &str) -> Self {
+        self.0.push(Segment::Key(key.to_owned()));
+        self
+    }
+
+    fn index(mut self, index: usize) -> Self {
+        self.0.push(Segment::Index(index));
+        self
+    }
+
+    /// The path with array indices dropped, `listeners.max_connections`, to
+    /// compare a key in the document with one in [`Config::numeric_settings`].
+    fn without_indices(&self) -> KeyPath {
+        KeyPath(
+            self.0
+                .iter()
+                .filter(|segment| matches!(segment, Segment::Key(_)))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Where an unknown key sits, for `unknown key 'x' in [mqtt]`.
+    fn describe_table(&self) -> String {
+        match self.0.last() {
+            None => "at the top level".to_owned(),
+            Some(Segment::Index(_)) => format!("in {self}"),
+            Some(Segment::Key(_)) => format!("in [{self}]"),
+        }
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Key(key) if i == 0 => f.write_str(key)?,
+                Segment::Key(key) => write!(f, ".{key}")?,
+                Segment::Index(index) => write!(f, "[{index}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an error span landed on.
+enum Hit<'a> {
+    /// A key: serde only complains about a key when it is unknown.
+    Key,
+    Value(&'a DeValue<'a>),
+}
+
+/// A syntax error from step 1. There is no key path yet, so quote the text
+/// the parser stopped at (for "duplicate key" it is the key).
+fn syntax_error(text: &str, origin: &str, err: &toml::de::Error) -> ConfigError {
+    let span = err.span();
+    let near = span
+        .clone()
+        .and_then(|span| text.get(span))
+        .filter(|near| !near.is_empty() && near.len() <= 40 && !near.contains('\n'))
+        .map(|near| format!(" at '{near}'"))
+        .unwrap_or_default();
+    ConfigError::Parse {
+        origin: origin.to_owned(),
+        line: span.map(|span| line_at(text, span.start)),
+        key: None,
+        message: format!("invalid TOML{near}: {}", one_line(err.message())),
+    }
+}
+
+/// Turns a serde error from step 2 into `file:line: key: message`.
+fn deserialize_error(
+    text: &str,
+    origin: &str,
+    root: &DeTable<'_>,
+    err: &toml::de::Error,
+) -> ConfigError {
+    let message = one_line(err.message());
+    let Some(span) = err.span() else {
+        return ConfigError::Parse {
+            origin: origin.to_owned(),
+            line: None,
+            key: None,
+            message,
+        };
+    };
+    let line = Some(line_at(text, span.start));
+    let Some((path, hit)) = find_at(root, span.start, KeyPath::root()) else {
+        return ConfigError::Parse {
+            origin: origin.to_owned(),
+            line,
+            key: None,
+            message,
+        };
+    };
+    let message = match hit {
+        Hit::Key => {
+            let mut table = path.clone();
+            let name = match table.0.pop() {
+                Some(segment @ Segment::Key(_)) => KeyPath(vec![segment]).to_string(),
+                _ => path.to_string(),
+            };
+            // serde words it "unknown field `x`, expected one of `a`, `b`";
+            // keep its list of expected keys and say which table we are in.
+            let expected = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once("`, "))
+                .map(|(_, expected)| format!(", {expected}"))
+                .unwrap_or_default();
+            return ConfigError::Parse {
+                origin: origin.to_owned(),
+                line,
+                key: None,
+                message: format!("unknown key '{name}' {}{expected}", table.describe_table()),
+            };
+        }
+        // An integer in an integer field can only fail by not fitting the
+        // field's type: say so with the setting's own range. Only a number
+        // past i64 can overflow a field with no upper bound.
+        Hit::Value(DeValue::Integer(raw)) => match bounds_for(&path) {
+            Some(bounds) if bounds.max.is_none() && !raw.as_str().starts_with('-') => {
+                format!("is too large (got {})", raw.as_str())
+            }
+            Some(bounds) => format!("{} (got {})", bounds.describe(), raw.as_str()),
+            None => message,
+        },
+        // serde would say "expected u16": name the range instead.
+        Hit::Value(other) => match bounds_for(&path) {
+            Some(bounds) => {
+                let found = other.type_str();
+                let article = if found.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                format!(
+                    "must be an integer {}, not {article} {found}",
+                    bounds.range()
+                )
+            }
+            None => message.replacen("unknown variant", "unknown value", 1),
+        },
+    };
+    ConfigError::Parse {
+        origin: origin.to_owned(),
+        line,
+        key: Some(path.to_string()),
+        message,
+    }
+}
+
+fn bounds_for(path: &KeyPath) -> Option<Bounds> {
+    let wanted = path.without_indices();
+    Config::default()
+        .numeric_settings()
+        .into_iter()
+        .find(|(key, _, _)| key.without_indices() == wanted)
+        .map(|(_, _, bounds)| bounds)
+}
+
+/// The deepest key or value whose span holds byte `pos`, and its path.
+fn find_at<'a>(table: &'a DeTable<'a>, pos: usize, path: KeyPath) -> Option<(KeyPath, Hit<'a>)> {
+    for (key, value) in table.iter() {
+        let path = path.clone().key(key.get_ref());
+        if holds(key.span(), pos) {
+            return Some((path, Hit::Key));
+        }
+        if let Some(found) = find_in_value(value, pos, path) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+fn find_in_value<'a>(
+    value: &'a Spanned<DeValue<'a>>,
+    pos: usize,
+    path: KeyPath,
+) -> Option<(KeyPath, Hit<'a>)> {
+    // Children first: a table's span can cover its whole body.
+    let inner = match value.get_ref() {
+        DeValue::Table(table) => find_at(table, pos, path.clone()),
+        DeValue::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_in_value(item, pos, path.clone().index(i))),
+        _ => None,
+    };
+    inner.or_else(|| holds(value.span(), pos).then(|| (path, Hit::Value(value.get_ref()))))
+}
+
+fn holds(span: Range<usize>, pos: usize) -> bool {
+    span.start <= pos && (pos < span.end || pos == span.start)
+}
+
+/// The span of `path` in the document: of its key where written, else of
+/// the nearest enclosing entry that is (a key left to its default has no
+/// line of its own; its table does).
+fn span_of(root: &DeTable<'_>, path: &KeyPath) -> Option<Range<usize>> {
+    let mut table = root;
+    let mut items: Option<&[Spanned<DeValue<'_>>]> = None;
+    let mut found = None;
+    for segment in &path.0 {
+        let value = match (segment, items) {
+            (Segment::Key(name), None) => match table.get_key_value(name.as_str()) {
+                Some((key, value)) => {
+                    found = Some(key.span());
+                    value
+                }
+                None => break,
+            },
+            (Segment::Index(index), Some(array)) => match array.get(*index) {
+                Some(value) => {
+                    found = Some(value.span());
+                    value
+                }
+                None => break,
+            },
+            _ => break,
+        };
+        items = None;
+        match value.get_ref() {
+            DeValue::Table(inner) => table = inner,
+            DeValue::Array(array) => items = Some(array),
+            _ => break,
+        }
+    }
+    found
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    1 + text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+}
+
+/// toml's messages can span lines; an error line should not.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn deserialize_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration string such as \"10s\", \"500ms\" or \"1m\"")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text)
+                .map_err(|err| E::custom(format!("invalid duration \"{text}\": {err}")))
+        }
+    }
+
+    deserializer.deserialize_str(DurationVisitor)
+}
+
+fn deserialize_socket_addr<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    struct SocketAddrVisitor;
+
+    impl Visitor<'_> for SocketAddrVisitor {
+        type Value = SocketAddr;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an \"IP:port\" string such as \"0.0.0.0:1883\" or \"[::]:1883\"")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<SocketAddr, E> {
+            text.parse().map_err(|_| {
+                E::custom(format!(
+                    "invalid address \"{text}\": expected IP:port such as \"0.0.0.0:1883\" \
+                     or \"[::]:1883\" (host names are not resolved)"
+                ))
+            })
+        }
+    }
+
+    deserializer.deserialize_str(SocketAddrVisitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "petrel.toml";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, ORIGIN)
+    }
+
+    #[test]
+    fn empty_document_gives_defaults() {
+        for text in ["", "\n\n", "# only a comment\n"] {
+            assert_eq!(parse(text).unwrap(), Config::default(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_as_documented() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(config.listeners[0].protocol, ListenerProtocol::Tcp);
+        assert_eq!(config.listeners[0].connect_timeout, Duration::from_secs(10));
+        assert_eq!(config.listeners[0].max_connections, 100_000);
+        assert_eq!(config.mqtt.max_packet_size, 1_048_576);
+        assert_eq!(config.mqtt.max_queued_bytes, 67_108_864);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = r#"
+[[listeners]]
+protocol = "tcp"
+bind = "0.0.0.0:1883"
+connect_timeout = "500ms"
+max_connections = 50000
+
+[[listeners]]
+bind = "[::1]:1884"
+connect_timeout = "1m"
+
+[mqtt]
+max_packet_size = 268435460
+max_inflight = 65535
+max_queued_messages = 10
+max_queued_bytes = 4096
+outbox_bytes = 2048
+max_client_id_len = 23
+retain_available = false
+allow_empty_client_id = false
+max_keepalive = 300
+"#;
+        let config = parse(text).unwrap();
+        assert_eq!(
+            config,
+            Config {
+                listeners: vec![
+                    ListenerConfig {
+                        protocol: ListenerProtocol::Tcp,
+                        bind: "0.0.0.0:1883".parse().unwrap(),
+                        connect_timeout: Duration::from_millis(500),
+                        max_connections: 50_000,
+                    },
+                    ListenerConfig {
+                        protocol: ListenerProtocol::Tcp,
+                        bind: "[::1]:1884".parse().unwrap(),
+                        connect_timeout: Duration::from_secs(60),
+                        max_connections: 100_000,
+                    },
+                ],
+                mqtt: MqttConfig {
+                    max_packet_size: 268_435_460,
+                    max_inflight: 65_535,
+                    max_queued_messages: 10,
+                    max_queued_bytes: 4096,
+                    outbox_bytes: 2048,
+                    max_client_id_len: 23,
+                    retain_available: false,
+                    allow_empty_client_id: false,
+                    max_keepalive: 300,
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn partial_tables_keep_other_defaults() {
+        let config = parse("[mqtt]\nmax_inflight = 8\n").unwrap();
+        assert_eq!(config.mqtt.max_inflight, 8);
+        assert_eq!(config.listeners, Config::default().listeners);
+        let defaults = MqttConfig::default();
+        assert_eq!(
+            config.mqtt,
+            MqttConfig {
+                max_inflight: 8,
+                ..defaults
+            }
+        );
+    }
+
+    #[test]
+    fn listeners_on_port_zero_may_share_an_address() {
+        let text = "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[listeners]]\nbind = \"127.0.0.1:0\"\n";
+        assert_eq!(parse(text).unwrap().listeners.len(), 2);
+    }
+
+    /// Each case: a document, then fragments the error's `Display` must
+    /// contain: `file:line:`, the key, and what is wrong.
+    #[test]
+    fn invalid_documents_name_file_line_and_key() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "unknown key at the top level",
+                "[mqtt]\nmax_inflight = 4\n\n[mqttt]\n",
+                &["petrel.toml:4: ", "unknown key 'mqttt' at the top level", "`listeners`"],
+            ),
+            (
+                "unknown key in [mqtt]",
+                "[mqtt]\nmax_inflight = 4\n\nmax_inflights = 5\n",
+                &["petrel.toml:4: ", "unknown key 'max_inflights' in [mqtt]", "`max_inflight`"],
+            ),
+            (
+                "unknown key in a listener",
+                "[[listeners]]\nbind = \"127.0.0.1:1883\"\nport = 1883\n",
+                &["petrel.toml:3: ", "unknown key 'port' in listeners[0]", "`bind`"],
+            ),
+            (
+                "wrong type",
+                "[mqtt]\nretain_available = \"yes\"\n",
+                &["petrel.toml:2: mqtt.retain_available: ", "invalid type"],
+            ),
+            (
+                "table given a scalar",
+                "mqtt = 5\n",
+                &["petrel.toml:1: mqtt: ", "expected an [mqtt] table"],
+            ),
+            (
+                "bad duration",
+                "[[listeners]]\nconnect_timeout = \"10 parsecs\"\n",
+                &[
+                    "petrel.toml:2: listeners[0].connect_timeout: ",
+                    "invalid duration \"10 parsecs\"",
+                ],
+            ),
+            (
+                "duration as a bare number",
+                "[[listeners]]\nconnect_timeout = 10\n",
+                &["petrel.toml:2: listeners[0].connect_timeout: ", "expected a duration"],
+            ),
+            (
+                "zero timeout",
+                "[[listeners]]\nbind = \"127.0.0.1:1883\"\nconnect_timeout = \"0s\"\n",
+                &["petrel.toml:3: listeners[0].connect_timeout: must be greater than zero"],
+            ),
+            (
+                "zero max_connections",
+                "[[listeners]]\nmax_connections = 0\n",
+                &["petrel.toml:2: listeners[0].max_connections: must be at least 1 (got 0)"],
+            ),
+            (
+                "negative max_connections",
+                "[[listeners]]\nmax_connections = -1\n",
+                &["petrel.toml:2: listeners[0].max_connections: must be at least 1 (got -1)"],
+            ),
+            (
+                "max_inflight zero",
+                "[mqtt]\nmax_inflight = 0\n",
+                &["petrel.toml:2: mqtt.max_inflight: must be between 1 and 65535 (got 0)"],
+            ),
+            (
+                "max_inflight past u16",
+                "[mqtt]\n\nmax_inflight = 70000\n",
+                &["petrel.toml:3: mqtt.max_inflight: must be between 1 and 65535 (got 70000)"],
+            ),
+            (
+                "max_packet_size too small",
+                "[mqtt]\nmax_packet_size = 15\n",
+                &["petrel.toml:2: mqtt.max_packet_size: must be between 16 and 268435460"],
+            ),
+            (
+                "max_packet_size past the MQTT maximum",
+                "[mqtt]\nmax_packet_size = 268435461\n",
+                &["petrel.toml:2: mqtt.max_packet_size: must be between 16 and 268435460"],
+            ),
+            (
+                "max_client_id_len zero",
+                "[mqtt]\nmax_client_id_len = 0\n",
+                &["petrel.toml:2: mqtt.max_client_id_len: must be between 1 and 65535"],
+            ),
+            (
+                "max_queued_messages zero",
+                "[mqtt]\nmax_queued_messages = 0\n",
+                &["petrel.toml:2: mqtt.max_queued_messages: must be at least 1"],
+            ),
+            (
+                "max_queued_bytes zero",
+                "[mqtt]\nmax_queued_bytes = 0\n",
+                &["petrel.toml:2: mqtt.max_queued_bytes: must be at least 1"],
+            ),
+            (
+                "outbox_bytes zero",
+                "[mqtt]\noutbox_bytes = 0\n",
+                &["petrel.toml:2: mqtt.outbox_bytes: must be at least 1"],
+            ),
+            (
+                "negative max_keepalive",
+                "[mqtt]\nmax_keepalive = -5\n",
+                &["petrel.toml:2: mqtt.max_keepalive: must be between 0 and 65535 (got -5)"],
+            ),
+            (
+                "dotted key out of range",
+                "mqtt.max_inflight = 0\n",
+                &["petrel.toml:1: mqtt.max_inflight: must be between 1 and 65535"],
+            ),
+            (
+                "duplicate bind",
+                "[[listeners]]\nbind = \"0.0.0.0:1883\"\n\n[[listeners]]\nbind = \"0.0.0.0:1883\"\n",
+                &[
+                    "petrel.toml:5: listeners[1].bind: ",
+                    "address 0.0.0.0:1883 is already used by listeners[0]",
+                ],
+            ),
+            (
+                "duplicate default bind points at the second table",
+                "[[listeners]]\n\n[[listeners]]\nmax_connections = 5\n",
+                &["petrel.toml:3: listeners[1].bind: ", "already used by listeners[0]"],
+            ),
+            (
+                "bad bind address",
+                "[[listeners]]\nbind = \"localhost:1883\"\n",
+                &["petrel.toml:2: listeners[0].bind: ", "invalid address \"localhost:1883\""],
+            ),
+            (
+                "bad protocol",
+                "[[listeners]]\nprotocol = \"udp\"\n",
+                &["petrel.toml:2: listeners[0].protocol: ", "unknown value `udp`", "`tcp`"],
+            ),
+            (
+                "empty listeners array",
+                "# no sockets\nlisteners = []\n",
+                &["petrel.toml:2: listeners: at least one listener is required"],
+            ),
+            (
+                "syntax error",
+                "[mqtt]\nmax_inflight = = 3\n",
+                &["petrel.toml:2: invalid TOML"],
+            ),
+            (
+                "duplicate key",
+                "[mqtt]\nmax_inflight = 3\nmax_inflight = 4\n",
+                &["petrel.toml:3: invalid TOML at 'max_inflight': duplicate key"],
+            ),
+            (
+                "string for an integer",
+                "[mqtt]\nmax_inflight = \"many\"\n",
+                &["petrel.toml:2: mqtt.max_inflight: must be an integer between 1 and 65535, not a string"],
+            ),
+            (
+                "integer past i64 for an unbounded field",
+                "[mqtt]\nmax_queued_bytes = 99999999999999999999\n",
+                &["petrel.toml:2: mqtt.max_queued_bytes: is too large"],
+            ),
+        ];
+        for (name, text, fragments) in cases {
+            let err = match parse(text) {
+                Ok(config) => panic!("{name}: parsed to {config:?}"),
+                Err(err) => err.to_string(),
+            };
+            for fragment in *fragments {
+                assert!(err.contains(fragment), "{name}: {err:?} lacks {fragment:?}");
+            }
+            assert!(!err.contains('\n'), "{name}: {err:?} spans lines");
+        }
+    }
+
+    #[test]
+    fn validate_without_a_file_names_the_key() {
+        let mut config = Config::default();
+        config.mqtt.max_inflight = 0;
+        let err = config.validate().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { line: None, key, .. } if key == "mqtt.max_inflight")
+        );
+        assert_eq!(
+            err.to_string(),
+            "<config>: mqtt.max_inflight: must be between 1 and 65535 (got 0)"
+        );
+
+        let config = Config {
+            listeners: Vec::new(),
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listeners: at least one"));
+    }
+
+    #[test]
+    fn every_numeric_setting_has_bounds_reachable_from_the_document() {
+        for (key, _, _) in Config::default().numeric_settings() {
+            assert!(bounds_for(&key).is_some(), "{key}");
+        }
+    }
+
+    #[test]
+    fn default_config_toml_round_trips() {
+        let text = default_config_toml();
+        assert_eq!(parse(&text).unwrap(), Config::default());
+        // Every key is spelled out, not left to its default.
+        let root = DeTable::parse(&text).unwrap();
+        let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
+        assert_eq!(listener.as_table().unwrap().len(), 4);
+        assert_eq!(
+            root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
+            9
+        );
+    }
+
+    #[test]
+    fn load_reads_a_file_and_reports_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("petrel-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("petrel.toml");
+        std::fs::write(&path, "[mqtt]\nmax_inflight = 0\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}:2: mqtt.max_inflight", path.display())),
+            "{err}"
+        );
+
+        std::fs::write(&path, "[mqtt]\nmax_inflight = 7\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().mqtt.max_inflight, 7);
+
+        let missing = dir.join("missing.toml");
+        let err = Config::load(&missing).unwrap_err();
+        assert!(matches!(err, ConfigError::Io { .. }));
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

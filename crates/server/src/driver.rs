@@ -1,0 +1,207 @@
+//! The per-connection driver: the only place where a socket meets the engine.
+//!
+//! One task per connection runs one loop around a hand-written `poll` that, in each pass,
+//! writes pending output, checks for shutdown, moves queued messages into the output, reads the
+//! socket and checks the one timer. Polling all of them on a single `&mut` stream avoids
+//! splitting it (no extra allocation or lock per connection) and works for any
+//! `AsyncRead + AsyncWrite` transport, so TLS and WebSocket streams will reuse it unchanged.
+//!
+//! Memory at rest: an idle connection holds no read or write buffer. Reads land in a stack
+//! buffer and are copied into a heap buffer only while a packet is being assembled; the write
+//! buffer is released once flushed.
+
+use std::future::{poll_fn, Future};
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use petrel_engine::connection::OUT_HIGH_WATER;
+use petrel_engine::{CloseReason, Connection};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes read per `poll_read` into the stack buffer.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How long the final flush (a CONNACK refusal, a v5 DISCONNECT) may take before the socket
+/// is dropped anyway: a peer that stopped reading must not hold the task.
+const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
+enum Event {
+    Read,
+    Delivered,
+    Timer,
+    Eof,
+    IoError,
+    Shutdown,
+    Closed(CloseReason),
+}
+
+/// Runs a connection to its end.
+pub(crate) async fn drive<S>(mut stream: S, mut conn: Connection, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rbuf = BytesMut::new();
+    let far_future = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let first = conn.deadline().map_or_else(far_future, tokio::time::Instant::from_std);
+    let mut sleep = pin!(tokio::time::sleep_until(first));
+    let mut cancelled = pin!(shutdown.cancelled());
+
+    let reason = 'conn: loop {
+        let event = poll_fn(|cx| {
+            poll_event(cx, &mut stream, &mut conn, &mut rbuf, sleep.as_mut(), cancelled.as_mut())
+        })
+        .await;
+        match event {
+            Event::Read => {
+                let now = Instant::now();
+                loop {
+                    match petrel_codec::decode(&mut rbuf, conn.version(), conn.max_packet_size()) {
+                        Ok(Some(packet)) => {
+                            if let Err(reason) = conn.handle_packet(now, packet) {
+                                break 'conn reason;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::debug!(peer = conn.peer(), client_id = conn.client_id().unwrap_or(""), %error, "malformed packet");
+                            break 'conn conn.handle_decode_error(error);
+                        }
+                    }
+                }
+                if rbuf.is_empty() && rbuf.capacity() > 0 {
+                    rbuf = BytesMut::new();
+                }
+                // CONNECT may have replaced the connect deadline with an earlier keepalive one.
+                if let Some(deadline) = conn.deadline() {
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    if deadline < sleep.deadline() {
+                        sleep.as_mut().reset(deadline);
+                    }
+                }
+            }
+            Event::Delivered => {}
+            Event::Timer => {
+                if let Err(reason) = conn.handle_timeout(Instant::now()) {
+                    break reason;
+                }
+                // Packets arrived since the timer was set: sleep until the moved deadline.
+                let next = conn.deadline().map_or_else(far_future, tokio::time::Instant::from_std);
+                sleep.as_mut().reset(next);
+            }
+            Event::Eof => break CloseReason::PeerClosed,
+            Event::IoError => break CloseReason::IoError,
+            Event::Shutdown => break CloseReason::ServerShutdown,
+            Event::Closed(reason) => break reason,
+        }
+    };
+
+    match &reason {
+        CloseReason::ConnectTimeout => {
+            tracing::debug!(peer = conn.peer(), "no complete CONNECT before the connect timeout");
+        }
+        CloseReason::Violation(v) if !conn.is_connected() => {
+            tracing::info!(peer = conn.peer(), rule = %v, "closing connection before CONNECT: protocol violation");
+        }
+        _ => {}
+    }
+    conn.close(&reason);
+    let out = std::mem::take(conn.output());
+    let _ = tokio::time::timeout(CLOSE_FLUSH_LIMIT, async {
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+        }
+        stream.shutdown().await
+    })
+    .await;
+}
+
+fn poll_event<S>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    conn: &mut Connection,
+    rbuf: &mut BytesMut,
+    sleep: Pin<&mut Sleep>,
+    cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+) -> Poll<Event>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // 1. Write whatever is pending: all packets produced since the last pass go out in as few
+    //    writes as the socket allows.
+    let mut wrote = false;
+    while !conn.output().is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, conn.output()) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::IoError),
+            Poll::Ready(Ok(n)) => {
+                conn.output().advance(n);
+                wrote = true;
+            }
+            Poll::Pending => break,
+        }
+    }
+    if wrote && conn.output().is_empty() {
+        if let Poll::Ready(Err(_)) = Pin::new(&mut *stream).poll_flush(cx) {
+            return Poll::Ready(Event::IoError);
+        }
+        *conn.output() = BytesMut::new();
+    }
+
+    // 2. Server shutdown.
+    if cancelled.poll(cx).is_ready() {
+        return Poll::Ready(Event::Shutdown);
+    }
+
+    // 3 and 4 only while the output is below its high-water mark: a peer that does not read
+    //    is not fed more, and its further requests wait in its own socket buffer.
+    if conn.output().len() < OUT_HIGH_WATER {
+        match conn.poll_deliver(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Event::Delivered),
+            Poll::Ready(Err(reason)) => return Poll::Ready(Event::Closed(reason)),
+            Poll::Pending => {}
+        }
+        match poll_read(cx, stream, rbuf) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Event::Eof),
+            Poll::Ready(Ok(_)) => return Poll::Ready(Event::Read),
+            Poll::Ready(Err(_)) => return Poll::Ready(Event::IoError),
+            Poll::Pending => {}
+        }
+    }
+
+    // 5. The one deadline: connect timeout, then 1.5 × keepalive.
+    if conn.deadline().is_some() && sleep.poll(cx).is_ready() {
+        return Poll::Ready(Event::Timer);
+    }
+    Poll::Pending
+}
+
+/// Reads into `rbuf` without holding heap memory while idle: with no partial packet buffered
+/// the read goes to the stack and only what arrived is copied to the heap.
+fn poll_read<S: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    if !rbuf.is_empty() {
+        // Assembling a packet: read straight into the heap buffer.
+        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        return tokio_util::io::poll_read_buf(Pin::new(stream), cx, rbuf);
+    }
+    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut buf = ReadBuf::uninit(&mut stack);
+    match Pin::new(stream).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) => {
+            let filled = buf.filled();
+            rbuf.extend_from_slice(filled);
+            Poll::Ready(Ok(filled.len()))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}

@@ -1,0 +1,100 @@
+//! The `petrel` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use petrel_server::{Config, Server};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// petrel: a high-performance MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
+///
+/// With no arguments it listens on 127.0.0.1:1883 with built-in defaults. Log verbosity follows
+/// RUST_LOG (default "info"), e.g. RUST_LOG=petrel=debug.
+#[derive(Parser, Debug)]
+#[command(name = "petrel", version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file. Unknown keys and bad values stop the broker at start.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Check the configuration file and exit: 0 if valid, 1 with the problem otherwise.
+    #[arg(long, requires = "config")]
+    check_config: bool,
+
+    /// Print a configuration file with every key at its default value, then exit.
+    #[arg(long)]
+    print_default_config: bool,
+
+    /// How long to wait for connections to close after SIGINT/SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", petrel_server::config::default_config_toml());
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("petrel: configuration error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Config::default(),
+    };
+    if cli.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("petrel: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, cli.shutdown_grace)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("petrel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
+    let server = Server::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "petrel starting");
+    server.run(shutdown, grace).await;
+    tracing::info!("petrel stopped");
+    Ok(())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down: no new connections, closing open ones");
+    shutdown.cancel();
+}

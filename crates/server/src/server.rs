@@ -1,0 +1,108 @@
+//! Assembling a broker from configuration: bind every listener, then serve until shut down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use petrel_engine::auth::{AllowAll, Authenticator};
+use petrel_engine::store::Volatile;
+use petrel_engine::{Broker, Limits};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, MqttConfig};
+use crate::listener::Listener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} (listeners[{index}].bind): {source}")]
+    Bind {
+        addr: SocketAddr,
+        index: usize,
+        source: std::io::Error,
+    },
+}
+
+/// The engine's limits from the `[mqtt]` table.
+pub fn limits_from(config: &MqttConfig) -> Limits {
+    Limits {
+        max_packet_size: config.max_packet_size,
+        max_inflight: config.max_inflight,
+        max_queued_messages: config.max_queued_messages,
+        max_queued_bytes: config.max_queued_bytes,
+        outbox_bytes: config.outbox_bytes,
+        max_client_id_len: config.max_client_id_len,
+        allow_empty_client_id: config.allow_empty_client_id,
+        retain_available: config.retain_available,
+        max_keepalive: config.max_keepalive,
+    }
+}
+
+/// A broker with its listeners bound, not yet serving.
+pub struct Server {
+    broker: Arc<Broker>,
+    listeners: Vec<Listener>,
+}
+
+impl Server {
+    /// Binds every listener of `config`; fails naming the listener that could not bind.
+    pub async fn bind(config: &Config) -> Result<Server, ServerError> {
+        Server::bind_with(config, Box::new(AllowAll)).await
+    }
+
+    pub async fn bind_with(config: &Config, authenticator: Box<dyn Authenticator>) -> Result<Server, ServerError> {
+        let broker = Arc::new(Broker::with_parts(
+            limits_from(&config.mqtt),
+            authenticator,
+            Box::new(Volatile),
+        ));
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (index, lc) in config.listeners.iter().enumerate() {
+            let listener = Listener::bind(lc).await.map_err(|source| ServerError::Bind {
+                addr: lc.bind,
+                index,
+                source,
+            })?;
+            listeners.push(listener);
+        }
+        Ok(Server { broker, listeners })
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// The bound addresses, in configuration order (resolves port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` is cancelled; then stops accepting, closes every connection
+    /// (v5 clients get DISCONNECT 0x8B), and returns once they are gone or `grace` passed.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let tracker = TaskTracker::new();
+        let mut accept_tasks = Vec::new();
+        for listener in self.listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, protocol = %listener.config.protocol, "listening");
+            }
+            accept_tasks.push(tokio::spawn(listener.run(
+                self.broker.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            )));
+        }
+        shutdown.cancelled().await;
+        self.broker.begin_shutdown();
+        for task in accept_tasks {
+            let _ = task.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(remaining = tracker.len(), "connections still open after the shutdown grace period");
+        }
+    }
+}
