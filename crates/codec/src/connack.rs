@@ -99,7 +99,8 @@ impl ConnAck {
             return Err(DecodeError::TrailingBytes(buf.remaining()));
         }
         Ok(ConnAck {
-            session_present: flags & 1 != 0,
+            // 3.1 has no session present flag (the byte is reserved, as in encode_body).
+            session_present: flags & 1 != 0 && version != ProtocolVersion::V3_1,
             reason,
             properties,
         })
