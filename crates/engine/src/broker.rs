@@ -280,8 +280,10 @@ impl Broker {
             write(&self.retained).remove(&message.topic);
             self.store.retained_cleared(&message.topic);
         } else {
-            write(&self.retained).insert(&message.topic, message.clone());
-            self.store.retained_set(message);
+            let stored = Arc::new(message.compacted());
+            self.store.retained_set(&stored);
+            let topic = stored.topic.clone();
+            write(&self.retained).insert(&topic, stored);
         }
     }
 

@@ -81,6 +81,21 @@ impl Message {
         )
     }
 
+    /// A copy whose topic and payload own exactly their bytes. A decoded message shares the
+    /// read chunk it arrived in with its neighbours; a long-lived holder (the retained store)
+    /// takes this copy so that one retained message cannot pin a whole chunk.
+    pub fn compacted(&self) -> Message {
+        let topic = TopicName::new(&self.topic).unwrap_or_else(|_| self.topic.clone());
+        Message::new(
+            topic,
+            Bytes::copy_from_slice(&self.payload),
+            self.qos,
+            self.retain,
+            self.properties.clone(),
+            self.origin,
+        )
+    }
+
     /// Bytes this message counts against queue limits.
     pub fn weight(&self) -> usize {
         self.payload.len() + self.topic.len()
