@@ -21,7 +21,7 @@ type Want = Result<Option<PacketType>, DecodeError>;
 /// "30 05 00 03" → bytes. Whitespace is ignored.
 fn hex(s: &str) -> BytesMut {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    assert!(digits.len() % 2 == 0, "odd number of hex digits in {s:?}");
+    assert_eq!(digits.len() % 2, 0, "odd number of hex digits in {s:?}");
     let bytes: Vec<u8> = digits
         .chunks(2)
         .map(|pair| {

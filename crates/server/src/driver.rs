@@ -110,14 +110,19 @@ where
         _ => {}
     }
     conn.close(&reason);
+    // Final flush (a CONNACK refusal, a v5 DISCONNECT), bounded by the same timer so the task
+    // carries no second one: a peer that stopped reading must not hold it.
     let out = std::mem::take(conn.output());
-    let _ = tokio::time::timeout(CLOSE_FLUSH_LIMIT, async {
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-        }
-        stream.shutdown().await
-    })
-    .await;
+    sleep.as_mut().reset(tokio::time::Instant::now() + CLOSE_FLUSH_LIMIT);
+    tokio::select! {
+        _ = async {
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+            }
+            stream.shutdown().await
+        } => {}
+        _ = sleep => {}
+    }
 }
 
 fn poll_event<S>(

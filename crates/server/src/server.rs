@@ -15,7 +15,7 @@ use crate::listener::Listener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr} (listeners[{index}].bind): {source}")]
+    #[error("cannot listen on {addr} (listeners[{index}].bind)")]
     Bind {
         addr: SocketAddr,
         index: usize,

@@ -36,7 +36,12 @@ pub fn options(addr: SocketAddr, client_id: &str, clean: bool) -> MqttOptions {
 }
 
 /// `options` with a last will.
-pub fn options_with_will(addr: SocketAddr, client_id: &str, clean: bool, will: LastWill) -> MqttOptions {
+pub fn options_with_will(
+    addr: SocketAddr,
+    client_id: &str,
+    clean: bool,
+    will: LastWill,
+) -> MqttOptions {
     let mut o = options(addr, client_id, clean);
     o.set_last_will(will);
     o
@@ -125,14 +130,24 @@ impl Peer {
 
     /// Waits for the first event `pick` accepts, keeping the ones it skips (except pings) for
     /// later reads. Panics on timeout or connection error.
-    pub async fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + PROMPT;
         let mut skipped = std::collections::VecDeque::new();
         let found = loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next_event_within(left).await {
-                None => panic!("{}: no {what} within {PROMPT:?} (skipped {skipped:?})", self.name),
-                Some(Err(e)) => panic!("{}: connection error while waiting for {what}: {e}", self.name),
+                None => panic!(
+                    "{}: no {what} within {PROMPT:?} (skipped {skipped:?})",
+                    self.name
+                ),
+                Some(Err(e)) => panic!(
+                    "{}: connection error while waiting for {what}: {e}",
+                    self.name
+                ),
                 Some(Ok(e)) => {
                     if let Some(t) = pick(&e) {
                         break t;
@@ -150,7 +165,10 @@ impl Peer {
 
     /// Subscribes and returns the granted QoS from SUBACK.
     pub async fn subscribe(&mut self, filter: &str, q: QoS) -> QoS {
-        self.client.subscribe(filter, q).await.expect("queue SUBSCRIBE");
+        self.client
+            .subscribe(filter, q)
+            .await
+            .expect("queue SUBSCRIBE");
         let codes = self
             .wait_for("SUBACK", |e| match e {
                 Event::Incoming(Incoming::SubAck(ack)) => Some(ack.return_codes.clone()),
@@ -164,7 +182,10 @@ impl Peer {
     }
 
     pub async fn unsubscribe(&mut self, filter: &str) {
-        self.client.unsubscribe(filter).await.expect("queue UNSUBSCRIBE");
+        self.client
+            .unsubscribe(filter)
+            .await
+            .expect("queue UNSUBSCRIBE");
         self.wait_for("UNSUBACK", |e| match e {
             Event::Incoming(Incoming::UnsubAck(_)) => Some(()),
             _ => None,
@@ -182,7 +203,13 @@ impl Peer {
 
     /// Publishes and waits until the QoS flow is complete: written (QoS 0), PUBACK (QoS 1) or
     /// PUBCOMP (QoS 2). Meant for a peer that only publishes, one message at a time.
-    pub async fn publish_confirmed(&mut self, topic: &str, q: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+    pub async fn publish_confirmed(
+        &mut self,
+        topic: &str,
+        q: QoS,
+        retain: bool,
+        payload: impl Into<Vec<u8>>,
+    ) {
         self.publish(topic, q, retain, payload).await;
         let what = format!("completion of {q:?} PUBLISH to {topic:?}");
         self.wait_for(&what, |e| match (q, e) {
@@ -210,8 +237,16 @@ impl Peer {
         while got.len() < n {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next_event_within(left).await {
-                None => panic!("{}: only {} of {n} PUBLISH within {wait:?}", self.name, got.len()),
-                Some(Err(e)) => panic!("{}: connection error after {} of {n} PUBLISH: {e}", self.name, got.len()),
+                None => panic!(
+                    "{}: only {} of {n} PUBLISH within {wait:?}",
+                    self.name,
+                    got.len()
+                ),
+                Some(Err(e)) => panic!(
+                    "{}: connection error after {} of {n} PUBLISH: {e}",
+                    self.name,
+                    got.len()
+                ),
                 Some(Ok(Event::Incoming(Incoming::Publish(p)))) => got.push(p),
                 Some(Ok(_)) => {}
             }
@@ -257,7 +292,10 @@ impl Peer {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next_event_within(left).await {
-                None => panic!("{}: broker did not close the connection within {PROMPT:?}", self.name),
+                None => panic!(
+                    "{}: broker did not close the connection within {PROMPT:?}",
+                    self.name
+                ),
                 Some(Err(e)) => return e,
                 Some(Ok(_)) => {}
             }
@@ -278,9 +316,9 @@ impl Peer {
 
     /// Drops the TCP connection without DISCONNECT, the way a crashed client or a lost network
     /// does.
-    pub async fn kill(self) {
+    pub async fn kill(mut self) {
         self.task.abort();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -312,7 +350,10 @@ async fn run(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Polled>) {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + PROMPT;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "not within {PROMPT:?}: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {PROMPT:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

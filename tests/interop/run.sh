@@ -1,0 +1,410 @@
+#!/usr/bin/env bash
+# Interop: petrel against clients it did not write, for MQTT 3.1, 3.1.1 and 5.0.
+#
+#   1. the mosquitto command-line clients (mosquitto_pub / mosquitto_sub), per protocol
+#      version: QoS 0/1/2, retained messages, wildcards, wills, persistent sessions, and one
+#      fan-out across versions;
+#   2. paho-mqtt for Python (tests/interop/test_paho.py).
+#
+# Usage: tests/interop/run.sh [--release] [--port N]
+#   (no option)  install missing clients, build petrel (debug), start it on a free loopback port
+#                with a temporary config, run every check, stop it with SIGTERM.
+#   --release    build and run the release binary instead.
+#   --port N     run the checks against a broker already listening on 127.0.0.1:N; nothing is
+#                built or started. Handy to compare with another broker.
+#
+# Prints one line per check, then "N passed, M failed"; exits 1 if any check failed. Every wait
+# is bounded; a full run takes well under a minute.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HOST=127.0.0.1
+PORT=""
+PROFILE=debug
+# Seconds any one wait may take: a subscription, a delivery, a client's exit.
+WAIT=5
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --port)
+        PORT="${2:?--port needs a number}"
+        shift 2
+        ;;
+    --release)
+        PROFILE=release
+        shift
+        ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "run.sh: unknown argument '$1' (try --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/petrel-interop.XXXXXX")"
+BROKER_PID=""
+BG_PIDS=()
+
+cleanup() {
+    local pid
+    for pid in ${BG_PIDS[@]+"${BG_PIDS[@]}"}; do
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    if [[ -n $BROKER_PID ]] && kill -0 "$BROKER_PID" 2>/dev/null; then
+        kill -9 "$BROKER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- what the checks need ------------------------------------------------------------------------
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
+    echo "installing mosquitto-clients"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null
+fi
+
+paho_ok() {
+    python3 -c 'import sys, paho.mqtt; sys.exit(int(paho.mqtt.__version__.split(".")[0]) < 2)' \
+        2>/dev/null
+}
+if ! paho_ok; then
+    echo "installing paho-mqtt"
+    req="$ROOT/tests/interop/requirements.txt"
+    # A distribution's Python may refuse a plain install (PEP 668); the user site is then fine
+    # for a test dependency.
+    python3 -m pip install -q -r "$req" ||
+        python3 -m pip install -q --user --break-system-packages -r "$req"
+    paho_ok || { echo "run.sh: paho-mqtt 2.x still not importable" >&2; exit 1; }
+fi
+
+# --- the broker ----------------------------------------------------------------------------------
+
+wait_listening() {
+    local deadline=$((SECONDS + 10))
+    until (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; do
+        if [[ -n $BROKER_PID ]] && ! kill -0 "$BROKER_PID" 2>/dev/null; then
+            echo "run.sh: petrel exited at start:" >&2
+            cat "$WORK/petrel.log" >&2
+            exit 1
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "run.sh: nothing listens on $HOST:$PORT after 10 s" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+}
+
+if [[ -z $PORT ]]; then
+    # Debug by default: with a warm cache it builds in seconds, while the release profile's LTO
+    # costs minutes, and this traffic is far too small for the broker's speed to matter.
+    build=(cargo build --quiet -p petrel-server --bin petrel)
+    [[ $PROFILE == release ]] && build+=(--release)
+    (cd "$ROOT" && "${build[@]}")
+    target_dir="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    PETREL="$target_dir/$PROFILE/petrel"
+
+    PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    cat >"$WORK/petrel.toml" <<EOF
+[[listeners]]
+bind = "$HOST:$PORT"
+connect_timeout = "5s"
+EOF
+    RUST_LOG="${RUST_LOG:-info}" "$PETREL" --config "$WORK/petrel.toml" 2>"$WORK/petrel.log" &
+    BROKER_PID=$!
+    echo "petrel ($PROFILE) pid $BROKER_PID on $HOST:$PORT"
+else
+    echo "using the broker on $HOST:$PORT"
+fi
+wait_listening
+
+# --- client helpers ------------------------------------------------------------------------------
+# Each check is a function that returns non-zero on failure, printing why. Checks run in an `if`,
+# where `set -e` does not apply, so every step says `|| return 1` itself.
+
+declare -A SUB_PID=()
+# One line per message: MSG topic qos retain payload.
+FORMAT='MSG %t %q %r %p'
+
+# Starts `mosquitto_sub -d ARGS` in the background, output in $WORK/NAME.out, and waits until its
+# subscriptions are acknowledged. Give it -W so that it also ends by itself.
+sub_start() {
+    local name=$1
+    shift
+    mosquitto_sub -d -h "$HOST" -p "$PORT" -F "$FORMAT" "$@" >"$WORK/$name.out" 2>&1 &
+    SUB_PID[$name]=$!
+    BG_PIDS+=("$!")
+    local deadline=$((SECONDS + WAIT))
+    until grep -q '^Subscribed (mid' "$WORK/$name.out"; do
+        if ! kill -0 "${SUB_PID[$name]}" 2>/dev/null || ((SECONDS >= deadline)); then
+            echo "subscriber '$name' was not subscribed within ${WAIT}s:"
+            sed 's/^/  | /' "$WORK/$name.out"
+            kill -9 "${SUB_PID[$name]}" 2>/dev/null
+            return 1
+        fi
+        sleep 0.02
+    done
+}
+
+# Waits for a background subscriber to end (its -C count or -W timeout), killing it after WAIT+2 s.
+sub_wait() {
+    local name=$1 pid=${SUB_PID[$1]}
+    local deadline=$((SECONDS + WAIT + 2))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            kill -9 "$pid" 2>/dev/null
+            break
+        fi
+        sleep 0.02
+    done
+    wait "$pid" 2>/dev/null || true
+}
+
+# Runs `mosquitto_sub -d ARGS` to its end in the foreground, output in $WORK/NAME.out.
+sub_run() {
+    local name=$1
+    shift
+    timeout -k 1 $((WAIT + 2)) mosquitto_sub -d -h "$HOST" -p "$PORT" -F "$FORMAT" "$@" \
+        >"$WORK/$name.out" 2>&1 || true
+}
+
+pub() {
+    timeout -k 1 "$WAIT" mosquitto_pub -h "$HOST" -p "$PORT" "$@" || {
+        echo "mosquitto_pub $* failed (exit $?)"
+        return 1
+    }
+}
+
+# Compares the messages subscriber NAME printed with the expected lines, in order.
+expect_msgs() {
+    local name=$1
+    shift
+    local want got
+    want="$(printf '%s\n' "$@")"
+    got="$(grep '^MSG ' "$WORK/$name.out" || true)"
+    if [[ $got != "$want" ]]; then
+        echo "subscriber '$name' expected:"
+        printf '%s\n' "$want" | sed 's/^/  + /'
+        echo "but printed:"
+        sed 's/^/  | /' "$WORK/$name.out"
+        return 1
+    fi
+}
+
+# --- checks --------------------------------------------------------------------------------------
+
+# Topics are unique per run, so a broker reused with --port holds nothing that interferes.
+BASE="interop/$$"
+
+check_qos() {
+    local v=$1 qos=$2 t="$BASE/$1/qos$2"
+    sub_start "q$qos-$v" -V "$v" -q 2 -t "$t" -C 1 -W "$WAIT" || return 1
+    pub -V "$v" -q "$qos" -t "$t" -m "payload at qos $qos" || return 1
+    sub_wait "q$qos-$v"
+    expect_msgs "q$qos-$v" "MSG $t $qos 0 payload at qos $qos"
+}
+
+check_qos_downgrade() {
+    local v=$1 t="$BASE/$1/downgrade"
+    sub_start "down-$v" -V "$v" -q 1 -t "$t" -C 1 -W "$WAIT" || return 1
+    pub -V "$v" -q 2 -t "$t" -m "sent at 2" || return 1
+    sub_wait "down-$v"
+    expect_msgs "down-$v" "MSG $t 1 0 sent at 2"
+}
+
+check_retained() {
+    local v=$1 t="$BASE/$1/retained"
+    pub -V "$v" -q 1 -r -t "$t" -m "kept-$v" || return 1
+    # A later subscriber, through a wildcard, gets it with the retain flag set.
+    sub_run "ret-$v" -V "$v" -q 1 -t "$BASE/$v/+" -C 1 -W "$WAIT"
+    expect_msgs "ret-$v" "MSG $t 1 1 kept-$v" || return 1
+    # An empty retained message deletes it [MQTT-3.3.1-10].
+    pub -V "$v" -q 1 -r -n -t "$t" || return 1
+    # After deletion a new subscriber gets nothing retained: publish a non-retained marker after
+    # its SUBACK; the marker must be the first message it sees.
+    sub_start "ret2-$v" -V "$v" -q 1 -t "$t" -t "$BASE/$v/marker" -C 1 -W "$WAIT" || return 1
+    pub -V "$v" -q 1 -t "$BASE/$v/marker" -m marker || return 1
+    sub_wait "ret2-$v"
+    expect_msgs "ret2-$v" "MSG $BASE/$v/marker 1 0 marker"
+}
+
+check_wildcards() {
+    local v=$1 w="$BASE/$1/wild"
+    sub_start "plus-$v" -V "$v" -q 1 -t "$w/+/temp" -C 2 -W "$WAIT" || return 1
+    sub_start "hash-$v" -V "$v" -q 1 -t "$w/#" -C 4 -W "$WAIT" || return 1
+    # QoS 1 from one publisher at a time: each is acknowledged before the next is sent, so the
+    # order of arrival is fixed.
+    pub -V "$v" -q 1 -t "$w/a/temp" -m one || return 1
+    pub -V "$v" -q 1 -t "$w/a/hum" -m two || return 1
+    pub -V "$v" -q 1 -t "$w/b/temp" -m three || return 1
+    # "#" also matches its parent level [MQTT-4.7.1-2].
+    pub -V "$v" -q 1 -t "$w" -m four || return 1
+    sub_wait "plus-$v"
+    sub_wait "hash-$v"
+    expect_msgs "plus-$v" "MSG $w/a/temp 1 0 one" "MSG $w/b/temp 1 0 three" || return 1
+    expect_msgs "hash-$v" "MSG $w/a/temp 1 0 one" "MSG $w/a/hum 1 0 two" \
+        "MSG $w/b/temp 1 0 three" "MSG $w 1 0 four"
+}
+
+check_will() {
+    local v=$1 t="$BASE/$1/will"
+    sub_start "watch-$v" -V "$v" -q 1 -t "$t" -C 1 -W "$WAIT" || return 1
+    # A client that disconnects normally: its will is discarded [MQTT-3.1.2-10]. -E makes it
+    # send DISCONNECT right after its SUBACK.
+    sub_run "polite-$v" -V "$v" -t "$BASE/$v/unused" -E \
+        --will-topic "$t" --will-payload "polite-$v" --will-qos 1
+    # A client killed with SIGKILL: the broker sees the socket close and publishes the will.
+    sub_start "dying-$v" -V "$v" -t "$BASE/$v/unused" -W 30 \
+        --will-topic "$t" --will-payload "gone-$v" --will-qos 1 || return 1
+    kill -9 "${SUB_PID[dying-$v]}"
+    wait "${SUB_PID[dying-$v]}" 2>/dev/null || true
+    sub_wait "watch-$v"
+    expect_msgs "watch-$v" "MSG $t 1 0 gone-$v"
+}
+
+check_persistent_session() {
+    local v=$1 t="$BASE/$1/session" id="ps-$1-$$"
+    id="${id:0:23}" # MQTT 3.1 allows at most 23 characters
+    # Subscribe with a persistent session, then leave.
+    sub_run "ps1-$v" -V "$v" -c -i "$id" -q 1 -t "$t" -E
+    grep -q '^Subscribed (mid' "$WORK/ps1-$v.out" || {
+        echo "first connection did not subscribe:"
+        sed 's/^/  | /' "$WORK/ps1-$v.out"
+        return 1
+    }
+    pub -V "$v" -q 1 -t "$t" -m "offline-1" || return 1
+    pub -V "$v" -q 1 -t "$t" -m "offline-2" || return 1
+    # Back with the same id and no clean session: both are delivered.
+    sub_run "ps2-$v" -V "$v" -c -i "$id" -q 1 -t "$t" -C 2 -W "$WAIT"
+    local ok=0
+    expect_msgs "ps2-$v" "MSG $t 1 0 offline-1" "MSG $t 1 0 offline-2" || ok=1
+    # Discard the session: a clean connection with the same id.
+    sub_run "ps3-$v" -V "$v" -i "$id" -t "$t" -E
+    return $ok
+}
+
+check_cross_version() {
+    local t="$BASE/cross" v
+    for v in mqttv31 mqttv311 mqttv5; do
+        sub_start "cross-$v" -V "$v" -q 1 -t "$t" -C 3 -W "$WAIT" || return 1
+    done
+    for v in mqttv31 mqttv311 mqttv5; do
+        pub -V "$v" -q 1 -t "$t" -m "from $v" || return 1
+    done
+    local failed=0
+    for v in mqttv31 mqttv311 mqttv5; do
+        sub_wait "cross-$v"
+        expect_msgs "cross-$v" "MSG $t 1 0 from mqttv31" "MSG $t 1 0 from mqttv311" \
+            "MSG $t 1 0 from mqttv5" || failed=1
+    done
+    return $failed
+}
+
+PASSED=0
+FAILED=0
+FAILED_NAMES=()
+
+record() {
+    local name=$1 status=$2
+    if [[ $status == PASS ]]; then
+        PASSED=$((PASSED + 1))
+    else
+        FAILED=$((FAILED + 1))
+        FAILED_NAMES+=("$name")
+    fi
+}
+
+# check NAME FUNCTION ARGS...: runs one check and prints its summary line (and, on failure, why).
+check() {
+    local name=$1
+    shift
+    local started=$SECONDS
+    if "$@" >"$WORK/check.log" 2>&1; then
+        record "$name" PASS
+        printf 'PASS  %-40s %ds\n' "$name" $((SECONDS - started))
+    else
+        record "$name" FAIL
+        printf 'FAIL  %-40s %ds\n' "$name" $((SECONDS - started))
+        sed 's/^/      /' "$WORK/check.log"
+    fi
+}
+
+echo "== mosquitto clients ($(mosquitto_pub --help | sed -n 's/.*version \([0-9.]*\).*/\1/p' | head -1))"
+for v in mqttv31 mqttv311 mqttv5; do
+    for qos in 0 1 2; do
+        check "$v qos$qos publish/subscribe" check_qos "$v" "$qos"
+    done
+    check "$v qos2 to a qos1 subscription" check_qos_downgrade "$v"
+    check "$v retained" check_retained "$v"
+    check "$v wildcards + and #" check_wildcards "$v"
+    check "$v will on SIGKILL, not on DISCONNECT" check_will "$v"
+    check "$v persistent session (-c -i)" check_persistent_session "$v"
+done
+check "v3.1 + v3.1.1 + v5 fan-out" check_cross_version
+
+echo "== paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
+paho_status=0
+timeout -k 2 40 python3 "$ROOT/tests/interop/test_paho.py" --host "$HOST" --port "$PORT" \
+    >"$WORK/paho.log" 2>&1 || paho_status=$?
+while IFS= read -r line; do
+    case "$line" in
+    PASS*)
+        record "paho ${line#PASS }" PASS
+        ;;
+    FAIL*)
+        record "paho ${line#FAIL }" FAIL
+        ;;
+    esac
+    printf '%s\n' "$line"
+done <"$WORK/paho.log"
+# A crash or a timeout prints no FAIL line of its own.
+if ((paho_status != 0)) && ! grep -q '^FAIL' "$WORK/paho.log"; then
+    record "paho test_paho.py (exit $paho_status)" FAIL
+    printf 'FAIL  test_paho.py exited %d\n' "$paho_status"
+fi
+
+echo "== broker"
+if [[ -n $BROKER_PID ]]; then
+    broker_alive() { kill -0 "$BROKER_PID" 2>/dev/null; }
+    check "broker still running" broker_alive
+    no_panic() { ! grep -n -i -E 'panicked|thread .* panicked' "$WORK/petrel.log"; }
+    check "no panic in the broker log" no_panic
+    stop_broker() {
+        kill -TERM "$BROKER_PID" || return 1
+        local deadline=$((SECONDS + WAIT)) status=0
+        while kill -0 "$BROKER_PID" 2>/dev/null; do
+            if ((SECONDS >= deadline)); then
+                echo "still running ${WAIT}s after SIGTERM"
+                return 1
+            fi
+            sleep 0.05
+        done
+        wait "$BROKER_PID" || status=$?
+        BROKER_PID=""
+        [[ $status -eq 0 ]] || { echo "exit status $status"; return 1; }
+    }
+    check "SIGTERM: broker exits 0" stop_broker
+    if ((FAILED > 0)); then
+        echo "-- last lines of the broker log:"
+        tail -n 30 "$WORK/petrel.log" | sed 's/^/   | /'
+    fi
+fi
+
+echo
+if ((FAILED > 0)); then
+    echo "failed:"
+    printf '  %s\n' "${FAILED_NAMES[@]}"
+fi
+echo "$PASSED passed, $FAILED failed"
+((FAILED == 0))
