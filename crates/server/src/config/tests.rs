@@ -1,0 +1,342 @@
+//! Tests of the configuration: defaults, the full example, and one case per error.
+use super::*;
+
+const ORIGIN: &str = "petrel.toml";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml_str(text, ORIGIN)
+}
+
+#[test]
+fn empty_document_gives_defaults() {
+    for text in ["", "\n\n", "# only a comment\n"] {
+        assert_eq!(parse(text).unwrap(), Config::default(), "{text:?}");
+    }
+}
+
+#[test]
+fn defaults_are_valid_and_as_documented() {
+    let config = Config::default();
+    config.validate().unwrap();
+    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+    assert_eq!(config.listeners[0].protocol, ListenerProtocol::Tcp);
+    assert_eq!(config.listeners[0].connect_timeout, Duration::from_secs(10));
+    assert_eq!(config.listeners[0].max_connections, 100_000);
+    assert_eq!(config.mqtt.max_packet_size, 1_048_576);
+    assert_eq!(config.mqtt.max_queued_bytes, 67_108_864);
+}
+
+#[test]
+fn full_example_parses() {
+    let text = r#"
+[[listeners]]
+protocol = "tcp"
+bind = "0.0.0.0:1883"
+connect_timeout = "500ms"
+max_connections = 50000
+
+[[listeners]]
+bind = "[::1]:1884"
+connect_timeout = "1m"
+
+[mqtt]
+max_packet_size = 268435460
+max_inflight = 65535
+max_queued_messages = 10
+max_queued_bytes = 4096
+outbox_bytes = 2048
+max_client_id_len = 23
+retain_available = false
+allow_empty_client_id = false
+max_keepalive = 300
+"#;
+    let config = parse(text).unwrap();
+    assert_eq!(
+        config,
+        Config {
+            listeners: vec![
+                ListenerConfig {
+                    protocol: ListenerProtocol::Tcp,
+                    bind: "0.0.0.0:1883".parse().unwrap(),
+                    connect_timeout: Duration::from_millis(500),
+                    max_connections: 50_000,
+                },
+                ListenerConfig {
+                    protocol: ListenerProtocol::Tcp,
+                    bind: "[::1]:1884".parse().unwrap(),
+                    connect_timeout: Duration::from_secs(60),
+                    max_connections: 100_000,
+                },
+            ],
+            mqtt: MqttConfig {
+                max_packet_size: 268_435_460,
+                max_inflight: 65_535,
+                max_queued_messages: 10,
+                max_queued_bytes: 4096,
+                outbox_bytes: 2048,
+                max_client_id_len: 23,
+                retain_available: false,
+                allow_empty_client_id: false,
+                max_keepalive: 300,
+            },
+        }
+    );
+}
+
+#[test]
+fn partial_tables_keep_other_defaults() {
+    let config = parse("[mqtt]\nmax_inflight = 8\n").unwrap();
+    assert_eq!(config.mqtt.max_inflight, 8);
+    assert_eq!(config.listeners, Config::default().listeners);
+    let defaults = MqttConfig::default();
+    assert_eq!(
+        config.mqtt,
+        MqttConfig {
+            max_inflight: 8,
+            ..defaults
+        }
+    );
+}
+
+#[test]
+fn listeners_on_port_zero_may_share_an_address() {
+    let text = "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[listeners]]\nbind = \"127.0.0.1:0\"\n";
+    assert_eq!(parse(text).unwrap().listeners.len(), 2);
+}
+
+/// Each case: a document, then fragments the error's `Display` must
+/// contain: `file:line:`, the key, and what is wrong.
+#[test]
+fn invalid_documents_name_file_line_and_key() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown key at the top level",
+            "[mqtt]\nmax_inflight = 4\n\n[mqttt]\n",
+            &["petrel.toml:4: ", "unknown key 'mqttt' at the top level", "`listeners`"],
+        ),
+        (
+            "unknown key in [mqtt]",
+            "[mqtt]\nmax_inflight = 4\n\nmax_inflights = 5\n",
+            &["petrel.toml:4: ", "unknown key 'max_inflights' in [mqtt]", "`max_inflight`"],
+        ),
+        (
+            "unknown key in a listener",
+            "[[listeners]]\nbind = \"127.0.0.1:1883\"\nport = 1883\n",
+            &["petrel.toml:3: ", "unknown key 'port' in listeners[0]", "`bind`"],
+        ),
+        (
+            "wrong type",
+            "[mqtt]\nretain_available = \"yes\"\n",
+            &["petrel.toml:2: mqtt.retain_available: ", "invalid type"],
+        ),
+        (
+            "table given a scalar",
+            "mqtt = 5\n",
+            &["petrel.toml:1: mqtt: ", "expected an [mqtt] table"],
+        ),
+        (
+            "bad duration",
+            "[[listeners]]\nconnect_timeout = \"10 parsecs\"\n",
+            &[
+                "petrel.toml:2: listeners[0].connect_timeout: ",
+                "invalid duration \"10 parsecs\"",
+            ],
+        ),
+        (
+            "duration as a bare number",
+            "[[listeners]]\nconnect_timeout = 10\n",
+            &["petrel.toml:2: listeners[0].connect_timeout: ", "expected a duration"],
+        ),
+        (
+            "zero timeout",
+            "[[listeners]]\nbind = \"127.0.0.1:1883\"\nconnect_timeout = \"0s\"\n",
+            &["petrel.toml:3: listeners[0].connect_timeout: must be greater than zero"],
+        ),
+        (
+            "zero max_connections",
+            "[[listeners]]\nmax_connections = 0\n",
+            &["petrel.toml:2: listeners[0].max_connections: must be at least 1 (got 0)"],
+        ),
+        (
+            "negative max_connections",
+            "[[listeners]]\nmax_connections = -1\n",
+            &["petrel.toml:2: listeners[0].max_connections: must be at least 1 (got -1)"],
+        ),
+        (
+            "max_inflight zero",
+            "[mqtt]\nmax_inflight = 0\n",
+            &["petrel.toml:2: mqtt.max_inflight: must be between 1 and 65535 (got 0)"],
+        ),
+        (
+            "max_inflight past u16",
+            "[mqtt]\n\nmax_inflight = 70000\n",
+            &["petrel.toml:3: mqtt.max_inflight: must be between 1 and 65535 (got 70000)"],
+        ),
+        (
+            "max_packet_size too small",
+            "[mqtt]\nmax_packet_size = 15\n",
+            &["petrel.toml:2: mqtt.max_packet_size: must be between 16 and 268435460"],
+        ),
+        (
+            "max_packet_size past the MQTT maximum",
+            "[mqtt]\nmax_packet_size = 268435461\n",
+            &["petrel.toml:2: mqtt.max_packet_size: must be between 16 and 268435460"],
+        ),
+        (
+            "max_client_id_len zero",
+            "[mqtt]\nmax_client_id_len = 0\n",
+            &["petrel.toml:2: mqtt.max_client_id_len: must be between 1 and 65535"],
+        ),
+        (
+            "max_queued_messages zero",
+            "[mqtt]\nmax_queued_messages = 0\n",
+            &["petrel.toml:2: mqtt.max_queued_messages: must be at least 1"],
+        ),
+        (
+            "max_queued_bytes zero",
+            "[mqtt]\nmax_queued_bytes = 0\n",
+            &["petrel.toml:2: mqtt.max_queued_bytes: must be at least 1"],
+        ),
+        (
+            "outbox_bytes zero",
+            "[mqtt]\noutbox_bytes = 0\n",
+            &["petrel.toml:2: mqtt.outbox_bytes: must be at least 1"],
+        ),
+        (
+            "negative max_keepalive",
+            "[mqtt]\nmax_keepalive = -5\n",
+            &["petrel.toml:2: mqtt.max_keepalive: must be between 0 and 65535 (got -5)"],
+        ),
+        (
+            "dotted key out of range",
+            "mqtt.max_inflight = 0\n",
+            &["petrel.toml:1: mqtt.max_inflight: must be between 1 and 65535"],
+        ),
+        (
+            "duplicate bind",
+            "[[listeners]]\nbind = \"0.0.0.0:1883\"\n\n[[listeners]]\nbind = \"0.0.0.0:1883\"\n",
+            &[
+                "petrel.toml:5: listeners[1].bind: ",
+                "address 0.0.0.0:1883 is already used by listeners[0]",
+            ],
+        ),
+        (
+            "duplicate default bind points at the second table",
+            "[[listeners]]\n\n[[listeners]]\nmax_connections = 5\n",
+            &["petrel.toml:3: listeners[1].bind: ", "already used by listeners[0]"],
+        ),
+        (
+            "bad bind address",
+            "[[listeners]]\nbind = \"localhost:1883\"\n",
+            &["petrel.toml:2: listeners[0].bind: ", "invalid address \"localhost:1883\""],
+        ),
+        (
+            "bad protocol",
+            "[[listeners]]\nprotocol = \"udp\"\n",
+            &["petrel.toml:2: listeners[0].protocol: ", "unknown value `udp`", "`tcp`"],
+        ),
+        (
+            "empty listeners array",
+            "# no sockets\nlisteners = []\n",
+            &["petrel.toml:2: listeners: at least one listener is required"],
+        ),
+        (
+            "syntax error",
+            "[mqtt]\nmax_inflight = = 3\n",
+            &["petrel.toml:2: invalid TOML"],
+        ),
+        (
+            "duplicate key",
+            "[mqtt]\nmax_inflight = 3\nmax_inflight = 4\n",
+            &["petrel.toml:3: invalid TOML at 'max_inflight': duplicate key"],
+        ),
+        (
+            "string for an integer",
+            "[mqtt]\nmax_inflight = \"many\"\n",
+            &["petrel.toml:2: mqtt.max_inflight: must be an integer between 1 and 65535, not a string"],
+        ),
+        (
+            "integer past i64 for an unbounded field",
+            "[mqtt]\nmax_queued_bytes = 99999999999999999999\n",
+            &["petrel.toml:2: mqtt.max_queued_bytes: is too large"],
+        ),
+    ];
+    for (name, text, fragments) in cases {
+        let err = match parse(text) {
+            Ok(config) => panic!("{name}: parsed to {config:?}"),
+            Err(err) => err.to_string(),
+        };
+        for fragment in *fragments {
+            assert!(err.contains(fragment), "{name}: {err:?} lacks {fragment:?}");
+        }
+        assert!(!err.contains('\n'), "{name}: {err:?} spans lines");
+    }
+}
+
+#[test]
+fn validate_without_a_file_names_the_key() {
+    let mut config = Config::default();
+    config.mqtt.max_inflight = 0;
+    let err = config.validate().unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::Invalid { line: None, key, .. } if key == "mqtt.max_inflight")
+    );
+    assert_eq!(
+        err.to_string(),
+        "<config>: mqtt.max_inflight: must be between 1 and 65535 (got 0)"
+    );
+
+    let config = Config {
+        listeners: Vec::new(),
+        ..Config::default()
+    };
+    assert!(config
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("listeners: at least one"));
+}
+
+#[test]
+fn every_numeric_setting_has_bounds_reachable_from_the_document() {
+    for (key, _, _) in Config::default().numeric_settings() {
+        assert!(bounds_for(&key).is_some(), "{key}");
+    }
+}
+
+#[test]
+fn default_config_toml_round_trips() {
+    let text = default_config_toml();
+    assert_eq!(parse(&text).unwrap(), Config::default());
+    // Every key is spelled out, not left to its default.
+    let root = DeTable::parse(&text).unwrap();
+    let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
+    assert_eq!(listener.as_table().unwrap().len(), 4);
+    assert_eq!(
+        root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
+        9
+    );
+}
+
+#[test]
+fn load_reads_a_file_and_reports_a_missing_one() {
+    let dir = std::env::temp_dir().join(format!("petrel-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("petrel.toml");
+    std::fs::write(&path, "[mqtt]\nmax_inflight = 0\n").unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:2: mqtt.max_inflight", path.display())),
+        "{err}"
+    );
+
+    std::fs::write(&path, "[mqtt]\nmax_inflight = 7\n").unwrap();
+    assert_eq!(Config::load(&path).unwrap().mqtt.max_inflight, 7);
+
+    let missing = dir.join("missing.toml");
+    let err = Config::load(&missing).unwrap_err();
+    assert!(matches!(err, ConfigError::Io { .. }));
+    assert!(err.to_string().contains("missing.toml"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
