@@ -14,7 +14,7 @@ use petrel_engine::stats::Stats;
 use petrel_tests::{connect_v311_hex, hex, to_hex, RawClient, TestBroker};
 
 /// How long a misbehaving connection may take to be closed.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// The broker's `mqtt.max_packet_size` in these tests.
 const MAX_PACKET_SIZE: u32 = 1024;
 

@@ -229,7 +229,6 @@ impl Connection {
     /// Decoding failed: decide what the client is told. An unsupported protocol level gets
     /// CONNACK return code 1 in the 3.1.1 format before the close [MQTT-3.1.2-2].
     pub fn handle_decode_error(&mut self, error: DecodeError) -> CloseReason {
-        Stats::add(&self.broker.stats.protocol_errors, 1);
         if let (State::AwaitingConnect { .. }, DecodeError::UnsupportedProtocolLevel(_)) =
             (&self.state, &error)
         {
@@ -630,7 +629,15 @@ impl Connection {
     /// from the session (a clean session is discarded) and publishes the will where the
     /// specification requires it. Safe to call more than once.
     pub fn close(&mut self, reason: &CloseReason) {
-        let State::Connected(a) = std::mem::replace(&mut self.state, State::Closed) else {
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        if matches!(state, State::Closed) {
+            return;
+        }
+        // Every protocol violation is counted here, once, whether or not CONNECT completed.
+        if let CloseReason::Violation(_) = reason {
+            Stats::add(&self.broker.stats.protocol_errors, 1);
+        }
+        let State::Connected(a) = state else {
             return;
         };
         let a = *a;
@@ -641,7 +648,6 @@ impl Connection {
         }
         match reason {
             CloseReason::Violation(v) => {
-                Stats::add(&self.broker.stats.protocol_errors, 1);
                 tracing::info!(client_id = %a.client_id, peer = %self.peer, rule = %v, "closing connection: protocol violation");
             }
             CloseReason::KeepAliveTimeout => {
