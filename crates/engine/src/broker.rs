@@ -62,7 +62,7 @@ pub struct Attach {
 
 thread_local! {
     /// Per-thread scratch space for `route`, so matching allocates nothing per message.
-    static TARGETS: RefCell<Vec<(SessionId, Arc<Session>, QoS)>> = const { RefCell::new(Vec::new()) };
+    static TARGETS: RefCell<Vec<(SessionId, Arc<Session>, QoS, bool)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -140,9 +140,11 @@ impl Broker {
     }
 
     /// Binds connection `connection` to the session of `client_id` (§3.1.4 steps 3-4):
-    /// resumes a persistent session when asked to, otherwise starts a fresh one, and displaces
-    /// any connection already using that client id [MQTT-3.1.4-2].
-    pub fn attach(&self, client_id: &MqttString, clean_start: bool, connection: u64) -> Attach {
+    /// resumes a stored session unless `clean_start`, otherwise starts a fresh one, and
+    /// displaces any connection already using that client id [MQTT-3.1.4-2]. `persistent`
+    /// says whether the session outlives this connection (3.1.1 Clean Session 0; v5 Session
+    /// Expiry Interval > 0).
+    pub fn attach(&self, client_id: &MqttString, clean_start: bool, persistent: bool, connection: u64) -> Attach {
         let mut sessions = lock(&self.sessions);
         let mut displaced = None;
         let mut took_over = false;
@@ -153,11 +155,12 @@ impl Broker {
                 displaced = st.waker.take();
             }
             if !clean_start && st.persistent {
-                st.owner = Owner::Connection(connection);
+                existing.set_owner(&mut st, Owner::Connection(connection));
+                st.persistent = persistent;
                 st.waker = None;
                 drop(st);
                 drop(sessions);
-                self.store.session_opened(client_id, true);
+                self.store.session_opened(client_id, persistent);
                 return Attach {
                     session: existing,
                     session_present: true,
@@ -167,26 +170,27 @@ impl Broker {
             }
             // Discard the old session [MQTT-3.1.2-6]: it stops receiving, and its
             // subscriptions leave the index.
-            st.owner = Owner::Ended;
+            existing.set_owner(&mut st, Owner::Ended);
             let filters: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
             st.queue.clear();
             st.inflight.clear();
-            drop(st);
             let mut index = write(&self.index);
             for f in &filters {
                 index.remove(f, existing.id);
             }
+            drop(index);
+            drop(st);
         }
         let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(
             id,
             client_id.clone(),
             Owner::Connection(connection),
-            !clean_start,
+            persistent,
         ));
         sessions.insert(client_id.clone(), session.clone());
         drop(sessions);
-        self.store.session_opened(client_id, !clean_start);
+        self.store.session_opened(client_id, persistent);
         Attach {
             session,
             session_present: false,
@@ -205,11 +209,11 @@ impl Broker {
         }
         st.waker = None;
         if st.persistent {
-            st.owner = Owner::Offline;
+            session.set_owner(&mut st, Owner::Offline);
             st.discard_qos0();
             return;
         }
-        st.owner = Owner::Ended;
+        session.set_owner(&mut st, Owner::Ended);
         let filters: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
         st.queue.clear();
         st.inflight.clear();
@@ -295,35 +299,46 @@ impl Broker {
     }
 
     /// Delivers `message` to every session with a matching subscription, once per session at
-    /// the highest QoS among its matching subscriptions [MQTT-3.3.5-1]. Returns how many
-    /// sessions it was queued for.
+    /// the highest QoS among its matching subscriptions [MQTT-3.3.5-1]. Honours v5 No Local
+    /// [MQTT-3.8.3-3] and Retain As Published [MQTT-3.3.1-12] [MQTT-3.3.1-13]. Returns how many
+    /// sessions matched (whether or not their queues had room).
     pub fn route(&self, message: &Arc<Message>) -> usize {
         TARGETS.with(|cell| {
             let mut targets = cell.borrow_mut();
             targets.clear();
             read(&self.index).for_each_match(&message.topic, |id, sub| {
-                targets.push((id, sub.session.clone(), sub.options.qos));
+                if sub.options.no_local && id == message.origin {
+                    return;
+                }
+                let retain = sub.options.retain_as_published && message.retain;
+                targets.push((id, sub.session.clone(), sub.options.qos, retain));
             });
             if targets.len() > 1 {
-                // Overlapping subscriptions of one session: keep one entry with the max QoS.
+                // Overlapping subscriptions of one session: one entry with the max QoS, keeping
+                // the retain flag if any of them asked for it.
                 targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
-                targets.dedup_by_key(|t| t.0);
+                targets.dedup_by(|later, kept| {
+                    let same = later.0 == kept.0;
+                    if same {
+                        kept.3 |= later.3;
+                    }
+                    same
+                });
             }
             let weight = u32::try_from(message.weight()).unwrap_or(u32::MAX);
-            let mut delivered = 0;
-            for (_, session, granted) in targets.drain(..) {
+            let matched = targets.len();
+            for (_, session, granted, retain) in targets.drain(..) {
                 let delivery = Delivery {
                     message: message.clone(),
                     qos: granted.min(message.qos),
-                    retain: false,
+                    retain,
                     weight,
                 };
-                match session.offer(delivery, &self.limits, &self.stats) {
-                    Ok(()) => delivered += 1,
-                    Err(reason) => self.count_drop(reason, &session),
+                if let Err(reason) = session.offer(delivery, &self.limits, &self.stats) {
+                    self.count_drop(reason, &session);
                 }
             }
-            delivered
+            matched
         })
     }
 

@@ -355,7 +355,15 @@ impl Connection {
             return self.refuse(version, decision.reason_code());
         }
 
-        let attach = self.broker.attach(&client_id, connect.clean_start, self.id);
+        // 3.x: Clean Session 0 keeps the session after the connection. 5.0: Session Expiry
+        // Interval > 0 does (absent means 0) [MQTT-3.1.2-23]; expiry timing itself is kept
+        // as "until resumed or cleaned" for now.
+        let persistent = if version.is_v5() {
+            connect.properties.session_expiry_interval.unwrap_or(0) > 0
+        } else {
+            !connect.clean_start
+        };
+        let attach = self.broker.attach(&client_id, connect.clean_start, persistent, self.id);
         if attach.took_over {
             Stats::add(&self.broker.stats.takeovers, 1);
             tracing::info!(client_id = %client_id, peer = %self.peer, "session taken over by a new connection");
@@ -411,6 +419,10 @@ impl Connection {
     fn handle_publish(&mut self, publish: Publish) -> Result<(), CloseReason> {
         let a = self.attached()?;
         let (version, session) = (a.version, a.session.clone());
+        // After a takeover this connection may not publish in the session's name.
+        if !session.is_owned_by(self.id) {
+            return Err(CloseReason::TakenOver);
+        }
         if publish.properties.topic_alias.is_some() {
             return Err(Violation::TopicAliasInvalid.into());
         }

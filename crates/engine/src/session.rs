@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -103,14 +104,22 @@ pub struct SessionState {
 pub struct Session {
     pub id: SessionId,
     pub client_id: MqttString,
+    /// Mirror of `SessionState::owner` as a connection id (0 = none), so the publish path can
+    /// check ownership without taking the lock. Written only together with `owner`.
+    owner_id: AtomicU64,
     state: Mutex<SessionState>,
 }
 
 impl Session {
     pub fn new(id: SessionId, client_id: MqttString, owner: Owner, persistent: bool) -> Session {
+        let owner_id = match owner {
+            Owner::Connection(c) => c,
+            _ => 0,
+        };
         Session {
             id,
             client_id,
+            owner_id: AtomicU64::new(owner_id),
             state: Mutex::new(SessionState {
                 owner,
                 waker: None,
@@ -131,6 +140,21 @@ impl Session {
     /// still structurally valid (every mutation is a single step), so keep serving.
     pub fn lock(&self) -> MutexGuard<'_, SessionState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the owner; the caller holds the state lock (`st`).
+    pub fn set_owner(&self, st: &mut SessionState, owner: Owner) {
+        st.owner = owner;
+        let id = match owner {
+            Owner::Connection(c) => c,
+            _ => 0,
+        };
+        self.owner_id.store(id, Ordering::Release);
+    }
+
+    /// Whether `connection` still owns the session, without locking.
+    pub fn is_owned_by(&self, connection: u64) -> bool {
+        self.owner_id.load(Ordering::Acquire) == connection
     }
 
     /// Offers a message from a publisher. Applies the queue bounds; wakes the attached

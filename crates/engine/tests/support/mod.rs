@@ -86,13 +86,18 @@ impl Peer {
     /// A connection that sent `connect` at `now` and was accepted; the CONNACK is consumed.
     pub fn connect(broker: &Arc<Broker>, now: Instant, connect: Connect) -> Peer {
         let mut peer = Peer::new(broker, now);
-        peer.send(now, Packet::Connect(Box::new(connect)))
-            .expect("CONNECT accepted");
+        peer.send_connect(now, connect).expect("CONNECT accepted");
         match peer.written().as_slice() {
             [Packet::ConnAck(ack)] if ack.reason == ReasonCode::SUCCESS => {}
             other => panic!("expected one successful CONNACK, got {other:?}"),
         }
         peer
+    }
+
+    /// The client sends CONNECT at `now`; the result is the engine's, the CONNACK (if any) is
+    /// left in the output for `written`.
+    pub fn send_connect(&mut self, now: Instant, connect: Connect) -> Result<(), CloseReason> {
+        self.send(now, Packet::Connect(Box::new(connect)))
     }
 
     /// The client sends `packet` at `now`: encoded in the client's version, decoded the way the
@@ -242,10 +247,9 @@ pub fn will(topic_name: &str, payload: &str, qos: QoS, retain: bool) -> LastWill
     }
 }
 
-/// A PUBLISH as either side writes it: DUP and RETAIN clear, no properties. Use struct update
-/// syntax for the flags: `Publish { retain: true, ..publish(..) }`.
-pub fn publish(topic_name: &str, payload: &str, qos: QoS, packet_id: u16) -> Publish {
-    Publish {
+/// A PUBLISH as either side writes it: DUP and RETAIN clear, no properties.
+pub fn publish(topic_name: &str, payload: &str, qos: QoS, packet_id: u16) -> Packet {
+    Packet::Publish(Publish {
         dup: false,
         qos,
         retain: false,
@@ -253,6 +257,22 @@ pub fn publish(topic_name: &str, payload: &str, qos: QoS, packet_id: u16) -> Pub
         packet_id: PacketId::new(packet_id),
         properties: Properties::default(),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
+    })
+}
+
+/// The same PUBLISH with RETAIN set.
+pub fn retained(packet: Packet) -> Packet {
+    match packet {
+        Packet::Publish(p) => Packet::Publish(Publish { retain: true, ..p }),
+        other => panic!("retained() takes a PUBLISH, not {}", other.name()),
+    }
+}
+
+/// The same PUBLISH with DUP set: a redelivery [MQTT-3.3.1-1].
+pub fn dup(packet: Packet) -> Packet {
+    match packet {
+        Packet::Publish(p) => Packet::Publish(Publish { dup: true, ..p }),
+        other => panic!("dup() takes a PUBLISH, not {}", other.name()),
     }
 }
 
