@@ -142,9 +142,13 @@ FORMAT='MSG %t %q %r %p'
 sub_start() {
     local name=$1
     shift
-    mosquitto_sub -d -h "$HOST" -p "$PORT" -F "$FORMAT" "$@" >"$WORK/$name.out" 2>&1 &
+    # Line-buffered: a pipe or file would otherwise get the SUBACK line only at exit.
+    stdbuf -oL mosquitto_sub -d -h "$HOST" -p "$PORT" -F "$FORMAT" "$@" >"$WORK/$name.out" 2>&1 &
     SUB_PID[$name]=$!
     BG_PIDS+=("$!")
+    # Out of the job table: bash still reaps it, but prints no "Killed" line when a check
+    # kills it on purpose. sub_wait therefore polls instead of calling `wait`.
+    disown "$!"
     local deadline=$((SECONDS + WAIT))
     until grep -q '^Subscribed (mid' "$WORK/$name.out"; do
         if ! kill -0 "${SUB_PID[$name]}" 2>/dev/null || ((SECONDS >= deadline)); then
@@ -168,7 +172,6 @@ sub_wait() {
         fi
         sleep 0.02
     done
-    wait "$pid" 2>/dev/null || true
 }
 
 # Runs `mosquitto_sub -d ARGS` to its end in the foreground, output in $WORK/NAME.out.
@@ -268,7 +271,6 @@ check_will() {
     sub_start "dying-$v" -V "$v" -t "$BASE/$v/unused" -W 30 \
         --will-topic "$t" --will-payload "gone-$v" --will-qos 1 || return 1
     kill -9 "${SUB_PID[dying-$v]}"
-    wait "${SUB_PID[dying-$v]}" 2>/dev/null || true
     sub_wait "watch-$v"
     expect_msgs "watch-$v" "MSG $t 1 0 gone-$v"
 }
@@ -358,13 +360,9 @@ paho_status=0
 timeout -k 2 40 python3 "$ROOT/tests/interop/test_paho.py" --host "$HOST" --port "$PORT" \
     >"$WORK/paho.log" 2>&1 || paho_status=$?
 while IFS= read -r line; do
-    case "$line" in
-    PASS*)
-        record "paho ${line#PASS }" PASS
-        ;;
-    FAIL*)
-        record "paho ${line#FAIL }" FAIL
-        ;;
+    read -r status rest <<<"$line" || true
+    case "$status" in
+    PASS | FAIL) record "paho $rest" "$status" ;;
     esac
     printf '%s\n' "$line"
 done <"$WORK/paho.log"

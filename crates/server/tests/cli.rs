@@ -731,6 +731,13 @@ fn malformed_packet_log_names_client_and_rule_but_not_payload() {
         .write_all(&connect_v311("log-client-7", None))
         .expect("send");
     expect(&mut client, CONNACK_OK);
+    // A valid round trip first, so that the routing and delivery paths log what they log at
+    // debug too: SUBSCRIBE id 1 "s/t" QoS 0, then PUBLISH QoS 0 to it, delivered back.
+    send(&mut client, "82 08 00 01 00 03 73 2f 74 00");
+    expect(&mut client, "90 03 00 01 00");
+    let valid = publish_qos0("s/t", b"SECRETPAYLOAD-delivered");
+    client.write_all(&valid).expect("send");
+    expect(&mut client, &to_hex(&valid));
     // PUBLISH QoS 0 to "a/+": a wildcard in a topic name [MQTT-3.3.2-2].
     client
         .write_all(&publish_qos0("a/+", b"SECRETPAYLOAD"))
