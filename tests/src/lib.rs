@@ -86,7 +86,10 @@ impl Drop for TestBroker {
 /// Parses "10 0c 00 04" (spaces and newlines ignored) into bytes.
 pub fn hex(text: &str) -> Vec<u8> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    assert!(digits.len() % 2 == 0, "odd number of hex digits in {text:?}");
+    assert!(
+        digits.len() % 2 == 0,
+        "odd number of hex digits in {text:?}"
+    );
     digits
         .chunks(2)
         .map(|p| {
@@ -97,7 +100,11 @@ pub fn hex(text: &str) -> Vec<u8> {
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What a read ended with.
@@ -119,7 +126,9 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
-        let stream = TcpStream::connect(addr).await.expect("connect to test broker");
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to test broker");
         stream.set_nodelay(true).expect("nodelay");
         RawClient {
             stream,
@@ -161,7 +170,10 @@ impl RawClient {
         let want = hex(text);
         match self.read_exact(want.len(), PROMPT).await {
             Ok(got) => assert_eq!(to_hex(&got), to_hex(&want), "unexpected bytes from broker"),
-            Err(why) => panic!("expected {text} from broker, got {why:?} (buffered: {})", to_hex(&self.buf)),
+            Err(why) => panic!(
+                "expected {text} from broker, got {why:?} (buffered: {})",
+                to_hex(&self.buf)
+            ),
         }
     }
 
@@ -172,7 +184,10 @@ impl RawClient {
             match petrel_codec::decode(&mut self.buf, self.version, u32::MAX) {
                 Ok(Some(p)) => return Ok(p),
                 Ok(None) => {}
-                Err(e) => panic!("broker sent a malformed packet: {e} ({})", to_hex(&self.buf)),
+                Err(e) => panic!(
+                    "broker sent a malformed packet: {e} ({})",
+                    to_hex(&self.buf)
+                ),
             }
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
@@ -233,9 +248,15 @@ pub fn connect_v311_hex(client_id: &str, clean: bool, keep_alive: u16) -> String
 
 impl RawClient {
     /// Connects with 3.1.1 and asserts CONNACK accepted with the given session-present flag.
-    pub async fn connect_v311(addr: SocketAddr, client_id: &str, clean: bool, keep_alive: u16) -> RawClient {
+    pub async fn connect_v311(
+        addr: SocketAddr,
+        client_id: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> RawClient {
         let mut c = RawClient::connect(addr).await;
-        c.send_hex(&connect_v311_hex(client_id, clean, keep_alive)).await;
+        c.send_hex(&connect_v311_hex(client_id, clean, keep_alive))
+            .await;
         c
     }
 }

@@ -105,7 +105,11 @@ async fn stalled_subscriber_is_bounded_and_others_keep_receiving() {
         }
         peak = peak.max(resident_kib());
     }
-    assert_eq!(received.load(Ordering::SeqCst), expected, "fast subscriber got extra bytes");
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        expected,
+        "fast subscriber got extra bytes"
+    );
     reader.abort();
 
     let dropped = petrel_engine::stats::Stats::get(&broker.broker.stats.dropped_outbox_full);
@@ -113,8 +117,14 @@ async fn stalled_subscriber_is_bounded_and_others_keep_receiving() {
     println!("baseline {baseline} KiB, peak {peak} KiB, growth {growth_kib} KiB, dropped for slow subscriber: {dropped}");
     // 32 MiB were offered to the stalled subscriber; what it could not take was dropped, not
     // buffered. The socket buffers and the bounded outbox account for the rest.
-    assert!(dropped > 1000, "expected most messages to the stalled subscriber to be dropped, got {dropped}");
-    assert!(growth_kib < 24 * 1024, "memory grew by {growth_kib} KiB for a stalled subscriber");
+    assert!(
+        dropped > 1000,
+        "expected most messages to the stalled subscriber to be dropped, got {dropped}"
+    );
+    assert!(
+        growth_kib < 24 * 1024,
+        "memory grew by {growth_kib} KiB for a stalled subscriber"
+    );
     drop(slow);
 }
 
@@ -123,7 +133,8 @@ async fn offline_queue_is_bounded_for_qos1() {
     let broker = TestBroker::start_with(|c| c.mqtt.max_queued_messages = 50).await;
 
     let mut sub = RawClient::connect(broker.addr).await;
-    sub.send_hex(&connect_v311_hex("persistent", false, 0)).await;
+    sub.send_hex(&connect_v311_hex("persistent", false, 0))
+        .await;
     sub.expect_hex("20 02 00 00").await;
     sub.send_hex("82 06 00 01 00 01 74 01").await; // SUBSCRIBE "t" QoS 1
     sub.expect_hex("90 03 00 01 01").await;
@@ -139,20 +150,26 @@ async fn offline_queue_is_bounded_for_qos1() {
         publisher
             .send_bytes(&[0x32, 0x06, 0x00, 0x01, b't', hi, lo, b'x'])
             .await;
-        publisher.expect_hex(&format!("40 02 {hi:02x} {lo:02x}")).await;
+        publisher
+            .expect_hex(&format!("40 02 {hi:02x} {lo:02x}"))
+            .await;
     }
 
     let dropped = petrel_engine::stats::Stats::get(&broker.broker.stats.dropped_queue_full);
     assert_eq!(dropped, 150, "queue bound of 50 should drop the other 150");
 
     let mut back = RawClient::connect(broker.addr).await;
-    back.send_hex(&connect_v311_hex("persistent", false, 0)).await;
+    back.send_hex(&connect_v311_hex("persistent", false, 0))
+        .await;
     back.expect_hex("20 02 01 00").await; // session present
     let mut received = 0;
     while let Ok(packet) = back.recv_within(Duration::from_millis(500)).await {
         if let petrel_codec::Packet::Publish(p) = packet {
             received += 1;
-            back.send(&petrel_codec::Packet::PubAck(petrel_codec::PubAck::new(p.packet_id.expect("QoS 1 has an id")))).await;
+            back.send(&petrel_codec::Packet::PubAck(petrel_codec::PubAck::new(
+                p.packet_id.expect("QoS 1 has an id"),
+            )))
+            .await;
         }
     }
     assert_eq!(received, 50, "exactly the queued messages are delivered");

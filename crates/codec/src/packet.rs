@@ -134,7 +134,11 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
 }
 
 /// Appends `packet`, encoded for `version`, to `buf`.
-pub fn encode(packet: &Packet, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode(
+    packet: &Packet,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
     if matches!(packet, Packet::Auth(_)) && !version.is_v5() {
         return Err(EncodeError::NotInVersion(version));
     }
@@ -166,7 +170,11 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, buf: &mut BytesMut) -> 
         Packet::Disconnect(d) => d.encode_body(version, buf),
         Packet::Auth(a) => a.encode_body(buf),
     }
-    debug_assert_eq!(buf.len() - start, body, "body_len disagrees with encode_body");
+    debug_assert_eq!(
+        buf.len() - start,
+        body,
+        "body_len disagrees with encode_body"
+    );
     Ok(())
 }
 
@@ -238,7 +246,10 @@ fn check_header(first: u8, version: ProtocolVersion) -> Result<(), DecodeError> 
         _ => ("AUTH", 0),
     };
     if flags != expected {
-        return Err(DecodeError::InvalidHeaderFlags { packet: name, flags });
+        return Err(DecodeError::InvalidHeaderFlags {
+            packet: name,
+            flags,
+        });
     }
     Ok(())
 }

@@ -239,8 +239,16 @@ impl Properties {
                     }
                     set_once(&mut p.maximum_packet_size, id, v)?
                 }
-                0x28 => set_once(&mut p.wildcard_subscription_available, id, read_flag(b, id)?)?,
-                0x29 => set_once(&mut p.subscription_identifier_available, id, read_flag(b, id)?)?,
+                0x28 => set_once(
+                    &mut p.wildcard_subscription_available,
+                    id,
+                    read_flag(b, id)?,
+                )?,
+                0x29 => set_once(
+                    &mut p.subscription_identifier_available,
+                    id,
+                    read_flag(b, id)?,
+                )?,
                 0x2A => set_once(&mut p.shared_subscription_available, id, read_flag(b, id)?)?,
                 _ => return Err(DecodeError::UnknownProperty(id)),
             }

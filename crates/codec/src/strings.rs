@@ -229,10 +229,26 @@ mod tests {
         let cases: &[(&str, &[u8], Option<DecodeError>)] = &[
             ("plain ascii", b"a/b", None),
             ("multibyte", "ä/€/𝄞".as_bytes(), None),
-            ("U+0000 [MQTT-1.5.4-2]", b"a\0b", Some(DecodeError::NullCharacter)),
-            ("surrogate D800 [MQTT-1.5.4-1]", b"\xED\xA0\x80", Some(DecodeError::InvalidUtf8)),
-            ("overlong slash [MQTT-1.5.4-1]", b"\xC0\xAF", Some(DecodeError::InvalidUtf8)),
-            ("truncated sequence", b"\xE2\x82", Some(DecodeError::InvalidUtf8)),
+            (
+                "U+0000 [MQTT-1.5.4-2]",
+                b"a\0b",
+                Some(DecodeError::NullCharacter),
+            ),
+            (
+                "surrogate D800 [MQTT-1.5.4-1]",
+                b"\xED\xA0\x80",
+                Some(DecodeError::InvalidUtf8),
+            ),
+            (
+                "overlong slash [MQTT-1.5.4-1]",
+                b"\xC0\xAF",
+                Some(DecodeError::InvalidUtf8),
+            ),
+            (
+                "truncated sequence",
+                b"\xE2\x82",
+                Some(DecodeError::InvalidUtf8),
+            ),
         ];
         for (name, bytes, want) in cases {
             let got = MqttString::from_bytes(Bytes::copy_from_slice(bytes)).err();
@@ -251,10 +267,10 @@ mod tests {
             ("/+", true),
             ("a//b", true),
             ("$SYS/#", true),
-            ("sport/tennis#", false), // [MQTT-4.7.1-2]
+            ("sport/tennis#", false),          // [MQTT-4.7.1-2]
             ("sport/tennis/#/ranking", false), // [MQTT-4.7.1-2]
-            ("sport+", false), // [MQTT-4.7.1-3]
-            ("", false), // [MQTT-4.7.3-1]
+            ("sport+", false),                 // [MQTT-4.7.1-3]
+            ("", false),                       // [MQTT-4.7.3-1]
         ];
         for (filter, ok) in cases {
             assert_eq!(TopicFilter::new(filter).is_ok(), *ok, "{filter:?}");

@@ -81,7 +81,10 @@ pub struct Subscribe {
 }
 
 impl Subscribe {
-    pub(crate) fn decode(mut buf: Bytes, version: ProtocolVersion) -> Result<Subscribe, DecodeError> {
+    pub(crate) fn decode(
+        mut buf: Bytes,
+        version: ProtocolVersion,
+    ) -> Result<Subscribe, DecodeError> {
         let packet_id = NonZeroU16::new(read_u16(&mut buf)?).ok_or(DecodeError::ZeroPacketId)?;
         let properties = if version.is_v5() {
             Properties::decode(&mut buf, Context::Subscribe)?
@@ -150,7 +153,17 @@ impl SubAck {
             let ok = if version.is_v5() {
                 matches!(
                     code,
-                    0x00 | 0x01 | 0x02 | 0x80 | 0x83 | 0x87 | 0x8F | 0x91 | 0x97 | 0x9E | 0xA1 | 0xA2
+                    0x00 | 0x01
+                        | 0x02
+                        | 0x80
+                        | 0x83
+                        | 0x87
+                        | 0x8F
+                        | 0x91
+                        | 0x97
+                        | 0x9E
+                        | 0xA1
+                        | 0xA2
                 )
             } else {
                 matches!(code, 0x00 | 0x01 | 0x02 | 0x80)

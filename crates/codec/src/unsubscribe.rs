@@ -18,7 +18,10 @@ pub struct Unsubscribe {
 }
 
 impl Unsubscribe {
-    pub(crate) fn decode(mut buf: Bytes, version: ProtocolVersion) -> Result<Unsubscribe, DecodeError> {
+    pub(crate) fn decode(
+        mut buf: Bytes,
+        version: ProtocolVersion,
+    ) -> Result<Unsubscribe, DecodeError> {
         let packet_id = NonZeroU16::new(read_u16(&mut buf)?).ok_or(DecodeError::ZeroPacketId)?;
         let properties = if version.is_v5() {
             Properties::decode(&mut buf, Context::Unsubscribe)?
@@ -68,7 +71,10 @@ pub struct UnsubAck {
 }
 
 impl UnsubAck {
-    pub(crate) fn decode(mut buf: Bytes, version: ProtocolVersion) -> Result<UnsubAck, DecodeError> {
+    pub(crate) fn decode(
+        mut buf: Bytes,
+        version: ProtocolVersion,
+    ) -> Result<UnsubAck, DecodeError> {
         let packet_id = NonZeroU16::new(read_u16(&mut buf)?).ok_or(DecodeError::ZeroPacketId)?;
         let mut ack = UnsubAck {
             packet_id,

@@ -84,7 +84,11 @@ impl Broker {
         Broker::with_parts(limits, Box::new(AllowAll), Box::new(Volatile))
     }
 
-    pub fn with_parts(limits: Limits, authenticator: Box<dyn Authenticator>, store: Box<dyn Store>) -> Broker {
+    pub fn with_parts(
+        limits: Limits,
+        authenticator: Box<dyn Authenticator>,
+        store: Box<dyn Store>,
+    ) -> Broker {
         Broker {
             limits,
             stats: Stats::default(),
@@ -144,7 +148,13 @@ impl Broker {
     /// displaces any connection already using that client id [MQTT-3.1.4-2]. `persistent`
     /// says whether the session outlives this connection (3.1.1 Clean Session 0; v5 Session
     /// Expiry Interval > 0).
-    pub fn attach(&self, client_id: &MqttString, clean_start: bool, persistent: bool, connection: u64) -> Attach {
+    pub fn attach(
+        &self,
+        client_id: &MqttString,
+        clean_start: bool,
+        persistent: bool,
+        connection: u64,
+    ) -> Attach {
         let mut sessions = lock(&self.sessions);
         let mut displaced = None;
         let mut took_over = false;
@@ -258,12 +268,18 @@ impl Broker {
             },
         );
         drop(st);
-        self.store.subscription_added(&session.client_id, filter, options);
+        self.store
+            .subscription_added(&session.client_id, filter, options);
         Some(existed)
     }
 
     /// Removes a subscription; true if it existed.
-    pub fn unsubscribe(&self, session: &Arc<Session>, connection: u64, filter: &TopicFilter) -> bool {
+    pub fn unsubscribe(
+        &self,
+        session: &Arc<Session>,
+        connection: u64,
+        filter: &TopicFilter,
+    ) -> bool {
         let mut st = session.lock();
         let existed =
             st.owner == Owner::Connection(connection) && st.subscriptions.remove(filter).is_some();

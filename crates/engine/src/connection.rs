@@ -79,7 +79,9 @@ impl Violation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
     /// The client sent DISCONNECT. `with_will` is v5 reason 0x04.
-    Disconnect { with_will: bool },
+    Disconnect {
+        with_will: bool,
+    },
     /// No complete CONNECT within the listener's connect timeout.
     ConnectTimeout,
     /// Nothing received for 1.5 × keepalive [MQTT-3.1.2-24].
@@ -156,7 +158,12 @@ pub struct Connection {
 impl Connection {
     /// A connection accepted at `now`; CONNECT must be complete by `now + connect_timeout`
     /// (the listener's setting). No other deadline applies before then.
-    pub fn new(broker: Arc<Broker>, peer: String, now: Instant, connect_timeout: Duration) -> Connection {
+    pub fn new(
+        broker: Arc<Broker>,
+        peer: String,
+        now: Instant,
+        connect_timeout: Duration,
+    ) -> Connection {
         let deadline = now + connect_timeout;
         Connection {
             id: broker.next_connection_id(),
@@ -363,7 +370,9 @@ impl Connection {
         } else {
             !connect.clean_start
         };
-        let attach = self.broker.attach(&client_id, connect.clean_start, persistent, self.id);
+        let attach = self
+            .broker
+            .attach(&client_id, connect.clean_start, persistent, self.id);
         if attach.took_over {
             Stats::add(&self.broker.stats.takeovers, 1);
             tracing::info!(client_id = %client_id, peer = %self.peer, "session taken over by a new connection");
@@ -399,7 +408,10 @@ impl Connection {
         };
         self.write(&Packet::ConnAck(connack), version);
         if attach.session_present {
-            attach.session.lock().resend_inflight(version, &mut self.out);
+            attach
+                .session
+                .lock()
+                .resend_inflight(version, &mut self.out);
         }
         Stats::add(&self.broker.stats.connections_current, 1);
         Stats::add(&self.broker.stats.connections_total, 1);
@@ -408,7 +420,8 @@ impl Connection {
             session: attach.session,
             version,
             client_id,
-            idle_limit: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            idle_limit: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             last_received: now,
             will: connect.will,
             window: window.max(1),
@@ -469,15 +482,22 @@ impl Connection {
             ReasonCode::SUCCESS
         };
         match (qos, packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.send(&Packet::PubAck(PubAck::with_reason(id, reason))),
-            (QoS::ExactlyOnce, Some(id)) => self.send(&Packet::PubRec(PubAck::with_reason(id, reason))),
+            (QoS::AtLeastOnce, Some(id)) => {
+                self.send(&Packet::PubAck(PubAck::with_reason(id, reason)))
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.send(&Packet::PubRec(PubAck::with_reason(id, reason)))
+            }
             _ => {}
         }
         Ok(())
     }
 
     /// Runs `f` on the session state if this connection still owns it.
-    fn with_session<T>(&self, f: impl FnOnce(&mut crate::session::SessionState) -> T) -> Result<T, CloseReason> {
+    fn with_session<T>(
+        &self,
+        f: impl FnOnce(&mut crate::session::SessionState) -> T,
+    ) -> Result<T, CloseReason> {
         let a = self.attached()?;
         let mut st = a.session.lock();
         if st.owner != Owner::Connection(self.id) {
@@ -655,7 +675,10 @@ impl Connection {
         let a = *a;
         if a.version.is_v5() {
             if let Some(code) = reason.disconnect_code() {
-                self.write(&Packet::Disconnect(Disconnect::with_reason(code)), a.version);
+                self.write(
+                    &Packet::Disconnect(Disconnect::with_reason(code)),
+                    a.version,
+                );
             }
         }
         match reason {
@@ -670,7 +693,10 @@ impl Connection {
             }
         }
         self.broker.detach(&a.session, self.id);
-        self.broker.stats.connections_current.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.broker
+            .stats
+            .connections_current
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if reason.publishes_will() {
             if let Some(will) = a.will {
                 self.publish_will(will, a.session.id);

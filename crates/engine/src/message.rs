@@ -101,7 +101,13 @@ impl Message {
         self.payload.len() + self.topic.len()
     }
 
-    pub fn to_publish(&self, qos: QoS, packet_id: Option<PacketId>, retain: bool, dup: bool) -> Publish {
+    pub fn to_publish(
+        &self,
+        qos: QoS,
+        packet_id: Option<PacketId>,
+        retain: bool,
+        dup: bool,
+    ) -> Publish {
         Publish {
             dup,
             qos,

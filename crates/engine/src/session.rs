@@ -266,7 +266,8 @@ impl SessionState {
         while out.len() < max_out && self.has_sendable(window) {
             let Some(d) = self.pop() else { break };
             if d.qos == QoS::AtMostOnce {
-                d.message.encode_into(version, d.qos, None, d.retain, false, out);
+                d.message
+                    .encode_into(version, d.qos, None, d.retain, false, out);
             } else {
                 let packet_id = self.allocate_packet_id();
                 d.message
@@ -296,7 +297,11 @@ impl SessionState {
                     out,
                 ),
                 InflightStage::Released => {
-                    let _ = petrel_codec::encode(&Packet::PubRel(PubAck::new(f.packet_id)), version, out);
+                    let _ = petrel_codec::encode(
+                        &Packet::PubRel(PubAck::new(f.packet_id)),
+                        version,
+                        out,
+                    );
                 }
             }
         }

@@ -14,7 +14,12 @@ pub trait Store: Send + Sync + 'static {
     fn session_opened(&self, client_id: &str, persistent: bool);
     /// The session ended and its state was discarded.
     fn session_removed(&self, client_id: &str);
-    fn subscription_added(&self, client_id: &str, filter: &TopicFilter, options: SubscriptionOptions);
+    fn subscription_added(
+        &self,
+        client_id: &str,
+        filter: &TopicFilter,
+        options: SubscriptionOptions,
+    );
     fn subscription_removed(&self, client_id: &str, filter: &TopicFilter);
     fn retained_set(&self, message: &Message);
     fn retained_cleared(&self, topic: &str);

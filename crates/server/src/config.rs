@@ -63,6 +63,9 @@ pub struct ListenerConfig {
     /// kernel's accept backlog until a slot frees, so file descriptors and
     /// per-connection memory stay bounded.
     pub max_connections: usize,
+    /// Length of the kernel's queue of connections not yet accepted. A burst of
+    /// reconnects larger than this makes clients wait for a SYN retry (1 s).
+    pub backlog: u32,
 }
 
 /// How a listener speaks to its clients. An enum rather than a string so that
@@ -174,6 +177,7 @@ impl Default for ListenerConfig {
             bind: DEFAULT_BIND,
             connect_timeout: Duration::from_secs(10),
             max_connections: 100_000,
+            backlog: 1024,
         }
     }
 }
@@ -301,6 +305,11 @@ impl Config {
                 as_u64(listener.max_connections),
                 Bounds::at_least(1),
             ));
+            settings.push((
+                listener_key(i, "backlog"),
+                u64::from(listener.backlog),
+                Bounds::between(1, 65_535),
+            ));
         }
         let mqtt = &self.mqtt;
         let mqtt_key = |name| KeyPath::root().key("mqtt").key(name);
@@ -368,13 +377,16 @@ pub fn default_config_toml() -> String {
              bind = \"{bind}\"\n\
              # Time a client has, from accept, to send a complete CONNECT.\n\
              connect_timeout = \"{timeout}\"\n\
-             # Open connections on this listener; further ones are refused.\n\
+             # Open connections on this listener; further ones wait in the backlog.\n\
              max_connections = {max_connections}\n\
+             # Connections the kernel queues before petrel accepts them (1 to 65535).\n\
+             backlog = {backlog}\n\
              \n",
             protocol = listener.protocol,
             bind = listener.bind,
             timeout = humantime::format_duration(listener.connect_timeout),
             max_connections = listener.max_connections,
+            backlog = listener.backlog,
         ));
     }
     out.push_str(&format!(

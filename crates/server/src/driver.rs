@@ -47,13 +47,22 @@ where
 {
     let mut rbuf = BytesMut::new();
     let far_future = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let first = conn.deadline().map_or_else(far_future, tokio::time::Instant::from_std);
+    let first = conn
+        .deadline()
+        .map_or_else(far_future, tokio::time::Instant::from_std);
     let mut sleep = pin!(tokio::time::sleep_until(first));
     let mut cancelled = pin!(shutdown.cancelled());
 
     let reason = 'conn: loop {
         let event = poll_fn(|cx| {
-            poll_event(cx, &mut stream, &mut conn, &mut rbuf, sleep.as_mut(), cancelled.as_mut())
+            poll_event(
+                cx,
+                &mut stream,
+                &mut conn,
+                &mut rbuf,
+                sleep.as_mut(),
+                cancelled.as_mut(),
+            )
         })
         .await;
         match event {
@@ -90,7 +99,9 @@ where
                     break reason;
                 }
                 // Packets arrived since the timer was set: sleep until the moved deadline.
-                let next = conn.deadline().map_or_else(far_future, tokio::time::Instant::from_std);
+                let next = conn
+                    .deadline()
+                    .map_or_else(far_future, tokio::time::Instant::from_std);
                 sleep.as_mut().reset(next);
             }
             Event::Eof => break CloseReason::PeerClosed,
@@ -102,7 +113,10 @@ where
 
     match &reason {
         CloseReason::ConnectTimeout => {
-            tracing::debug!(peer = conn.peer(), "no complete CONNECT before the connect timeout");
+            tracing::debug!(
+                peer = conn.peer(),
+                "no complete CONNECT before the connect timeout"
+            );
         }
         CloseReason::Violation(v) if !conn.is_connected() => {
             tracing::info!(peer = conn.peer(), rule = %v, "closing connection before CONNECT: protocol violation");
@@ -113,7 +127,9 @@ where
     // Final flush (a CONNACK refusal, a v5 DISCONNECT), bounded by the same timer so the task
     // carries no second one: a peer that stopped reading must not hold it.
     let out = std::mem::take(conn.output());
-    sleep.as_mut().reset(tokio::time::Instant::now() + CLOSE_FLUSH_LIMIT);
+    sleep
+        .as_mut()
+        .reset(tokio::time::Instant::now() + CLOSE_FLUSH_LIMIT);
     tokio::select! {
         _ = async {
             if !out.is_empty() {

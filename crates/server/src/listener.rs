@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petrel_engine::{Broker, Connection};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +26,15 @@ pub(crate) struct Listener {
 
 impl Listener {
     pub async fn bind(config: &ListenerConfig) -> io::Result<Listener> {
-        let socket = TcpListener::bind(config.bind).await?;
+        let socket = if config.bind.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // Restarting over connections in TIME_WAIT must not fail with "address in use".
+        socket.set_reuseaddr(true)?;
+        socket.bind(config.bind)?;
+        let socket = socket.listen(config.backlog)?;
         Ok(Listener {
             config: config.clone(),
             socket,

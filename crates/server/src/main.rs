@@ -9,6 +9,20 @@ use petrel_server::{Config, Server};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, with a background thread that returns freed pages to the OS about a second after
+/// they fall idle: a burst of connections (a reconnect storm, thousands of sockets stalled
+/// before CONNECT) must not leave the broker's resident memory at its peak, which the system
+/// allocator does. It also keeps fragmentation low under the broker's many small, short-lived
+/// allocations.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's startup options (read before `main`): purge dirty pages after 1 s, straight to
+/// the OS (no lazy "muzzy" stage, whose pages still count as resident).
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// petrel: a high-performance MQTT broker (MQTT 3.1, 3.1.1 and 5.0).
 ///
 /// With no arguments it listens on 127.0.0.1:1883 with built-in defaults. Log verbosity follows
@@ -40,7 +54,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         // Colour only on a terminal: logs sent to files or journald stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -61,7 +77,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("petrel: cannot start the runtime: {e}");
@@ -89,7 +108,10 @@ async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
 
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };
@@ -97,6 +119,9 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = name, "shutting down: no new connections, closing open ones");
+    tracing::info!(
+        signal = name,
+        "shutting down: no new connections, closing open ones"
+    );
     shutdown.cancel();
 }

@@ -50,7 +50,10 @@ impl Server {
         Server::bind_with(config, Box::new(AllowAll)).await
     }
 
-    pub async fn bind_with(config: &Config, authenticator: Box<dyn Authenticator>) -> Result<Server, ServerError> {
+    pub async fn bind_with(
+        config: &Config,
+        authenticator: Box<dyn Authenticator>,
+    ) -> Result<Server, ServerError> {
         let broker = Arc::new(Broker::with_parts(
             limits_from(&config.mqtt),
             authenticator,
@@ -58,11 +61,13 @@ impl Server {
         ));
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, lc) in config.listeners.iter().enumerate() {
-            let listener = Listener::bind(lc).await.map_err(|source| ServerError::Bind {
-                addr: lc.bind,
-                index,
-                source,
-            })?;
+            let listener = Listener::bind(lc)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: lc.bind,
+                    index,
+                    source,
+                })?;
             listeners.push(listener);
         }
         Ok(Server { broker, listeners })
@@ -102,7 +107,10 @@ impl Server {
         }
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(remaining = tracker.len(), "connections still open after the shutdown grace period");
+            tracing::warn!(
+                remaining = tracker.len(),
+                "connections still open after the shutdown grace period"
+            );
         }
     }
 }

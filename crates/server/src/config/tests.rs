@@ -61,12 +61,14 @@ max_keepalive = 300
                     bind: "0.0.0.0:1883".parse().unwrap(),
                     connect_timeout: Duration::from_millis(500),
                     max_connections: 50_000,
+                    backlog: 1024,
                 },
                 ListenerConfig {
                     protocol: ListenerProtocol::Tcp,
                     bind: "[::1]:1884".parse().unwrap(),
                     connect_timeout: Duration::from_secs(60),
                     max_connections: 100_000,
+                    backlog: 1024,
                 },
             ],
             mqtt: MqttConfig {
@@ -312,7 +314,7 @@ fn default_config_toml_round_trips() {
     // Every key is spelled out, not left to its default.
     let root = DeTable::parse(&text).unwrap();
     let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
-    assert_eq!(listener.as_table().unwrap().len(), 4);
+    assert_eq!(listener.as_table().unwrap().len(), 5);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
         9

@@ -348,14 +348,15 @@ pub struct Close {
 pub struct RawClient {
     pub stream: TcpStream,
     buf: Vec<u8>,
-    /// When the TCP handshake completed: the earliest the broker can have accepted.
+    /// When connecting began. The broker cannot have accepted earlier, so a deadline measured
+    /// from here is never early; it is late by the handshake, microseconds on loopback.
     pub opened: Instant,
 }
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
-        let stream = TcpStream::connect(addr).await.expect("connect to petrel");
         let opened = Instant::now();
+        let stream = TcpStream::connect(addr).await.expect("connect to petrel");
         // Byte-by-byte tests rely on each write leaving as its own segment.
         stream.set_nodelay(true).expect("set TCP_NODELAY");
         RawClient {
