@@ -142,7 +142,9 @@ struct Attached {
     idle_limit: Option<Duration>,
     /// When the last packet arrived from the client. Only inbound packets move it.
     last_received: Instant,
-    will: Option<LastWill>,
+    /// Boxed: a will carries a full property set, and most clients have none, so an idle
+    /// connection should not pay for one inline.
+    will: Option<Box<LastWill>>,
     /// Outbound in-flight window: our limit, lowered to the client's v5 Receive Maximum.
     window: usize,
 }
@@ -423,7 +425,7 @@ impl Connection {
             idle_limit: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             last_received: now,
-            will: connect.will,
+            will: connect.will.map(Box::new),
             window: window.max(1),
         }));
         Ok(())
@@ -699,7 +701,7 @@ impl Connection {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if reason.publishes_will() {
             if let Some(will) = a.will {
-                self.publish_will(will, a.session.id);
+                self.publish_will(*will, a.session.id);
             }
         }
     }
