@@ -35,7 +35,7 @@ fn publish_qos0(payload_len: usize) -> Vec<u8> {
         }
     }
     p.extend_from_slice(&[0x00, 0x01, b't']);
-    p.extend(std::iter::repeat(0xab).take(payload_len));
+    p.extend(std::iter::repeat_n(0xab, payload_len));
     p
 }
 

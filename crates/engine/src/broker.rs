@@ -60,9 +60,13 @@ pub struct Attach {
     pub took_over: bool,
 }
 
+/// One session a message is about to be delivered to: its id (for de-duplication), the
+/// session, the granted QoS and the retain flag to send.
+type Target = (SessionId, Arc<Session>, QoS, bool);
+
 thread_local! {
     /// Per-thread scratch space for `route`, so matching allocates nothing per message.
-    static TARGETS: RefCell<Vec<(SessionId, Arc<Session>, QoS, bool)>> = const { RefCell::new(Vec::new()) };
+    static TARGETS: RefCell<Vec<Target>> = const { RefCell::new(Vec::new()) };
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {

@@ -9,6 +9,7 @@
 //! Included with `#[path = "common/rumqttc_util.rs"] mod rumqttc_util;` by the rumqttc tests.
 
 #![allow(dead_code)] // each test binary uses a different subset
+#![allow(clippy::result_large_err)] // rumqttc's own error type is large; tests only inspect it
 
 use std::net::SocketAddr;
 use std::time::Duration;
