@@ -40,10 +40,16 @@ enum Event {
     Closed(CloseReason),
 }
 
-/// Runs a connection to its end.
-pub(crate) async fn drive<S>(mut stream: S, mut conn: Connection, shutdown: CancellationToken)
-where
+/// Runs a connection to its end. `slot` (the listener's connection permit) is released when
+/// the connection is gone.
+pub(crate) async fn drive<S, G>(
+    mut stream: S,
+    mut conn: Connection,
+    shutdown: CancellationToken,
+    slot: G,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
+    G: Send,
 {
     let mut rbuf = BytesMut::new();
     let far_future = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -139,6 +145,7 @@ where
         } => {}
         _ = sleep => {}
     }
+    drop(slot);
 }
 
 fn poll_event<S>(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petrel_engine::{Broker, Connection};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,28 +78,20 @@ impl Listener {
             };
             // The accept instant starts the connect deadline; nothing later may reset it.
             let accepted_at = Instant::now();
-            let broker = broker.clone();
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                serve_tcp(stream, peer, broker, accepted_at, connect_timeout, shutdown).await;
-                drop(permit);
-            });
+            // MQTT packets are small and latency-sensitive; writes are already batched per pass.
+            let _ = stream.set_nodelay(true);
+            let conn = Connection::new(
+                broker.clone(),
+                peer.to_string(),
+                accepted_at,
+                connect_timeout,
+            );
+            // The driver future is spawned as is (no wrapping async block), so the task holds
+            // one copy of the connection's state: its size is most of an idle connection's
+            // memory. The permit rides along and frees the slot when the driver ends.
+            tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
         }
     }
-}
-
-async fn serve_tcp(
-    stream: TcpStream,
-    peer: SocketAddr,
-    broker: Arc<Broker>,
-    accepted_at: Instant,
-    connect_timeout: Duration,
-    shutdown: CancellationToken,
-) {
-    // MQTT packets are small and latency-sensitive; writes are already batched per pass.
-    let _ = stream.set_nodelay(true);
-    let conn = Connection::new(broker, peer.to_string(), accepted_at, connect_timeout);
-    driver::drive(stream, conn, shutdown).await;
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
