@@ -353,6 +353,13 @@ impl Connection {
             connect.client_id.clone()
         };
 
+        // Enhanced authentication (AUTH exchanges) is not offered yet: a client that asks for a
+        // method is told so rather than silently authenticated without it (§4.12).
+        if connect.properties.authentication_method.is_some() {
+            tracing::debug!(peer = %self.peer, client_id = %client_id, "authentication method not supported");
+            return self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD);
+        }
+
         let decision = self.broker.authenticator().authenticate(&Credentials {
             client_id: &client_id,
             username: connect.username.as_ref(),
