@@ -41,9 +41,14 @@ fn publish_qos0(payload_len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscriber_is_bounded_and_others_keep_receiving() {
-    // 256 KiB of QoS 0 may wait per connection; everything past it is dropped for that
-    // subscriber only.
-    let broker = TestBroker::start_with(|c| c.mqtt.outbox_bytes = 256 * 1024).await;
+    // 256 KiB of QoS 0 may wait per connection. The stalled subscriber holds the publisher
+    // once, for the flow-control timeout; after that everything past its bound is dropped for
+    // that subscriber only.
+    let broker = TestBroker::start_with(|c| {
+        c.mqtt.outbox_bytes = 256 * 1024;
+        c.mqtt.flow_control_timeout = Duration::from_millis(500);
+    })
+    .await;
 
     let mut slow = RawClient::connect(broker.addr).await;
     slow.send_hex(&connect_v311_hex("slow", true, 0)).await;
@@ -120,6 +125,11 @@ async fn stalled_subscriber_is_bounded_and_others_keep_receiving() {
     assert!(
         dropped > 1000,
         "expected most messages to the stalled subscriber to be dropped, got {dropped}"
+    );
+    assert_eq!(
+        petrel_engine::stats::Stats::get(&broker.broker.stats.stalled_subscribers),
+        1,
+        "found stalled once, and not flow-controlled again while it stays stalled"
     );
     assert!(
         growth_kib < 24 * 1024,

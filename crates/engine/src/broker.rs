@@ -24,7 +24,7 @@ use crate::auth::{AllowAll, Authenticator};
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
-use crate::session::{Delivery, Dropped, Owner, Session};
+use crate::session::{Admitted, Delivery, Dropped, Owner, Session};
 use crate::stats::Stats;
 use crate::store::{Store, Volatile};
 use crate::topic_index::SubscriptionIndex;
@@ -58,6 +58,15 @@ pub struct Attach {
     /// The connection that held the session before, woken so it notices the takeover.
     pub displaced: Option<Waker>,
     pub took_over: bool,
+}
+
+/// What routing one message did.
+pub struct Routed {
+    /// Sessions with a matching subscription, whether or not their queues had room.
+    pub matched: usize,
+    /// A subscriber (other than the publisher's own session) whose queue this message took
+    /// past its bounds: the publisher should pause until it drains.
+    pub congested: Option<Arc<Session>>,
 }
 
 /// One session a message is about to be delivered to: its id (for de-duplication), the
@@ -172,6 +181,7 @@ impl Broker {
                 existing.set_owner(&mut st, Owner::Connection(connection));
                 st.persistent = persistent;
                 st.waker = None;
+                st.release_blocked();
                 drop(st);
                 drop(sessions);
                 self.store.session_opened(client_id, persistent);
@@ -185,6 +195,7 @@ impl Broker {
             // Discard the old session [MQTT-3.1.2-6]: it stops receiving, and its
             // subscriptions leave the index.
             existing.set_owner(&mut st, Owner::Ended);
+            st.release_blocked();
             let filters: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
             st.queue.clear();
             st.inflight.clear();
@@ -222,6 +233,7 @@ impl Broker {
             return; // taken over: the session is no longer ours to change
         }
         st.waker = None;
+        st.release_blocked();
         if st.persistent {
             session.set_owner(&mut st, Owner::Offline);
             st.discard_qos0();
@@ -320,9 +332,11 @@ impl Broker {
 
     /// Delivers `message` to every session with a matching subscription, once per session at
     /// the highest QoS among its matching subscriptions [MQTT-3.3.5-1]. Honours v5 No Local
-    /// [MQTT-3.8.3-3] and Retain As Published [MQTT-3.3.1-12] [MQTT-3.3.1-13]. Returns how many
-    /// sessions matched (whether or not their queues had room).
-    pub fn route(&self, message: &Arc<Message>) -> usize {
+    /// [MQTT-3.8.3-3] and Retain As Published [MQTT-3.3.1-12] [MQTT-3.3.1-13].
+    ///
+    /// The publisher's own session never counts as congested: a client cannot both be paused
+    /// and read the acknowledgements that would drain its own queue.
+    pub fn route(&self, message: &Arc<Message>) -> Routed {
         TARGETS.with(|cell| {
             let mut targets = cell.borrow_mut();
             targets.clear();
@@ -347,28 +361,32 @@ impl Broker {
             }
             let weight = u32::try_from(message.weight()).unwrap_or(u32::MAX);
             let matched = targets.len();
-            for (_, session, granted, retain) in targets.drain(..) {
+            let mut congested = None;
+            for (id, session, granted, retain) in targets.drain(..) {
                 let delivery = Delivery {
                     message: message.clone(),
                     qos: granted.min(message.qos),
                     retain,
                     weight,
                 };
-                if let Err(reason) = session.offer(delivery, &self.limits, &self.stats) {
-                    self.count_drop(reason, &session);
+                match session.offer(delivery, &self.limits, &self.stats) {
+                    Ok(Admitted::Queued) => {}
+                    Ok(Admitted::Congested) => {
+                        if congested.is_none() && id != message.origin {
+                            congested = Some(session);
+                        }
+                    }
+                    Err(reason) => self.count_drop(reason),
                 }
             }
-            matched
+            Routed { matched, congested }
         })
     }
 
-    fn count_drop(&self, reason: Dropped, session: &Session) {
+    fn count_drop(&self, reason: Dropped) {
         let counter = match reason {
             Dropped::OutboxFull => &self.stats.dropped_outbox_full,
-            Dropped::QueueFull => {
-                tracing::debug!(client_id = %session.client_id, "queue full: QoS 1/2 message dropped");
-                &self.stats.dropped_queue_full
-            }
+            Dropped::QueueFull => &self.stats.dropped_queue_full,
             Dropped::Offline => &self.stats.dropped_offline_qos0,
             Dropped::Ended => return,
         };

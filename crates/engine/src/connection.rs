@@ -147,6 +147,18 @@ struct Attached {
     will: Option<Box<LastWill>>,
     /// Outbound in-flight window: our limit, lowered to the client's v5 Receive Maximum.
     window: usize,
+    /// Set while this client, as a publisher, waits for a subscriber's queue to drain.
+    pause: Option<Pause>,
+}
+
+/// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
+/// queue drains to half, the subscriber is found stalled, or goes away.
+struct Pause {
+    subscriber: Arc<Session>,
+    /// The subscriber's `drained` counter when the current wait began.
+    progress: u64,
+    /// When to check the subscriber for progress.
+    check_at: Instant,
 }
 
 pub struct Connection {
@@ -214,12 +226,62 @@ impl Connection {
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
             State::AwaitingConnect { deadline } => Some(*deadline),
-            State::Connected(a) => a.idle_limit.map(|limit| a.last_received + limit),
+            // While paused nothing is read, so the keepalive cannot be judged: only the
+            // flow-control check is due.
+            State::Connected(a) => match &a.pause {
+                Some(p) => Some(p.check_at),
+                None => a.idle_limit.map(|limit| a.last_received + limit),
+            },
             State::Closed => None,
         }
     }
 
+    /// Whether reading from the client is paused by flow control. The driver then reads
+    /// nothing (and decodes nothing more from what it already read) until `poll_resume`.
+    pub fn is_paused(&self) -> bool {
+        matches!(&self.state, State::Connected(a) if a.pause.is_some())
+    }
+
+    /// While paused: `Ready` once the publisher may go on (reading resumes, and the keepalive
+    /// counts from `now`: time the broker spent not reading is not held against the client);
+    /// otherwise `Pending` with the waker registered with the subscriber's session.
+    pub fn poll_resume(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<()> {
+        let State::Connected(a) = &mut self.state else {
+            return Poll::Ready(());
+        };
+        let Some(pause) = &a.pause else {
+            return Poll::Ready(());
+        };
+        if pause.subscriber.wait_for_room(cx, &self.broker.limits) {
+            a.pause = None;
+            a.last_received = a.last_received.max(now);
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), CloseReason> {
+        if let State::Connected(a) = &mut self.state {
+            if let Some(pause) = &mut a.pause {
+                if now < pause.check_at {
+                    return Ok(());
+                }
+                // The wait ran out: a subscriber that moved messages meanwhile is slow, and we
+                // keep pacing to it; one that moved none is stalled and stops holding us up.
+                let (progress, stalled) = pause
+                    .subscriber
+                    .check_progress(pause.progress, &self.broker.stats);
+                if stalled || progress == pause.progress {
+                    a.pause = None;
+                    a.last_received = a.last_received.max(now);
+                } else {
+                    pause.progress = progress;
+                    pause.check_at = now + self.broker.limits.flow_control_timeout;
+                }
+                return Ok(());
+            }
+        }
         match self.deadline() {
             Some(deadline) if now >= deadline => match self.state {
                 State::AwaitingConnect { .. } => {
@@ -265,7 +327,7 @@ impl Connection {
         };
         attached.last_received = now;
         match packet {
-            Packet::Publish(p) => self.handle_publish(p),
+            Packet::Publish(p) => self.handle_publish(now, p),
             Packet::PubAck(ack) => self.handle_puback(ack),
             Packet::PubRec(ack) => self.handle_pubrec(ack),
             Packet::PubRel(ack) => self.handle_pubrel(ack),
@@ -434,11 +496,12 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             window: window.max(1),
+            pause: None,
         }));
         Ok(())
     }
 
-    fn handle_publish(&mut self, publish: Publish) -> Result<(), CloseReason> {
+    fn handle_publish(&mut self, now: Instant, publish: Publish) -> Result<(), CloseReason> {
         let a = self.attached()?;
         let (version, session) = (a.version, a.session.clone());
         // After a takeover this connection may not publish in the session's name.
@@ -483,9 +546,22 @@ impl Connection {
         if retain {
             self.broker.retain(&message);
         }
-        let matched = self.broker.route(&message);
+        let routed = self.broker.route(&message);
         Stats::add(&self.broker.stats.messages_received, 1);
-        let reason = if matched == 0 && version.is_v5() {
+        if let Some(subscriber) = routed.congested {
+            // The message is queued (so it is acknowledged below), but this publisher reads
+            // nothing more until the subscriber catches up.
+            Stats::add(&self.broker.stats.flow_control_pauses, 1);
+            let progress = subscriber.lock().drained;
+            if let State::Connected(a) = &mut self.state {
+                a.pause = Some(Pause {
+                    subscriber,
+                    progress,
+                    check_at: now + self.broker.limits.flow_control_timeout,
+                });
+            }
+        }
+        let reason = if routed.matched == 0 && version.is_v5() {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS
@@ -648,9 +724,18 @@ impl Connection {
         if st.owner != Owner::Connection(self.id) {
             return Poll::Ready(Err(CloseReason::TakenOver));
         }
-        let sent = st.drain(a.version, a.window, &mut self.out, OUT_HIGH_WATER);
+        let mut wake = Vec::new();
+        let sent = st.drain(
+            a.version,
+            a.window,
+            &mut self.out,
+            OUT_HIGH_WATER,
+            &self.broker.limits,
+            &mut wake,
+        );
         if sent > 0 {
             drop(st);
+            wake.into_iter().for_each(std::task::Waker::wake);
             Stats::add(&self.broker.stats.messages_sent, sent as u64);
             return Poll::Ready(Ok(()));
         }

@@ -1,6 +1,8 @@
 //! The engine's limits: every queue and buffer bound in one struct, filled from the server's
 //! configuration. Defaults are what a broker on a small machine should run with.
 
+use std::time::Duration;
+
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Largest packet accepted from a client, header included. Checked from the fixed header,
@@ -9,15 +11,21 @@ pub struct Limits {
     /// Outbound QoS 1/2 messages sent but not yet acknowledged, per connection. The window
     /// keeps a slow client from holding an unbounded retransmission set.
     pub max_inflight: u16,
-    /// QoS 1/2 messages waiting per session (offline, or behind the in-flight window). Past it
-    /// new messages for that session are dropped and counted.
+    /// QoS 1/2 messages waiting per session (offline, or behind the in-flight window). For a
+    /// connected subscriber this is where flow control starts: publishers that reach a full
+    /// queue pause until it drains (see `flow_control_timeout`). For an offline session it is
+    /// the bound: further messages are dropped and counted.
     pub max_queued_messages: usize,
     /// Payload bytes waiting per session, same policy.
     pub max_queued_bytes: usize,
-    /// QoS 0 payload bytes waiting for one connection; past it further QoS 0 messages are
-    /// dropped and counted. This is what keeps a subscriber that stopped reading from growing
-    /// the broker's memory.
+    /// QoS 0 payload bytes waiting for one connection, same flow-control policy as the queue.
+    /// This is what keeps a subscriber that stopped reading from growing the broker's memory.
     pub outbox_bytes: usize,
+    /// How long a publisher waits, paused, for a subscriber whose queue is full and which
+    /// reads nothing at all in that time. After it the subscriber counts as stalled: it no
+    /// longer holds publishers up, and messages for it past its queue bounds are dropped and
+    /// counted until it catches up. Zero: never pause, drop at once.
+    pub flow_control_timeout: Duration,
     /// Longest client identifier accepted.
     pub max_client_id_len: u16,
     /// Whether an empty client id with clean session gets a generated one [MQTT-3.1.3-6].
@@ -36,6 +44,7 @@ impl Default for Limits {
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
             outbox_bytes: 1024 * 1024,
+            flow_control_timeout: Duration::from_secs(5),
             max_client_id_len: u16::MAX,
             allow_empty_client_id: true,
             retain_available: true,

@@ -64,12 +64,24 @@ pub struct Inflight {
     pub stage: InflightStage,
 }
 
+/// What became of an offered message that was queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    Queued,
+    /// Queued past the session's bounds, in the overflow band a connected subscriber has so
+    /// that no message is lost while its publishers pause: the publisher should stop sending
+    /// until the queue drains (see [`Session::wait_for_room`]).
+    Congested,
+}
+
 /// Why an offered message was not queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dropped {
-    /// QoS 0 and the connection's outbox is at its byte limit.
+    /// QoS 0, and the connection's outbox is past its byte limit (and its overflow band, or
+    /// the subscriber is stalled).
     OutboxFull,
-    /// QoS 1/2 and the session's queue is at its message or byte limit.
+    /// QoS 1/2, and the session's queue is past its bounds: offline, stalled, or past the
+    /// overflow band.
     QueueFull,
     /// QoS 0 to an offline session: not queued (§4.1 allows either; we keep memory for QoS 1/2).
     Offline,
@@ -99,6 +111,16 @@ pub struct SessionState {
     /// routed again (exactly once, §4.3.3).
     pub inbound_qos2: HashSet<u16>,
     next_packet_id: u16,
+    /// Publishers paused because this queue is past its bounds; woken when it drains to half.
+    blocked: Vec<Waker>,
+    /// Messages moved from the queue to the wire so far: a paused publisher compares it to
+    /// tell a slow subscriber (progress) from a stalled one (none).
+    pub drained: u64,
+    /// No progress for a whole `flow_control_timeout` with the queue full: publishers no
+    /// longer wait, and messages past the bounds are dropped. Cleared when the queue drains.
+    pub stalled: bool,
+    /// A drop was logged since the queue last drained, so a flood logs once.
+    drop_logged: bool,
 }
 
 pub struct Session {
@@ -132,6 +154,10 @@ impl Session {
                 inflight: VecDeque::new(),
                 inbound_qos2: HashSet::new(),
                 next_packet_id: 1,
+                blocked: Vec::new(),
+                drained: 0,
+                stalled: false,
+                drop_logged: false,
             }),
         }
     }
@@ -159,46 +185,136 @@ impl Session {
 
     /// Offers a message from a publisher. Applies the queue bounds; wakes the attached
     /// connection when the message is queued.
-    pub fn offer(&self, delivery: Delivery, limits: &Limits, stats: &Stats) -> Result<(), Dropped> {
-        let waker = {
+    pub fn offer(
+        &self,
+        delivery: Delivery,
+        limits: &Limits,
+        stats: &Stats,
+    ) -> Result<Admitted, Dropped> {
+        let (admitted, waker) = {
             let mut st = self.lock();
-            st.push(delivery, limits)?;
-            st.waker.take()
+            match st.push(delivery, limits) {
+                Ok(admitted) => (admitted, st.waker.take()),
+                Err(reason) => {
+                    if !st.drop_logged && reason != Dropped::Ended {
+                        st.drop_logged = true;
+                        let state = match st.owner {
+                            Owner::Offline => "offline",
+                            _ if st.stalled => "stalled",
+                            _ => "connected",
+                        };
+                        tracing::warn!(client_id = %self.client_id, state, ?reason, "subscriber queue full: dropping messages for it until it drains");
+                    }
+                    return Err(reason);
+                }
+            }
         };
         stats.count_enqueued();
         if let Some(w) = waker {
             w.wake();
         }
-        Ok(())
+        Ok(admitted)
+    }
+
+    /// A publisher paused on this session asks whether it may go on. `Ready` when the queue
+    /// has drained to half its bounds, the subscriber is stalled or gone; otherwise the waker
+    /// is kept and woken when one of those happens.
+    pub fn wait_for_room(&self, cx: &mut std::task::Context<'_>, limits: &Limits) -> bool {
+        let mut st = self.lock();
+        if st.stalled || !matches!(st.owner, Owner::Connection(_)) {
+            return true;
+        }
+        if !st.below_low_water(limits) {
+            if !st.blocked.iter().any(|w| w.will_wake(cx.waker())) {
+                st.blocked.push(cx.waker().clone());
+            }
+            return false;
+        }
+        true
+    }
+
+    /// A paused publisher's wait ran out with no progress since `seen` (a value of
+    /// `drained`): marks the subscriber stalled and releases every publisher waiting on it.
+    /// Returns the progress counter now, and whether the session was marked stalled.
+    pub fn check_progress(&self, seen: u64, stats: &Stats) -> (u64, bool) {
+        let mut st = self.lock();
+        if st.drained != seen || !matches!(st.owner, Owner::Connection(_)) || st.stalled {
+            return (st.drained, false);
+        }
+        st.stalled = true;
+        Stats::add(&stats.stalled_subscribers, 1);
+        tracing::warn!(client_id = %self.client_id, "subscriber read nothing with a full queue for the flow-control timeout: its publishers no longer wait for it");
+        let blocked = std::mem::take(&mut st.blocked);
+        drop(st);
+        blocked.into_iter().for_each(Waker::wake);
+        (seen, true)
     }
 }
 
 impl SessionState {
     /// Queues a delivery if the bounds allow it.
-    pub fn push(&mut self, delivery: Delivery, limits: &Limits) -> Result<(), Dropped> {
+    ///
+    /// Flow control: a connected subscriber's queue has an overflow band as large again as its
+    /// bounds. A message that lands past the bounds is still queued and reported `Congested`,
+    /// and its publisher pauses; only past the band (or once the subscriber is stalled, or
+    /// for an offline session, which cannot make room by reading) is a message dropped.
+    pub fn push(&mut self, delivery: Delivery, limits: &Limits) -> Result<Admitted, Dropped> {
         let weight = delivery.weight as usize;
-        match (self.owner, delivery.qos) {
+        let may_overflow = matches!(self.owner, Owner::Connection(_))
+            && !self.stalled
+            && !limits.flow_control_timeout.is_zero();
+        let admitted = match (self.owner, delivery.qos) {
             (Owner::Ended, _) => return Err(Dropped::Ended),
             (Owner::Offline, QoS::AtMostOnce) => return Err(Dropped::Offline),
             (_, QoS::AtMostOnce) => {
-                if self.qos0_bytes + weight > limits.outbox_bytes {
+                let after = self.qos0_bytes + weight;
+                let admitted = if after <= limits.outbox_bytes {
+                    Admitted::Queued
+                } else if may_overflow && after <= limits.outbox_bytes.saturating_mul(2) {
+                    Admitted::Congested
+                } else {
                     return Err(Dropped::OutboxFull);
-                }
-                self.qos0_bytes += weight;
+                };
+                self.qos0_bytes = after;
+                admitted
             }
             _ => {
-                if weight > 0
-                    && (self.queued_messages >= limits.max_queued_messages
-                        || self.queued_bytes + weight > limits.max_queued_bytes)
+                let counted = weight > 0;
+                let messages = self.queued_messages + usize::from(counted);
+                let bytes = self.queued_bytes + weight;
+                let admitted = if !counted
+                    || (messages <= limits.max_queued_messages && bytes <= limits.max_queued_bytes)
                 {
+                    Admitted::Queued
+                } else if may_overflow
+                    && messages <= limits.max_queued_messages.saturating_mul(2)
+                    && bytes <= limits.max_queued_bytes.saturating_mul(2)
+                {
+                    Admitted::Congested
+                } else {
                     return Err(Dropped::QueueFull);
-                }
-                self.queued_messages += usize::from(weight > 0);
-                self.queued_bytes += weight;
+                };
+                self.queued_messages = messages;
+                self.queued_bytes = bytes;
+                admitted
             }
-        }
+        };
         self.queue.push_back(delivery);
-        Ok(())
+        Ok(admitted)
+    }
+
+    /// At or below half of every bound: where paused publishers resume and a stalled
+    /// subscriber counts as caught up. Half, not the bound itself, so that a queue hovering
+    /// at its limit does not wake its publishers once per message.
+    fn below_low_water(&self, limits: &Limits) -> bool {
+        self.queued_messages <= limits.max_queued_messages / 2
+            && self.queued_bytes <= limits.max_queued_bytes / 2
+            && self.qos0_bytes <= limits.outbox_bytes / 2
+    }
+
+    /// Wakes every publisher paused on this queue: the session is going away or offline.
+    pub fn release_blocked(&mut self) {
+        self.blocked.drain(..).for_each(Waker::wake);
     }
 
     /// Queues without applying bounds: for retained messages replayed to a new subscription,
@@ -212,6 +328,7 @@ impl SessionState {
 
     fn pop(&mut self) -> Option<Delivery> {
         let d = self.queue.pop_front()?;
+        self.drained += 1;
         let weight = d.weight as usize;
         if d.qos == QoS::AtMostOnce {
             self.qos0_bytes -= weight;
@@ -254,13 +371,16 @@ impl SessionState {
     /// Moves queued messages to the wire: QoS 0 directly, QoS 1/2 while the in-flight window
     /// has room. Stops when `out` passes `max_out` bytes so a slow socket applies back-pressure
     /// to the queue (where the bounds live) rather than to an ever-growing write buffer.
-    /// Returns the number of PUBLISH packets written.
+    /// Returns the number of PUBLISH packets written. Publishers paused on this queue that may
+    /// resume are moved to `wake`, to be woken once the lock is released.
     pub fn drain(
         &mut self,
         version: ProtocolVersion,
         window: usize,
         out: &mut BytesMut,
         max_out: usize,
+        limits: &Limits,
+        wake: &mut Vec<Waker>,
     ) -> usize {
         let mut sent = 0;
         while out.len() < max_out && self.has_sendable(window) {
@@ -279,6 +399,11 @@ impl SessionState {
                 });
             }
             sent += 1;
+        }
+        if sent > 0 && self.below_low_water(limits) {
+            self.stalled = false;
+            self.drop_logged = false;
+            wake.append(&mut self.blocked);
         }
         sent
     }

@@ -13,6 +13,11 @@ pub struct Stats {
     pub dropped_outbox_full: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_offline_qos0: AtomicU64,
+    /// Times a publisher was paused because a subscriber's queue was full.
+    pub flow_control_pauses: AtomicU64,
+    /// Times a subscriber was found stalled: a full queue and nothing read for
+    /// `flow_control_timeout`.
+    pub stalled_subscribers: AtomicU64,
     pub connect_timeouts: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub protocol_errors: AtomicU64,

@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use petrel_codec::{ConnAck, Disconnect, Packet, Properties, QoS, ReasonCode, SubscriptionOptions};
 use petrel_engine::stats::Stats;
@@ -479,11 +479,12 @@ fn offline_queue_keeps_the_first_messages_up_to_its_bound() {
 }
 
 #[test]
-fn qos0_outbox_bound_drops_the_excess() {
+fn qos0_outbox_bound_drops_the_excess_when_flow_control_is_off() {
     let t0 = Instant::now();
     // Each message below weighs 10 bytes (topic 1 + payload 9): 10 fit in 100.
     let broker = broker(Limits {
         outbox_bytes: 100,
+        flow_control_timeout: Duration::ZERO,
         ..Default::default()
     });
     let mut sub = client(&broker, t0, "sub");
@@ -492,11 +493,235 @@ fn qos0_outbox_bound_drops_the_excess() {
     let m = |i| publish("z", &format!("msg-{i:05}"), QoS::AtMostOnce, 0);
     for i in 0..25 {
         publ.send(t0, m(i)).unwrap();
+        assert!(!publ.conn.is_paused(), "flow control is off");
     }
     assert_eq!(Stats::get(&broker.stats.dropped_outbox_full), 15);
 
     let fitted: Vec<Packet> = (0..10).map(m).collect();
     assert_eq!(sub.recv(), fitted);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow control: a full subscriber queue pauses its publishers instead of losing messages
+
+/// Limits for the flow-control tests: a queue of 4 QoS 1/2 messages, an in-flight window of 2,
+/// and a 5 s wait for a stalled subscriber.
+fn flow_limits() -> Limits {
+    Limits {
+        max_queued_messages: 4,
+        max_inflight: 2,
+        flow_control_timeout: secs(5),
+        ..Default::default()
+    }
+}
+
+/// Publishes QoS 1 messages `first..` on "q" until the broker pauses the publisher, checking
+/// each is acknowledged (it was queued, so the PUBACK is owed). Returns the last id sent.
+fn publish_until_paused(publ: &mut Peer, now: Instant, first: u16) -> u16 {
+    for id in first..first + 100 {
+        publ.send(now, publish("q", &format!("m{id}"), QoS::AtLeastOnce, id))
+            .unwrap();
+        assert_eq!(publ.written(), [puback(id)], "queued, so acknowledged");
+        if publ.conn.is_paused() {
+            return id;
+        }
+    }
+    panic!("the publisher was never paused");
+}
+
+#[test]
+fn full_subscriber_queue_pauses_the_publisher_until_it_drains_with_no_loss() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut sub = client(&broker, t0, "sub");
+    sub.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    let mut publ = client(&broker, t0, "pub");
+
+    // The 5th message passes the bound of 4: it is still queued, and the publisher pauses.
+    assert_eq!(publish_until_paused(&mut publ, t0, 1), 5);
+    assert_eq!(Stats::get(&broker.stats.flow_control_pauses), 1);
+    assert_eq!(
+        publ.conn.deadline(),
+        Some(t0 + secs(5)),
+        "only the stall check is due"
+    );
+    assert!(!publ.resume(t0), "nothing drained yet");
+    let wakes = publ.wakes();
+
+    // The subscriber takes 2 (its window): 3 still queued, above half of 4.
+    let m = |id: u16| publish("q", &format!("m{id}"), QoS::AtLeastOnce, id);
+    assert_eq!(sub.recv(), [m(1), m(2)]);
+    assert!(!publ.resume(t0));
+    sub.send(t0, puback(1)).unwrap();
+    sub.send(t0, puback(2)).unwrap();
+    // Two more leave the queue: 1 left, at most half: the publisher is woken and goes on.
+    assert_eq!(sub.recv(), [m(3), m(4)]);
+    assert!(publ.wakes() > wakes, "the paused publisher is woken");
+    assert!(publ.resume(t0 + secs(1)));
+    assert!(!publ.conn.is_paused());
+
+    sub.send(t0, puback(3)).unwrap();
+    sub.send(t0, puback(4)).unwrap();
+    assert_eq!(sub.recv(), [m(5)]);
+    assert_eq!(
+        Stats::get(&broker.stats.dropped_queue_full),
+        0,
+        "nothing lost"
+    );
+}
+
+#[test]
+fn stalled_subscriber_stops_holding_publishers_after_the_flow_control_timeout() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut sub = client(&broker, t0, "sub");
+    sub.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    let mut publ = client(&broker, t0, "pub");
+    assert_eq!(publish_until_paused(&mut publ, t0, 1), 5);
+
+    // 5 s with no progress: the subscriber is stalled and the publisher goes on.
+    publ.conn.handle_timeout(t0 + ms(4_999)).unwrap();
+    assert!(publ.conn.is_paused());
+    publ.conn.handle_timeout(t0 + secs(5)).unwrap();
+    assert!(!publ.conn.is_paused());
+    assert_eq!(Stats::get(&broker.stats.stalled_subscribers), 1);
+
+    // Past the bound, messages for the stalled subscriber are dropped and counted, and the
+    // publisher is no longer paused for it.
+    for id in 6..=8 {
+        publ.send(t0 + secs(5), publish("q", "late", QoS::AtLeastOnce, id))
+            .unwrap();
+        assert_eq!(publ.written(), [puback(id)]);
+        assert!(!publ.conn.is_paused());
+    }
+    assert_eq!(Stats::get(&broker.stats.dropped_queue_full), 3);
+
+    // Once it catches up (queue at half or less) it is flow-controlled again.
+    let got = sub.recv();
+    assert_eq!(got.len(), 2);
+    for id in 1..=2 {
+        sub.send(t0 + secs(6), puback(id)).unwrap();
+    }
+    assert_eq!(sub.recv().len(), 2);
+    assert_eq!(publish_until_paused(&mut publ, t0 + secs(7), 9), 12);
+    assert_eq!(Stats::get(&broker.stats.dropped_queue_full), 3);
+}
+
+#[test]
+fn slow_subscriber_that_makes_progress_keeps_its_publishers_paced() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut sub = client(&broker, t0, "sub");
+    sub.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    let mut publ = client(&broker, t0, "pub");
+    assert_eq!(publish_until_paused(&mut publ, t0, 1), 5);
+
+    // Progress within the wait (two messages sent), though not down to half.
+    assert_eq!(sub.recv().len(), 2);
+    publ.conn.handle_timeout(t0 + secs(5)).unwrap();
+    assert!(
+        publ.conn.is_paused(),
+        "a subscriber that moves is slow, not stalled"
+    );
+    assert_eq!(publ.conn.deadline(), Some(t0 + secs(10)));
+    assert_eq!(Stats::get(&broker.stats.stalled_subscribers), 0);
+    // No progress in the next wait: now it is stalled.
+    publ.conn.handle_timeout(t0 + secs(10)).unwrap();
+    assert!(!publ.conn.is_paused());
+    assert_eq!(Stats::get(&broker.stats.stalled_subscribers), 1);
+}
+
+#[test]
+fn paused_publisher_is_not_closed_for_keepalive_it_could_not_show() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut sub = client(&broker, t0, "sub");
+    sub.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    // Keepalive 2 s: closed after 3 s of silence, but while paused the broker reads nothing.
+    let mut publ = Peer::connect(&broker, t0, connect("pub", true, 2));
+    assert_eq!(publish_until_paused(&mut publ, t0, 1), 5);
+    assert_eq!(publ.conn.handle_timeout(t0 + secs(4)), Ok(()));
+    // Drained at 4 s: reading resumes, and the keepalive counts from there.
+    assert_eq!(sub.recv().len(), 2);
+    for id in 1..=2 {
+        sub.send(t0 + secs(4), puback(id)).unwrap();
+    }
+    assert_eq!(sub.recv().len(), 2);
+    assert!(publ.resume(t0 + secs(4)));
+    assert_eq!(publ.conn.deadline(), Some(t0 + secs(7)));
+}
+
+#[test]
+fn publisher_is_never_paused_by_its_own_subscription() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    // It could not read the acknowledgements that would drain its own queue.
+    let mut both = client(&broker, t0, "both");
+    both.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    for id in 1..=8 {
+        both.send(t0, publish("q", "x", QoS::AtLeastOnce, id))
+            .unwrap();
+        assert!(!both.conn.is_paused());
+    }
+    assert_eq!(
+        Stats::get(&broker.stats.dropped_queue_full),
+        0,
+        "the overflow band took them"
+    );
+}
+
+#[test]
+fn qos0_flow_control_pauses_on_the_outbox_bound() {
+    let t0 = Instant::now();
+    // 10-byte messages, 100-byte outbox.
+    let broker = broker(Limits {
+        outbox_bytes: 100,
+        ..Default::default()
+    });
+    let mut sub = client(&broker, t0, "sub");
+    sub.subscribe(t0, 1, "z", QoS::AtMostOnce);
+    let mut publ = client(&broker, t0, "pub");
+    let m = |i| publish("z", &format!("msg-{i:05}"), QoS::AtMostOnce, 0);
+    let mut sent = 0;
+    while !publ.conn.is_paused() {
+        publ.send(t0, m(sent)).unwrap();
+        sent += 1;
+    }
+    assert_eq!(sent, 11, "the 11th message passes 100 bytes");
+    assert_eq!(sub.recv(), (0..11).map(m).collect::<Vec<_>>());
+    assert!(publ.resume(t0));
+    assert_eq!(Stats::get(&broker.stats.dropped_outbox_full), 0);
+}
+
+#[test]
+fn offline_session_never_pauses_publishers() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut sub = Peer::connect(&broker, t0, connect("sub", false, 0));
+    sub.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    sub.close(&CloseReason::PeerClosed);
+    let mut publ = client(&broker, t0, "pub");
+    for id in 1..=6 {
+        publ.send(t0, publish("q", "x", QoS::AtLeastOnce, id))
+            .unwrap();
+        assert!(!publ.conn.is_paused(), "an absent client cannot make room");
+    }
+    assert_eq!(Stats::get(&broker.stats.dropped_queue_full), 2);
+}
+
+#[test]
+fn paused_publisher_resumes_when_its_subscriber_disconnects() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut sub = client(&broker, t0, "sub");
+    sub.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    let mut publ = client(&broker, t0, "pub");
+    publish_until_paused(&mut publ, t0, 1);
+    assert!(!publ.resume(t0));
+    let wakes = publ.wakes();
+    sub.close(&CloseReason::PeerClosed);
+    assert!(publ.wakes() > wakes);
+    assert!(publ.resume(t0));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -98,9 +98,16 @@ pub struct MqttConfig {
     /// much as the count because payloads range up to `max_packet_size`.
     pub max_queued_bytes: usize,
     /// Bytes of QoS 0 messages one connection may have waiting to be written.
-    /// Past it, further QoS 0 messages to that client are dropped: QoS 0
-    /// promises nothing, and a slow reader must not stall its publishers.
+    /// Same flow-control policy as the queue bounds.
     pub outbox_bytes: usize,
+    /// Flow control: a publisher whose message fills a connected subscriber's
+    /// queue (`max_queued_messages`, `max_queued_bytes`, `outbox_bytes`) is not
+    /// read from until that queue drains to half, so nothing is dropped. A
+    /// subscriber that reads nothing at all for this long is stalled: it stops
+    /// holding publishers up, and messages for it past its bounds are dropped
+    /// and counted until it catches up. "0s" never pauses and drops at once.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub flow_control_timeout: Duration,
     /// Longest accepted client identifier in bytes (MQTT 3.1 limits it to 23).
     pub max_client_id_len: u16,
     /// Whether retained messages are stored and delivered.
@@ -190,6 +197,7 @@ impl Default for MqttConfig {
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
             outbox_bytes: 1024 * 1024,
+            flow_control_timeout: Duration::from_secs(5),
             max_client_id_len: 65_535,
             retain_available: true,
             allow_empty_client_id: true,
@@ -396,13 +404,18 @@ pub fn default_config_toml() -> String {
          # Unacknowledged outbound QoS 1/2 messages per client (1 to 65535).\n\
          max_inflight = {max_inflight}\n\
          # QoS 1/2 messages a session may hold while its client is offline or\n\
-         # its in-flight window is full.\n\
+         # its in-flight window is full. An offline session drops messages past\n\
+         # it; for a connected one, see flow_control_timeout.\n\
          max_queued_messages = {max_queued_messages}\n\
          # Payload bytes a session may hold queued.\n\
          max_queued_bytes = {max_queued_bytes}\n\
-         # Bytes of QoS 0 messages waiting to be written to one connection;\n\
-         # further QoS 0 messages to it are dropped until it catches up.\n\
+         # Bytes of QoS 0 messages waiting to be written to one connection.\n\
          outbox_bytes = {outbox_bytes}\n\
+         # A publisher that fills a connected subscriber's queue is not read\n\
+         # from until the queue drains to half, so nothing is lost. A subscriber\n\
+         # that reads nothing for this long stops holding publishers up: what\n\
+         # does not fit its queue is dropped and counted. \"0s\" = drop at once.\n\
+         flow_control_timeout = \"{flow_control_timeout}\"\n\
          # Longest client id in bytes (1 to 65535; MQTT 3.1 allowed 23).\n\
          max_client_id_len = {max_client_id_len}\n\
          # Store and deliver retained messages.\n\
@@ -417,6 +430,7 @@ pub fn default_config_toml() -> String {
         max_queued_messages = mqtt.max_queued_messages,
         max_queued_bytes = mqtt.max_queued_bytes,
         outbox_bytes = mqtt.outbox_bytes,
+        flow_control_timeout = humantime::format_duration(mqtt.flow_control_timeout),
         max_client_id_len = mqtt.max_client_id_len,
         retain_available = mqtt.retain_available,
         allow_empty_client_id = mqtt.allow_empty_client_id,

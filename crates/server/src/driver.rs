@@ -32,6 +32,8 @@ const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
 enum Event {
     Read,
+    /// A flow-control pause ended.
+    Resumed,
     Delivered,
     Timer,
     Eof,
@@ -72,34 +74,8 @@ pub(crate) async fn drive<S, G>(
         })
         .await;
         match event {
-            Event::Read => {
-                let now = Instant::now();
-                loop {
-                    match petrel_codec::decode(&mut rbuf, conn.version(), conn.max_packet_size()) {
-                        Ok(Some(packet)) => {
-                            if let Err(reason) = conn.handle_packet(now, packet) {
-                                break 'conn reason;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            tracing::debug!(peer = conn.peer(), client_id = conn.client_id().unwrap_or(""), %error, "malformed packet");
-                            break 'conn conn.handle_decode_error(error);
-                        }
-                    }
-                }
-                if rbuf.is_empty() && rbuf.capacity() > 0 {
-                    rbuf = BytesMut::new();
-                }
-                // CONNECT may have replaced the connect deadline with an earlier keepalive one.
-                if let Some(deadline) = conn.deadline() {
-                    let deadline = tokio::time::Instant::from_std(deadline);
-                    if deadline < sleep.deadline() {
-                        sleep.as_mut().reset(deadline);
-                    }
-                }
-            }
-            Event::Delivered => {}
+            Event::Read | Event::Resumed => {}
+            Event::Delivered => continue,
             Event::Timer => {
                 if let Err(reason) = conn.handle_timeout(Instant::now()) {
                     break reason;
@@ -114,6 +90,34 @@ pub(crate) async fn drive<S, G>(
             Event::IoError => break CloseReason::IoError,
             Event::Shutdown => break CloseReason::ServerShutdown,
             Event::Closed(reason) => break reason,
+        }
+        // Read, resumed after a flow-control pause, or a timer that may have ended one:
+        // handle every complete packet buffered, unless a PUBLISH pauses the client again.
+        let now = Instant::now();
+        while !rbuf.is_empty() && !conn.is_paused() {
+            match petrel_codec::decode(&mut rbuf, conn.version(), conn.max_packet_size()) {
+                Ok(Some(packet)) => {
+                    if let Err(reason) = conn.handle_packet(now, packet) {
+                        break 'conn reason;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(peer = conn.peer(), client_id = conn.client_id().unwrap_or(""), %error, "malformed packet");
+                    break 'conn conn.handle_decode_error(error);
+                }
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > 0 {
+            rbuf = BytesMut::new();
+        }
+        // CONNECT may have replaced the connect deadline with an earlier keepalive one, and a
+        // pause brings its own.
+        if let Some(deadline) = conn.deadline() {
+            let deadline = tokio::time::Instant::from_std(deadline);
+            if deadline < sleep.deadline() {
+                sleep.as_mut().reset(deadline);
+            }
         }
     };
 
@@ -192,6 +196,14 @@ where
             Poll::Ready(Err(reason)) => return Poll::Ready(Event::Closed(reason)),
             Poll::Pending => {}
         }
+        // A client paused by flow control is not read: its data waits in its socket buffer
+        //    and, once that fills, in the client itself.
+        if conn.is_paused() {
+            match conn.poll_resume(cx, Instant::now()) {
+                Poll::Ready(()) => return Poll::Ready(Event::Resumed),
+                Poll::Pending => return poll_timer(cx, conn, sleep),
+            }
+        }
         match poll_read(cx, stream, rbuf) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Event::Eof),
             Poll::Ready(Ok(_)) => return Poll::Ready(Event::Read),
@@ -200,7 +212,11 @@ where
         }
     }
 
-    // 5. The one deadline: connect timeout, then 1.5 × keepalive.
+    poll_timer(cx, conn, sleep)
+}
+
+/// 5. The one deadline: connect timeout, then 1.5 × keepalive (or a flow-control check).
+fn poll_timer(cx: &mut Context<'_>, conn: &Connection, sleep: Pin<&mut Sleep>) -> Poll<Event> {
     if conn.deadline().is_some() && sleep.poll(cx).is_ready() {
         return Poll::Ready(Event::Timer);
     }

@@ -31,6 +31,7 @@ pub fn limits_from(config: &MqttConfig) -> Limits {
         max_queued_messages: config.max_queued_messages,
         max_queued_bytes: config.max_queued_bytes,
         outbox_bytes: config.outbox_bytes,
+        flow_control_timeout: config.flow_control_timeout,
         max_client_id_len: config.max_client_id_len,
         allow_empty_client_id: config.allow_empty_client_id,
         retain_available: config.retain_available,

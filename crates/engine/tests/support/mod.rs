@@ -187,6 +187,14 @@ impl Peer {
         );
     }
 
+    /// What the driver does while the connection is paused by flow control: asks whether it
+    /// may read again. True when the pause is over (or there was none).
+    pub fn resume(&mut self, now: Instant) -> bool {
+        let waker = Waker::from(self.wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        self.conn.poll_resume(&mut cx, now).is_ready()
+    }
+
     /// How many times the engine has woken this connection's task.
     pub fn wakes(&self) -> usize {
         self.wakes.0.load(Ordering::SeqCst)

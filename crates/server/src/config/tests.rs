@@ -46,6 +46,7 @@ max_inflight = 65535
 max_queued_messages = 10
 max_queued_bytes = 4096
 outbox_bytes = 2048
+flow_control_timeout = "250ms"
 max_client_id_len = 23
 retain_available = false
 allow_empty_client_id = false
@@ -77,6 +78,7 @@ max_keepalive = 300
                 max_queued_messages: 10,
                 max_queued_bytes: 4096,
                 outbox_bytes: 2048,
+                flow_control_timeout: Duration::from_millis(250),
                 max_client_id_len: 23,
                 retain_available: false,
                 allow_empty_client_id: false,
@@ -206,6 +208,14 @@ fn invalid_documents_name_file_line_and_key() {
             &["petrel.toml:2: mqtt.outbox_bytes: must be at least 1"],
         ),
         (
+            "bad flow-control timeout",
+            "[mqtt]\nflow_control_timeout = \"soon\"\n",
+            &[
+                "petrel.toml:2: mqtt.flow_control_timeout: ",
+                "invalid duration \"soon\"",
+            ],
+        ),
+        (
             "negative max_keepalive",
             "[mqtt]\nmax_keepalive = -5\n",
             &["petrel.toml:2: mqtt.max_keepalive: must be between 0 and 65535 (got -5)"],
@@ -317,7 +327,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 5);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        9
+        10
     );
 }
 
