@@ -609,6 +609,7 @@ async fn v5_connack_reason_and_assigned_client_identifier() {
     let assigned = ack
         .properties
         .assigned_client_identifier
+        .clone()
         .expect("Assigned Client Identifier for an empty client id [MQTT-3.2.2-16]");
     assert!(!assigned.is_empty());
 }

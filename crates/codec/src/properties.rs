@@ -95,10 +95,51 @@ impl Context {
     }
 }
 
+/// The properties of one packet: every MQTT 5.0 property, read and written as fields
+/// (`props.topic_alias`) through `Deref`/`DerefMut` to a [`PropertySet`].
+///
+/// A pointer-sized handle: an empty set (every v3.1/3.1.1 packet, and most v5 PUBLISH packets)
+/// holds no allocation, so packets stay small to move on the hot path. The set is boxed on the
+/// first write through `DerefMut`; reads of an empty one see [`PropertySet::EMPTY`].
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<PropertySet>>);
+
+impl std::ops::Deref for Properties {
+    type Target = PropertySet;
+
+    fn deref(&self) -> &PropertySet {
+        static EMPTY: PropertySet = PropertySet::EMPTY;
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut PropertySet {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl PartialEq for Properties {
+    fn eq(&self, other: &Properties) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Properties {}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("Properties(empty)"),
+            Some(set) => set.fmt(f),
+        }
+    }
+}
+
 /// Every MQTT 5.0 property. Absent properties are `None` (or empty), which is also what a
 /// v3.1/3.1.1 packet carries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Properties {
+pub struct PropertySet {
     pub payload_format_indicator: Option<u8>,
     pub message_expiry_interval: Option<u32>,
     pub content_type: Option<MqttString>,
@@ -154,9 +195,44 @@ fn read_nonzero_u16(buf: &mut Bytes, id: u8) -> Result<u16, DecodeError> {
     Ok(v)
 }
 
+impl PropertySet {
+    /// No property at all.
+    pub const EMPTY: PropertySet = PropertySet {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_identifiers: Vec::new(),
+        session_expiry_interval: None,
+        assigned_client_identifier: None,
+        server_keep_alive: None,
+        authentication_method: None,
+        authentication_data: None,
+        request_problem_information: None,
+        will_delay_interval: None,
+        request_response_information: None,
+        response_information: None,
+        server_reference: None,
+        reason_string: None,
+        receive_maximum: None,
+        topic_alias_maximum: None,
+        topic_alias: None,
+        maximum_qos: None,
+        retain_available: None,
+        user_properties: Vec::new(),
+        maximum_packet_size: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+    };
+}
+
 impl Properties {
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        self.0
+            .as_deref()
+            .map_or(true, |set| *set == PropertySet::EMPTY)
     }
 
     /// Reads a property block: its variable byte integer length, then the properties.
@@ -258,6 +334,9 @@ impl Properties {
 
     /// Bytes of the properties themselves, without the length prefix.
     pub fn body_len(&self) -> usize {
+        if self.0.is_none() {
+            return 0;
+        }
         fn s(v: &Option<MqttString>) -> usize {
             v.as_ref().map_or(0, |v| 3 + v.len())
         }
@@ -312,6 +391,9 @@ impl Properties {
 
     pub(crate) fn encode(&self, buf: &mut BytesMut) {
         wire::write_varint(buf, self.body_len());
+        if self.0.is_none() {
+            return;
+        }
         fn byte(buf: &mut BytesMut, id: u8, v: Option<u8>) {
             if let Some(v) = v {
                 buf.put_u8(id);

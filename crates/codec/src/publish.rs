@@ -3,7 +3,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::num::NonZeroU16;
 
-use crate::error::DecodeError;
+use crate::error::{DecodeError, EncodeError};
+use crate::packet::{PacketType, MAX_REMAINING_LENGTH};
 use crate::properties::{Context, Properties};
 use crate::strings::TopicName;
 use crate::types::{PacketId, ProtocolVersion, QoS};
@@ -88,11 +89,65 @@ impl Publish {
         })
     }
 
+    /// The same packet, borrowed, for encoding.
+    pub fn as_ref(&self) -> PublishRef<'_> {
+        PublishRef {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: self.packet_id,
+            properties: &self.properties,
+            payload: &self.payload,
+        }
+    }
+
     pub(crate) fn flags(&self) -> u8 {
-        (u8::from(self.dup) << 3) | ((self.qos as u8) << 1) | u8::from(self.retain)
+        self.as_ref().flags()
     }
 
     pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
+        self.as_ref().body_len(version)
+    }
+
+    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
+        self.as_ref().encode_body(version, buf)
+    }
+}
+
+/// A PUBLISH whose parts are borrowed: what a broker writes for each delivery of a stored
+/// message, without cloning its topic, payload and properties into a [`Publish`] first.
+#[derive(Clone, Copy, Debug)]
+pub struct PublishRef<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a TopicName,
+    /// Present exactly when `qos` is 1 or 2 [MQTT-2.3.1-5].
+    pub packet_id: Option<PacketId>,
+    pub properties: &'a Properties,
+    pub payload: &'a [u8],
+}
+
+impl PublishRef<'_> {
+    /// Appends the packet, encoded for `version`, to `buf`.
+    pub fn encode(&self, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
+        let body = self.body_len(version);
+        if body > MAX_REMAINING_LENGTH {
+            return Err(EncodeError::TooLarge(body));
+        }
+        buf.reserve(1 + wire::varint_len(body) + body);
+        buf.put_u8(((PacketType::Publish as u8) << 4) | self.flags());
+        wire::write_varint(buf, body);
+        self.encode_body(version, buf);
+        Ok(())
+    }
+
+    fn flags(&self) -> u8 {
+        (u8::from(self.dup) << 3) | ((self.qos as u8) << 1) | u8::from(self.retain)
+    }
+
+    fn body_len(&self, version: ProtocolVersion) -> usize {
         let mut len = 2 + self.topic.len() + self.payload.len();
         if self.qos != QoS::AtMostOnce {
             len += 2;
@@ -103,7 +158,7 @@ impl Publish {
         len
     }
 
-    pub(crate) fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
+    fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
         wire::write_binary(buf, self.topic.as_mqtt_string().as_bytes());
         if self.qos != QoS::AtMostOnce {
             // A QoS > 0 publish built without an id is a bug in the caller; 1 keeps the
@@ -113,6 +168,6 @@ impl Publish {
         if version.is_v5() {
             self.properties.encode(buf);
         }
-        buf.put_slice(&self.payload);
+        buf.put_slice(self.payload);
     }
 }

@@ -811,8 +811,8 @@ impl Connection {
         };
         let mut message = Message::from_publish(publish, will.topic, origin);
         // Will Delay Interval is connection metadata, not a message property.
-        if let Some(p) = message.properties.as_mut() {
-            p.will_delay_interval = None;
+        if message.properties.will_delay_interval.is_some() {
+            message.properties.will_delay_interval = None;
         }
         let message = Arc::new(message);
         if retain {

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
-use petrel_codec::{Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, TopicName};
+use petrel_codec::{PacketId, Properties, ProtocolVersion, Publish, PublishRef, QoS, TopicName};
 
 /// Identifies the session a message came from (for v5 No Local) and each session in the index.
 pub type SessionId = u64;
@@ -21,9 +21,9 @@ pub struct Message {
     /// The retain flag as published.
     pub retain: bool,
     /// v5 properties that travel with the message (payload format, content type, response
-    /// topic, correlation data, user properties, message expiry). `None` when there are none,
-    /// which keeps 3.1.1 messages small.
-    pub properties: Option<Box<Properties>>,
+    /// topic, correlation data, user properties, message expiry). Pointer-sized, and no
+    /// allocation when there are none (every 3.1.1 message).
+    pub properties: Properties,
     pub origin: SessionId,
     /// Encoded QoS 0 PUBLISH frames: [3.x retain=0, 3.x retain=1, 5.0 retain=0, 5.0 retain=1].
     qos0_frames: [OnceLock<Bytes>; 4],
@@ -46,7 +46,7 @@ impl Message {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        properties: Option<Box<Properties>>,
+        properties: Properties,
         origin: SessionId,
     ) -> Message {
         Message {
@@ -63,14 +63,15 @@ impl Message {
     /// Builds the message a client's PUBLISH carries. Only properties meant for the receiver
     /// are kept (the topic alias is the sender's connection state, not the message's).
     pub fn from_publish(publish: Publish, topic: TopicName, origin: SessionId) -> Message {
-        let mut props = publish.properties;
-        props.topic_alias = None;
-        props.subscription_identifiers.clear();
-        let properties = if props.is_empty() {
-            None
-        } else {
-            Some(Box::new(props))
-        };
+        let mut properties = publish.properties;
+        if !properties.is_empty() {
+            properties.topic_alias = None;
+            properties.subscription_identifiers.clear();
+        }
+        if properties.is_empty() {
+            // Drop a set emptied just now, so the message carries no allocation.
+            properties = Properties::default();
+        }
         Message::new(
             topic,
             publish.payload,
@@ -99,24 +100,6 @@ impl Message {
     /// Bytes this message counts against queue limits.
     pub fn weight(&self) -> usize {
         self.payload.len() + self.topic.len()
-    }
-
-    pub fn to_publish(
-        &self,
-        qos: QoS,
-        packet_id: Option<PacketId>,
-        retain: bool,
-        dup: bool,
-    ) -> Publish {
-        Publish {
-            dup,
-            qos,
-            retain,
-            topic: self.topic.clone(),
-            packet_id,
-            properties: self.properties.as_deref().cloned().unwrap_or_default(),
-            payload: self.payload.clone(),
-        }
     }
 
     /// Appends the PUBLISH for one delivery to `out`.
@@ -151,9 +134,17 @@ impl Message {
         dup: bool,
         out: &mut BytesMut,
     ) {
-        let packet = Packet::Publish(self.to_publish(qos, packet_id, retain, dup));
+        let publish = PublishRef {
+            dup,
+            qos,
+            retain,
+            topic: &self.topic,
+            packet_id,
+            properties: &self.properties,
+            payload: &self.payload,
+        };
         // A message decoded from a packet within the size limit always re-encodes.
-        if let Err(e) = petrel_codec::encode(&packet, version, out) {
+        if let Err(e) = publish.encode(version, out) {
             tracing::error!(error = %e, topic = %self.topic, "cannot encode PUBLISH");
         }
     }

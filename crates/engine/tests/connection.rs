@@ -868,6 +868,7 @@ fn v5_empty_client_id_gets_an_assigned_client_identifier_mqtt_3_2_2_16() {
         let id = ack
             .properties
             .assigned_client_identifier
+            .clone()
             .expect("Assigned Client Identifier");
         assert!(!id.is_empty());
         assert_eq!(c.conn.client_id(), Some(id.as_str()));
