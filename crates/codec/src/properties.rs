@@ -230,9 +230,10 @@ impl PropertySet {
 
 impl Properties {
     pub fn is_empty(&self) -> bool {
-        self.0
-            .as_deref()
-            .map_or(true, |set| *set == PropertySet::EMPTY)
+        match self.0.as_deref() {
+            None => true,
+            Some(set) => *set == PropertySet::EMPTY,
+        }
     }
 
     /// Reads a property block: its variable byte integer length, then the properties.
