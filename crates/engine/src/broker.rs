@@ -56,6 +56,9 @@ pub struct Broker {
     shared_index: RwLock<SubscriptionIndex<u64, Arc<SharedGroup>>>,
     /// The same groups by (share name, filter), to find a group on subscribe.
     shared_groups: Mutex<HashMap<GroupKey, Arc<SharedGroup>>>,
+    /// Number of groups, so that routing skips the shared index (and its lock) while there
+    /// are none.
+    shared_group_count: std::sync::atomic::AtomicUsize,
     retained: RwLock<RetainedTrie<Arc<Message>>>,
     timers: Mutex<Timers>,
     next_session_id: AtomicU64,
@@ -172,6 +175,7 @@ impl Broker {
             index: RwLock::new(SubscriptionIndex::new()),
             shared_index: RwLock::new(SubscriptionIndex::new()),
             shared_groups: Mutex::new(HashMap::new()),
+            shared_group_count: std::sync::atomic::AtomicUsize::new(0),
             retained: RwLock::new(RetainedTrie::new()),
             timers: Mutex::new(Timers::default()),
             next_session_id: AtomicU64::new(1),
@@ -331,6 +335,7 @@ impl Broker {
                 if empty {
                     groups.remove(&key);
                     write(&self.shared_index).remove(&group.filter, group.key);
+                    self.shared_group_count.fetch_sub(1, Ordering::Release);
                 }
                 was_member
             }
@@ -502,6 +507,7 @@ impl Broker {
                         ));
                         write(&self.shared_index).insert(&group.filter, group.key, group.clone());
                         groups.insert(key, group.clone());
+                        self.shared_group_count.fetch_add(1, Ordering::Release);
                         group
                     }
                 };
@@ -590,9 +596,9 @@ impl Broker {
             });
             let ordinary = targets.len();
             let mut groups_matched = 0;
-            {
+            if self.shared_group_count.load(Ordering::Acquire) > 0 {
                 let shared = read(&self.shared_index);
-                if !shared.is_empty() {
+                {
                     shared.for_each_match(&message.topic, |_, group| {
                         groups_matched += 1;
                         if let Some(sub) = group.pick(None) {
