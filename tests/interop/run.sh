@@ -4,7 +4,7 @@
 #   1. the mosquitto command-line clients (mosquitto_pub / mosquitto_sub), per protocol
 #      version: QoS 0/1/2, retained messages, wildcards, wills, persistent sessions, and one
 #      fan-out across versions;
-#   2. paho-mqtt for Python (tests/interop/test_paho.py).
+#   2. paho-mqtt for Python (tests/interop/test_paho.py, and test_paho_v5.py for MQTT 5 features).
 #
 # Usage: tests/interop/run.sh [--release] [--port N]
 #   (no option)  install missing clients, build petrel (debug), start it on a free loopback port
@@ -313,6 +313,61 @@ check_cross_version() {
     return $failed
 }
 
+# MQTT 5 properties pass through, and the message expiry interval is forwarded.
+check_v5_properties() {
+    local t="$BASE/v5/props"
+    sub_start "v5props" -V mqttv5 -q 1 -t "$t" -C 1 -W "$WAIT" \
+        -F 'MSG %t %q %r %p C=%C R=%R P=%P E=%E F=%F' || return 1
+    pub -V mqttv5 -q 1 -t "$t" -m "with props" -D publish content-type text/plain \
+        -D publish response-topic "$t/reply" -D publish user-property k v \
+        -D publish message-expiry-interval 60 -D publish payload-format-indicator 1 || return 1
+    sub_wait "v5props"
+    expect_msgs "v5props" "MSG $t 1 0 with props C=text/plain R=$t/reply P=k:v E=60 F=1"
+}
+
+check_v5_subscription_identifier() {
+    local t="$BASE/v5/sid"
+    sub_start "v5sid" -V mqttv5 -q 0 -t "$t/+" -D subscribe subscription-identifier 7 \
+        -C 1 -W "$WAIT" -F 'MSG %t %q %r %p S=%S' || return 1
+    pub -V mqttv5 -t "$t/a" -m x || return 1
+    sub_wait "v5sid"
+    expect_msgs "v5sid" "MSG $t/a 0 0 x S=7"
+}
+
+# Two members of one share group take turns; each message reaches exactly one of them.
+check_v5_shared() {
+    local t="$BASE/v5/shared" m
+    for m in a b; do
+        sub_start "shared-$m" -V mqttv5 -q 1 -t "\$share/g/$t" -C 2 -W "$WAIT" || return 1
+    done
+    for m in 1 2 3 4; do
+        pub -V mqttv5 -q 1 -t "$t" -m "m$m" || return 1
+    done
+    sub_wait "shared-a"
+    sub_wait "shared-b"
+    local a b all
+    a="$(grep -c '^MSG ' "$WORK/shared-a.out" || true)"
+    b="$(grep -c '^MSG ' "$WORK/shared-b.out" || true)"
+    all="$(cat "$WORK/shared-a.out" "$WORK/shared-b.out" | grep '^MSG ' | awk '{print $5}' | sort | tr '\n' ' ')"
+    if [[ $a != 2 || $b != 2 || $all != "m1 m2 m3 m4 " ]]; then
+        echo "expected 2 + 2 messages, m1-m4 once each; got $a + $b: $all"
+        return 1
+    fi
+}
+
+# A session with a 1 s expiry interval is gone 2 s after its client left: a message published
+# meanwhile is not delivered on reconnect, only the marker sent after it.
+check_v5_session_expiry() {
+    local t="$BASE/v5/expiry" id="exp-$$"
+    sub_run "exp1" -V mqttv5 -c -i "$id" -x 1 -q 1 -t "$t" -W 1
+    sleep 2
+    pub -V mqttv5 -q 1 -t "$t" -m lost || return 1
+    sub_start "exp2" -V mqttv5 -c -i "$id" -x 1 -q 1 -t "$t" -C 1 -W "$WAIT" || return 1
+    pub -V mqttv5 -q 1 -t "$t" -m marker || return 1
+    sub_wait "exp2"
+    expect_msgs "exp2" "MSG $t 1 0 marker"
+}
+
 PASSED=0
 FAILED=0
 FAILED_NAMES=()
@@ -354,23 +409,29 @@ for v in mqttv31 mqttv311 mqttv5; do
     check "$v persistent session (-c -i)" check_persistent_session "$v"
 done
 check "v3.1 + v3.1.1 + v5 fan-out" check_cross_version
+check "mqttv5 properties and message expiry forwarded" check_v5_properties
+check "mqttv5 subscription identifier" check_v5_subscription_identifier
+check "mqttv5 shared subscription" check_v5_shared
+check "mqttv5 session expiry interval" check_v5_session_expiry
 
 echo "== paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
-paho_status=0
-timeout -k 2 40 python3 "$ROOT/tests/interop/test_paho.py" --host "$HOST" --port "$PORT" \
-    >"$WORK/paho.log" 2>&1 || paho_status=$?
-while IFS= read -r line; do
-    read -r status rest <<<"$line" || true
-    case "$status" in
-    PASS | FAIL) record "paho $rest" "$status" ;;
-    esac
-    printf '%s\n' "$line"
-done <"$WORK/paho.log"
-# A crash or a timeout prints no FAIL line of its own.
-if ((paho_status != 0)) && ! grep -q '^FAIL' "$WORK/paho.log"; then
-    record "paho test_paho.py (exit $paho_status)" FAIL
-    printf 'FAIL  test_paho.py exited %d\n' "$paho_status"
-fi
+for script in test_paho.py test_paho_v5.py; do
+    paho_status=0
+    timeout -k 2 60 python3 "$ROOT/tests/interop/$script" --host "$HOST" --port "$PORT" \
+        >"$WORK/paho.log" 2>&1 || paho_status=$?
+    while IFS= read -r line; do
+        read -r status rest <<<"$line" || true
+        case "$status" in
+        PASS | FAIL) record "paho $rest" "$status" ;;
+        esac
+        printf '%s\n' "$line"
+    done <"$WORK/paho.log"
+    # A crash or a timeout prints no FAIL line of its own.
+    if ((paho_status != 0)) && ! grep -q '^FAIL' "$WORK/paho.log"; then
+        record "paho $script (exit $paho_status)" FAIL
+        printf 'FAIL  %s exited %d\n' "$script" "$paho_status"
+    fi
+done
 
 echo "== broker"
 if [[ -n $BROKER_PID ]]; then

@@ -99,6 +99,32 @@ pub fn hex(text: &str) -> Vec<u8> {
         .collect()
 }
 
+/// `first`, the remaining length as a variable byte integer, then `body`; as hex.
+pub fn frame(first: u8, body: &[u8]) -> String {
+    let mut out = vec![first];
+    let mut n = body.len();
+    loop {
+        let mut byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    to_hex(&out)
+}
+
+/// A two-byte length and the bytes (§1.5.3).
+pub fn field(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
 pub fn to_hex(bytes: &[u8]) -> String {
     bytes
         .iter()

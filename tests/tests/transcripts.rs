@@ -7,7 +7,7 @@ use std::time::Duration;
 use petrel_codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 use petrel_engine::auth::{AuthDecision, Authenticator, Credentials};
 use petrel_server::{Config, Server};
-use petrel_tests::{connect_v311_hex, hex, to_hex, RawClient, TestBroker};
+use petrel_tests::{connect_v311_hex, field, frame, hex, to_hex, RawClient, TestBroker};
 
 /// How long "nothing arrives" is watched for.
 const QUIET: Duration = Duration::from_millis(300);
@@ -16,32 +16,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------------------------
 // Private helpers: packets built from parts, for cases a literal would obscure.
-
-/// `first`, the remaining length as a variable byte integer, then `body`; as hex.
-fn frame(first: u8, body: &[u8]) -> String {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let mut byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    to_hex(&out)
-}
-
-/// A two-byte length and the bytes (§1.5.3).
-fn field(bytes: &[u8]) -> Vec<u8> {
-    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
 
 /// A 3.1.1 CONNECT with user name and password.
 fn connect_login_hex(client_id: &str, clean: bool, user: &str, password: &str) -> String {
@@ -650,7 +624,7 @@ async fn v5_malformed_packet_gets_disconnect_then_close_mqtt_4_13_1_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_topic_alias_with_maximum_0_gets_disconnect_0x94_mqtt_3_3_2_9() {
-    let broker = TestBroker::start().await;
+    let broker = TestBroker::start_with(|c| c.mqtt.topic_alias_maximum = 0).await;
     let (mut c, ack) = connect_v5(broker.addr, CONNECT_V5).await;
     // Absent Topic Alias Maximum means 0: the client may send no alias.
     assert_eq!(ack.properties.topic_alias_maximum.unwrap_or(0), 0);

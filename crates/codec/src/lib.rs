@@ -45,7 +45,7 @@ pub use connect::{Connect, LastWill};
 pub use disconnect::Disconnect;
 pub use error::{DecodeError, EncodeError};
 pub use packet::{decode, encode, encoded_len, Packet, PacketType, MAX_REMAINING_LENGTH};
-pub use properties::{Properties, PropertyId, PropertySet};
+pub use properties::{Properties, PropertyId, PropertySet, PublishExtra};
 pub use publish::{Publish, PublishRef};
 pub use reason::ReasonCode;
 pub use strings::{MqttString, TopicFilter, TopicName};

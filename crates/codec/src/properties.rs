@@ -352,11 +352,7 @@ impl Properties {
             + s(&self.content_type)
             + s(&self.response_topic)
             + b(&self.correlation_data)
-            + self
-                .subscription_identifiers
-                .iter()
-                .map(|&v| 1 + wire::varint_len(v as usize))
-                .sum::<usize>()
+            + subscription_ids_len(&self.subscription_identifiers)
             + n(&self.session_expiry_interval, 4)
             + s(&self.assigned_client_identifier)
             + n(&self.server_keep_alive, 2)
@@ -390,11 +386,44 @@ impl Properties {
         wire::varint_len(body) + body
     }
 
+    /// Body length once `extra` is applied: its properties take the place of the same ones in
+    /// this set.
+    pub(crate) fn body_len_with(&self, extra: &PublishExtra<'_>) -> usize {
+        let mut len = self.body_len();
+        if extra.message_expiry_interval.is_some() {
+            len += 5;
+            if self.message_expiry_interval.is_some() {
+                len -= 5;
+            }
+        }
+        if extra.topic_alias.is_some() {
+            len += 3;
+            if self.topic_alias.is_some() {
+                len -= 3;
+            }
+        }
+        if !extra.subscription_identifiers.is_empty() {
+            len += subscription_ids_len(extra.subscription_identifiers);
+            len -= subscription_ids_len(&self.subscription_identifiers);
+        }
+        len
+    }
+
     pub(crate) fn encode(&self, buf: &mut BytesMut) {
         wire::write_varint(buf, self.body_len());
         if self.0.is_none() {
             return;
         }
+        self.encode_fields(buf, &PublishExtra::default());
+    }
+
+    /// The property block with `extra` applied (see [`PublishExtra`]).
+    pub(crate) fn encode_with(&self, extra: &PublishExtra<'_>, buf: &mut BytesMut) {
+        wire::write_varint(buf, self.body_len_with(extra));
+        self.encode_fields(buf, extra);
+    }
+
+    fn encode_fields(&self, buf: &mut BytesMut, extra: &PublishExtra<'_>) {
         fn byte(buf: &mut BytesMut, id: u8, v: Option<u8>) {
             if let Some(v) = v {
                 buf.put_u8(id);
@@ -426,11 +455,22 @@ impl Properties {
             }
         }
         byte(buf, 0x01, self.payload_format_indicator);
-        u32p(buf, 0x02, self.message_expiry_interval);
+        u32p(
+            buf,
+            0x02,
+            extra
+                .message_expiry_interval
+                .or(self.message_expiry_interval),
+        );
         strp(buf, 0x03, &self.content_type);
         strp(buf, 0x08, &self.response_topic);
         binp(buf, 0x09, &self.correlation_data);
-        for &id in &self.subscription_identifiers {
+        let ids = if extra.subscription_identifiers.is_empty() {
+            &self.subscription_identifiers[..]
+        } else {
+            extra.subscription_identifiers
+        };
+        for &id in ids {
             buf.put_u8(0x0B);
             wire::write_varint(buf, id as usize);
         }
@@ -447,7 +487,7 @@ impl Properties {
         strp(buf, 0x1F, &self.reason_string);
         u16p(buf, 0x21, self.receive_maximum);
         u16p(buf, 0x22, self.topic_alias_maximum);
-        u16p(buf, 0x23, self.topic_alias);
+        u16p(buf, 0x23, extra.topic_alias.or(self.topic_alias));
         byte(buf, 0x24, self.maximum_qos);
         byte(buf, 0x25, self.retain_available);
         for (k, v) in &self.user_properties {
@@ -460,4 +500,20 @@ impl Properties {
         byte(buf, 0x29, self.subscription_identifier_available);
         byte(buf, 0x2A, self.shared_subscription_available);
     }
+}
+
+fn subscription_ids_len(ids: &[u32]) -> usize {
+    ids.iter().map(|&v| 1 + wire::varint_len(v as usize)).sum()
+}
+
+/// Properties a broker adds to a stored message's set for one delivery (§3.3.2.3): they take
+/// the place of the same properties in the set, so the stored set is written unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishExtra<'a> {
+    /// The alias this connection uses for the topic [MQTT-3.3.2-12].
+    pub topic_alias: Option<u16>,
+    /// The time left of the message's expiry interval [MQTT-3.3.2-6].
+    pub message_expiry_interval: Option<u32>,
+    /// One per matching subscription that has an identifier [MQTT-3.3.4-3].
+    pub subscription_identifiers: &'a [u32],
 }

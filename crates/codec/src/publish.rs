@@ -5,7 +5,7 @@ use std::num::NonZeroU16;
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::{PacketType, MAX_REMAINING_LENGTH};
-use crate::properties::{Context, Properties};
+use crate::properties::{Context, Properties, PublishExtra};
 use crate::strings::TopicName;
 use crate::types::{PacketId, ProtocolVersion, QoS};
 use crate::wire::{self, read_string, read_u16};
@@ -95,9 +95,10 @@ impl Publish {
             dup: self.dup,
             qos: self.qos,
             retain: self.retain,
-            topic: &self.topic,
+            topic: self.topic.as_str(),
             packet_id: self.packet_id,
             properties: &self.properties,
+            extra: PublishExtra::default(),
             payload: &self.payload,
         }
     }
@@ -122,14 +123,25 @@ pub struct PublishRef<'a> {
     pub dup: bool,
     pub qos: QoS,
     pub retain: bool,
-    pub topic: &'a TopicName,
+    /// A topic name; empty when `extra.topic_alias` names an alias the receiver already
+    /// holds (§3.3.2.3.4).
+    pub topic: &'a str,
     /// Present exactly when `qos` is 1 or 2 [MQTT-2.3.1-5].
     pub packet_id: Option<PacketId>,
     pub properties: &'a Properties,
+    /// v5 properties of this one delivery, written in place of the same ones in `properties`.
+    pub extra: PublishExtra<'a>,
     pub payload: &'a [u8],
 }
 
 impl PublishRef<'_> {
+    /// The whole packet's size on the wire in `version`, fixed header included: what a
+    /// receiver's Maximum Packet Size is compared with [MQTT-3.1.2-24].
+    pub fn encoded_len(&self, version: ProtocolVersion) -> usize {
+        let body = self.body_len(version);
+        1 + wire::varint_len(body) + body
+    }
+
     /// Appends the packet, encoded for `version`, to `buf`.
     pub fn encode(&self, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
         let body = self.body_len(version);
@@ -153,20 +165,21 @@ impl PublishRef<'_> {
             len += 2;
         }
         if version.is_v5() {
-            len += self.properties.encoded_len();
+            let props = self.properties.body_len_with(&self.extra);
+            len += wire::varint_len(props) + props;
         }
         len
     }
 
     fn encode_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        wire::write_binary(buf, self.topic.as_mqtt_string().as_bytes());
+        wire::write_binary(buf, self.topic.as_bytes());
         if self.qos != QoS::AtMostOnce {
             // A QoS > 0 publish built without an id is a bug in the caller; 1 keeps the
             // stream well-formed rather than writing a forbidden zero.
             buf.put_u16(self.packet_id.map_or(1, NonZeroU16::get));
         }
         if version.is_v5() {
-            self.properties.encode(buf);
+            self.properties.encode_with(&self.extra, buf);
         }
         buf.put_slice(self.payload);
     }

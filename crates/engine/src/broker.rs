@@ -1,30 +1,37 @@
 //! The shared broker state and the routing façade: the session registry, the subscription
-//! index and the retained store. Every connection task holds an `Arc<Broker>` and does its own
-//! routing: there is no router thread that messages cross.
+//! indexes (ordinary and shared), the retained store and the broker's timers. Every connection
+//! task holds an `Arc<Broker>` and does its own routing: there is no router thread that
+//! messages cross.
 //!
 //! Lock order (never acquire a lock to the left while holding one to its right):
 //!
 //! ```text
-//! sessions (registry)  →  Session::state  →  index  →  retained
+//! sessions (registry)  →  Session::state  →  index  →  shared groups  →  retained  →  timers
 //! ```
 //!
-//! `route` takes the index read lock only to collect targets, releases it, then locks each
+//! `route` takes the index read locks only to collect targets, releases them, then locks each
 //! target session in turn, so publishers hold at most one lock at a time.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::task::Waker;
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
 
-use petrel_codec::{MqttString, QoS, SubscriptionOptions, TopicFilter};
+use petrel_codec::{LastWill, MqttString, Publish, QoS, SubscriptionOptions, TopicFilter};
 
 use crate::auth::{AllowAll, Authenticator};
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
-use crate::session::{Admitted, Delivery, Dropped, Owner, Session};
+use crate::session::{
+    Admitted, Delivery, DeliveryExtra, Dropped, Owner, PendingWill, Session, SessionState,
+    Subscription, NEVER_EXPIRES,
+};
+use crate::shared::{self, GroupKey, SharedGroup};
 use crate::stats::Stats;
 use crate::store::{Store, Volatile};
 use crate::topic_index::SubscriptionIndex;
@@ -34,6 +41,8 @@ use crate::topic_index::SubscriptionIndex;
 pub struct Subscriber {
     pub session: Arc<Session>,
     pub options: SubscriptionOptions,
+    /// v5 Subscription Identifier; 0 for none.
+    pub subscription_id: u32,
 }
 
 pub struct Broker {
@@ -43,9 +52,18 @@ pub struct Broker {
     store: Box<dyn Store>,
     sessions: Mutex<HashMap<MqttString, Arc<Session>>>,
     index: RwLock<SubscriptionIndex<SessionId, Subscriber>>,
+    /// Shared subscription groups by the filter they match; keyed by group.
+    shared_index: RwLock<SubscriptionIndex<u64, Arc<SharedGroup>>>,
+    /// The same groups by (share name, filter), to find a group on subscribe.
+    shared_groups: Mutex<HashMap<GroupKey, Arc<SharedGroup>>>,
+    /// Number of groups, so that routing skips the shared index (and its lock) while there
+    /// are none.
+    shared_group_count: std::sync::atomic::AtomicUsize,
     retained: RwLock<RetainedTrie<Arc<Message>>>,
+    timers: Mutex<Timers>,
     next_session_id: AtomicU64,
     next_connection_id: AtomicU64,
+    next_group_key: AtomicU64,
     /// Makes generated client ids unique across restarts as well as within one run.
     boot_nonce: u64,
     shutting_down: AtomicBool,
@@ -69,13 +87,55 @@ pub struct Routed {
     pub congested: Option<Arc<Session>>,
 }
 
-/// One session a message is about to be delivered to: its id (for de-duplication), the
-/// session, the granted QoS and the retain flag to send.
-type Target = (SessionId, Arc<Session>, QoS, bool);
+/// One delivery about to be offered: the session (its id first, for de-duplication), the
+/// granted QoS, the retain flag to send, the subscription identifier (0: none) and, for a
+/// shared subscription, the group.
+struct Target {
+    id: SessionId,
+    session: Arc<Session>,
+    qos: QoS,
+    retain: bool,
+    subscription_id: u32,
+    group: Option<Arc<SharedGroup>>,
+}
 
 thread_local! {
     /// Per-thread scratch space for `route`, so matching allocates nothing per message.
     static TARGETS: RefCell<Vec<Target>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Deadlines the broker keeps for sessions whose client is gone: session expiry and delayed
+/// wills. An entry is a reminder to look at the session; what is due is decided from the
+/// session's own state then, so a reconnect needs no cancellation here.
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<TimerEntry>>,
+    seq: u64,
+    /// The housekeeping task, woken when a deadline earlier than all others is added.
+    waker: Option<Waker>,
+}
+
+struct TimerEntry {
+    at: Instant,
+    seq: u64,
+    session: Arc<Session>,
+}
+
+impl PartialEq for TimerEntry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for TimerEntry {}
+impl PartialOrd for TimerEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TimerEntry {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -90,6 +150,10 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn will_delay(will: &LastWill) -> u32 {
+    will.properties.will_delay_interval.unwrap_or(0)
 }
 
 impl Broker {
@@ -109,9 +173,14 @@ impl Broker {
             store,
             sessions: Mutex::new(HashMap::new()),
             index: RwLock::new(SubscriptionIndex::new()),
+            shared_index: RwLock::new(SubscriptionIndex::new()),
+            shared_groups: Mutex::new(HashMap::new()),
+            shared_group_count: std::sync::atomic::AtomicUsize::new(0),
             retained: RwLock::new(RetainedTrie::new()),
+            timers: Mutex::new(Timers::default()),
             next_session_id: AtomicU64::new(1),
             next_connection_id: AtomicU64::new(1),
+            next_group_key: AtomicU64::new(1),
             boot_nonce: RandomState::new().hash_one(std::time::SystemTime::now()),
             shutting_down: AtomicBool::new(false),
         }
@@ -148,8 +217,10 @@ impl Broker {
         lock(&self.sessions).len()
     }
 
+    /// Ordinary subscriptions plus shared subscription memberships.
     pub fn subscription_count(&self) -> usize {
-        read(&self.index).len()
+        let shared: usize = lock(&self.shared_groups).values().map(|g| g.len()).sum();
+        read(&self.index).len() + shared
     }
 
     pub fn retained_count(&self) -> usize {
@@ -158,33 +229,44 @@ impl Broker {
 
     /// Binds connection `connection` to the session of `client_id` (§3.1.4 steps 3-4):
     /// resumes a stored session unless `clean_start`, otherwise starts a fresh one, and
-    /// displaces any connection already using that client id [MQTT-3.1.4-2]. `persistent`
-    /// says whether the session outlives this connection (3.1.1 Clean Session 0; v5 Session
-    /// Expiry Interval > 0).
+    /// displaces any connection already using that client id [MQTT-3.1.4-2].
+    /// `expiry_interval` is the session's new Session Expiry Interval (0: it ends with this
+    /// connection; [`NEVER_EXPIRES`]: 3.x Clean Session 0).
+    ///
+    /// Resuming cancels a will still waiting for its delay [MQTT-3.1.3-9]; discarding the old
+    /// session ends it, which publishes such a will now.
     pub fn attach(
         &self,
         client_id: &MqttString,
         clean_start: bool,
-        persistent: bool,
+        expiry_interval: u32,
         connection: u64,
+        now: Instant,
     ) -> Attach {
         let mut sessions = lock(&self.sessions);
         let mut displaced = None;
         let mut took_over = false;
+        let mut ended_will = None;
         if let Some(existing) = sessions.get(client_id).cloned() {
             let mut st = existing.lock();
             if let Owner::Connection(_) = st.owner {
                 took_over = true;
                 displaced = st.waker.take();
             }
-            if !clean_start && st.persistent {
+            // A session whose expiry passed but whose timer has not fired yet is gone all the
+            // same.
+            let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
+            if !clean_start && st.persistent() && !expired {
                 existing.set_owner(&mut st, Owner::Connection(connection));
-                st.persistent = persistent;
+                st.expiry_interval = expiry_interval;
+                st.expires_at = None;
+                st.pending_will = None;
                 st.waker = None;
                 st.release_blocked();
                 drop(st);
                 drop(sessions);
-                self.store.session_opened(client_id, persistent);
+                self.store
+                    .session_opened(client_id, expiry_interval > 0);
                 return Attach {
                     session: existing,
                     session_present: true,
@@ -194,28 +276,21 @@ impl Broker {
             }
             // Discard the old session [MQTT-3.1.2-6]: it stops receiving, and its
             // subscriptions leave the index.
-            existing.set_owner(&mut st, Owner::Ended);
-            st.release_blocked();
-            let filters: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
-            st.queue.clear();
-            st.inflight.clear();
-            let mut index = write(&self.index);
-            for f in &filters {
-                index.remove(f, existing.id);
-            }
-            drop(index);
-            drop(st);
+            ended_will = self.end_session(&existing, &mut st);
         }
         let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(
             id,
             client_id.clone(),
             Owner::Connection(connection),
-            persistent,
+            expiry_interval,
         ));
         sessions.insert(client_id.clone(), session.clone());
         drop(sessions);
-        self.store.session_opened(client_id, persistent);
+        self.store.session_opened(client_id, expiry_interval > 0);
+        if let Some(will) = ended_will {
+            self.publish_will(*will, id, now);
+        }
         Attach {
             session,
             session_present: false,
@@ -224,49 +299,178 @@ impl Broker {
         }
     }
 
-    /// The connection ends. A persistent session goes offline and keeps queueing QoS 1/2; a
-    /// clean one is discarded with its subscriptions [MQTT-3.1.2-6].
-    pub fn detach(&self, session: &Arc<Session>, connection: u64) {
+    /// Ends a session: it stops receiving, its subscriptions leave the indexes and what it
+    /// held is dropped. The caller holds the registry lock and removes it from there. Returns
+    /// a will that was waiting for its delay, to be published now that the session is over.
+    fn end_session(&self, session: &Arc<Session>, st: &mut SessionState) -> Option<Box<LastWill>> {
+        session.set_owner(st, Owner::Ended);
+        st.waker = None;
+        st.release_blocked();
+        st.expires_at = None;
+        let subscriptions: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
+        st.queue.clear();
+        st.queued_messages = 0;
+        st.queued_bytes = 0;
+        st.qos0_bytes = 0;
+        st.inflight.clear();
+        st.inbound_qos2.clear();
+        for f in &subscriptions {
+            self.remove_from_index(f, session.id);
+        }
+        self.store.session_removed(&session.client_id);
+        st.pending_will.take().map(|p| p.will)
+    }
+
+    /// Takes a subscription out of the ordinary or the shared index. The caller holds the
+    /// session's lock.
+    fn remove_from_index(&self, filter: &TopicFilter, session: SessionId) -> bool {
+        match shared::parse(filter) {
+            Ok(Some(sf)) => {
+                let mut groups = lock(&self.shared_groups);
+                let key: GroupKey = (sf.group.into(), sf.filter);
+                let Some(group) = groups.get(&key).cloned() else {
+                    return false;
+                };
+                let (was_member, empty) = group.leave(session);
+                if empty {
+                    groups.remove(&key);
+                    write(&self.shared_index).remove(&group.filter, group.key);
+                    self.shared_group_count.fetch_sub(1, Ordering::Release);
+                }
+                was_member
+            }
+            _ => write(&self.index).remove(filter, session).is_some(),
+        }
+    }
+
+    /// The connection ends (§4.1, §3.1.2.5). `will` is the client's will when the way it
+    /// ended publishes one. A session with a Session Expiry Interval goes offline, keeps
+    /// queueing QoS 1/2 and ends when the interval passes; one with 0 ends now. The will goes
+    /// out now, or after its Will Delay Interval unless the client reconnects first, and at
+    /// the latest when the session ends.
+    ///
+    /// Messages the client got through a shared subscription and has not acknowledged go to
+    /// another member of the group.
+    pub fn detach(
+        &self,
+        session: &Arc<Session>,
+        connection: u64,
+        will: Option<Box<LastWill>>,
+        now: Instant,
+    ) {
         let mut sessions = lock(&self.sessions);
         let mut st = session.lock();
         if st.owner != Owner::Connection(connection) {
-            return; // taken over: the session is no longer ours to change
+            // Taken over. A new connection to the session within the will delay cancels the
+            // will; with no delay, or when the new connection discarded the session, it goes
+            // out now [MQTT-3.1.4-3].
+            let ended = st.owner == Owner::Ended;
+            drop(st);
+            drop(sessions);
+            if let Some(will) = will {
+                if will_delay(&will) == 0 || ended {
+                    self.publish_will(*will, session.id, now);
+                }
+            }
+            return;
         }
         st.waker = None;
         st.release_blocked();
-        if st.persistent {
+        let given_back = st.take_shared_deliveries();
+        let mut will_now = None;
+        if st.persistent() {
             session.set_owner(&mut st, Owner::Offline);
             st.discard_qos0();
+            if st.expiry_interval != NEVER_EXPIRES {
+                let at = now + Duration::from_secs(u64::from(st.expiry_interval));
+                st.expires_at = Some(at);
+                self.schedule(at, session);
+            }
+            if let Some(will) = will {
+                match will_delay(&will) {
+                    0 => will_now = Some(will),
+                    delay => {
+                        let at = now + Duration::from_secs(u64::from(delay));
+                        st.pending_will = Some(PendingWill { at, will });
+                        self.schedule(at, session);
+                    }
+                }
+            }
+            drop(st);
+            drop(sessions);
+        } else {
+            // Clean: the session ends with the connection [MQTT-3.1.2-6], and a delayed will
+            // with it.
+            will_now = will;
+            if let Some(w) = self.end_session(session, &mut st) {
+                will_now.get_or_insert(w);
+            }
+            drop(st);
+            if sessions
+                .get(&session.client_id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&session.client_id);
+            }
+            drop(sessions);
+        }
+        self.give_back(session, given_back);
+        if let Some(will) = will_now {
+            self.publish_will(*will, session.id, now);
+        }
+    }
+
+    /// Offers deliveries a shared subscription member did not complete to other members.
+    /// Those no connected member can take stay with their session if it persists.
+    fn give_back(&self, from: &Arc<Session>, deliveries: Vec<Delivery>) {
+        let mut unplaced = Vec::new();
+        for d in deliveries {
+            let Some(group) = d.group().cloned() else {
+                continue;
+            };
+            let Some(member) = group.pick(Some(from.id)) else {
+                unplaced.push(d);
+                continue;
+            };
+            let mut extra = DeliveryExtra {
+                group: Some(group),
+                ..DeliveryExtra::default()
+            };
+            if member.subscription_id != 0 {
+                extra.subscription_ids.push(member.subscription_id);
+            }
+            let delivery = Delivery {
+                qos: d.message.qos.min(member.options.qos),
+                extra: Some(Box::new(extra)),
+                ..d
+            };
+            if let Err(reason) = member.session.offer(delivery, &self.limits, &self.stats) {
+                self.count_drop(reason);
+            }
+        }
+        if unplaced.is_empty() {
             return;
         }
-        session.set_owner(&mut st, Owner::Ended);
-        let filters: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
-        st.queue.clear();
-        st.inflight.clear();
-        drop(st);
-        if sessions
-            .get(&session.client_id)
-            .is_some_and(|s| Arc::ptr_eq(s, session))
-        {
-            sessions.remove(&session.client_id);
+        let mut st = from.lock();
+        if st.owner == Owner::Offline {
+            for d in unplaced {
+                if let Err(reason) = st.push(d, &self.limits) {
+                    self.count_drop(reason);
+                }
+            }
         }
-        drop(sessions);
-        let mut index = write(&self.index);
-        for f in &filters {
-            index.remove(f, session.id);
-        }
-        drop(index);
-        self.store.session_removed(&session.client_id);
     }
 
     /// Adds or replaces a subscription for the session `connection` owns. Returns whether it
-    /// replaced one for the same filter [MQTT-3.8.4-3], or `None` if the session was taken over.
+    /// replaced one for the same filter [MQTT-3.8.4-3], or `None` if the session was taken
+    /// over. A `$share/{group}/{filter}` filter (already validated) joins that group.
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
         connection: u64,
         filter: &TopicFilter,
         options: SubscriptionOptions,
+        subscription_id: u32,
     ) -> Option<bool> {
         // The index changes under the session lock so a concurrent takeover that clears the
         // session's subscriptions cannot miss this one (lock order: session → index).
@@ -274,15 +478,45 @@ impl Broker {
         if st.owner != Owner::Connection(connection) {
             return None;
         }
-        let existed = st.subscriptions.insert(filter.clone(), options).is_some();
-        write(&self.index).insert(
-            filter,
-            session.id,
-            Subscriber {
-                session: session.clone(),
-                options,
-            },
-        );
+        let existed = st
+            .subscriptions
+            .insert(
+                filter.clone(),
+                Subscription {
+                    options,
+                    id: subscription_id,
+                },
+            )
+            .is_some();
+        let subscriber = Subscriber {
+            session: session.clone(),
+            options,
+            subscription_id,
+        };
+        match shared::parse(filter) {
+            Ok(Some(sf)) => {
+                let mut groups = lock(&self.shared_groups);
+                let key: GroupKey = (sf.group.into(), sf.filter);
+                let group = match groups.get(&key) {
+                    Some(g) => g.clone(),
+                    None => {
+                        let group = Arc::new(SharedGroup::new(
+                            self.next_group_key.fetch_add(1, Ordering::Relaxed),
+                            sf.group,
+                            key.1.clone(),
+                        ));
+                        write(&self.shared_index).insert(&group.filter, group.key, group.clone());
+                        groups.insert(key, group.clone());
+                        self.shared_group_count.fetch_add(1, Ordering::Release);
+                        group
+                    }
+                };
+                group.join(subscriber);
+            }
+            _ => {
+                write(&self.index).insert(filter, session.id, subscriber);
+            }
+        }
         drop(st);
         self.store
             .subscription_added(&session.client_id, filter, options);
@@ -300,7 +534,7 @@ impl Broker {
         let existed =
             st.owner == Owner::Connection(connection) && st.subscriptions.remove(filter).is_some();
         if existed {
-            write(&self.index).remove(filter, session.id);
+            self.remove_from_index(filter, session.id);
         }
         drop(st);
         if existed {
@@ -323,16 +557,23 @@ impl Broker {
         }
     }
 
-    /// Retained messages matching `filter`, for a new subscription.
-    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
+    /// Retained messages matching `filter` whose expiry interval has not passed, for a new
+    /// subscription [MQTT-3.3.2-5].
+    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         let mut found = Vec::new();
-        read(&self.retained).for_each_match(filter, |_, m| found.push(m.clone()));
+        read(&self.retained).for_each_match(filter, |_, m| {
+            if !m.is_expired(now) {
+                found.push(m.clone())
+            }
+        });
         found
     }
 
     /// Delivers `message` to every session with a matching subscription, once per session at
-    /// the highest QoS among its matching subscriptions [MQTT-3.3.5-1]. Honours v5 No Local
-    /// [MQTT-3.8.3-3] and Retain As Published [MQTT-3.3.1-12] [MQTT-3.3.1-13].
+    /// the highest QoS among its matching subscriptions [MQTT-3.3.5-1], with the identifiers
+    /// of all of them [MQTT-3.3.4-3]; and to one member of each matching shared subscription
+    /// group [MQTT-4.8.2-?]. Honours v5 No Local [MQTT-3.8.3-3] and Retain As Published
+    /// [MQTT-3.3.1-12] [MQTT-3.3.1-13].
     ///
     /// The publisher's own session never counts as congested: a client cannot both be paused
     /// and read the acknowledgements that would drain its own queue.
@@ -344,40 +585,85 @@ impl Broker {
                 if sub.options.no_local && id == message.origin {
                     return;
                 }
-                let retain = sub.options.retain_as_published && message.retain;
-                targets.push((id, sub.session.clone(), sub.options.qos, retain));
-            });
-            if targets.len() > 1 {
-                // Overlapping subscriptions of one session: one entry with the max QoS, keeping
-                // the retain flag if any of them asked for it.
-                targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
-                targets.dedup_by(|later, kept| {
-                    let same = later.0 == kept.0;
-                    if same {
-                        kept.3 |= later.3;
-                    }
-                    same
+                targets.push(Target {
+                    id,
+                    session: sub.session.clone(),
+                    qos: sub.options.qos,
+                    retain: sub.options.retain_as_published && message.retain,
+                    subscription_id: sub.subscription_id,
+                    group: None,
                 });
+            });
+            let ordinary = targets.len();
+            let mut groups_matched = 0;
+            if self.shared_group_count.load(Ordering::Acquire) > 0 {
+                let shared = read(&self.shared_index);
+                {
+                    shared.for_each_match(&message.topic, |_, group| {
+                        groups_matched += 1;
+                        if let Some(sub) = group.pick(None) {
+                            targets.push(Target {
+                                id: sub.session.id,
+                                session: sub.session,
+                                qos: sub.options.qos,
+                                retain: sub.options.retain_as_published && message.retain,
+                                subscription_id: sub.subscription_id,
+                                group: Some(group.clone()),
+                            });
+                        }
+                    });
+                }
             }
             let weight = u32::try_from(message.weight()).unwrap_or(u32::MAX);
-            let matched = targets.len();
+            let mut matched = groups_matched;
             let mut congested = None;
-            for (id, session, granted, retain) in targets.drain(..) {
-                let delivery = Delivery {
-                    message: message.clone(),
-                    qos: granted.min(message.qos),
-                    retain,
-                    weight,
-                };
-                match session.offer(delivery, &self.limits, &self.stats) {
+            let offer = |t: Target, ids: Vec<u32>, congested: &mut Option<Arc<Session>>| {
+                let mut delivery = Delivery::new(message.clone(), t.qos.min(message.qos), t.retain, weight);
+                if !ids.is_empty() || t.group.is_some() {
+                    delivery.extra = Some(Box::new(DeliveryExtra {
+                        subscription_ids: ids,
+                        group: t.group,
+                    }));
+                }
+                match t.session.offer(delivery, &self.limits, &self.stats) {
                     Ok(Admitted::Queued) => {}
                     Ok(Admitted::Congested) => {
-                        if congested.is_none() && id != message.origin {
-                            congested = Some(session);
+                        if congested.is_none() && t.id != message.origin {
+                            *congested = Some(t.session);
                         }
                     }
                     Err(reason) => self.count_drop(reason),
                 }
+            };
+            let shared_targets = targets.split_off(ordinary);
+            if targets.len() > 1 {
+                // Overlapping subscriptions of one session: one delivery with the max QoS,
+                // the retain flag if any asked for it, and every subscription identifier.
+                targets.sort_unstable_by(|a, b| a.id.cmp(&b.id).then(b.qos.cmp(&a.qos)));
+            }
+            let mut iter = targets.drain(..).peekable();
+            while let Some(mut first) = iter.next() {
+                matched += 1;
+                let mut ids = Vec::new();
+                if first.subscription_id != 0 {
+                    ids.push(first.subscription_id);
+                }
+                while let Some(next) = iter.next_if(|t| t.id == first.id) {
+                    first.retain |= next.retain;
+                    if next.subscription_id != 0 && !ids.contains(&next.subscription_id) {
+                        ids.push(next.subscription_id);
+                    }
+                }
+                offer(first, ids, &mut congested);
+            }
+            drop(iter);
+            for t in shared_targets {
+                let ids = if t.subscription_id != 0 {
+                    vec![t.subscription_id]
+                } else {
+                    Vec::new()
+                };
+                offer(t, ids, &mut congested);
             }
             Routed { matched, congested }
         })
@@ -391,5 +677,127 @@ impl Broker {
             Dropped::Ended => return,
         };
         Stats::add(counter, 1);
+    }
+
+    /// Publishes a client's will (§3.1.2.5) as if the client had sent it.
+    pub(crate) fn publish_will(&self, will: LastWill, origin: SessionId, now: Instant) {
+        let retain = will.retain && self.limits.retain_available;
+        let publish = Publish {
+            dup: false,
+            // A 3.x client cannot be refused for its will's QoS; it goes out at most at ours.
+            qos: will.qos.min(self.limits.maximum_qos),
+            retain,
+            topic: will.topic.clone(),
+            packet_id: None,
+            properties: will.properties,
+            payload: will.payload,
+        };
+        let mut message = Message::from_publish(publish, will.topic, origin, now);
+        // Will Delay Interval is connection metadata, not a message property.
+        if message.properties.will_delay_interval.is_some() {
+            message.properties.will_delay_interval = None;
+        }
+        let message = Arc::new(message);
+        if retain {
+            self.retain(&message);
+        }
+        self.route(&message);
+        Stats::add(&self.stats.wills_published, 1);
+    }
+
+    /// Asks to look at `session` again at `at`.
+    fn schedule(&self, at: Instant, session: &Arc<Session>) {
+        let mut timers = lock(&self.timers);
+        let earliest = timers.heap.peek().map(|Reverse(e)| e.at);
+        timers.seq += 1;
+        let seq = timers.seq;
+        timers.heap.push(Reverse(TimerEntry {
+            at,
+            seq,
+            session: session.clone(),
+        }));
+        if earliest.is_none_or_later(at) {
+            if let Some(w) = timers.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Runs what is due at `now` (sessions whose expiry passed end, delayed wills go out) and
+    /// returns when to call again; the caller's task is woken if an earlier deadline is added
+    /// meanwhile. The server's housekeeping task calls this.
+    pub fn poll_timers(&self, cx: &mut Context<'_>, now: Instant) -> Option<Instant> {
+        loop {
+            let due = {
+                let mut timers = lock(&self.timers);
+                let mut due = Vec::new();
+                while timers.heap.peek().is_some_and(|Reverse(e)| e.at <= now) {
+                    if let Some(Reverse(e)) = timers.heap.pop() {
+                        due.push(e.session);
+                    }
+                }
+                if due.is_empty() {
+                    if !timers
+                        .waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        timers.waker = Some(cx.waker().clone());
+                    }
+                    return timers.heap.peek().map(|Reverse(e)| e.at);
+                }
+                due
+            };
+            for session in due {
+                self.session_timer(&session, now);
+            }
+        }
+    }
+
+    /// A deadline of an offline session came: end it if its expiry passed, publish its will
+    /// if the will's delay passed or the session ended.
+    fn session_timer(&self, session: &Arc<Session>, now: Instant) {
+        let mut sessions = lock(&self.sessions);
+        let mut st = session.lock();
+        if st.owner != Owner::Offline {
+            return; // resumed or already ended: whatever was due no longer is
+        }
+        let mut will = None;
+        if st.pending_will.as_ref().is_some_and(|p| p.at <= now) {
+            will = st.pending_will.take().map(|p| p.will);
+        }
+        if st.expires_at.is_some_and(|t| t <= now) {
+            tracing::debug!(client_id = %session.client_id, "session expired");
+            Stats::add(&self.stats.sessions_expired, 1);
+            if let Some(w) = self.end_session(session, &mut st) {
+                will = Some(w);
+            }
+            drop(st);
+            if sessions
+                .get(&session.client_id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&session.client_id);
+            }
+        } else {
+            drop(st);
+        }
+        drop(sessions);
+        if let Some(will) = will {
+            self.publish_will(*will, session.id, now);
+        }
+    }
+}
+
+trait NoneOrLater {
+    fn is_none_or_later(&self, at: Instant) -> bool;
+}
+
+impl NoneOrLater for Option<Instant> {
+    fn is_none_or_later(&self, at: Instant) -> bool {
+        match self {
+            None => true,
+            Some(t) => *t > at,
+        }
     }
 }

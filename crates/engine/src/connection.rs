@@ -23,14 +23,15 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use petrel_codec::{
     ConnAck, Connect, DecodeError, Disconnect, LastWill, MqttString, Packet, Properties,
-    ProtocolVersion, PubAck, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck,
-    Unsubscribe,
+    ProtocolVersion, PubAck, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    TopicName, UnsubAck, Unsubscribe,
 };
 
 use crate::auth::{AuthDecision, Credentials};
 use crate::broker::Broker;
 use crate::message::Message;
-use crate::session::{Delivery, Owner, Session};
+use crate::session::{Delivery, Egress, Owner, Session, TopicAliases, NEVER_EXPIRES};
+use crate::shared;
 use crate::stats::Stats;
 
 /// Stop moving queued messages into the write buffer past this many bytes: the rest waits in
@@ -49,15 +50,25 @@ pub enum Violation {
     SecondConnect,
     #[error("{0} is sent only by a server")]
     ServerOnlyPacket(&'static str),
-    #[error("topic alias not allowed: the server's Topic Alias Maximum is 0 [MQTT-3.3.2-9]")]
-    TopicAliasInvalid,
+    #[error("topic alias {0} is 0 or above the server's Topic Alias Maximum [MQTT-3.3.2-9]")]
+    TopicAliasInvalid(u16),
+    #[error("PUBLISH names its topic by alias {0}, which was never set [MQTT-3.3.4-?]")]
+    TopicAliasUnknown(u16),
+    #[error("PUBLISH at QoS {0}, above the server's Maximum QoS [MQTT-3.2.2-11]")]
+    QoSNotSupported(u8),
+    #[error("more QoS 2 messages unacknowledged than the server's Receive Maximum [MQTT-3.3.4-8]")]
+    ReceiveMaximumExceeded,
+    #[error("payload marked UTF-8 (Payload Format Indicator 1) is not valid UTF-8 [MQTT-3.3.2-4]")]
+    PayloadFormatInvalid,
+    #[error("DISCONNECT sets a Session Expiry Interval after CONNECT set 0 [MQTT-3.14.2-2]")]
+    SessionExpiryAfterZero,
     #[error("PUBLISH from a client carries a Subscription Identifier [MQTT-3.3.4-6]")]
     SubscriptionIdFromClient,
     #[error("AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]")]
     UnexpectedAuth,
     #[error("retained PUBLISH while Retain Available is 0 [MQTT-3.3.1-15]")]
     RetainNotSupported,
-    #[error("SUBSCRIBE with a Subscription Identifier, which this server does not support [MQTT-3.8.2-?]")]
+    #[error("SUBSCRIBE with a Subscription Identifier, which this server does not support [MQTT-3.2.2-?]")]
     SubscriptionIdsNotSupported,
 }
 
@@ -65,7 +76,10 @@ impl Violation {
     pub fn reason_code(&self) -> ReasonCode {
         match self {
             Violation::Malformed(e) => e.reason_code(),
-            Violation::TopicAliasInvalid => ReasonCode::TOPIC_ALIAS_INVALID,
+            Violation::TopicAliasInvalid(_) => ReasonCode::TOPIC_ALIAS_INVALID,
+            Violation::QoSNotSupported(_) => ReasonCode::QOS_NOT_SUPPORTED,
+            Violation::ReceiveMaximumExceeded => ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+            Violation::PayloadFormatInvalid => ReasonCode::PAYLOAD_FORMAT_INVALID,
             Violation::RetainNotSupported => ReasonCode::RETAIN_NOT_SUPPORTED,
             Violation::SubscriptionIdsNotSupported => {
                 ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED
@@ -137,7 +151,17 @@ enum State {
 struct Attached {
     session: Arc<Session>,
     version: ProtocolVersion,
+    /// How PUBLISH packets are written to this client (window, its Maximum Packet Size, the
+    /// topic aliases it was told).
+    egress: Egress,
     client_id: MqttString,
+    /// The Session Expiry Interval CONNECT set: a DISCONNECT may not raise 0 [MQTT-3.14.2-2].
+    session_expiry: u32,
+    /// v5 Request Problem Information: reason strings and user properties may be sent on
+    /// packets other than PUBLISH, CONNACK and DISCONNECT [MQTT-3.1.2-29].
+    problem_info: bool,
+    /// Topics the client named by alias (v5 inbound topic aliases), indexed by alias - 1.
+    inbound_aliases: Vec<Option<TopicName>>,
     /// 1.5 × keepalive; `None` when the client chose 0.
     idle_limit: Option<Duration>,
     /// When the last packet arrived from the client. Only inbound packets move it.
@@ -145,8 +169,6 @@ struct Attached {
     /// Boxed: a will carries a full property set, and most clients have none, so an idle
     /// connection should not pay for one inline.
     will: Option<Box<LastWill>>,
-    /// Outbound in-flight window: our limit, lowered to the client's v5 Receive Maximum.
-    window: usize,
     /// Set while this client, as a publisher, waits for a subscriber's queue to drain.
     pause: Option<Pause>,
 }
@@ -332,15 +354,26 @@ impl Connection {
             Packet::PubRec(ack) => self.handle_pubrec(ack),
             Packet::PubRel(ack) => self.handle_pubrel(ack),
             Packet::PubComp(ack) => self.handle_pubcomp(ack),
-            Packet::Subscribe(s) => self.handle_subscribe(s),
+            Packet::Subscribe(s) => self.handle_subscribe(now, s),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(u),
             Packet::PingReq => {
                 self.send(&Packet::PingResp);
                 Ok(())
             }
-            Packet::Disconnect(d) => Err(CloseReason::Disconnect {
-                with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
-            }),
+            Packet::Disconnect(d) => {
+                if let Some(expiry) = d.properties.session_expiry_interval {
+                    // A session that was to end with the connection may not be kept by a
+                    // DISCONNECT [MQTT-3.14.2-2]; otherwise the new interval applies now.
+                    if attached.session_expiry == 0 && expiry != 0 {
+                        return Err(Violation::SessionExpiryAfterZero.into());
+                    }
+                    let expiry = expiry.min(self.broker.limits.max_session_expiry);
+                    self.with_session(|st| st.expiry_interval = expiry)?;
+                }
+                Err(CloseReason::Disconnect {
+                    with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
+                })
+            }
             Packet::Connect(_) => Err(Violation::SecondConnect.into()),
             Packet::Auth(_) => Err(Violation::UnexpectedAuth.into()),
             other @ (Packet::ConnAck(_)
@@ -367,6 +400,28 @@ impl Connection {
     fn send(&mut self, packet: &Packet) {
         let version = self.version();
         self.write(packet, version);
+    }
+
+    /// Writes a SUBACK or DISCONNECT that may carry a reason string, without it if the packet
+    /// would otherwise exceed the client's Maximum Packet Size [MQTT-3.1.2-25].
+    fn send_within_limit(&mut self, packet: &Packet) {
+        let (version, max) = match &self.state {
+            State::Connected(a) => (a.version, a.egress.max_packet_size as usize),
+            _ => return self.send(packet),
+        };
+        let start = self.out.len();
+        self.write(packet, version);
+        if self.out.len() - start <= max {
+            return;
+        }
+        self.out.truncate(start);
+        let mut bare = packet.clone();
+        match &mut bare {
+            Packet::SubAck(p) => p.properties = Properties::default(),
+            Packet::Disconnect(p) => p.properties = Properties::default(),
+            _ => {}
+        }
+        self.write(&bare, version);
     }
 
     fn refuse(&mut self, version: ProtocolVersion, reason: ReasonCode) -> Result<(), CloseReason> {
@@ -408,8 +463,13 @@ impl Connection {
                 assigned = Some(id.clone());
             }
             id
-        } else if connect.client_id.len() > usize::from(limits.max_client_id_len) {
-            tracing::debug!(peer = %self.peer, len = connect.client_id.len(), "client id too long");
+        } else if connect.client_id.len() > usize::from(limits.max_client_id_len)
+            || (version == ProtocolVersion::V3_1
+                && limits.strict_v31_client_id
+                && connect.client_id.chars().count() > 23)
+        {
+            // MQTT 3.1 (§3.1 CONNECT): "between 1 and 23 characters", return code 2.
+            tracing::debug!(peer = %self.peer, len = connect.client_id.len(), %version, "client id too long");
             return self.refuse(version, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
         } else {
             connect.client_id.clone()
@@ -420,6 +480,22 @@ impl Connection {
         if connect.properties.authentication_method.is_some() {
             tracing::debug!(peer = %self.peer, client_id = %client_id, "authentication method not supported");
             return self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD);
+        }
+
+        // The will must be one the server can honour [MQTT-3.2.2-12] [MQTT-3.2.2-13].
+        if let Some(will) = &connect.will {
+            if version.is_v5() && will.qos > limits.maximum_qos {
+                return self.refuse(version, ReasonCode::QOS_NOT_SUPPORTED);
+            }
+            if version.is_v5() && will.retain && !limits.retain_available {
+                return self.refuse(version, ReasonCode::RETAIN_NOT_SUPPORTED);
+            }
+            if limits.check_payload_format
+                && will.properties.payload_format_indicator == Some(1)
+                && std::str::from_utf8(&will.payload).is_err()
+            {
+                return self.refuse(version, ReasonCode::PAYLOAD_FORMAT_INVALID);
+            }
         }
 
         let decision = self.broker.authenticator().authenticate(&Credentials {
@@ -433,17 +509,28 @@ impl Connection {
             return self.refuse(version, decision.reason_code());
         }
 
-        // 3.x: Clean Session 0 keeps the session after the connection. 5.0: Session Expiry
-        // Interval > 0 does (absent means 0) [MQTT-3.1.2-23]; expiry timing itself is kept
-        // as "until resumed or cleaned" for now.
-        let persistent = if version.is_v5() {
-            connect.properties.session_expiry_interval.unwrap_or(0) > 0
+        // 3.x: Clean Session 0 keeps the session until a clean start. 5.0: the Session
+        // Expiry Interval (absent means 0) [MQTT-3.1.2-23], capped by configuration.
+        let mut properties = Properties::default();
+        let session_expiry = if version.is_v5() {
+            let asked = connect.properties.session_expiry_interval.unwrap_or(0);
+            let granted = asked.min(limits.max_session_expiry);
+            if granted != asked {
+                properties.session_expiry_interval = Some(granted);
+            }
+            granted
+        } else if connect.clean_start {
+            0
         } else {
-            !connect.clean_start
+            NEVER_EXPIRES
         };
-        let attach = self
-            .broker
-            .attach(&client_id, connect.clean_start, persistent, self.id);
+        let attach = self.broker.attach(
+            &client_id,
+            connect.clean_start,
+            session_expiry,
+            self.id,
+            now,
+        );
         if attach.took_over {
             Stats::add(&self.broker.stats.takeovers, 1);
             tracing::info!(client_id = %client_id, peer = %self.peer, "session taken over by a new connection");
@@ -453,7 +540,14 @@ impl Connection {
         }
 
         let mut keep_alive = connect.keep_alive;
-        let mut properties = Properties::default();
+        let limits = &self.broker.limits;
+        let client = &connect.properties;
+        let mut egress = Egress::new(
+            version,
+            usize::from(limits.max_inflight)
+                .min(usize::from(client.receive_maximum.unwrap_or(u16::MAX)))
+                .max(1),
+        );
         if version.is_v5() {
             // Server Keep Alive (§3.2.2.3.14): the broker may impose a maximum.
             if limits.max_keepalive > 0 && (keep_alive == 0 || keep_alive > limits.max_keepalive) {
@@ -462,16 +556,39 @@ impl Connection {
             }
             properties.assigned_client_identifier = assigned;
             properties.maximum_packet_size = Some(limits.max_packet_size);
-            properties.receive_maximum = Some(u16::MAX);
-            properties.subscription_identifier_available = Some(0);
-            properties.shared_subscription_available = Some(0);
+            properties.receive_maximum = Some(limits.receive_maximum);
+            if limits.topic_alias_maximum > 0 {
+                properties.topic_alias_maximum = Some(limits.topic_alias_maximum);
+            }
+            if limits.maximum_qos < QoS::ExactlyOnce {
+                properties.maximum_qos = Some(limits.maximum_qos as u8);
+            }
             if !limits.retain_available {
                 properties.retain_available = Some(0);
             }
+            if !limits.wildcard_subscriptions {
+                properties.wildcard_subscription_available = Some(0);
+            }
+            if !limits.subscription_identifiers {
+                properties.subscription_identifier_available = Some(0);
+            }
+            if !limits.shared_subscriptions {
+                properties.shared_subscription_available = Some(0);
+            }
+            if client.request_response_information == Some(1) {
+                if let Some(prefix) = &limits.response_information {
+                    properties.response_information =
+                        MqttString::new(&format!("{prefix}{client_id}")).ok();
+                }
+            }
+            egress.max_packet_size = client.maximum_packet_size.unwrap_or(u32::MAX);
+            egress.aliases = TopicAliases::new(
+                client
+                    .topic_alias_maximum
+                    .unwrap_or(0)
+                    .min(limits.topic_alias_maximum),
+            );
         }
-        let window = usize::from(limits.max_inflight).min(usize::from(
-            connect.properties.receive_maximum.unwrap_or(u16::MAX),
-        ));
         let connack = ConnAck {
             session_present: attach.session_present,
             reason: ReasonCode::SUCCESS,
@@ -482,23 +599,55 @@ impl Connection {
             attach
                 .session
                 .lock()
-                .resend_inflight(version, &mut self.out);
+                .resend_inflight(&mut egress, now, &mut self.out);
         }
         Stats::add(&self.broker.stats.connections_current, 1);
         Stats::add(&self.broker.stats.connections_total, 1);
-        tracing::debug!(client_id = %client_id, peer = %self.peer, %version, keep_alive, clean = connect.clean_start, "client connected");
+        tracing::debug!(client_id = %client_id, peer = %self.peer, %version, keep_alive, clean = connect.clean_start, session_expiry, "client connected");
         self.state = State::Connected(Box::new(Attached {
             session: attach.session,
             version,
+            egress,
             client_id,
+            session_expiry,
+            problem_info: connect.properties.request_problem_information != Some(0),
+            inbound_aliases: Vec::new(),
             idle_limit: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             last_received: now,
             will: connect.will.map(Box::new),
-            window: window.max(1),
             pause: None,
         }));
         Ok(())
+    }
+
+    /// The topic of an inbound PUBLISH, resolving and recording v5 topic aliases
+    /// (§3.3.2.3.4): an alias with a topic sets it, an alias with an empty topic uses it.
+    fn resolve_topic(&mut self, publish: &Publish) -> Result<TopicName, CloseReason> {
+        let Some(alias) = publish.properties.topic_alias else {
+            return Ok(publish.topic.clone());
+        };
+        let max = self.broker.limits.topic_alias_maximum;
+        let State::Connected(a) = &mut self.state else {
+            return Err(CloseReason::IoError);
+        };
+        if alias == 0 || alias > max {
+            return Err(Violation::TopicAliasInvalid(alias).into());
+        }
+        let slot = usize::from(alias) - 1;
+        if publish.topic.is_empty() {
+            return match a.inbound_aliases.get(slot).and_then(Option::as_ref) {
+                Some(topic) => Ok(topic.clone()),
+                None => Err(Violation::TopicAliasUnknown(alias).into()),
+            };
+        }
+        if a.inbound_aliases.len() <= slot {
+            a.inbound_aliases.resize(slot + 1, None);
+        }
+        // An owned copy, so the alias table does not pin the read buffer the topic came in.
+        let owned = TopicName::new(&publish.topic).unwrap_or_else(|_| publish.topic.clone());
+        a.inbound_aliases[slot] = Some(owned);
+        Ok(publish.topic.clone())
     }
 
     fn handle_publish(&mut self, now: Instant, publish: Publish) -> Result<(), CloseReason> {
@@ -508,14 +657,15 @@ impl Connection {
         if !session.is_owned_by(self.id) {
             return Err(CloseReason::TakenOver);
         }
-        if publish.properties.topic_alias.is_some() {
-            return Err(Violation::TopicAliasInvalid.into());
-        }
         if !publish.properties.subscription_identifiers.is_empty() {
             return Err(Violation::SubscriptionIdFromClient.into());
         }
+        let limits = &self.broker.limits;
+        if publish.qos > limits.maximum_qos {
+            return Err(Violation::QoSNotSupported(publish.qos as u8).into());
+        }
         let mut retain = publish.retain;
-        if retain && !self.broker.limits.retain_available {
+        if retain && !limits.retain_available {
             if version.is_v5() {
                 return Err(Violation::RetainNotSupported.into());
             }
@@ -523,24 +673,59 @@ impl Connection {
         }
         let qos = publish.qos;
         let packet_id = publish.packet_id;
+        if limits.check_payload_format
+            && publish.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&publish.payload).is_err()
+        {
+            // Refused, not routed [MQTT-3.3.2-4]: an acknowledgement with 0x99 ends a QoS 1/2
+            // exchange; a QoS 0 message has none, so the connection ends.
+            return match (qos, packet_id) {
+                (QoS::AtLeastOnce, Some(id)) if version.is_v5() => {
+                    self.send(&Packet::PubAck(PubAck::with_reason(
+                        id,
+                        ReasonCode::PAYLOAD_FORMAT_INVALID,
+                    )));
+                    Ok(())
+                }
+                (QoS::ExactlyOnce, Some(id)) if version.is_v5() => {
+                    self.send(&Packet::PubRec(PubAck::with_reason(
+                        id,
+                        ReasonCode::PAYLOAD_FORMAT_INVALID,
+                    )));
+                    Ok(())
+                }
+                _ => Err(Violation::PayloadFormatInvalid.into()),
+            };
+        }
+        let topic = if version.is_v5() {
+            self.resolve_topic(&publish)?
+        } else {
+            publish.topic.clone()
+        };
         if qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
                 return Err(Violation::Malformed(DecodeError::ZeroPacketId).into());
             };
+            let receive_maximum = usize::from(self.broker.limits.receive_maximum);
             let mut st = session.lock();
             if st.owner != Owner::Connection(self.id) {
                 return Err(CloseReason::TakenOver);
             }
             // A repeat of a QoS 2 PUBLISH whose PUBREL has not arrived is acknowledged again
             // but not delivered again [MQTT-4.3.3-9].
-            if !st.inbound_qos2.insert(id.get()) {
+            if st.inbound_qos2.contains(&id.get()) {
                 drop(st);
                 self.send(&Packet::PubRec(PubAck::new(id)));
                 return Ok(());
             }
+            // The broker's Receive Maximum [MQTT-3.3.4-8]; 3.x clients are bounded by the
+            // packet id space instead.
+            if version.is_v5() && st.inbound_qos2.len() >= receive_maximum {
+                return Err(Violation::ReceiveMaximumExceeded.into());
+            }
+            st.inbound_qos2.insert(id.get());
         }
-        let topic = publish.topic.clone();
-        let mut message = Message::from_publish(publish, topic, session.id);
+        let mut message = Message::from_publish(publish, topic, session.id, now);
         message.retain = retain;
         let message = Arc::new(message);
         if retain {
@@ -637,43 +822,86 @@ impl Connection {
         Ok(())
     }
 
-    fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), CloseReason> {
+    fn handle_subscribe(&mut self, now: Instant, subscribe: Subscribe) -> Result<(), CloseReason> {
         let a = self.attached()?;
-        let (version, session) = (a.version, a.session.clone());
-        if !subscribe.properties.subscription_identifiers.is_empty() {
-            return Err(Violation::SubscriptionIdsNotSupported.into());
-        }
+        let (version, session, problem_info) = (a.version, a.session.clone(), a.problem_info);
+        let limits = &self.broker.limits;
+        let subscription_id = match subscribe.properties.subscription_identifiers.first() {
+            Some(_) if !limits.subscription_identifiers => {
+                return Err(Violation::SubscriptionIdsNotSupported.into());
+            }
+            Some(&id) => id,
+            None => 0,
+        };
+        // 3.x has a single failure code, 0x80.
+        let failure = |code: ReasonCode| {
+            if version.is_v5() {
+                code
+            } else {
+                ReasonCode::UNSPECIFIED_ERROR
+            }
+        };
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut problem: Option<&'static str> = None;
         let mut replay = Vec::new();
         for (filter, options) in &subscribe.filters {
-            if version.is_v5() && filter.starts_with("$share/") {
-                reasons.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+            let mut options = *options;
+            let shared = match shared::parse(filter) {
+                Ok(s) => s.is_some(),
+                Err(_) => {
+                    reasons.push(failure(ReasonCode::TOPIC_FILTER_INVALID));
+                    problem.get_or_insert("malformed shared subscription filter");
+                    continue;
+                }
+            };
+            if shared && !limits.shared_subscriptions {
+                reasons.push(failure(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED));
+                problem.get_or_insert("shared subscriptions are disabled");
                 continue;
             }
-            let Some(existed) = self.broker.subscribe(&session, self.id, filter, *options) else {
+            // No Local on a shared subscription [MQTT-3.8.3-4] is refused by the decoder.
+            if !limits.wildcard_subscriptions && filter.has_wildcards() {
+                reasons.push(failure(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED));
+                problem.get_or_insert("wildcard subscriptions are disabled");
+                continue;
+            }
+            // Granted at most the server's Maximum QoS [MQTT-3.2.2-9].
+            options.qos = options.qos.min(limits.maximum_qos);
+            let Some(existed) =
+                self.broker
+                    .subscribe(&session, self.id, filter, options, subscription_id)
+            else {
                 return Err(CloseReason::TakenOver);
             };
             reasons.push(ReasonCode(options.qos as u8));
-            let send_retained = match options.retain_handling {
-                RetainHandling::OnSubscribe => true,
-                RetainHandling::OnNewSubscription => !existed,
-                RetainHandling::Never => false,
-            };
+            // Retained messages are not sent for a shared subscription [MQTT-4.8.2-?].
+            let send_retained = !shared
+                && match options.retain_handling {
+                    RetainHandling::OnSubscribe => true,
+                    RetainHandling::OnNewSubscription => !existed,
+                    RetainHandling::Never => false,
+                };
             if send_retained {
-                for message in self.broker.retained_matching(filter) {
+                for message in self.broker.retained_matching(filter, now) {
                     let qos = message.qos.min(options.qos);
-                    replay.push(Delivery {
-                        message,
-                        qos,
-                        retain: true,
-                        weight: 0,
-                    });
+                    let mut d = Delivery::new(message, qos, true, 0);
+                    if subscription_id != 0 {
+                        d.extra = Some(Box::new(crate::session::DeliveryExtra {
+                            subscription_ids: vec![subscription_id],
+                            group: None,
+                        }));
+                    }
+                    replay.push(d);
                 }
             }
         }
-        self.send(&Packet::SubAck(SubAck {
+        let mut properties = Properties::default();
+        if let (Some(text), true) = (problem, problem_info && version.is_v5()) {
+            properties.reason_string = MqttString::new(text).ok();
+        }
+        self.send_within_limit(&Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
-            properties: Properties::default(),
+            properties,
             reasons,
         }));
         if !replay.is_empty() {
@@ -712,8 +940,12 @@ impl Connection {
     /// high-water mark. `Ready(Ok)` when something was written; `Pending` with the waker
     /// registered when nothing can be sent until a publisher queues more; `Ready(Err)` when the
     /// session was taken over.
-    pub fn poll_deliver(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CloseReason>> {
-        let State::Connected(a) = &self.state else {
+    pub fn poll_deliver(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+    ) -> Poll<Result<(), CloseReason>> {
+        let State::Connected(a) = &mut self.state else {
             return Poll::Pending;
         };
         if self.out.len() >= OUT_HIGH_WATER {
@@ -725,18 +957,25 @@ impl Connection {
             return Poll::Ready(Err(CloseReason::TakenOver));
         }
         let mut wake = Vec::new();
-        let sent = st.drain(
-            a.version,
-            a.window,
+        let done = st.drain(
+            &mut a.egress,
+            now,
             &mut self.out,
             OUT_HIGH_WATER,
             &self.broker.limits,
             &mut wake,
         );
-        if sent > 0 {
+        if done.sent + done.expired + done.too_large > 0 {
             drop(st);
             wake.into_iter().for_each(std::task::Waker::wake);
-            Stats::add(&self.broker.stats.messages_sent, sent as u64);
+            let stats = &self.broker.stats;
+            Stats::add(&stats.messages_sent, done.sent as u64);
+            if done.expired > 0 {
+                Stats::add(&stats.messages_expired, done.expired as u64);
+            }
+            if done.too_large > 0 {
+                Stats::add(&stats.dropped_too_large, done.too_large as u64);
+            }
             return Poll::Ready(Ok(()));
         }
         if st.queue.is_empty() {
@@ -751,10 +990,11 @@ impl Connection {
         Poll::Pending
     }
 
-    /// Ends the connection: tells a v5 client why when the server is the one closing, detaches
-    /// from the session (a clean session is discarded) and publishes the will where the
-    /// specification requires it. Safe to call more than once.
-    pub fn close(&mut self, reason: &CloseReason) {
+    /// Ends the connection at `now`: tells a v5 client why when the server is the one
+    /// closing, detaches from the session (a session with no expiry interval is discarded; one
+    /// with an interval starts counting it) and publishes the will where the specification
+    /// requires it, now or after its delay. Safe to call more than once.
+    pub fn close(&mut self, reason: &CloseReason, now: Instant) {
         let state = std::mem::replace(&mut self.state, State::Closed);
         if matches!(state, State::Closed) {
             return;
@@ -769,10 +1009,22 @@ impl Connection {
         let a = *a;
         if a.version.is_v5() {
             if let Some(code) = reason.disconnect_code() {
-                self.write(
-                    &Packet::Disconnect(Disconnect::with_reason(code)),
-                    a.version,
-                );
+                let mut disconnect = Disconnect::with_reason(code);
+                // The reason string is always allowed on DISCONNECT [MQTT-3.1.2-29].
+                if let CloseReason::Violation(v) = reason {
+                    disconnect.properties.reason_string = MqttString::new(&v.to_string()).ok();
+                }
+                // Written while still counted as this client's connection (max packet size).
+                let max = a.egress.max_packet_size as usize;
+                let start = self.out.len();
+                self.write(&Packet::Disconnect(disconnect), a.version);
+                if self.out.len() - start > max {
+                    self.out.truncate(start);
+                    self.write(
+                        &Packet::Disconnect(Disconnect::with_reason(code)),
+                        a.version,
+                    );
+                }
             }
         }
         match reason {
@@ -786,40 +1038,12 @@ impl Connection {
                 tracing::debug!(client_id = %a.client_id, peer = %self.peer, reason = ?other, "connection closed");
             }
         }
-        self.broker.detach(&a.session, self.id);
+        let will = if reason.publishes_will() { a.will } else { None };
+        self.broker.detach(&a.session, self.id, will, now);
         self.broker
             .stats
             .connections_current
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if reason.publishes_will() {
-            if let Some(will) = a.will {
-                self.publish_will(*will, a.session.id);
-            }
-        }
-    }
-
-    fn publish_will(&self, will: LastWill, origin: crate::message::SessionId) {
-        let retain = will.retain && self.broker.limits.retain_available;
-        let publish = Publish {
-            dup: false,
-            qos: will.qos,
-            retain,
-            topic: will.topic.clone(),
-            packet_id: None,
-            properties: will.properties,
-            payload: will.payload,
-        };
-        let mut message = Message::from_publish(publish, will.topic, origin);
-        // Will Delay Interval is connection metadata, not a message property.
-        if message.properties.will_delay_interval.is_some() {
-            message.properties.will_delay_interval = None;
-        }
-        let message = Arc::new(message);
-        if retain {
-            self.broker.retain(&message);
-        }
-        self.broker.route(&message);
-        Stats::add(&self.broker.stats.wills_published, 1);
     }
 
     /// This connection's id: unique for the broker's lifetime, used as the session owner tag.
@@ -833,7 +1057,8 @@ impl Drop for Connection {
     /// the session marked as attached: treat it as a lost connection.
     fn drop(&mut self) {
         if self.is_connected() {
-            self.close(&CloseReason::IoError);
+            // The one place the engine reads the clock: there is no caller to ask.
+            self.close(&CloseReason::IoError, Instant::now());
         }
     }
 }

@@ -30,6 +30,7 @@ pub mod limits;
 pub mod message;
 pub mod retained;
 pub mod session;
+pub mod shared;
 pub mod stats;
 pub mod store;
 pub mod topic_index;

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use petrel_codec::QoS;
+
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Largest packet accepted from a client, header included. Checked from the fixed header,
@@ -34,6 +36,26 @@ pub struct Limits {
     /// Upper bound on the keepalive a v5 client may choose (sent as Server Keep Alive); 0 = no
     /// cap.
     pub max_keepalive: u16,
+    /// v5 Receive Maximum the broker announces: QoS 2 messages from one client whose
+    /// exchange is not complete. A v5 client past it is disconnected with 0x93.
+    pub receive_maximum: u16,
+    /// v5 Topic Alias Maximum: aliases a client may use towards the broker, and the most
+    /// the broker uses towards a client (never more than the client allows). 0 = none.
+    pub topic_alias_maximum: u16,
+    /// Highest QoS accepted from publishers and granted to subscriptions.
+    pub maximum_qos: QoS,
+    pub wildcard_subscriptions: bool,
+    pub subscription_identifiers: bool,
+    pub shared_subscriptions: bool,
+    /// Longest v5 Session Expiry Interval granted, in seconds; `u32::MAX` = no cap.
+    pub max_session_expiry: u32,
+    /// Refuse (0x99) a v5 PUBLISH or will marked as UTF-8 text whose payload is not UTF-8.
+    pub check_payload_format: bool,
+    /// Prefix of the Response Information sent to a v5 client that asks for it (the client id
+    /// follows); `None` = send none.
+    pub response_information: Option<String>,
+    /// MQTT 3.1 client ids at most 23 characters, as 3.1 requires.
+    pub strict_v31_client_id: bool,
 }
 
 impl Default for Limits {
@@ -49,6 +71,16 @@ impl Default for Limits {
             allow_empty_client_id: true,
             retain_available: true,
             max_keepalive: 0,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            maximum_qos: QoS::ExactlyOnce,
+            wildcard_subscriptions: true,
+            subscription_identifiers: true,
+            shared_subscriptions: true,
+            max_session_expiry: u32::MAX,
+            check_payload_format: true,
+            response_information: Some("response/".to_string()),
+            strict_v31_client_id: true,
         }
     }
 }

@@ -6,9 +6,18 @@
 //! QoS 1/2 forms differ per subscriber only in the packet id, and are written per delivery.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use petrel_codec::{PacketId, Properties, ProtocolVersion, Publish, PublishRef, QoS, TopicName};
+use petrel_codec::{
+    PacketId, Properties, ProtocolVersion, Publish, PublishExtra, PublishRef, QoS, TopicName,
+};
+
+use crate::session::Egress;
+
+/// A delivery was not written: the PUBLISH would exceed the client's Maximum Packet Size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooLarge;
 
 /// Identifies the session a message came from (for v5 No Local) and each session in the index.
 pub type SessionId = u64;
@@ -25,6 +34,9 @@ pub struct Message {
     /// allocation when there are none (every 3.1.1 message).
     pub properties: Properties,
     pub origin: SessionId,
+    /// When the v5 Message Expiry Interval runs out, counted from when the broker received
+    /// the message; `None` when it has none.
+    pub expires_at: Option<Instant>,
     /// Encoded QoS 0 PUBLISH frames: [3.x retain=0, 3.x retain=1, 5.0 retain=0, 5.0 retain=1].
     qos0_frames: [OnceLock<Bytes>; 4],
 }
@@ -56,13 +68,41 @@ impl Message {
             retain,
             properties,
             origin,
+            expires_at: None,
             qos0_frames: Default::default(),
         }
     }
 
+    /// Starts the Message Expiry Interval, if the message has one, at `received`.
+    pub fn with_expiry_from(mut self, received: Instant) -> Message {
+        self.expires_at = self
+            .properties
+            .message_expiry_interval
+            .map(|secs| received + Duration::from_secs(u64::from(secs)));
+        self
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+
+    /// Seconds of the expiry interval left at `now`, rounded up so that a message still
+    /// alive is never forwarded with 0 [MQTT-3.3.2-6].
+    fn expiry_left(&self, now: Instant) -> Option<u32> {
+        let at = self.expires_at?;
+        let left = at.saturating_duration_since(now);
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Some(u32::try_from(secs.max(1)).unwrap_or(u32::MAX))
+    }
+
     /// Builds the message a client's PUBLISH carries. Only properties meant for the receiver
     /// are kept (the topic alias is the sender's connection state, not the message's).
-    pub fn from_publish(publish: Publish, topic: TopicName, origin: SessionId) -> Message {
+    pub fn from_publish(
+        publish: Publish,
+        topic: TopicName,
+        origin: SessionId,
+        received: Instant,
+    ) -> Message {
         let mut properties = publish.properties;
         if !properties.is_empty() {
             properties.topic_alias = None;
@@ -80,6 +120,7 @@ impl Message {
             properties,
             origin,
         )
+        .with_expiry_from(received)
     }
 
     /// A copy whose topic and payload own exactly their bytes. A decoded message shares the
@@ -87,14 +128,16 @@ impl Message {
     /// takes this copy so that one retained message cannot pin a whole chunk.
     pub fn compacted(&self) -> Message {
         let topic = TopicName::new(&self.topic).unwrap_or_else(|_| self.topic.clone());
-        Message::new(
+        let mut copy = Message::new(
             topic,
             Bytes::copy_from_slice(&self.payload),
             self.qos,
             self.retain,
             self.properties.clone(),
             self.origin,
-        )
+        );
+        copy.expires_at = self.expires_at;
+        copy
     }
 
     /// Bytes this message counts against queue limits.
@@ -102,7 +145,74 @@ impl Message {
         self.payload.len() + self.topic.len()
     }
 
-    /// Appends the PUBLISH for one delivery to `out`.
+    /// Appends the PUBLISH for one delivery to the connection `egress` describes: with the
+    /// expiry interval left, the subscription identifiers, and a topic alias where the
+    /// connection uses them. Nothing is written when the packet would exceed the client's
+    /// Maximum Packet Size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_delivery(
+        &self,
+        egress: &mut Egress,
+        qos: QoS,
+        packet_id: Option<PacketId>,
+        retain: bool,
+        dup: bool,
+        subscription_ids: &[u32],
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> Result<(), TooLarge> {
+        let version = egress.version;
+        let plain = !version.is_v5()
+            || (self.expires_at.is_none()
+                && subscription_ids.is_empty()
+                && !egress.aliases.enabled());
+        let limit = egress.max_packet_size as usize;
+        if plain {
+            if limit == u32::MAX as usize {
+                self.encode_into(version, qos, packet_id, retain, dup, out);
+                return Ok(());
+            }
+            let start = out.len();
+            self.encode_into(version, qos, packet_id, retain, dup, out);
+            if out.len() - start > limit {
+                out.truncate(start);
+                return Err(TooLarge);
+            }
+            return Ok(());
+        }
+        let alias = egress.aliases.lookup(&self.topic);
+        let mut publish = PublishRef {
+            dup,
+            qos,
+            retain,
+            topic: &self.topic,
+            packet_id,
+            properties: &self.properties,
+            extra: PublishExtra {
+                topic_alias: alias.map(|(a, _)| a),
+                message_expiry_interval: self.expiry_left(now),
+                subscription_identifiers: subscription_ids,
+            },
+            payload: &self.payload,
+        };
+        if let Some((_, true)) = alias {
+            // The client holds this alias already: the topic goes empty [MQTT-3.3.2-?].
+            publish.topic = "";
+        }
+        if publish.encoded_len(version) > limit {
+            return Err(TooLarge);
+        }
+        if let Err(e) = publish.encode(version, out) {
+            tracing::error!(error = %e, topic = %self.topic, "cannot encode PUBLISH");
+            return Err(TooLarge);
+        }
+        if let Some((a, false)) = alias {
+            egress.aliases.commit(&self.topic, a);
+        }
+        Ok(())
+    }
+
+    /// Appends the PUBLISH for one delivery to `out`, with the stored properties as they are.
     pub fn encode_into(
         &self,
         version: ProtocolVersion,
@@ -141,6 +251,7 @@ impl Message {
             topic: &self.topic,
             packet_id,
             properties: &self.properties,
+            extra: PublishExtra::default(),
             payload: &self.payload,
         };
         // A message decoded from a packet within the size limit always re-encodes.

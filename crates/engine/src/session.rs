@@ -15,15 +15,22 @@ use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
+use std::time::Instant;
 
 use bytes::BytesMut;
 use petrel_codec::{
-    MqttString, Packet, PacketId, ProtocolVersion, PubAck, QoS, SubscriptionOptions, TopicFilter,
+    LastWill, MqttString, Packet, PacketId, ProtocolVersion, PubAck, QoS, SubscriptionOptions,
+    TopicFilter, TopicName,
 };
 
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
+use crate::shared::SharedGroup;
 use crate::stats::Stats;
+
+/// Session Expiry Interval meaning "never" [MQTT-3.1.2-?]: also what a 3.x Clean Session 0
+/// session gets.
+pub const NEVER_EXPIRES: u32 = u32::MAX;
 
 /// Which connection, if any, drives the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +54,131 @@ pub struct Delivery {
     /// Bytes this delivery counts against the queue limits; 0 for retained messages replayed on
     /// subscribe, which already live in the retained store.
     pub weight: u32,
+    /// What only some deliveries carry, boxed so the common one stays three words.
+    pub extra: Option<Box<DeliveryExtra>>,
+}
+
+/// The rarer parts of a delivery.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryExtra {
+    /// Identifiers of the matching subscriptions that have one [MQTT-3.3.4-3].
+    pub subscription_ids: Vec<u32>,
+    /// The shared subscription group this delivery was chosen for: if the member goes away
+    /// before acknowledging, the message is given to another member.
+    pub group: Option<Arc<SharedGroup>>,
+}
+
+impl Delivery {
+    pub fn new(message: Arc<Message>, qos: QoS, retain: bool, weight: u32) -> Delivery {
+        Delivery {
+            message,
+            qos,
+            retain,
+            weight,
+            extra: None,
+        }
+    }
+
+    pub fn subscription_ids(&self) -> &[u32] {
+        self.extra
+            .as_deref()
+            .map_or(&[][..], |e| &e.subscription_ids[..])
+    }
+
+    pub fn group(&self) -> Option<&Arc<SharedGroup>> {
+        self.extra.as_deref().and_then(|e| e.group.as_ref())
+    }
+}
+
+/// A subscription as the session remembers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    pub options: SubscriptionOptions,
+    /// v5 Subscription Identifier; 0 for none.
+    pub id: u32,
+}
+
+/// A will waiting for its Will Delay Interval (§3.1.3.2.2), kept in the session: a reconnect
+/// to the session before `at` cancels it, the session ending publishes it at once.
+#[derive(Debug)]
+pub struct PendingWill {
+    pub at: Instant,
+    pub will: Box<LastWill>,
+}
+
+/// How one connection writes PUBLISH packets: what its client accepts. Owned by the
+/// connection; the session's `drain` writes through it.
+#[derive(Debug)]
+pub struct Egress {
+    pub version: ProtocolVersion,
+    /// Outbound in-flight window: our limit, lowered to the client's v5 Receive Maximum
+    /// [MQTT-3.3.4-7].
+    pub window: usize,
+    /// The client's Maximum Packet Size; `u32::MAX` when it set none. Larger PUBLISH packets
+    /// are not sent [MQTT-3.1.2-24] and count as delivered [MQTT-3.1.2-25].
+    pub max_packet_size: u32,
+    /// Topic aliases this connection has told the client (v5, Topic Alias Maximum > 0).
+    pub aliases: TopicAliases,
+}
+
+impl Egress {
+    pub fn new(version: ProtocolVersion, window: usize) -> Egress {
+        Egress {
+            version,
+            window,
+            max_packet_size: u32::MAX,
+            aliases: TopicAliases::new(0),
+        }
+    }
+}
+
+/// Outbound topic aliases of one connection (§3.3.2.3.4): keyed by topic name, numbered from
+/// 1 up to the smaller of the client's Topic Alias Maximum and ours. Once all are taken, new
+/// topics are sent in full.
+#[derive(Debug, Default)]
+pub struct TopicAliases {
+    max: u16,
+    map: HashMap<TopicName, u16>,
+}
+
+impl TopicAliases {
+    pub fn new(max: u16) -> TopicAliases {
+        TopicAliases {
+            max,
+            map: HashMap::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    /// The alias for `topic` and whether the receiver already knows it; `None` when no alias
+    /// is free. A new alias is only taken by [`TopicAliases::commit`].
+    pub fn lookup(&self, topic: &TopicName) -> Option<(u16, bool)> {
+        if let Some(&alias) = self.map.get(topic) {
+            return Some((alias, true));
+        }
+        let next = u16::try_from(self.map.len() + 1).ok()?;
+        (next <= self.max).then_some((next, false))
+    }
+
+    pub fn commit(&mut self, topic: &TopicName, alias: u16) {
+        // An owned copy: the topic may be a slice of a large read buffer.
+        let key = TopicName::new(topic).unwrap_or_else(|_| topic.clone());
+        self.map.insert(key, alias);
+    }
+}
+
+/// What one `drain` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// PUBLISH packets written.
+    pub sent: usize,
+    /// Messages whose Message Expiry Interval passed while queued: not sent [MQTT-3.3.2-5].
+    pub expired: usize,
+    /// Messages larger than the client's Maximum Packet Size: not sent [MQTT-3.1.2-25].
+    pub too_large: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,9 +225,14 @@ pub struct SessionState {
     pub owner: Owner,
     /// Wakes the attached connection's task when a message is queued.
     pub waker: Option<Waker>,
-    /// Clean Session 0: the session survives the connection.
-    pub persistent: bool,
-    pub subscriptions: HashMap<TopicFilter, SubscriptionOptions>,
+    /// Session Expiry Interval in seconds: 0 ends the session with its connection,
+    /// [`NEVER_EXPIRES`] keeps it until a clean start (3.x Clean Session 0).
+    pub expiry_interval: u32,
+    /// While offline with a finite expiry interval: when the session ends.
+    pub expires_at: Option<Instant>,
+    /// A will delayed by its Will Delay Interval.
+    pub pending_will: Option<PendingWill>,
+    pub subscriptions: HashMap<TopicFilter, Subscription>,
     /// Messages not yet sent, oldest first. QoS 0, 1 and 2 share it so that messages on one
     /// topic leave in the order they arrived.
     pub queue: VecDeque<Delivery>,
@@ -133,7 +270,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(id: SessionId, client_id: MqttString, owner: Owner, persistent: bool) -> Session {
+    pub fn new(
+        id: SessionId,
+        client_id: MqttString,
+        owner: Owner,
+        expiry_interval: u32,
+    ) -> Session {
         let owner_id = match owner {
             Owner::Connection(c) => c,
             _ => 0,
@@ -145,7 +287,9 @@ impl Session {
             state: Mutex::new(SessionState {
                 owner,
                 waker: None,
-                persistent,
+                expiry_interval,
+                expires_at: None,
+                pending_will: None,
                 subscriptions: HashMap::new(),
                 queue: VecDeque::new(),
                 queued_messages: 0,
@@ -176,6 +320,11 @@ impl Session {
             _ => 0,
         };
         self.owner_id.store(id, Ordering::Release);
+    }
+
+    /// Whether a client is connected to the session, without locking.
+    pub fn is_connected(&self) -> bool {
+        self.owner_id.load(Ordering::Acquire) != 0
     }
 
     /// Whether `connection` still owns the session, without locking.
@@ -252,6 +401,11 @@ impl Session {
 }
 
 impl SessionState {
+    /// Whether the session outlives its connection.
+    pub fn persistent(&self) -> bool {
+        self.expiry_interval > 0
+    }
+
     /// Queues a delivery if the bounds allow it.
     ///
     /// Flow control: a connected subscriber's queue has an overflow band as large again as its
@@ -353,18 +507,19 @@ impl SessionState {
         }
     }
 
-    fn allocate_packet_id(&mut self) -> PacketId {
+    /// The next free packet id, not yet taken: `drain` takes it only once the PUBLISH is
+    /// written.
+    fn peek_packet_id(&self) -> PacketId {
         // The in-flight window is at most 65,535 (config bound) and we only allocate while
         // below it, so a free id always exists and this loop ends.
+        let mut candidate = self.next_packet_id;
         loop {
-            let candidate = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            let Some(id) = NonZeroU16::new(candidate) else {
-                continue;
-            };
-            if !self.inflight.iter().any(|f| f.packet_id == id) {
-                return id;
+            if let Some(id) = NonZeroU16::new(candidate) {
+                if !self.inflight.iter().any(|f| f.packet_id == id) {
+                    return id;
+                }
             }
+            candidate = candidate.checked_add(1).unwrap_or(1);
         }
     }
 
@@ -373,63 +528,124 @@ impl SessionState {
     /// to the queue (where the bounds live) rather than to an ever-growing write buffer.
     /// Returns the number of PUBLISH packets written. Publishers paused on this queue that may
     /// resume are moved to `wake`, to be woken once the lock is released.
+    #[allow(clippy::too_many_arguments)]
     pub fn drain(
         &mut self,
-        version: ProtocolVersion,
-        window: usize,
+        egress: &mut Egress,
+        now: Instant,
         out: &mut BytesMut,
         max_out: usize,
         limits: &Limits,
         wake: &mut Vec<Waker>,
-    ) -> usize {
-        let mut sent = 0;
-        while out.len() < max_out && self.has_sendable(window) {
+    ) -> Drained {
+        let mut done = Drained::default();
+        let mut moved = false;
+        while out.len() < max_out && self.has_sendable(egress.window) {
             let Some(d) = self.pop() else { break };
-            if d.qos == QoS::AtMostOnce {
-                d.message
-                    .encode_into(version, d.qos, None, d.retain, false, out);
-            } else {
-                let packet_id = self.allocate_packet_id();
-                d.message
-                    .encode_into(version, d.qos, Some(packet_id), d.retain, false, out);
+            moved = true;
+            if d.message.is_expired(now) {
+                done.expired += 1;
+                continue;
+            }
+            let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.peek_packet_id());
+            let written = d.message.write_delivery(
+                egress,
+                d.qos,
+                packet_id,
+                d.retain,
+                false,
+                d.subscription_ids(),
+                now,
+                out,
+            );
+            if written.is_err() {
+                done.too_large += 1;
+                continue;
+            }
+            if let Some(packet_id) = packet_id {
+                self.next_packet_id = packet_id.get().checked_add(1).unwrap_or(1);
                 self.inflight.push_back(Inflight {
                     packet_id,
                     delivery: d,
                     stage: InflightStage::Published,
                 });
             }
-            sent += 1;
+            done.sent += 1;
         }
-        if sent > 0 && self.below_low_water(limits) {
+        if moved && self.below_low_water(limits) {
             self.stalled = false;
             self.drop_logged = false;
             wake.append(&mut self.blocked);
         }
-        sent
+        done
     }
 
     /// Writes every unacknowledged outbound message again, in order, for a resumed session:
-    /// PUBLISH with DUP set, or PUBREL where PUBREC already arrived [MQTT-4.4.0-1].
-    pub fn resend_inflight(&self, version: ProtocolVersion, out: &mut BytesMut) {
+    /// PUBLISH with DUP set, or PUBREL where PUBREC already arrived [MQTT-4.4.0-1]. A PUBLISH
+    /// whose delivery has started is sent even if its message expired since.
+    pub fn resend_inflight(&self, egress: &mut Egress, now: Instant, out: &mut BytesMut) {
         for f in &self.inflight {
             match f.stage {
-                InflightStage::Published => f.delivery.message.encode_into(
-                    version,
-                    f.delivery.qos,
-                    Some(f.packet_id),
-                    f.delivery.retain,
-                    true,
-                    out,
-                ),
+                InflightStage::Published => {
+                    let d = &f.delivery;
+                    let _ = d.message.write_delivery(
+                        egress,
+                        d.qos,
+                        Some(f.packet_id),
+                        d.retain,
+                        true,
+                        d.subscription_ids(),
+                        now,
+                        out,
+                    );
+                }
                 InflightStage::Released => {
                     let _ = petrel_codec::encode(
                         &Packet::PubRel(PubAck::new(f.packet_id)),
-                        version,
+                        egress.version,
                         out,
                     );
                 }
             }
         }
+    }
+
+    /// Takes every delivery made for a shared subscription that the client has not yet
+    /// received: queued ones, and sent ones not acknowledged (QoS 2 past PUBREC is the
+    /// client's already). Another member of the group gets them.
+    pub fn take_shared_deliveries(&mut self) -> Vec<Delivery> {
+        if !self.queue.iter().any(|d| d.extra.is_some())
+            && !self.inflight.iter().any(|f| f.delivery.extra.is_some())
+        {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.inflight.len());
+        for f in self.inflight.drain(..) {
+            if f.stage == InflightStage::Published && f.delivery.group().is_some() {
+                taken.push(f.delivery);
+            } else {
+                kept.push_back(f);
+            }
+        }
+        self.inflight = kept;
+        let mut queue = VecDeque::with_capacity(self.queue.len());
+        while let Some(d) = self.queue.pop_front() {
+            if d.group().is_some() {
+                let weight = d.weight as usize;
+                if d.qos == QoS::AtMostOnce {
+                    self.qos0_bytes -= weight;
+                } else if weight > 0 {
+                    self.queued_messages -= 1;
+                    self.queued_bytes -= weight;
+                }
+                taken.push(d);
+            } else {
+                queue.push_back(d);
+            }
+        }
+        self.queue = queue;
+        taken
     }
 
     fn position(&self, packet_id: PacketId) -> Option<usize> {

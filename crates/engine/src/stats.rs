@@ -23,6 +23,12 @@ pub struct Stats {
     pub protocol_errors: AtomicU64,
     pub takeovers: AtomicU64,
     pub wills_published: AtomicU64,
+    /// Offline sessions removed because their Session Expiry Interval passed.
+    pub sessions_expired: AtomicU64,
+    /// Messages not sent because their Message Expiry Interval passed while queued.
+    pub messages_expired: AtomicU64,
+    /// Messages not sent because they exceed the subscriber's Maximum Packet Size.
+    pub dropped_too_large: AtomicU64,
 }
 
 impl Stats {

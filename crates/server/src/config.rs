@@ -117,6 +117,30 @@ pub struct MqttConfig {
     pub allow_empty_client_id: bool,
     /// Cap on the keep alive a client may ask for, in seconds; 0 means no cap.
     pub max_keepalive: u16,
+    /// MQTT 5 Receive Maximum: QoS 2 messages a client may have in flight to
+    /// the broker. A v5 client past it is disconnected (0x93).
+    pub receive_maximum: u16,
+    /// MQTT 5 Topic Alias Maximum, both ways: aliases a client may set, and
+    /// the most the broker uses towards a client. 0 turns aliases off.
+    pub topic_alias_maximum: u16,
+    /// Highest QoS accepted from publishers and granted to subscribers (0-2).
+    pub maximum_qos: u8,
+    /// Whether filters with `+` or `#` are accepted.
+    pub wildcard_subscriptions: bool,
+    /// Whether MQTT 5 Subscription Identifiers are accepted.
+    pub subscription_identifiers: bool,
+    /// Whether `$share/{group}/{filter}` subscriptions are served.
+    pub shared_subscriptions: bool,
+    /// Longest MQTT 5 Session Expiry Interval granted, in seconds.
+    /// 4294967295 means no cap (a session may be kept forever).
+    pub max_session_expiry_interval: u32,
+    /// Refuse (0x99) a message marked as UTF-8 text whose payload is not.
+    pub check_payload_format: bool,
+    /// Response Information prefix for MQTT 5 clients that ask for it (the
+    /// client id is appended); "" sends none.
+    pub response_information: String,
+    /// MQTT 3.1 clients' ids at most 23 characters, as that version requires.
+    pub strict_v31_client_id: bool,
 }
 
 /// Everything that can go wrong loading a config. Each variant's `Display`
@@ -202,6 +226,16 @@ impl Default for MqttConfig {
             retain_available: true,
             allow_empty_client_id: true,
             max_keepalive: 0,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            maximum_qos: 2,
+            wildcard_subscriptions: true,
+            subscription_identifiers: true,
+            shared_subscriptions: true,
+            max_session_expiry_interval: u32::MAX,
+            check_payload_format: true,
+            response_information: "response/".to_owned(),
+            strict_v31_client_id: true,
         }
     }
 }
@@ -357,6 +391,26 @@ impl Config {
                 u64::from(mqtt.max_keepalive),
                 Bounds::between(0, 65_535),
             ),
+            (
+                mqtt_key("receive_maximum"),
+                u64::from(mqtt.receive_maximum),
+                Bounds::between(1, 65_535),
+            ),
+            (
+                mqtt_key("topic_alias_maximum"),
+                u64::from(mqtt.topic_alias_maximum),
+                Bounds::between(0, 65_535),
+            ),
+            (
+                mqtt_key("maximum_qos"),
+                u64::from(mqtt.maximum_qos),
+                Bounds::between(0, 2),
+            ),
+            (
+                mqtt_key("max_session_expiry_interval"),
+                u64::from(mqtt.max_session_expiry_interval),
+                Bounds::between(0, u64::from(u32::MAX)),
+            ),
         ]);
         settings
     }
@@ -424,7 +478,29 @@ pub fn default_config_toml() -> String {
          # clean session, instead of refusing it.\n\
          allow_empty_client_id = {allow_empty_client_id}\n\
          # Largest keep alive a client may ask for, in seconds; 0 = no cap.\n\
-         max_keepalive = {max_keepalive}\n",
+         max_keepalive = {max_keepalive}\n\
+         # MQTT 5: QoS 2 messages a client may have in flight to the broker.\n\
+         receive_maximum = {receive_maximum}\n\
+         # MQTT 5: topic aliases allowed each way; 0 = none.\n\
+         topic_alias_maximum = {topic_alias_maximum}\n\
+         # Highest QoS accepted and granted (0 to 2).\n\
+         maximum_qos = {maximum_qos}\n\
+         # Accept subscriptions with + and # wildcards.\n\
+         wildcard_subscriptions = {wildcard_subscriptions}\n\
+         # Accept MQTT 5 subscription identifiers.\n\
+         subscription_identifiers = {subscription_identifiers}\n\
+         # Serve $share/{{group}}/{{filter}} shared subscriptions.\n\
+         shared_subscriptions = {shared_subscriptions}\n\
+         # Longest MQTT 5 session expiry interval granted, in seconds\n\
+         # (4294967295 = no cap).\n\
+         max_session_expiry_interval = {max_session_expiry_interval}\n\
+         # Refuse messages marked as UTF-8 text whose payload is not UTF-8.\n\
+         check_payload_format = {check_payload_format}\n\
+         # Response Information prefix for MQTT 5 clients that ask (client id\n\
+         # appended); \"\" = none.\n\
+         response_information = \"{response_information}\"\n\
+         # Hold MQTT 3.1 clients to 23-character client ids.\n\
+         strict_v31_client_id = {strict_v31_client_id}\n",
         max_packet_size = mqtt.max_packet_size,
         max_inflight = mqtt.max_inflight,
         max_queued_messages = mqtt.max_queued_messages,
@@ -435,6 +511,16 @@ pub fn default_config_toml() -> String {
         retain_available = mqtt.retain_available,
         allow_empty_client_id = mqtt.allow_empty_client_id,
         max_keepalive = mqtt.max_keepalive,
+        receive_maximum = mqtt.receive_maximum,
+        topic_alias_maximum = mqtt.topic_alias_maximum,
+        maximum_qos = mqtt.maximum_qos,
+        wildcard_subscriptions = mqtt.wildcard_subscriptions,
+        subscription_identifiers = mqtt.subscription_identifiers,
+        shared_subscriptions = mqtt.shared_subscriptions,
+        max_session_expiry_interval = mqtt.max_session_expiry_interval,
+        check_payload_format = mqtt.check_payload_format,
+        response_information = mqtt.response_information.escape_default(),
+        strict_v31_client_id = mqtt.strict_v31_client_id,
     ));
     out
 }

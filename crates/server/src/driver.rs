@@ -133,7 +133,7 @@ pub(crate) async fn drive<S, G>(
         }
         _ => {}
     }
-    conn.close(&reason);
+    conn.close(&reason, Instant::now());
     // Final flush (a CONNACK refusal, a v5 DISCONNECT), bounded by the same timer so the task
     // carries no second one: a peer that stopped reading must not hold it.
     let out = std::mem::take(conn.output());
@@ -191,7 +191,7 @@ where
     // 3 and 4 only while the output is below its high-water mark: a peer that does not read
     //    is not fed more, and its further requests wait in its own socket buffer.
     if conn.output().len() < OUT_HIGH_WATER {
-        match conn.poll_deliver(cx) {
+        match conn.poll_deliver(cx, Instant::now()) {
             Poll::Ready(Ok(())) => return Poll::Ready(Event::Delivered),
             Poll::Ready(Err(reason)) => return Poll::Ready(Event::Closed(reason)),
             Poll::Pending => {}

@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
 use petrel_engine::auth::{AllowAll, Authenticator};
 use petrel_engine::store::Volatile;
+use petrel_codec::QoS;
 use petrel_engine::{Broker, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +38,44 @@ pub fn limits_from(config: &MqttConfig) -> Limits {
         allow_empty_client_id: config.allow_empty_client_id,
         retain_available: config.retain_available,
         max_keepalive: config.max_keepalive,
+        receive_maximum: config.receive_maximum,
+        topic_alias_maximum: config.topic_alias_maximum,
+        maximum_qos: match config.maximum_qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        },
+        wildcard_subscriptions: config.wildcard_subscriptions,
+        subscription_identifiers: config.subscription_identifiers,
+        shared_subscriptions: config.shared_subscriptions,
+        max_session_expiry: config.max_session_expiry_interval,
+        check_payload_format: config.check_payload_format,
+        response_information: (!config.response_information.is_empty())
+            .then(|| config.response_information.clone()),
+        strict_v31_client_id: config.strict_v31_client_id,
     }
+}
+
+/// Runs the broker's timers (session expiry, delayed wills) until shutdown: sleeps until the
+/// earliest deadline, and is woken by the broker when an earlier one is added.
+async fn housekeeping(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until(far()));
+    let mut cancelled = std::pin::pin!(shutdown.cancelled());
+    std::future::poll_fn(|cx| loop {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(());
+        }
+        let next = broker.poll_timers(cx, std::time::Instant::now());
+        let at = next.map_or_else(far, tokio::time::Instant::from_std);
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        if sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+    })
+    .await
 }
 
 /// A broker with its listeners bound, not yet serving.
@@ -91,6 +130,9 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let tracker = TaskTracker::new();
         let mut accept_tasks = Vec::new();
+        // Session expiry and delayed wills run on the broker's own clock, also while no
+        // client is active.
+        let housekeeping = tokio::spawn(housekeeping(self.broker.clone(), shutdown.clone()));
         for listener in self.listeners {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, protocol = %listener.config.protocol, "listening");
@@ -106,6 +148,7 @@ impl Server {
         for task in accept_tasks {
             let _ = task.await;
         }
+        let _ = housekeeping.await;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(

@@ -70,6 +70,9 @@ pub struct Peer {
     wakes: Arc<WakeCount>,
     /// Bytes the broker wrote that the test has not read yet.
     rx: BytesMut,
+    /// The latest time this client acted at: what `deliver` and `close` pass as `now` unless
+    /// a test gives one (`deliver_at`, `close_at`).
+    pub clock: Instant,
 }
 
 impl Peer {
@@ -80,6 +83,7 @@ impl Peer {
             version: ProtocolVersion::V3_1_1,
             wakes: Arc::default(),
             rx: BytesMut::new(),
+            clock: now,
         }
     }
 
@@ -106,6 +110,7 @@ impl Peer {
         if let Packet::Connect(c) = &packet {
             self.version = c.protocol;
         }
+        self.clock = self.clock.max(now);
         let mut wire = BytesMut::new();
         petrel_codec::encode(&packet, self.version, &mut wire).expect("client packet encodes");
         let decoded =
@@ -119,10 +124,16 @@ impl Peer {
     /// Runs `poll_deliver` until it is `Pending`, collecting what it writes; returns the close
     /// reason if it reports one.
     pub fn deliver(&mut self) -> Result<(), CloseReason> {
+        self.deliver_at(self.clock)
+    }
+
+    /// `deliver` at a given time (message expiry is judged then).
+    pub fn deliver_at(&mut self, now: Instant) -> Result<(), CloseReason> {
+        self.clock = self.clock.max(now);
         let waker = Waker::from(self.wakes.clone());
         let mut cx = Context::from_waker(&waker);
         for _ in 0..MAX_POLLS {
-            match self.conn.poll_deliver(&mut cx) {
+            match self.conn.poll_deliver(&mut cx, now) {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Ok(())) => self.take_output(),
                 Poll::Ready(Err(reason)) => return Err(reason),
@@ -162,7 +173,19 @@ impl Peer {
 
     /// The driver ends the connection for `reason`; returns what the broker wrote while closing.
     pub fn close(&mut self, reason: &CloseReason) -> Vec<Packet> {
-        self.conn.close(reason);
+        self.close_at(reason, self.clock)
+    }
+
+    /// `close` at a given time (session expiry and will delay count from it).
+    pub fn close_at(&mut self, reason: &CloseReason, now: Instant) -> Vec<Packet> {
+        self.clock = self.clock.max(now);
+        self.conn.close(reason, now);
+        self.written()
+    }
+
+    /// Everything the client would read at `now`.
+    pub fn recv_at(&mut self, now: Instant) -> Vec<Packet> {
+        self.deliver_at(now).expect("connection still owns its session");
         self.written()
     }
 
@@ -327,4 +350,43 @@ pub fn pubrel(id: u16) -> Packet {
 
 pub fn pubcomp(id: u16) -> Packet {
     Packet::PubComp(PubAck::new(pid(id)))
+}
+
+/// What the server's housekeeping task does at `now`: runs the broker's due timers (session
+/// expiry, delayed wills). Returns the next deadline.
+pub fn run_timers(broker: &Arc<Broker>, now: Instant) -> Option<Instant> {
+    let wakes: Arc<WakeCount> = Arc::default();
+    let waker = Waker::from(wakes);
+    let mut cx = Context::from_waker(&waker);
+    broker.poll_timers(&mut cx, now)
+}
+
+/// A PUBLISH with v5 properties.
+pub fn publish_props(
+    topic_name: &str,
+    payload: &[u8],
+    qos: QoS,
+    packet_id: u16,
+    properties: Properties,
+) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: if topic_name.is_empty() {
+            TopicName::default()
+        } else {
+            topic(topic_name)
+        },
+        packet_id: PacketId::new(packet_id),
+        properties,
+        payload: Bytes::copy_from_slice(payload),
+    })
+}
+
+/// Builds a property set in one expression: `props(|p| p.topic_alias = Some(1))`.
+pub fn props(f: impl FnOnce(&mut petrel_codec::PropertySet)) -> Properties {
+    let mut p = Properties::default();
+    f(&mut p);
+    p
 }

@@ -51,6 +51,16 @@ max_client_id_len = 23
 retain_available = false
 allow_empty_client_id = false
 max_keepalive = 300
+receive_maximum = 20
+topic_alias_maximum = 0
+maximum_qos = 1
+wildcard_subscriptions = false
+subscription_identifiers = false
+shared_subscriptions = false
+max_session_expiry_interval = 3600
+check_payload_format = false
+response_information = ""
+strict_v31_client_id = false
 "#;
     let config = parse(text).unwrap();
     assert_eq!(
@@ -83,6 +93,16 @@ max_keepalive = 300
                 retain_available: false,
                 allow_empty_client_id: false,
                 max_keepalive: 300,
+                receive_maximum: 20,
+                topic_alias_maximum: 0,
+                maximum_qos: 1,
+                wildcard_subscriptions: false,
+                subscription_identifiers: false,
+                shared_subscriptions: false,
+                max_session_expiry_interval: 3600,
+                check_payload_format: false,
+                response_information: String::new(),
+                strict_v31_client_id: false,
             },
         }
     );
@@ -216,6 +236,31 @@ fn invalid_documents_name_file_line_and_key() {
             ],
         ),
         (
+            "maximum_qos 3",
+            "[mqtt]\nmaximum_qos = 3\n",
+            &["petrel.toml:2: mqtt.maximum_qos: must be between 0 and 2 (got 3)"],
+        ),
+        (
+            "receive_maximum zero",
+            "[mqtt]\nreceive_maximum = 0\n",
+            &["petrel.toml:2: mqtt.receive_maximum: must be between 1 and 65535 (got 0)"],
+        ),
+        (
+            "topic_alias_maximum too large",
+            "[mqtt]\ntopic_alias_maximum = 70000\n",
+            &["petrel.toml:2: mqtt.topic_alias_maximum: must be between 0 and 65535 (got 70000)"],
+        ),
+        (
+            "session expiry beyond 32 bits",
+            "[mqtt]\nmax_session_expiry_interval = 4294967296\n",
+            &["petrel.toml:2: mqtt.max_session_expiry_interval: must be between 0 and 4294967295"],
+        ),
+        (
+            "shared_subscriptions not a boolean",
+            "[mqtt]\nshared_subscriptions = 1\n",
+            &["petrel.toml:2: mqtt.shared_subscriptions: ", "invalid type"],
+        ),
+        (
             "negative max_keepalive",
             "[mqtt]\nmax_keepalive = -5\n",
             &["petrel.toml:2: mqtt.max_keepalive: must be between 0 and 65535 (got -5)"],
@@ -327,7 +372,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 5);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        10
+        20
     );
 }
 
