@@ -150,11 +150,9 @@ enum State {
 /// What a connection knows once CONNECT succeeded.
 struct Attached {
     session: Arc<Session>,
-    version: ProtocolVersion,
     /// How PUBLISH packets are written to this client (window, its Maximum Packet Size, the
     /// topic aliases it was told).
     egress: Egress,
-    client_id: MqttString,
     /// The Session Expiry Interval CONNECT set: a DISCONNECT may not raise 0 [MQTT-3.14.2-2].
     session_expiry: u32,
     /// v5 Request Problem Information: reason strings and user properties may be sent on
@@ -214,7 +212,7 @@ impl Connection {
     /// CONNECT is legal and it announces its own version.
     pub fn version(&self) -> ProtocolVersion {
         match &self.state {
-            State::Connected(a) => a.version,
+            State::Connected(a) => a.egress.version,
             _ => ProtocolVersion::V3_1_1,
         }
     }
@@ -225,7 +223,7 @@ impl Connection {
 
     pub fn client_id(&self) -> Option<&str> {
         match &self.state {
-            State::Connected(a) => Some(a.client_id.as_str()),
+            State::Connected(a) => Some(a.session.client_id.as_str()),
             _ => None,
         }
     }
@@ -406,7 +404,7 @@ impl Connection {
     /// would otherwise exceed the client's Maximum Packet Size [MQTT-3.1.2-25].
     fn send_within_limit(&mut self, packet: &Packet) {
         let (version, max) = match &self.state {
-            State::Connected(a) => (a.version, a.egress.max_packet_size as usize),
+            State::Connected(a) => (a.egress.version, a.egress.max_packet_size as usize),
             _ => return self.send(packet),
         };
         let start = self.out.len();
@@ -606,9 +604,7 @@ impl Connection {
         tracing::debug!(client_id = %client_id, peer = %self.peer, %version, keep_alive, clean = connect.clean_start, session_expiry, "client connected");
         self.state = State::Connected(Box::new(Attached {
             session: attach.session,
-            version,
             egress,
-            client_id,
             session_expiry,
             problem_info: connect.properties.request_problem_information != Some(0),
             inbound_aliases: Vec::new(),
@@ -652,7 +648,7 @@ impl Connection {
 
     fn handle_publish(&mut self, now: Instant, publish: Publish) -> Result<(), CloseReason> {
         let a = self.attached()?;
-        let (version, session) = (a.version, a.session.clone());
+        let (version, session) = (a.egress.version, a.session.clone());
         // After a takeover this connection may not publish in the session's name.
         if !session.is_owned_by(self.id) {
             return Err(CloseReason::TakenOver);
@@ -824,7 +820,7 @@ impl Connection {
 
     fn handle_subscribe(&mut self, now: Instant, subscribe: Subscribe) -> Result<(), CloseReason> {
         let a = self.attached()?;
-        let (version, session, problem_info) = (a.version, a.session.clone(), a.problem_info);
+        let (version, session, problem_info) = (a.egress.version, a.session.clone(), a.problem_info);
         let limits = &self.broker.limits;
         let subscription_id = match subscribe.properties.subscription_identifiers.first() {
             Some(_) if !limits.subscription_identifiers => {
@@ -1007,7 +1003,7 @@ impl Connection {
             return;
         };
         let a = *a;
-        if a.version.is_v5() {
+        if a.egress.version.is_v5() {
             if let Some(code) = reason.disconnect_code() {
                 let mut disconnect = Disconnect::with_reason(code);
                 // The reason string is always allowed on DISCONNECT [MQTT-3.1.2-29].
@@ -1017,25 +1013,25 @@ impl Connection {
                 // Written while still counted as this client's connection (max packet size).
                 let max = a.egress.max_packet_size as usize;
                 let start = self.out.len();
-                self.write(&Packet::Disconnect(disconnect), a.version);
+                self.write(&Packet::Disconnect(disconnect), a.egress.version);
                 if self.out.len() - start > max {
                     self.out.truncate(start);
                     self.write(
                         &Packet::Disconnect(Disconnect::with_reason(code)),
-                        a.version,
+                        a.egress.version,
                     );
                 }
             }
         }
         match reason {
             CloseReason::Violation(v) => {
-                tracing::info!(client_id = %a.client_id, peer = %self.peer, rule = %v, "closing connection: protocol violation");
+                tracing::info!(client_id = %a.session.client_id, peer = %self.peer, rule = %v, "closing connection: protocol violation");
             }
             CloseReason::KeepAliveTimeout => {
-                tracing::info!(client_id = %a.client_id, peer = %self.peer, "closing connection: keepalive expired");
+                tracing::info!(client_id = %a.session.client_id, peer = %self.peer, "closing connection: keepalive expired");
             }
             other => {
-                tracing::debug!(client_id = %a.client_id, peer = %self.peer, reason = ?other, "connection closed");
+                tracing::debug!(client_id = %a.session.client_id, peer = %self.peer, reason = ?other, "connection closed");
             }
         }
         let will = if reason.publishes_will() { a.will } else { None };

@@ -138,15 +138,14 @@ impl Egress {
 #[derive(Debug, Default)]
 pub struct TopicAliases {
     max: u16,
-    map: HashMap<TopicName, u16>,
+    /// Allocated with the first alias, so a connection that never gets one (every 3.x client,
+    /// and idle ones) does not carry an empty map.
+    map: Option<Box<HashMap<TopicName, u16>>>,
 }
 
 impl TopicAliases {
     pub fn new(max: u16) -> TopicAliases {
-        TopicAliases {
-            max,
-            map: HashMap::new(),
-        }
+        TopicAliases { max, map: None }
     }
 
     pub fn enabled(&self) -> bool {
@@ -156,17 +155,23 @@ impl TopicAliases {
     /// The alias for `topic` and whether the receiver already knows it; `None` when no alias
     /// is free. A new alias is only taken by [`TopicAliases::commit`].
     pub fn lookup(&self, topic: &TopicName) -> Option<(u16, bool)> {
-        if let Some(&alias) = self.map.get(topic) {
-            return Some((alias, true));
-        }
-        let next = u16::try_from(self.map.len() + 1).ok()?;
+        let used = match &self.map {
+            Some(map) => {
+                if let Some(&alias) = map.get(topic) {
+                    return Some((alias, true));
+                }
+                map.len()
+            }
+            None => 0,
+        };
+        let next = u16::try_from(used + 1).ok()?;
         (next <= self.max).then_some((next, false))
     }
 
     pub fn commit(&mut self, topic: &TopicName, alias: u16) {
         // An owned copy: the topic may be a slice of a large read buffer.
         let key = TopicName::new(topic).unwrap_or_else(|_| topic.clone());
-        self.map.insert(key, alias);
+        self.map.get_or_insert_with(Default::default).insert(key, alias);
     }
 }
 
