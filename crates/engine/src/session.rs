@@ -139,7 +139,8 @@ impl Egress {
 pub struct TopicAliases {
     max: u16,
     /// Allocated with the first alias, so a connection that never gets one (every 3.x client,
-    /// and idle ones) does not carry an empty map.
+    /// and idle ones) carries one pointer instead of an empty map's 48 bytes.
+    #[allow(clippy::box_collection)]
     map: Option<Box<HashMap<TopicName, u16>>>,
 }
 
