@@ -285,3 +285,67 @@ async fn no_local_keeps_a_clients_own_messages_from_it_mqtt_3_8_3_3() {
     p.send_hex("30 04 00 01 6e 78").await;
     c.expect_hex("30 05 00 01 6e 00 78").await;
 }
+
+/// An AUTH packet with method SCRAM-SHA-256 and `data`.
+fn auth_hex(reason: u8, data: &str) -> String {
+    let mut props = vec![0x15];
+    props.extend(field(b"SCRAM-SHA-256"));
+    props.push(0x16);
+    props.extend(field(data.as_bytes()));
+    let mut body = vec![reason, props.len() as u8];
+    body.extend(props);
+    frame(0xf0, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_sha256_enhanced_authentication_over_a_socket_mqtt_4_12() {
+    use petrel_engine::scram::client;
+    let broker = TestBroker::start_toml(
+        "[auth]\nallow_anonymous = false\n[[auth.users]]\nname = \"alice\"\npassword = \"wonderland\"\n",
+    )
+    .await;
+    let mut c = RawClient::connect(broker.addr).await;
+    c.version = ProtocolVersion::V5;
+    // CONNECT with Authentication Method (0x15) and the client-first message (0x16).
+    let first = client::first("alice", "rOprNGfwEbeRWgbNEkqO");
+    let mut props = vec![0x15];
+    props.extend(field(b"SCRAM-SHA-256"));
+    props.push(0x16);
+    props.extend(field(first.as_bytes()));
+    let mut body = hex("00 04 4d 51 54 54 05 02 00 3c");
+    body.push(props.len() as u8);
+    body.extend(props);
+    body.extend(field(b"scram-client"));
+    c.send_hex(&frame(0x10, &body)).await;
+
+    // AUTH 0x18 with the server-first message.
+    let server_first = match c.recv().await {
+        Packet::Auth(a) => {
+            assert_eq!(a.reason, ReasonCode::CONTINUE_AUTHENTICATION);
+            assert_eq!(a.properties.authentication_method.as_deref(), Some("SCRAM-SHA-256"));
+            String::from_utf8(a.properties.authentication_data.clone().unwrap().to_vec()).unwrap()
+        }
+        other => panic!("expected AUTH, got {other:?}"),
+    };
+    assert!(server_first.starts_with("r=rOprNGfwEbeRWgbNEkqO"));
+    let (last, server_signature) =
+        client::last("alice", "rOprNGfwEbeRWgbNEkqO", "wonderland", &server_first);
+    c.send_hex(&auth_hex(0x18, &last)).await;
+
+    // CONNACK success, carrying the server's signature: the client can check the server too.
+    match c.recv().await {
+        Packet::ConnAck(ack) => {
+            assert_eq!(ack.reason, ReasonCode::SUCCESS);
+            let data = ack.properties.authentication_data.clone().unwrap();
+            assert_eq!(std::str::from_utf8(&data).unwrap(), server_signature);
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c.send_hex("c0 00").await;
+    c.expect_hex("d0 00").await;
+
+    // Anonymous clients are refused here (allow_anonymous = false): 0x87.
+    let mut anon = RawClient::connect(broker.addr).await;
+    anon.send_hex(&connect5("anon", true, "", None)).await;
+    anon.expect_hex("20 03 00 87 00").await;
+}

@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use petrel_codec::{
-    ConnAck, Connect, DecodeError, Disconnect, LastWill, MqttString, Packet, Properties,
+    Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, MqttString, Packet, Properties,
     ProtocolVersion, PubAck, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     TopicName, UnsubAck, Unsubscribe,
 };
 
-use crate::auth::{AuthDecision, Credentials};
+use crate::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
 use crate::broker::Broker;
 use crate::message::Message;
 use crate::session::{Delivery, Egress, Owner, Session, TopicAliases, NEVER_EXPIRES};
@@ -66,6 +66,12 @@ pub enum Violation {
     SubscriptionIdFromClient,
     #[error("AUTH without an authentication method in CONNECT [MQTT-4.12.0-1]")]
     UnexpectedAuth,
+    #[error("AUTH with a method other than CONNECT's [MQTT-4.12.1-1]")]
+    AuthMethodMismatch,
+    #[error("{0} during the enhanced authentication exchange, which allows only AUTH [MQTT-4.12.0-?]")]
+    NotAuthDuringExchange(&'static str),
+    #[error("AUTH with reason {0:#04x}, which a client may not send here [MQTT-4.12.0-2]")]
+    AuthReasonInvalid(u8),
     #[error("retained PUBLISH while Retain Available is 0 [MQTT-3.3.1-15]")]
     RetainNotSupported,
     #[error("SUBSCRIBE with a Subscription Identifier, which this server does not support [MQTT-3.2.2-?]")]
@@ -105,6 +111,8 @@ pub enum CloseReason {
     Refused(ReasonCode),
     /// Another connection with the same client id took the session [MQTT-3.1.4-2].
     TakenOver,
+    /// A v5 re-authentication failed (§4.12.1).
+    AuthenticationFailed,
     /// The client closed the socket.
     PeerClosed,
     /// Reading or writing the socket failed.
@@ -130,6 +138,7 @@ impl CloseReason {
             CloseReason::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
             CloseReason::TakenOver => Some(ReasonCode::SESSION_TAKEN_OVER),
             CloseReason::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            CloseReason::AuthenticationFailed => Some(ReasonCode::NOT_AUTHORIZED),
             _ => None,
         }
     }
@@ -142,9 +151,33 @@ impl From<Violation> for CloseReason {
 }
 
 enum State {
-    AwaitingConnect { deadline: Instant },
+    AwaitingConnect {
+        deadline: Instant,
+    },
+    /// CONNECT asked for an enhanced authentication method and the AUTH exchange is under way.
+    /// The connect deadline still runs: it covers the whole exchange.
+    Authenticating {
+        deadline: Instant,
+        pending: Box<PendingConnect>,
+    },
     Connected(Box<Attached>),
     Closed,
+}
+
+/// A CONNECT waiting for its AUTH exchange to finish.
+struct PendingConnect {
+    connect: Connect,
+    client_id: MqttString,
+    assigned: Option<MqttString>,
+    method: MqttString,
+    exchange: Box<dyn AuthExchange>,
+}
+
+/// A client that authenticated with an enhanced method: it may re-authenticate (§4.12.1).
+struct Enhanced {
+    method: MqttString,
+    /// A re-authentication under way.
+    exchange: Option<Box<dyn AuthExchange>>,
 }
 
 /// What a connection knows once CONNECT succeeded.
@@ -169,6 +202,8 @@ struct Attached {
     will: Option<Box<LastWill>>,
     /// Set while this client, as a publisher, waits for a subscriber's queue to drain.
     pause: Option<Pause>,
+    /// The enhanced authentication method CONNECT used, if any.
+    enhanced: Option<Box<Enhanced>>,
 }
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
@@ -213,6 +248,7 @@ impl Connection {
     pub fn version(&self) -> ProtocolVersion {
         match &self.state {
             State::Connected(a) => a.egress.version,
+            State::Authenticating { .. } => ProtocolVersion::V5,
             _ => ProtocolVersion::V3_1_1,
         }
     }
@@ -245,7 +281,9 @@ impl Connection {
     /// When `handle_timeout` must be called next.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::AwaitingConnect { deadline } => Some(*deadline),
+            State::AwaitingConnect { deadline } | State::Authenticating { deadline, .. } => {
+                Some(*deadline)
+            }
             // While paused nothing is read, so the keepalive cannot be judged: only the
             // flow-control check is due.
             State::Connected(a) => match &a.pause {
@@ -304,7 +342,7 @@ impl Connection {
         }
         match self.deadline() {
             Some(deadline) if now >= deadline => match self.state {
-                State::AwaitingConnect { .. } => {
+                State::AwaitingConnect { .. } | State::Authenticating { .. } => {
                     Stats::add(&self.broker.stats.connect_timeouts, 1);
                     Err(CloseReason::ConnectTimeout)
                 }
@@ -342,6 +380,7 @@ impl Connection {
                     other => Err(Violation::FirstPacketNotConnect(other.name()).into()),
                 };
             }
+            State::Authenticating { .. } => return self.continue_connect_auth(now, packet),
             State::Connected(a) => a,
             State::Closed => return Err(CloseReason::IoError),
         };
@@ -373,7 +412,7 @@ impl Connection {
                 })
             }
             Packet::Connect(_) => Err(Violation::SecondConnect.into()),
-            Packet::Auth(_) => Err(Violation::UnexpectedAuth.into()),
+            Packet::Auth(auth) => self.handle_reauth(auth),
             other @ (Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)
@@ -473,13 +512,6 @@ impl Connection {
             connect.client_id.clone()
         };
 
-        // Enhanced authentication (AUTH exchanges) is not offered yet: a client that asks for a
-        // method is told so rather than silently authenticated without it (§4.12).
-        if connect.properties.authentication_method.is_some() {
-            tracing::debug!(peer = %self.peer, client_id = %client_id, "authentication method not supported");
-            return self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD);
-        }
-
         // The will must be one the server can honour [MQTT-3.2.2-12] [MQTT-3.2.2-13].
         if let Some(will) = &connect.will {
             if version.is_v5() && will.qos > limits.maximum_qos {
@@ -496,6 +528,38 @@ impl Connection {
             }
         }
 
+        // Enhanced authentication (§4.12): the method's exchange decides, through AUTH
+        // packets, before the session is touched.
+        if let Some(method) = connect.properties.authentication_method.clone() {
+            let exchange = self
+                .broker
+                .authenticator()
+                .enhanced()
+                .and_then(|e| e.start_exchange(&method));
+            let Some(mut exchange) = exchange else {
+                tracing::debug!(peer = %self.peer, client_id = %client_id, %method, "authentication method not supported");
+                return self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD);
+            };
+            let data = connect
+                .properties
+                .authentication_data
+                .clone()
+                .unwrap_or_default();
+            let step = exchange.step(&data);
+            let deadline = match &self.state {
+                State::AwaitingConnect { deadline } => *deadline,
+                _ => now,
+            };
+            let pending = Box::new(PendingConnect {
+                connect,
+                client_id,
+                assigned,
+                method,
+                exchange,
+            });
+            return self.connect_auth_step(now, deadline, step, pending);
+        }
+
         let decision = self.broker.authenticator().authenticate(&Credentials {
             client_id: &client_id,
             username: connect.username.as_ref(),
@@ -506,6 +570,145 @@ impl Connection {
             tracing::info!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
             return self.refuse(version, decision.reason_code());
         }
+        self.accept(now, connect, client_id, assigned, None)
+    }
+
+    /// Where a CONNECT's enhanced authentication stands after one step of its exchange.
+    fn connect_auth_step(
+        &mut self,
+        now: Instant,
+        deadline: Instant,
+        step: AuthStep,
+        pending: Box<PendingConnect>,
+    ) -> Result<(), CloseReason> {
+        match step {
+            AuthStep::Continue(data) => {
+                let mut auth = Auth {
+                    reason: ReasonCode::CONTINUE_AUTHENTICATION,
+                    properties: Properties::default(),
+                };
+                auth.properties.authentication_method = Some(pending.method.clone());
+                auth.properties.authentication_data = Some(data.into());
+                self.write(&Packet::Auth(auth), ProtocolVersion::V5);
+                self.state = State::Authenticating { deadline, pending };
+                Ok(())
+            }
+            AuthStep::Success(data) => {
+                let PendingConnect {
+                    connect,
+                    client_id,
+                    assigned,
+                    method,
+                    ..
+                } = *pending;
+                tracing::debug!(peer = %self.peer, client_id = %client_id, %method, "enhanced authentication succeeded");
+                self.accept(now, connect, client_id, assigned, Some((method, data)))
+            }
+            AuthStep::Failure(code) => {
+                tracing::info!(peer = %self.peer, client_id = %pending.client_id, method = %pending.method, reason = ?code, "connection refused by enhanced authentication");
+                let code = if code.is_error() {
+                    code
+                } else {
+                    ReasonCode::NOT_AUTHORIZED
+                };
+                self.refuse(ProtocolVersion::V5, code)
+            }
+        }
+    }
+
+    /// A packet while the CONNECT's AUTH exchange runs: only AUTH (continue, same method)
+    /// moves it on [MQTT-4.12.0-2]; DISCONNECT ends it.
+    fn continue_connect_auth(&mut self, now: Instant, packet: Packet) -> Result<(), CloseReason> {
+        let State::Authenticating { deadline, pending } =
+            std::mem::replace(&mut self.state, State::Closed)
+        else {
+            return Err(CloseReason::IoError);
+        };
+        let mut pending = pending;
+        match packet {
+            Packet::Auth(auth) => {
+                if auth.reason != ReasonCode::CONTINUE_AUTHENTICATION {
+                    return Err(Violation::AuthReasonInvalid(auth.reason.0).into());
+                }
+                if auth.properties.authentication_method.as_ref() != Some(&pending.method) {
+                    return Err(Violation::AuthMethodMismatch.into());
+                }
+                let data = auth.properties.authentication_data.clone().unwrap_or_default();
+                let step = pending.exchange.step(&data);
+                self.connect_auth_step(now, deadline, step, pending)
+            }
+            Packet::Disconnect(_) => Err(CloseReason::Disconnect { with_will: false }),
+            other => Err(Violation::NotAuthDuringExchange(other.name()).into()),
+        }
+    }
+
+    /// AUTH from a connected client: re-authentication with the method it connected with
+    /// (§4.12.1). Success is answered with AUTH 0x00; failure closes the connection.
+    fn handle_reauth(&mut self, auth: Auth) -> Result<(), CloseReason> {
+        let broker = self.broker.clone();
+        let State::Connected(a) = &mut self.state else {
+            return Err(CloseReason::IoError);
+        };
+        let Some(enhanced) = a.enhanced.as_mut() else {
+            return Err(Violation::UnexpectedAuth.into());
+        };
+        if auth.properties.authentication_method.as_ref() != Some(&enhanced.method) {
+            return Err(Violation::AuthMethodMismatch.into());
+        }
+        let data = auth.properties.authentication_data.clone().unwrap_or_default();
+        let step = match auth.reason {
+            ReasonCode::REAUTHENTICATE => {
+                let exchange = broker
+                    .authenticator()
+                    .enhanced()
+                    .and_then(|e| e.start_exchange(&enhanced.method));
+                let Some(exchange) = exchange else {
+                    return Err(CloseReason::AuthenticationFailed);
+                };
+                enhanced.exchange.insert(exchange).step(&data)
+            }
+            ReasonCode::CONTINUE_AUTHENTICATION => match enhanced.exchange.as_mut() {
+                Some(exchange) => exchange.step(&data),
+                None => return Err(Violation::AuthReasonInvalid(auth.reason.0).into()),
+            },
+            other => return Err(Violation::AuthReasonInvalid(other.0).into()),
+        };
+        let method = enhanced.method.clone();
+        let reply = match step {
+            AuthStep::Continue(data) => (ReasonCode::CONTINUE_AUTHENTICATION, Some(data)),
+            AuthStep::Success(data) => {
+                enhanced.exchange = None;
+                (ReasonCode::SUCCESS, data)
+            }
+            AuthStep::Failure(code) => {
+                tracing::info!(client_id = %a.session.client_id, peer = %self.peer, reason = ?code, "re-authentication failed");
+                return Err(CloseReason::AuthenticationFailed);
+            }
+        };
+        let mut packet = Auth {
+            reason: reply.0,
+            properties: Properties::default(),
+        };
+        packet.properties.authentication_method = Some(method);
+        if let Some(data) = reply.1 {
+            packet.properties.authentication_data = Some(data.into());
+        }
+        self.send(&Packet::Auth(packet));
+        Ok(())
+    }
+
+    /// The client is authenticated: attach its session and send CONNACK (with the enhanced
+    /// method's final data, if one was used).
+    fn accept(
+        &mut self,
+        now: Instant,
+        connect: Connect,
+        client_id: MqttString,
+        assigned: Option<MqttString>,
+        enhanced: Option<(MqttString, Option<Vec<u8>>)>,
+    ) -> Result<(), CloseReason> {
+        let version = connect.protocol;
+        let limits = &self.broker.limits;
 
         // 3.x: Clean Session 0 keeps the session until a clean start. 5.0: the Session
         // Expiry Interval (absent means 0) [MQTT-3.1.2-23], capped by configuration.
@@ -573,6 +776,10 @@ impl Connection {
             if !limits.shared_subscriptions {
                 properties.shared_subscription_available = Some(0);
             }
+            if let Some((method, data)) = &enhanced {
+                properties.authentication_method = Some(method.clone());
+                properties.authentication_data = data.clone().map(Into::into);
+            }
             if client.request_response_information == Some(1) {
                 if let Some(prefix) = &limits.response_information {
                     properties.response_information =
@@ -613,6 +820,12 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             pause: None,
+            enhanced: enhanced.map(|(method, _)| {
+                Box::new(Enhanced {
+                    method,
+                    exchange: None,
+                })
+            }),
         }));
         Ok(())
     }

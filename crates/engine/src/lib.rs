@@ -29,6 +29,7 @@ pub mod connection;
 pub mod limits;
 pub mod message;
 pub mod retained;
+pub mod scram;
 pub mod session;
 pub mod shared;
 pub mod stats;

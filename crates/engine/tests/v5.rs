@@ -1055,3 +1055,234 @@ fn retain_handling_options_mqtt_3_3_1_9_to_11() {
     s.subscribe_with(t0, 4, "rh", with(RetainHandling::Never));
     assert_eq!(publishes(s.recv()).len(), 0, "2: never sent");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Enhanced authentication: SCRAM-SHA-256 through AUTH packets (§4.12)
+
+mod enhanced_auth {
+    use super::*;
+    use petrel_codec::{Auth, MqttString};
+    use petrel_engine::auth::UserStore;
+    use petrel_engine::scram::{client, ScramCredentials};
+    use petrel_engine::store::Volatile;
+
+    fn scram_broker(allow_anonymous: bool) -> Arc<Broker> {
+        let mut users = std::collections::HashMap::new();
+        users.insert(
+            "alice".to_owned(),
+            ScramCredentials::from_password(b"wonderland", b"some salt bytes!", 4096),
+        );
+        Arc::new(Broker::with_parts(
+            Limits::default(),
+            Box::new(UserStore::new(users, allow_anonymous)),
+            Box::new(Volatile),
+        ))
+    }
+
+    fn scram_connect(id: &str, data: &str) -> petrel_codec::Connect {
+        let mut c = connect_v5(id, true, 0);
+        c.properties.authentication_method = Some(MqttString::new("SCRAM-SHA-256").unwrap());
+        c.properties.authentication_data = Some(bytes::Bytes::from(data.to_owned()));
+        c
+    }
+
+    fn auth(reason: ReasonCode, data: &str) -> Packet {
+        let mut a = Auth {
+            reason,
+            properties: Properties::default(),
+        };
+        a.properties.authentication_method = Some(MqttString::new("SCRAM-SHA-256").unwrap());
+        a.properties.authentication_data = Some(bytes::Bytes::from(data.to_owned()));
+        Packet::Auth(a)
+    }
+
+    /// The AUTH the broker wrote: its reason code and data as text.
+    fn only_auth(peer: &mut Peer) -> (ReasonCode, String) {
+        match peer.written().as_slice() {
+            [Packet::Auth(a)] => {
+                assert_eq!(
+                    a.properties.authentication_method.as_deref(),
+                    Some("SCRAM-SHA-256")
+                );
+                let data = a.properties.authentication_data.clone().unwrap_or_default();
+                (a.reason, String::from_utf8(data.to_vec()).unwrap())
+            }
+            other => panic!("expected one AUTH, got {other:?}"),
+        }
+    }
+
+    /// Runs CONNECT + AUTH with `password`; returns the peer and what ended the exchange.
+    fn scram_login(broker: &Arc<Broker>, t0: Instant, password: &str) -> (Peer, ConnAck) {
+        let mut p = Peer::new(broker, t0);
+        p.version = ProtocolVersion::V5;
+        p.send_connect(t0, scram_connect("c", &client::first("alice", "cnonce")))
+            .unwrap();
+        let (code, server_first) = only_auth(&mut p);
+        assert_eq!(code, ReasonCode::CONTINUE_AUTHENTICATION, "[MQTT-4.12.0-1]");
+        assert!(!p.conn.is_connected());
+        let (last, _) = client::last("alice", "cnonce", password, &server_first);
+        let _ = p.send(t0 + ms(10), auth(ReasonCode::CONTINUE_AUTHENTICATION, &last));
+        let ack = only_connack(&mut p);
+        (p, ack)
+    }
+
+    #[test]
+    fn scram_exchange_authenticates_and_proves_the_server_mqtt_4_12_0_1() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let (mut p, ack) = scram_login(&broker, t0, "wonderland");
+        assert_eq!(ack.reason, ReasonCode::SUCCESS);
+        assert_eq!(
+            ack.properties.authentication_method.as_deref(),
+            Some("SCRAM-SHA-256")
+        );
+        let server_final =
+            String::from_utf8(ack.properties.authentication_data.clone().unwrap().to_vec())
+                .unwrap();
+        assert!(server_final.starts_with("v="), "the server signature: {server_final}");
+        assert!(p.conn.is_connected());
+        p.subscribe(t0, 1, "t", QoS::AtMostOnce);
+    }
+
+    #[test]
+    fn wrong_password_is_refused_with_0x86() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let (p, ack) = scram_login(&broker, t0, "looking glass");
+        assert_eq!(ack.reason, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+        assert!(!p.conn.is_connected());
+        assert_eq!(broker.session_count(), 0, "no session before authentication");
+    }
+
+    #[test]
+    fn unknown_method_is_refused_with_0x8c() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let mut c = connect_v5("c", true, 0);
+        c.properties.authentication_method = Some(MqttString::new("KERBEROS").unwrap());
+        assert_eq!(
+            v5_connack(&broker, t0, c).reason,
+            ReasonCode::BAD_AUTHENTICATION_METHOD
+        );
+        // The default broker offers no method at all.
+        let c = scram_connect("c", &client::first("alice", "n"));
+        assert_eq!(
+            v5_connack(&default_broker(), t0, c).reason,
+            ReasonCode::BAD_AUTHENTICATION_METHOD
+        );
+    }
+
+    #[test]
+    fn only_auth_may_follow_connect_during_the_exchange() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let mut p = Peer::new(&broker, t0);
+        p.version = ProtocolVersion::V5;
+        p.send_connect(t0, scram_connect("c", &client::first("alice", "x")))
+            .unwrap();
+        only_auth(&mut p);
+        let reason = p.send(t0, Packet::PingReq).unwrap_err();
+        assert_eq!(
+            reason,
+            CloseReason::Violation(Violation::NotAuthDuringExchange("PINGREQ"))
+        );
+    }
+
+    #[test]
+    fn the_connect_deadline_covers_the_whole_exchange() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let mut p = Peer::new(&broker, t0);
+        p.version = ProtocolVersion::V5;
+        p.send_connect(t0 + secs(2), scram_connect("c", &client::first("alice", "x")))
+            .unwrap();
+        only_auth(&mut p);
+        // Counted from accept, not from the last AUTH.
+        assert_eq!(p.conn.deadline(), Some(t0 + CONNECT_TIMEOUT));
+        assert_eq!(
+            p.conn.handle_timeout(t0 + CONNECT_TIMEOUT),
+            Err(CloseReason::ConnectTimeout)
+        );
+    }
+
+    #[test]
+    fn auth_with_another_method_is_a_protocol_error_mqtt_4_12_0_5() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let mut p = Peer::new(&broker, t0);
+        p.version = ProtocolVersion::V5;
+        p.send_connect(t0, scram_connect("c", &client::first("alice", "x")))
+            .unwrap();
+        only_auth(&mut p);
+        let mut other = Auth {
+            reason: ReasonCode::CONTINUE_AUTHENTICATION,
+            properties: Properties::default(),
+        };
+        other.properties.authentication_method = Some(MqttString::new("PLAIN").unwrap());
+        assert_eq!(
+            p.send(t0, Packet::Auth(other)).unwrap_err(),
+            CloseReason::Violation(Violation::AuthMethodMismatch)
+        );
+    }
+
+    #[test]
+    fn reauthentication_succeeds_with_auth_0x00_and_fails_with_disconnect_0x87_mqtt_4_12_1() {
+        let t0 = Instant::now();
+        let broker = scram_broker(true);
+        let (mut p, ack) = scram_login(&broker, t0, "wonderland");
+        assert_eq!(ack.reason, ReasonCode::SUCCESS);
+
+        p.send(
+            t0 + secs(1),
+            auth(ReasonCode::REAUTHENTICATE, &client::first("alice", "again")),
+        )
+        .unwrap();
+        let (code, server_first) = only_auth(&mut p);
+        assert_eq!(code, ReasonCode::CONTINUE_AUTHENTICATION);
+        let (last, want) = client::last("alice", "again", "wonderland", &server_first);
+        p.send(t0 + secs(1), auth(ReasonCode::CONTINUE_AUTHENTICATION, &last))
+            .unwrap();
+        assert_eq!(only_auth(&mut p), (ReasonCode::SUCCESS, want));
+        assert!(p.conn.is_connected(), "the connection goes on");
+
+        p.send(
+            t0 + secs(2),
+            auth(ReasonCode::REAUTHENTICATE, &client::first("alice", "third")),
+        )
+        .unwrap();
+        let (_, server_first) = only_auth(&mut p);
+        let (last, _) = client::last("alice", "third", "forgotten", &server_first);
+        let reason = p
+            .send(t0 + secs(2), auth(ReasonCode::CONTINUE_AUTHENTICATION, &last))
+            .unwrap_err();
+        assert_eq!(reason, CloseReason::AuthenticationFailed);
+        assert_eq!(
+            disconnect_code(&p.close(&reason)),
+            Some(ReasonCode::NOT_AUTHORIZED)
+        );
+    }
+
+    #[test]
+    fn connect_password_is_checked_against_the_same_users() {
+        let t0 = Instant::now();
+        let broker = scram_broker(false);
+        let login = |user: Option<&str>, password: &str| {
+            let mut c = connect("c", true, 0);
+            c.username = user.map(|u| MqttString::new(u).unwrap());
+            if user.is_some() {
+                c.password = Some(bytes::Bytes::from(password.to_owned()));
+            }
+            let mut p = Peer::new(&broker, t0);
+            let _ = p.send_connect(t0, c);
+            match p.written().as_slice() {
+                [Packet::ConnAck(a)] => a.reason,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(login(Some("alice"), "wonderland"), ReasonCode::SUCCESS);
+        // 3.1.1 return code 4 and 5.
+        assert_eq!(login(Some("alice"), "nope"), ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+        assert_eq!(login(Some("bob"), "wonderland"), ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+        assert_eq!(login(None, ""), ReasonCode::NOT_AUTHORIZED, "anonymous not allowed");
+    }
+}

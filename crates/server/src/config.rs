@@ -43,6 +43,40 @@ pub struct Config {
     /// listens nowhere is a typo, not a wish.
     pub listeners: Vec<ListenerConfig>,
     pub mqtt: MqttConfig,
+    pub auth: AuthConfig,
+}
+
+/// The `[auth]` table: who may connect.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [auth] table")]
+pub struct AuthConfig {
+    /// Whether a client that sends no user name may connect.
+    pub allow_anonymous: bool,
+    /// Known users. A client that sends a user name must match one of them
+    /// (CONNECT password, or the MQTT 5 SCRAM-SHA-256 exchange).
+    pub users: Vec<UserConfig>,
+}
+
+/// One `[[auth.users]]` entry: a name and exactly one of `password` (kept only
+/// as SCRAM keys derived at start) or `scram_sha256` (keys derived elsewhere:
+/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[auth.users]] table")]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub scram_sha256: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: true,
+            users: Vec::new(),
+        }
+    }
 }
 
 /// One `[[listeners]]` entry.
@@ -197,6 +231,7 @@ impl Default for Config {
         Config {
             listeners: vec![ListenerConfig::default()],
             mqtt: MqttConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -323,12 +358,63 @@ impl Config {
                 });
             }
         }
+        self.check_auth()?;
         for (key, value, bounds) in self.numeric_settings() {
             if !bounds.contains(value) {
                 return Err(Violation {
                     message: format!("{} (got {value})", bounds.describe()),
                     key,
                 });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_auth(&self) -> Result<(), Violation> {
+        let auth = &self.auth;
+        let user_key = |i: usize, field: &str| {
+            KeyPath::root()
+                .key("auth")
+                .key("users")
+                .index(i)
+                .key(field)
+        };
+        if !auth.allow_anonymous && auth.users.is_empty() {
+            return Err(Violation {
+                key: KeyPath::root().key("auth").key("allow_anonymous"),
+                message: "is false but no [[auth.users]] are defined: no client could connect"
+                    .to_owned(),
+            });
+        }
+        for (i, user) in auth.users.iter().enumerate() {
+            if user.name.is_empty() {
+                return Err(Violation {
+                    key: user_key(i, "name"),
+                    message: "must not be empty".to_owned(),
+                });
+            }
+            if let Some(first) = auth.users[..i].iter().position(|u| u.name == user.name) {
+                return Err(Violation {
+                    key: user_key(i, "name"),
+                    message: format!("user {:?} is already defined by auth.users[{first}]", user.name),
+                });
+            }
+            match (&user.password, &user.scram_sha256) {
+                (Some(_), None) => {}
+                (None, Some(text)) => {
+                    if let Err(why) = petrel_engine::scram::ScramCredentials::parse(text) {
+                        return Err(Violation {
+                            key: user_key(i, "scram_sha256"),
+                            message: why,
+                        });
+                    }
+                }
+                _ => {
+                    return Err(Violation {
+                        key: user_key(i, "password"),
+                        message: "give exactly one of password and scram_sha256".to_owned(),
+                    })
+                }
             }
         }
         Ok(())
@@ -521,6 +607,20 @@ pub fn default_config_toml() -> String {
         check_payload_format = mqtt.check_payload_format,
         response_information = mqtt.response_information.escape_default(),
         strict_v31_client_id = mqtt.strict_v31_client_id,
+    ));
+    out.push_str(&format!(
+        "\n[auth]\n\
+         # Let clients that send no user name connect. Set to false, with users\n\
+         # below, to require a login.\n\
+         allow_anonymous = {allow_anonymous}\n\
+         # Known users: a client that sends a user name must match one, by\n\
+         # CONNECT password or by the MQTT 5 SCRAM-SHA-256 exchange. Each has a\n\
+         # password (kept only as salted keys) or scram_sha256 keys made\n\
+         # elsewhere (\"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\").\n\
+         # [[auth.users]]\n\
+         # name = \"alice\"\n\
+         # password = \"change me\"\n",
+        allow_anonymous = defaults.auth.allow_anonymous,
     ));
     out
 }

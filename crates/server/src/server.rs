@@ -5,18 +5,26 @@ use std::sync::Arc;
 use std::future::Future;
 use std::time::Duration;
 
-use petrel_engine::auth::{AllowAll, Authenticator};
+use std::collections::HashMap;
+
+use petrel_engine::auth::{AllowAll, Authenticator, UserStore};
+use petrel_engine::scram::ScramCredentials;
 use petrel_engine::store::Volatile;
 use petrel_codec::QoS;
 use petrel_engine::{Broker, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, MqttConfig};
+use crate::config::{AuthConfig, Config, MqttConfig};
 use crate::listener::Listener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("cannot derive the SCRAM keys of auth.users[{index}]: no randomness for its salt")]
+    Randomness {
+        index: usize,
+        source: getrandom::Error,
+    },
     #[error("cannot listen on {addr} (listeners[{index}].bind)")]
     Bind {
         addr: SocketAddr,
@@ -78,6 +86,30 @@ async fn housekeeping(broker: Arc<Broker>, shutdown: CancellationToken) {
     .await
 }
 
+/// Who may connect, from the `[auth]` table: everyone when it lists no users and allows
+/// anonymous clients; otherwise a user store that checks CONNECT passwords and offers the
+/// MQTT 5 SCRAM-SHA-256 exchange.
+pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, ServerError> {
+    if auth.users.is_empty() && auth.allow_anonymous {
+        return Ok(Box::new(AllowAll));
+    }
+    let mut users = HashMap::new();
+    for (index, user) in auth.users.iter().enumerate() {
+        let credentials = match (&user.password, &user.scram_sha256) {
+            (Some(password), _) => ScramCredentials::generate(password.as_bytes())
+                .map_err(|source| ServerError::Randomness { index, source })?,
+            // Validated when the config was loaded.
+            (None, Some(text)) => match ScramCredentials::parse(text) {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+            (None, None) => continue,
+        };
+        users.insert(user.name.clone(), credentials);
+    }
+    Ok(Box::new(UserStore::new(users, auth.allow_anonymous)))
+}
+
 /// A broker with its listeners bound, not yet serving.
 pub struct Server {
     broker: Arc<Broker>,
@@ -87,7 +119,7 @@ pub struct Server {
 impl Server {
     /// Binds every listener of `config`; fails naming the listener that could not bind.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
-        Server::bind_with(config, Box::new(AllowAll)).await
+        Server::bind_with(config, authenticator_from(&config.auth)?).await
     }
 
     pub async fn bind_with(

@@ -61,6 +61,17 @@ max_session_expiry_interval = 3600
 check_payload_format = false
 response_information = ""
 strict_v31_client_id = false
+
+[auth]
+allow_anonymous = false
+
+[[auth.users]]
+name = "alice"
+password = "secret"
+
+[[auth.users]]
+name = "bob"
+scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 "#;
     let config = parse(text).unwrap();
     assert_eq!(
@@ -103,6 +114,21 @@ strict_v31_client_id = false
                 check_payload_format: false,
                 response_information: String::new(),
                 strict_v31_client_id: false,
+            },
+            auth: AuthConfig {
+                allow_anonymous: false,
+                users: vec![
+                    UserConfig {
+                        name: "alice".into(),
+                        password: Some("secret".into()),
+                        scram_sha256: None,
+                    },
+                    UserConfig {
+                        name: "bob".into(),
+                        password: None,
+                        scram_sha256: Some("SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+                    },
+                ],
             },
         }
     );
@@ -234,6 +260,36 @@ fn invalid_documents_name_file_line_and_key() {
                 "petrel.toml:2: mqtt.flow_control_timeout: ",
                 "invalid duration \"soon\"",
             ],
+        ),
+        (
+            "user with both password and keys",
+            "[[auth.users]]\nname = \"a\"\npassword = \"x\"\nscram_sha256 = \"y\"\n",
+            &["petrel.toml:3: auth.users[0].password: give exactly one of password and scram_sha256"],
+        ),
+        (
+            "user with neither",
+            "[[auth.users]]\nname = \"a\"\n",
+            &["petrel.toml:1: auth.users[0].password: give exactly one of password and scram_sha256"],
+        ),
+        (
+            "user defined twice",
+            "[[auth.users]]\nname = \"a\"\npassword = \"x\"\n[[auth.users]]\nname = \"a\"\npassword = \"y\"\n",
+            &["petrel.toml:5: auth.users[1].name: user \"a\" is already defined by auth.users[0]"],
+        ),
+        (
+            "bad SCRAM keys",
+            "[[auth.users]]\nname = \"a\"\nscram_sha256 = \"SCRAM-SHA-256$0:AAAA$AAAA:AAAA\"\n",
+            &["petrel.toml:3: auth.users[0].scram_sha256: iteration count must be between 1 and 1000000 (got 0)"],
+        ),
+        (
+            "nobody could connect",
+            "[auth]\nallow_anonymous = false\n",
+            &["petrel.toml:2: auth.allow_anonymous: is false but no [[auth.users]] are defined"],
+        ),
+        (
+            "unknown user key",
+            "[[auth.users]]\nname = \"a\"\npasswd = \"x\"\n",
+            &["passwd"],
         ),
         (
             "maximum_qos 3",
@@ -374,6 +430,7 @@ fn default_config_toml_round_trips() {
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
         20
     );
+    assert_eq!(root.get_ref()["auth"].get_ref().as_table().unwrap().len(), 1);
 }
 
 #[test]
