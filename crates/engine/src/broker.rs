@@ -223,6 +223,11 @@ impl Broker {
         read(&self.index).len() + shared
     }
 
+    /// Reminders the broker's timers hold (session expiry, delayed wills).
+    pub fn pending_timers(&self) -> usize {
+        lock(&self.timers).heap.len()
+    }
+
     pub fn retained_count(&self) -> usize {
         read(&self.retained).len()
     }
@@ -384,7 +389,7 @@ impl Broker {
             if st.expiry_interval != NEVER_EXPIRES {
                 let at = now + Duration::from_secs(u64::from(st.expiry_interval));
                 st.expires_at = Some(at);
-                self.schedule(at, session);
+                self.schedule(&mut st, at, session);
             }
             if let Some(will) = will {
                 match will_delay(&will) {
@@ -392,7 +397,7 @@ impl Broker {
                     delay => {
                         let at = now + Duration::from_secs(u64::from(delay));
                         st.pending_will = Some(PendingWill { at, will });
-                        self.schedule(at, session);
+                        self.schedule(&mut st, at, session);
                     }
                 }
             }
@@ -705,8 +710,14 @@ impl Broker {
         Stats::add(&self.stats.wills_published, 1);
     }
 
-    /// Asks to look at `session` again at `at`.
-    fn schedule(&self, at: Instant, session: &Arc<Session>) {
+    /// Asks to look at `session` (whose state the caller holds as `st`) again at `at`. A
+    /// session keeps at most one reminder that is not later than its next deadline: a client
+    /// that reconnects and leaves over and over does not pile entries up.
+    fn schedule(&self, st: &mut SessionState, at: Instant, session: &Arc<Session>) {
+        if st.reminder.is_some_and(|r| r <= at) {
+            return;
+        }
+        st.reminder = Some(at);
         let mut timers = lock(&self.timers);
         let earliest = timers.heap.peek().map(|Reverse(e)| e.at);
         timers.seq += 1;
@@ -759,6 +770,9 @@ impl Broker {
     fn session_timer(&self, session: &Arc<Session>, now: Instant) {
         let mut sessions = lock(&self.sessions);
         let mut st = session.lock();
+        if st.reminder.is_some_and(|r| r <= now) {
+            st.reminder = None;
+        }
         if st.owner != Owner::Offline {
             return; // resumed or already ended: whatever was due no longer is
         }
@@ -780,6 +794,15 @@ impl Broker {
                 sessions.remove(&session.client_id);
             }
         } else {
+            // Still offline: remind again at its next deadline (the session may have been
+            // resumed and left again since this reminder was set).
+            let next = [st.expires_at, st.pending_will.as_ref().map(|p| p.at)]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Some(at) = next {
+                self.schedule(&mut st, at, session);
+            }
             drop(st);
         }
         drop(sessions);

@@ -238,6 +238,8 @@ pub struct SessionState {
     pub expires_at: Option<Instant>,
     /// A will delayed by its Will Delay Interval.
     pub pending_will: Option<PendingWill>,
+    /// The earliest time the broker's timers will look at this session again, if any.
+    pub reminder: Option<Instant>,
     pub subscriptions: HashMap<TopicFilter, Subscription>,
     /// Messages not yet sent, oldest first. QoS 0, 1 and 2 share it so that messages on one
     /// topic leave in the order they arrived.
@@ -296,6 +298,7 @@ impl Session {
                 expiry_interval,
                 expires_at: None,
                 pending_will: None,
+                reminder: None,
                 subscriptions: HashMap::new(),
                 queue: VecDeque::new(),
                 queued_messages: 0,

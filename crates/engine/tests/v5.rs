@@ -170,6 +170,27 @@ fn disconnect_may_change_the_expiry_interval_mqtt_3_14_2_2() {
 }
 
 #[test]
+fn reconnecting_over_and_over_keeps_one_timer_per_session() {
+    let t0 = Instant::now();
+    let broker = default_broker();
+    for i in 0..1000 {
+        let now = t0 + ms(i * 10);
+        let mut c = v5_client(&broker, now, "flappy", false, 60);
+        c.close_at(&CloseReason::PeerClosed, now);
+    }
+    assert_eq!(broker.pending_timers(), 1);
+    let last_close = t0 + ms(999 * 10);
+    // The first reminder comes 60 s after the first close; the session lives on until 60 s
+    // after the last one.
+    run_timers(&broker, t0 + secs(60));
+    assert_eq!(broker.session_count(), 1);
+    assert_eq!(broker.pending_timers(), 1);
+    run_timers(&broker, last_close + secs(60));
+    assert_eq!(broker.session_count(), 0);
+    assert_eq!(broker.pending_timers(), 0);
+}
+
+#[test]
 fn server_caps_the_session_expiry_interval_and_tells_the_client() {
     let t0 = Instant::now();
     let broker = broker(Limits {
