@@ -236,7 +236,19 @@ async fn payload_marked_utf8_that_is_not_gets_puback_0x99_mqtt_3_3_2_4() {
     let broker = TestBroker::start().await;
     let mut p = v5_client(broker.addr, &connect5("p", true, "", None)).await;
     p.send_hex(&publish5("f", 1, 9, "01 01", &[0xff])).await;
-    p.expect_hex("40 03 00 09 99").await;
+    // PUBACK 0x99 with a Reason String (0x1F): Request Problem Information defaults to 1.
+    let text = b"payload marked UTF-8 is not valid UTF-8";
+    let mut props = vec![0x1f];
+    props.extend(field(text));
+    let mut body = hex("00 09 99");
+    body.push(props.len() as u8);
+    body.extend(props);
+    p.expect_hex(&frame(0x40, &body)).await;
+
+    // With Request Problem Information 0 the reason string is left out [MQTT-3.1.2-29].
+    let mut q = v5_client(broker.addr, &connect5("q", true, "17 00", None)).await;
+    q.send_hex(&publish5("f", 1, 9, "01 01", &[0xff])).await;
+    q.expect_hex("40 03 00 09 99").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,6 +358,14 @@ async fn scram_sha256_enhanced_authentication_over_a_socket_mqtt_4_12() {
 
     // Anonymous clients are refused here (allow_anonymous = false): 0x87.
     let mut anon = RawClient::connect(broker.addr).await;
+    anon.version = ProtocolVersion::V5;
     anon.send_hex(&connect5("anon", true, "", None)).await;
-    anon.expect_hex("20 03 00 87 00").await;
+    match anon.recv().await {
+        Packet::ConnAck(ack) => {
+            assert_eq!(ack.reason, ReasonCode::NOT_AUTHORIZED);
+            assert_eq!(ack.properties.reason_string.as_deref(), Some("not authorized"));
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    anon.expect_closed_within(CLOSE_WAIT).await;
 }

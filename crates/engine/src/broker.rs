@@ -113,12 +113,21 @@ struct Timers {
     seq: u64,
     /// The housekeeping task, woken when a deadline earlier than all others is added.
     waker: Option<Waker>,
+    /// When the next sweep of expired retained messages is due, if one is scheduled.
+    retained_sweep: Option<Instant>,
 }
 
 struct TimerEntry {
     at: Instant,
     seq: u64,
-    session: Arc<Session>,
+    what: Reminder,
+}
+
+enum Reminder {
+    /// Look at an offline session: expiry, delayed will.
+    Session(Arc<Session>),
+    /// Remove retained messages whose Message Expiry Interval passed.
+    RetainedSweep,
 }
 
 impl PartialEq for TimerEntry {
@@ -558,7 +567,11 @@ impl Broker {
             let stored = Arc::new(message.compacted());
             self.store.retained_set(&stored);
             let topic = stored.topic.clone();
+            let expires_at = stored.expires_at;
             write(&self.retained).insert(&topic, stored);
+            if let Some(at) = expires_at {
+                self.schedule_retained_sweep(at);
+            }
         }
     }
 
@@ -719,18 +732,42 @@ impl Broker {
         }
         st.reminder = Some(at);
         let mut timers = lock(&self.timers);
-        let earliest = timers.heap.peek().map(|Reverse(e)| e.at);
-        timers.seq += 1;
-        let seq = timers.seq;
-        timers.heap.push(Reverse(TimerEntry {
-            at,
-            seq,
-            session: session.clone(),
-        }));
-        if earliest.is_none_or_later(at) {
-            if let Some(w) = timers.waker.take() {
-                w.wake();
-            }
+        push_reminder(&mut timers, at, Reminder::Session(session.clone()));
+    }
+
+    /// Makes sure a sweep of expired retained messages runs by `at`.
+    fn schedule_retained_sweep(&self, at: Instant) {
+        let mut timers = lock(&self.timers);
+        if timers.retained_sweep.is_some_and(|t| t <= at) {
+            return;
+        }
+        timers.retained_sweep = Some(at);
+        push_reminder(&mut timers, at, Reminder::RetainedSweep);
+    }
+
+    /// Removes retained messages whose expiry passed, and schedules the next sweep for the
+    /// earliest expiry left.
+    fn sweep_retained(&self, now: Instant) {
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut retained = write(&self.retained);
+        retained.for_each(|topic, m| match m.expires_at {
+            Some(at) if at <= now => expired.push(topic.to_owned()),
+            Some(at) => next = Some(next.map_or(at, |n| n.min(at))),
+            None => {}
+        });
+        for topic in &expired {
+            retained.remove(topic);
+        }
+        drop(retained);
+        for topic in &expired {
+            self.store.retained_cleared(topic);
+        }
+        if !expired.is_empty() {
+            tracing::debug!(count = expired.len(), "expired retained messages removed");
+        }
+        if let Some(at) = next {
+            self.schedule_retained_sweep(at);
         }
     }
 
@@ -744,7 +781,12 @@ impl Broker {
                 let mut due = Vec::new();
                 while timers.heap.peek().is_some_and(|Reverse(e)| e.at <= now) {
                     if let Some(Reverse(e)) = timers.heap.pop() {
-                        due.push(e.session);
+                        if let Reminder::RetainedSweep = e.what {
+                            if timers.retained_sweep.is_some_and(|t| t <= now) {
+                                timers.retained_sweep = None;
+                            }
+                        }
+                        due.push(e.what);
                     }
                 }
                 if due.is_empty() {
@@ -759,8 +801,11 @@ impl Broker {
                 }
                 due
             };
-            for session in due {
-                self.session_timer(&session, now);
+            for what in due {
+                match what {
+                    Reminder::Session(session) => self.session_timer(&session, now),
+                    Reminder::RetainedSweep => self.sweep_retained(now),
+                }
             }
         }
     }
@@ -808,6 +853,19 @@ impl Broker {
         drop(sessions);
         if let Some(will) = will {
             self.publish_will(*will, session.id, now);
+        }
+    }
+}
+
+/// Adds a reminder, waking the housekeeping task if it is now the earliest.
+fn push_reminder(timers: &mut Timers, at: Instant, what: Reminder) {
+    let earliest = timers.heap.peek().map(|Reverse(e)| e.at);
+    timers.seq += 1;
+    let seq = timers.seq;
+    timers.heap.push(Reverse(TimerEntry { at, seq, what }));
+    if earliest.is_none_or_later(at) {
+        if let Some(w) = timers.waker.take() {
+            w.wake();
         }
     }
 }

@@ -222,6 +222,24 @@ pub struct Connection {
     peer: String,
     state: State,
     out: BytesMut,
+    /// The Maximum Packet Size of the client's CONNECT, for what is written before the
+    /// connection is established (a refusal, AUTH).
+    client_max_packet: u32,
+}
+
+/// The reason string of a v5 CONNACK refusal.
+fn refusal_text(reason: ReasonCode) -> Option<&'static str> {
+    Some(match reason {
+        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID => "client identifier not accepted (empty, or too long)",
+        ReasonCode::BAD_USER_NAME_OR_PASSWORD => "bad user name or password",
+        ReasonCode::NOT_AUTHORIZED => "not authorized",
+        ReasonCode::SERVER_UNAVAILABLE => "server shutting down",
+        ReasonCode::BAD_AUTHENTICATION_METHOD => "authentication method not offered",
+        ReasonCode::QOS_NOT_SUPPORTED => "will QoS above the server's Maximum QoS",
+        ReasonCode::RETAIN_NOT_SUPPORTED => "retained will, but the server keeps no retained messages",
+        ReasonCode::PAYLOAD_FORMAT_INVALID => "will payload marked UTF-8 is not valid UTF-8",
+        _ => return None,
+    })
 }
 
 impl Connection {
@@ -240,6 +258,7 @@ impl Connection {
             peer,
             state: State::AwaitingConnect { deadline },
             out: BytesMut::new(),
+            client_max_packet: u32::MAX,
         }
     }
 
@@ -456,17 +475,31 @@ impl Connection {
         match &mut bare {
             Packet::SubAck(p) => p.properties = Properties::default(),
             Packet::Disconnect(p) => p.properties = Properties::default(),
+            Packet::PubAck(p) | Packet::PubRec(p) => p.properties = Properties::default(),
             _ => {}
         }
         self.write(&bare, version);
     }
 
     fn refuse(&mut self, version: ProtocolVersion, reason: ReasonCode) -> Result<(), CloseReason> {
-        let refusal = ConnAck {
+        let mut refusal = ConnAck {
             session_present: false,
             reason,
             properties: Properties::default(),
         };
+        // v5: say why in a reason string (always allowed on CONNACK [MQTT-3.1.2-29]), unless
+        // that would exceed the client's Maximum Packet Size [MQTT-3.1.2-25].
+        if let (true, Some(text)) = (version.is_v5(), refusal_text(reason)) {
+            refusal.properties.reason_string = MqttString::new(text).ok();
+            let start = self.out.len();
+            self.write(&Packet::ConnAck(refusal.clone()), version);
+            if self.out.len() - start <= self.client_max_packet as usize {
+                self.state = State::Closed;
+                return Err(CloseReason::Refused(reason));
+            }
+            self.out.truncate(start);
+            refusal.properties = Properties::default();
+        }
         self.write(&Packet::ConnAck(refusal), version);
         self.state = State::Closed;
         Err(CloseReason::Refused(reason))
@@ -474,6 +507,10 @@ impl Connection {
 
     fn handle_connect(&mut self, now: Instant, connect: Connect) -> Result<(), CloseReason> {
         let version = connect.protocol;
+        self.client_max_packet = connect
+            .properties
+            .maximum_packet_size
+            .unwrap_or(u32::MAX);
         let limits = &self.broker.limits;
         if self.broker.is_shutting_down() {
             return self.refuse(version, ReasonCode::SERVER_UNAVAILABLE);
@@ -801,10 +838,14 @@ impl Connection {
         };
         self.write(&Packet::ConnAck(connack), version);
         if attach.session_present {
-            attach
-                .session
-                .lock()
-                .resend_inflight(&mut egress, now, &mut self.out);
+            let too_large =
+                attach
+                    .session
+                    .lock()
+                    .resend_inflight(&mut egress, now, &mut self.out);
+            if too_large > 0 {
+                Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
+            }
         }
         Stats::add(&self.broker.stats.connections_current, 1);
         Stats::add(&self.broker.stats.connections_total, 1);
@@ -882,35 +923,37 @@ impl Connection {
         }
         let qos = publish.qos;
         let packet_id = publish.packet_id;
+        // The alias is connection state: recorded even if the message itself is refused below.
+        let topic = if version.is_v5() {
+            self.resolve_topic(&publish)?
+        } else {
+            publish.topic.clone()
+        };
+        let limits = &self.broker.limits;
         if limits.check_payload_format
             && publish.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
         {
             // Refused, not routed [MQTT-3.3.2-4]: an acknowledgement with 0x99 ends a QoS 1/2
             // exchange; a QoS 0 message has none, so the connection ends.
-            return match (qos, packet_id) {
-                (QoS::AtLeastOnce, Some(id)) if version.is_v5() => {
-                    self.send(&Packet::PubAck(PubAck::with_reason(
-                        id,
-                        ReasonCode::PAYLOAD_FORMAT_INVALID,
-                    )));
-                    Ok(())
+            let mut ack = match packet_id {
+                Some(id) if version.is_v5() => {
+                    PubAck::with_reason(id, ReasonCode::PAYLOAD_FORMAT_INVALID)
                 }
-                (QoS::ExactlyOnce, Some(id)) if version.is_v5() => {
-                    self.send(&Packet::PubRec(PubAck::with_reason(
-                        id,
-                        ReasonCode::PAYLOAD_FORMAT_INVALID,
-                    )));
-                    Ok(())
-                }
-                _ => Err(Violation::PayloadFormatInvalid.into()),
+                _ => return Err(Violation::PayloadFormatInvalid.into()),
             };
+            if self.attached()?.problem_info {
+                ack.properties.reason_string =
+                    MqttString::new("payload marked UTF-8 is not valid UTF-8").ok();
+            }
+            let ack = if qos == QoS::ExactlyOnce {
+                Packet::PubRec(ack)
+            } else {
+                Packet::PubAck(ack)
+            };
+            self.send_within_limit(&ack);
+            return Ok(());
         }
-        let topic = if version.is_v5() {
-            self.resolve_topic(&publish)?
-        } else {
-            publish.topic.clone()
-        };
         if qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
                 return Err(Violation::Malformed(DecodeError::ZeroPacketId).into());

@@ -242,6 +242,20 @@ impl<V> RetainedTrie<V> {
         }
     }
 
+    /// Calls `f(topic, &value)` for every retained message, `$` topics included.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &V)) {
+        let mut stack: InlineStack<Visit<'_, '_, V>, MATCH_STACK_INLINE> = InlineStack::new();
+        stack.push(Visit::Subtree(&self.root));
+        while let Some(visit) = stack.pop() {
+            if let Visit::Subtree(node) = visit {
+                node.report(&mut f);
+                for child in node.children.values() {
+                    stack.push(Visit::Subtree(child));
+                }
+            }
+        }
+    }
+
     /// Number of retained messages.
     pub fn len(&self) -> usize {
         self.len

@@ -591,32 +591,39 @@ impl SessionState {
 
     /// Writes every unacknowledged outbound message again, in order, for a resumed session:
     /// PUBLISH with DUP set, or PUBREL where PUBREC already arrived [MQTT-4.4.0-1]. A PUBLISH
-    /// whose delivery has started is sent even if its message expired since.
-    pub fn resend_inflight(&self, egress: &mut Egress, now: Instant, out: &mut BytesMut) {
-        for f in &self.inflight {
-            match f.stage {
-                InflightStage::Published => {
-                    let d = &f.delivery;
-                    let _ = d.message.write_delivery(
-                        egress,
-                        d.qos,
-                        Some(f.packet_id),
-                        d.retain,
-                        true,
-                        d.subscription_ids(),
-                        now,
-                        out,
-                    );
+    /// whose delivery has started is sent even if its message expired since. One that the new
+    /// connection's Maximum Packet Size no longer admits is dropped as delivered
+    /// [MQTT-3.1.2-25], so it does not hold a window slot; the count of those is returned.
+    pub fn resend_inflight(&mut self, egress: &mut Egress, now: Instant, out: &mut BytesMut) -> usize {
+        let mut too_large = 0;
+        self.inflight.retain(|f| match f.stage {
+            InflightStage::Published => {
+                let d = &f.delivery;
+                let written = d.message.write_delivery(
+                    egress,
+                    d.qos,
+                    Some(f.packet_id),
+                    d.retain,
+                    true,
+                    d.subscription_ids(),
+                    now,
+                    out,
+                );
+                if written.is_err() {
+                    too_large += 1;
                 }
-                InflightStage::Released => {
-                    let _ = petrel_codec::encode(
-                        &Packet::PubRel(PubAck::new(f.packet_id)),
-                        egress.version,
-                        out,
-                    );
-                }
+                written.is_ok()
             }
-        }
+            InflightStage::Released => {
+                let _ = petrel_codec::encode(
+                    &Packet::PubRel(PubAck::new(f.packet_id)),
+                    egress.version,
+                    out,
+                );
+                true
+            }
+        });
+        too_large
     }
 
     /// Takes every delivery made for a shared subscription that the client has not yet
