@@ -238,6 +238,7 @@ fn refusal_text(reason: ReasonCode) -> Option<&'static str> {
         ReasonCode::QOS_NOT_SUPPORTED => "will QoS above the server's Maximum QoS",
         ReasonCode::RETAIN_NOT_SUPPORTED => "retained will, but the server keeps no retained messages",
         ReasonCode::PAYLOAD_FORMAT_INVALID => "will payload marked UTF-8 is not valid UTF-8",
+        ReasonCode::PROTOCOL_ERROR => "Authentication Data without an Authentication Method",
         _ => return None,
     })
 }
@@ -563,6 +564,13 @@ impl Connection {
             {
                 return self.refuse(version, ReasonCode::PAYLOAD_FORMAT_INVALID);
             }
+        }
+
+        // Authentication Data needs an Authentication Method (§3.1.2.11.10).
+        if connect.properties.authentication_data.is_some()
+            && connect.properties.authentication_method.is_none()
+        {
+            return self.refuse(version, ReasonCode::PROTOCOL_ERROR);
         }
 
         // Enhanced authentication (§4.12): the method's exchange decides, through AUTH

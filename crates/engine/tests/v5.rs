@@ -1212,6 +1212,15 @@ mod enhanced_auth {
     }
 
     #[test]
+    fn authentication_data_without_a_method_is_a_protocol_error() {
+        let t0 = Instant::now();
+        let mut c = connect_v5("c", true, 0);
+        c.properties.authentication_data = Some(bytes::Bytes::from_static(b"x"));
+        let ack = v5_connack(&scram_broker(true), t0, c);
+        assert_eq!(ack.reason, ReasonCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
     fn only_auth_may_follow_connect_during_the_exchange() {
         let t0 = Instant::now();
         let broker = scram_broker(true);
