@@ -181,19 +181,11 @@ impl Message {
             return Ok(());
         }
         let alias = egress.aliases.lookup(&self.topic);
-        let mut publish = PublishRef {
-            dup,
-            qos,
-            retain,
-            topic: &self.topic,
-            packet_id,
-            properties: &self.properties,
-            extra: PublishExtra {
-                topic_alias: alias.map(|(a, _)| a),
-                message_expiry_interval: self.expiry_left(now),
-                subscription_identifiers: subscription_ids,
-            },
-            payload: &self.payload,
+        let mut publish = self.publish_ref(qos, packet_id, retain, dup);
+        publish.extra = PublishExtra {
+            topic_alias: alias.map(|(a, _)| a),
+            message_expiry_interval: self.expiry_left(now),
+            subscription_identifiers: subscription_ids,
         };
         if let Some((_, true)) = alias {
             // The client holds this alias already: the topic goes empty [MQTT-3.3.2-?].
@@ -210,6 +202,26 @@ impl Message {
             egress.aliases.commit(&self.topic, a);
         }
         Ok(())
+    }
+
+    /// This message as a PUBLISH with the stored properties as they are, borrowed.
+    fn publish_ref(
+        &self,
+        qos: QoS,
+        packet_id: Option<PacketId>,
+        retain: bool,
+        dup: bool,
+    ) -> PublishRef<'_> {
+        PublishRef {
+            dup,
+            qos,
+            retain,
+            topic: &self.topic,
+            packet_id,
+            properties: &self.properties,
+            extra: PublishExtra::default(),
+            payload: &self.payload,
+        }
     }
 
     /// Appends the PUBLISH for one delivery to `out`, with the stored properties as they are.
@@ -244,16 +256,7 @@ impl Message {
         dup: bool,
         out: &mut BytesMut,
     ) {
-        let publish = PublishRef {
-            dup,
-            qos,
-            retain,
-            topic: &self.topic,
-            packet_id,
-            properties: &self.properties,
-            extra: PublishExtra::default(),
-            payload: &self.payload,
-        };
+        let publish = self.publish_ref(qos, packet_id, retain, dup);
         // A message decoded from a packet within the size limit always re-encodes.
         if let Err(e) = publish.encode(version, out) {
             tracing::error!(error = %e, topic = %self.topic, "cannot encode PUBLISH");

@@ -492,6 +492,12 @@ impl SessionState {
     fn pop(&mut self) -> Option<Delivery> {
         let d = self.queue.pop_front()?;
         self.drained += 1;
+        self.unaccount(&d);
+        Some(d)
+    }
+
+    /// Takes a delivery that leaves the queue off the queue's bounds.
+    fn unaccount(&mut self, d: &Delivery) {
         let weight = d.weight as usize;
         if d.qos == QoS::AtMostOnce {
             self.qos0_bytes -= weight;
@@ -499,7 +505,6 @@ impl SessionState {
             self.queued_messages -= 1;
             self.queued_bytes -= weight;
         }
-        Some(d)
     }
 
     /// Drops queued QoS 0 messages: they are not kept for an offline client.
@@ -648,13 +653,7 @@ impl SessionState {
         let mut queue = VecDeque::with_capacity(self.queue.len());
         while let Some(d) = self.queue.pop_front() {
             if d.group().is_some() {
-                let weight = d.weight as usize;
-                if d.qos == QoS::AtMostOnce {
-                    self.qos0_bytes -= weight;
-                } else if weight > 0 {
-                    self.queued_messages -= 1;
-                    self.queued_bytes -= weight;
-                }
+                self.unaccount(&d);
                 taken.push(d);
             } else {
                 queue.push_back(d);

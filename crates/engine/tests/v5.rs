@@ -43,6 +43,13 @@ fn v5_client(broker: &Arc<Broker>, now: Instant, id: &str, clean: bool, expiry: 
     Peer::connect(broker, now, c)
 }
 
+/// Reconnects client `id` with Clean Start 0 at `now`; whether its session was present.
+fn resumes(broker: &Arc<Broker>, now: Instant, id: &str) -> bool {
+    let mut p = Peer::new(broker, now);
+    p.send_connect(now, connect_v5(id, false, 0)).unwrap();
+    only_connack(&mut p).session_present
+}
+
 fn v5_connack(broker: &Arc<Broker>, now: Instant, connect: petrel_codec::Connect) -> ConnAck {
     let mut p = Peer::new(broker, now);
     let _ = p.send_connect(now, connect);
@@ -99,11 +106,7 @@ fn session_is_kept_for_its_expiry_interval_then_removed_mqtt_3_1_2_23() {
     assert_eq!(broker.subscription_count(), 0);
     assert_eq!(Stats::get(&broker.stats.sessions_expired), 1);
 
-    let mut again = Peer::new(&broker, t0 + secs(12));
-    again
-        .send_connect(t0 + secs(12), connect_v5("c", false, 0))
-        .unwrap();
-    assert!(!only_connack(&mut again).session_present);
+    assert!(!resumes(&broker, t0 + secs(12), "c"));
 }
 
 #[test]
@@ -142,11 +145,7 @@ fn session_expiry_is_judged_at_reconnect_even_before_the_timer_ran() {
     let broker = default_broker();
     let mut c = v5_client(&broker, t0, "c", true, 5);
     c.close(&CloseReason::PeerClosed);
-    let mut again = Peer::new(&broker, t0 + secs(6));
-    again
-        .send_connect(t0 + secs(6), connect_v5("c", false, 0))
-        .unwrap();
-    assert!(!only_connack(&mut again).session_present);
+    assert!(!resumes(&broker, t0 + secs(6), "c"));
 }
 
 #[test]
