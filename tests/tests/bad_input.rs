@@ -209,10 +209,22 @@ async fn run_case(addr: SocketAddr, index: usize, before: Before, send: String, 
         let mut buf = bytes::BytesMut::from(&got[..]);
         match petrel_codec::decode(&mut buf, petrel_codec::ProtocolVersion::V5, u32::MAX) {
             Ok(Some(petrel_codec::Packet::Disconnect(d))) => {
-                assert_eq!(d.reason.0, code, "DISCONNECT reason code ({})", to_hex(&got));
-                assert!(buf.is_empty(), "bytes after the DISCONNECT: {}", to_hex(&got));
+                assert_eq!(
+                    d.reason.0,
+                    code,
+                    "DISCONNECT reason code ({})",
+                    to_hex(&got)
+                );
+                assert!(
+                    buf.is_empty(),
+                    "bytes after the DISCONNECT: {}",
+                    to_hex(&got)
+                );
             }
-            other => panic!("expected DISCONNECT {code:#04x}, got {other:?} ({})", to_hex(&got)),
+            other => panic!(
+                "expected DISCONNECT {code:#04x}, got {other:?} ({})",
+                to_hex(&got)
+            ),
         }
         return;
     }

@@ -173,7 +173,11 @@ async fn topic_aliases_both_ways() {
         assert_eq!(topic(&got), want_topic, "message {i}");
         assert_eq!(text(&got), format!("{i}"));
         let alias = got.properties.as_ref().and_then(|p| p.topic_alias);
-        assert_eq!(alias, Some(1), "the broker uses an alias towards the subscriber");
+        assert_eq!(
+            alias,
+            Some(1),
+            "the broker uses an alias towards the subscriber"
+        );
     }
     // The subscriber accepted every alias: its connection still delivers.
     publ.client
@@ -296,7 +300,11 @@ async fn broker_respects_the_clients_receive_maximum() {
             .unwrap();
     }
     let first = sub.publishes_within_quiet().await;
-    assert_eq!(first.len(), 2, "no more than Receive Maximum unacknowledged");
+    assert_eq!(
+        first.len(),
+        2,
+        "no more than Receive Maximum unacknowledged"
+    );
     sub.client.ack(&first[0]).await.unwrap();
     let next = sub.publishes_within_quiet().await;
     assert_eq!(next.len(), 1, "one acknowledgement, one more message");

@@ -77,8 +77,13 @@ async fn subscribed(c: &mut RawClient, packet_id: u16, props: &str, filter: &str
     c.send_hex(&subscribe5(packet_id, props, filter, options))
         .await;
     let id = packet_id.to_be_bytes();
-    c.expect_hex(&format!("90 04 {:02x} {:02x} 00 {:02x}", id[0], id[1], options & 3))
-        .await;
+    c.expect_hex(&format!(
+        "90 04 {:02x} {:02x} 00 {:02x}",
+        id[0],
+        id[1],
+        options & 3
+    ))
+    .await;
 }
 
 async fn v311_publisher(addr: SocketAddr) -> RawClient {
@@ -154,7 +159,8 @@ async fn message_expiry_interval_is_forwarded_mqtt_3_3_2_6() {
     let mut s = v5_client(broker.addr, &connect5("s", true, "", None)).await;
     subscribed(&mut s, 1, "", "e", 0).await;
     let mut p = v5_client(broker.addr, &connect5("p", true, "", None)).await;
-    p.send_hex(&publish5("e", 0, 0, "02 00 00 00 3c", b"x")).await;
+    p.send_hex(&publish5("e", 0, 0, "02 00 00 00 3c", b"x"))
+        .await;
     // Delivered at once: the whole 60 s are left.
     s.expect_hex("30 0a 00 01 65 05 02 00 00 00 3c 78").await;
 }
@@ -179,7 +185,10 @@ async fn session_expires_on_time_while_the_broker_is_idle_mqtt_3_1_2_23() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = closed.elapsed();
-    assert!(took >= Duration::from_millis(900), "removed early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "removed early: {took:?}"
+    );
     assert_eq!(broker.broker.subscription_count(), 0);
 
     let mut again = RawClient::connect(broker.addr).await;
@@ -195,7 +204,12 @@ async fn will_is_sent_after_its_delay_mqtt_3_1_3_9() {
     // Session Expiry 60 s, will "will" / "bye" with Will Delay Interval 1 s.
     let c = v5_client(
         broker.addr,
-        &connect5("c", true, "11 00 00 00 3c", Some(("will", "bye", "18 00 00 00 01"))),
+        &connect5(
+            "c",
+            true,
+            "11 00 00 00 3c",
+            Some(("will", "bye", "18 00 00 00 01")),
+        ),
     )
     .await;
     drop(c);
@@ -334,7 +348,10 @@ async fn scram_sha256_enhanced_authentication_over_a_socket_mqtt_4_12() {
     let server_first = match c.recv().await {
         Packet::Auth(a) => {
             assert_eq!(a.reason, ReasonCode::CONTINUE_AUTHENTICATION);
-            assert_eq!(a.properties.authentication_method.as_deref(), Some("SCRAM-SHA-256"));
+            assert_eq!(
+                a.properties.authentication_method.as_deref(),
+                Some("SCRAM-SHA-256")
+            );
             String::from_utf8(a.properties.authentication_data.clone().unwrap().to_vec()).unwrap()
         }
         other => panic!("expected AUTH, got {other:?}"),
@@ -363,7 +380,10 @@ async fn scram_sha256_enhanced_authentication_over_a_socket_mqtt_4_12() {
     match anon.recv().await {
         Packet::ConnAck(ack) => {
             assert_eq!(ack.reason, ReasonCode::NOT_AUTHORIZED);
-            assert_eq!(ack.properties.reason_string.as_deref(), Some("not authorized"));
+            assert_eq!(
+                ack.properties.reason_string.as_deref(),
+                Some("not authorized")
+            );
         }
         other => panic!("expected CONNACK, got {other:?}"),
     }

@@ -11,6 +11,8 @@ pub struct Credentials<'a> {
     pub password: Option<&'a [u8]>,
     /// The peer's address as text, for rate limits and logs.
     pub peer: &'a str,
+    /// The name from a client certificate the transport verified (mutual TLS), if any.
+    pub certificate_identity: Option<&'a str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +99,10 @@ impl UserStore {
 impl Authenticator for UserStore {
     fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision {
         let Some(user) = credentials.username else {
+            // A client certificate verified against the listener's CA is a login.
+            if credentials.certificate_identity.is_some() {
+                return AuthDecision::Allow;
+            }
             return if self.allow_anonymous {
                 AuthDecision::Allow
             } else {

@@ -279,8 +279,7 @@ impl Broker {
                 st.release_blocked();
                 drop(st);
                 drop(sessions);
-                self.store
-                    .session_opened(client_id, expiry_interval > 0);
+                self.store.session_opened(client_id, expiry_interval > 0);
                 return Attach {
                     session: existing,
                     session_present: true,
@@ -636,7 +635,8 @@ impl Broker {
             let mut matched = groups_matched;
             let mut congested = None;
             let offer = |t: Target, ids: Vec<u32>, congested: &mut Option<Arc<Session>>| {
-                let mut delivery = Delivery::new(message.clone(), t.qos.min(message.qos), t.retain, weight);
+                let mut delivery =
+                    Delivery::new(message.clone(), t.qos.min(message.qos), t.retain, weight);
                 if !ids.is_empty() || t.group.is_some() {
                     delivery.extra = Some(Box::new(DeliveryExtra {
                         subscription_ids: ids,

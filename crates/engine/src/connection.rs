@@ -68,7 +68,9 @@ pub enum Violation {
     UnexpectedAuth,
     #[error("AUTH with a method other than CONNECT's [MQTT-4.12.1-1]")]
     AuthMethodMismatch,
-    #[error("{0} during the enhanced authentication exchange, which allows only AUTH [MQTT-4.12.0-?]")]
+    #[error(
+        "{0} during the enhanced authentication exchange, which allows only AUTH [MQTT-4.12.0-?]"
+    )]
     NotAuthDuringExchange(&'static str),
     #[error("AUTH with reason {0:#04x}, which a client may not send here [MQTT-4.12.0-2]")]
     AuthReasonInvalid(u8),
@@ -225,18 +227,24 @@ pub struct Connection {
     /// The Maximum Packet Size of the client's CONNECT, for what is written before the
     /// connection is established (a refusal, AUTH).
     client_max_packet: u32,
+    /// The name a verified TLS client certificate gives the client, if the transport had one.
+    certificate_identity: Option<Box<str>>,
 }
 
 /// The reason string of a v5 CONNACK refusal.
 fn refusal_text(reason: ReasonCode) -> Option<&'static str> {
     Some(match reason {
-        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID => "client identifier not accepted (empty, or too long)",
+        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID => {
+            "client identifier not accepted (empty, or too long)"
+        }
         ReasonCode::BAD_USER_NAME_OR_PASSWORD => "bad user name or password",
         ReasonCode::NOT_AUTHORIZED => "not authorized",
         ReasonCode::SERVER_UNAVAILABLE => "server shutting down",
         ReasonCode::BAD_AUTHENTICATION_METHOD => "authentication method not offered",
         ReasonCode::QOS_NOT_SUPPORTED => "will QoS above the server's Maximum QoS",
-        ReasonCode::RETAIN_NOT_SUPPORTED => "retained will, but the server keeps no retained messages",
+        ReasonCode::RETAIN_NOT_SUPPORTED => {
+            "retained will, but the server keeps no retained messages"
+        }
         ReasonCode::PAYLOAD_FORMAT_INVALID => "will payload marked UTF-8 is not valid UTF-8",
         ReasonCode::PROTOCOL_ERROR => "Authentication Data without an Authentication Method",
         _ => return None,
@@ -260,7 +268,18 @@ impl Connection {
             state: State::AwaitingConnect { deadline },
             out: BytesMut::new(),
             client_max_packet: u32::MAX,
+            certificate_identity: None,
         }
+    }
+
+    /// The transport verified a client certificate naming the client `identity` (mutual TLS).
+    /// The authenticator sees it with the CONNECT.
+    pub fn set_certificate_identity(&mut self, identity: Option<String>) {
+        self.certificate_identity = identity.map(String::into_boxed_str);
+    }
+
+    pub fn certificate_identity(&self) -> Option<&str> {
+        self.certificate_identity.as_deref()
     }
 
     /// The version packets are decoded with: the client's once CONNECT is in; before that only
@@ -508,10 +527,7 @@ impl Connection {
 
     fn handle_connect(&mut self, now: Instant, connect: Connect) -> Result<(), CloseReason> {
         let version = connect.protocol;
-        self.client_max_packet = connect
-            .properties
-            .maximum_packet_size
-            .unwrap_or(u32::MAX);
+        self.client_max_packet = connect.properties.maximum_packet_size.unwrap_or(u32::MAX);
         let limits = &self.broker.limits;
         if self.broker.is_shutting_down() {
             return self.refuse(version, ReasonCode::SERVER_UNAVAILABLE);
@@ -610,6 +626,7 @@ impl Connection {
             username: connect.username.as_ref(),
             password: connect.password.as_deref(),
             peer: &self.peer,
+            certificate_identity: self.certificate_identity.as_deref(),
         });
         if decision != AuthDecision::Allow {
             tracing::info!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
@@ -678,7 +695,11 @@ impl Connection {
                 if auth.properties.authentication_method.as_ref() != Some(&pending.method) {
                     return Err(Violation::AuthMethodMismatch.into());
                 }
-                let data = auth.properties.authentication_data.clone().unwrap_or_default();
+                let data = auth
+                    .properties
+                    .authentication_data
+                    .clone()
+                    .unwrap_or_default();
                 let step = pending.exchange.step(&data);
                 self.connect_auth_step(now, deadline, step, pending)
             }
@@ -700,7 +721,11 @@ impl Connection {
         if auth.properties.authentication_method.as_ref() != Some(&enhanced.method) {
             return Err(Violation::AuthMethodMismatch.into());
         }
-        let data = auth.properties.authentication_data.clone().unwrap_or_default();
+        let data = auth
+            .properties
+            .authentication_data
+            .clone()
+            .unwrap_or_default();
         let step = match auth.reason {
             ReasonCode::REAUTHENTICATE => {
                 let exchange = broker
@@ -846,11 +871,10 @@ impl Connection {
         };
         self.write(&Packet::ConnAck(connack), version);
         if attach.session_present {
-            let too_large =
-                attach
-                    .session
-                    .lock()
-                    .resend_inflight(&mut egress, now, &mut self.out);
+            let too_large = attach
+                .session
+                .lock()
+                .resend_inflight(&mut egress, now, &mut self.out);
             if too_large > 0 {
                 Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
             }
@@ -1084,7 +1108,8 @@ impl Connection {
 
     fn handle_subscribe(&mut self, now: Instant, subscribe: Subscribe) -> Result<(), CloseReason> {
         let a = self.attached()?;
-        let (version, session, problem_info) = (a.egress.version, a.session.clone(), a.problem_info);
+        let (version, session, problem_info) =
+            (a.egress.version, a.session.clone(), a.problem_info);
         let limits = &self.broker.limits;
         let subscription_id = match subscribe.properties.subscription_identifiers.first() {
             Some(_) if !limits.subscription_identifiers => {
@@ -1298,7 +1323,11 @@ impl Connection {
                 tracing::debug!(client_id = %a.session.client_id, peer = %self.peer, reason = ?other, "connection closed");
             }
         }
-        let will = if reason.publishes_will() { a.will } else { None };
+        let will = if reason.publishes_will() {
+            a.will
+        } else {
+            None
+        };
         self.broker.detach(&a.session, self.id, will, now);
         self.broker
             .stats

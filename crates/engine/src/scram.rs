@@ -209,7 +209,9 @@ impl ScramExchange {
         for attribute in bare.split(',') {
             match attribute.split_once('=') {
                 Some(("n", v)) => user = Some(decode_saslname(v)?),
-                Some(("r", v)) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b',') => {
+                Some(("r", v))
+                    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b',') =>
+                {
                     client_nonce = Some(v)
                 }
                 Some(("m", _)) => return Err("mandatory extension not supported"),
@@ -414,7 +416,10 @@ mod tests {
         assert!(first.ends_with(",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"));
         // The RFC's server nonce differs from ours, so compute the client's answer for ours.
         let (last, want) = client::last("user", "rOprNGfwEbeRWgbNEkqO", "pencil", &first);
-        assert_eq!(ex.step(last.as_bytes()), AuthStep::Success(Some(want.into_bytes())));
+        assert_eq!(
+            ex.step(last.as_bytes()),
+            AuthStep::Success(Some(want.into_bytes()))
+        );
 
         // And the RFC's own numbers for its own nonce: the client proof and server signature.
         let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";

@@ -172,7 +172,9 @@ impl TopicAliases {
     pub fn commit(&mut self, topic: &TopicName, alias: u16) {
         // An owned copy: the topic may be a slice of a large read buffer.
         let key = TopicName::new(topic).unwrap_or_else(|_| topic.clone());
-        self.map.get_or_insert_with(Default::default).insert(key, alias);
+        self.map
+            .get_or_insert_with(Default::default)
+            .insert(key, alias);
     }
 }
 
@@ -599,7 +601,12 @@ impl SessionState {
     /// whose delivery has started is sent even if its message expired since. One that the new
     /// connection's Maximum Packet Size no longer admits is dropped as delivered
     /// [MQTT-3.1.2-25], so it does not hold a window slot; the count of those is returned.
-    pub fn resend_inflight(&mut self, egress: &mut Egress, now: Instant, out: &mut BytesMut) -> usize {
+    pub fn resend_inflight(
+        &mut self,
+        egress: &mut Egress,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> usize {
         let mut too_large = 0;
         self.inflight.retain(|f| match f.stage {
             InflightStage::Published => {

@@ -82,7 +82,10 @@ impl SharedGroup {
     /// Adds or replaces a member's subscription. Returns whether it was already a member.
     pub fn join(&self, member: Subscriber) -> bool {
         let mut members = self.lock();
-        match members.iter_mut().find(|m| m.session.id == member.session.id) {
+        match members
+            .iter_mut()
+            .find(|m| m.session.id == member.session.id)
+        {
             Some(existing) => {
                 *existing = member;
                 true
@@ -168,7 +171,13 @@ mod tests {
                 filter: TopicFilter::new("#").unwrap()
             }))
         );
-        for bad in ["$share/g", "$share//a", "$share/g+/a", "$share/#/a", "$share/g/"] {
+        for bad in [
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/#/a",
+            "$share/g/",
+        ] {
             assert_eq!(parse(bad), Err(SharedFilterError::Malformed), "{bad}");
         }
         // Only the exact prefix is special.

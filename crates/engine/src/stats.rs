@@ -19,6 +19,11 @@ pub struct Stats {
     /// `flow_control_timeout`.
     pub stalled_subscribers: AtomicU64,
     pub connect_timeouts: AtomicU64,
+    /// Connections that failed before MQTT began: PROXY header, TLS handshake, WebSocket
+    /// upgrade (including those that ran out of time there).
+    pub handshake_failures: AtomicU64,
+    /// Connections refused by a listener's per-address connection rate limit.
+    pub rate_limited: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub takeovers: AtomicU64,
@@ -40,7 +45,7 @@ impl Stats {
         counter.load(Relaxed)
     }
 
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 }

@@ -118,8 +118,11 @@ fn reconnect_within_the_expiry_interval_resumes_the_session_mqtt_3_2_2_2() {
     c.close(&CloseReason::PeerClosed);
 
     let mut p = v5_client(&broker, t0, "p", true, 0);
-    p.send(t0 + secs(2), publish("s", "while away", QoS::AtLeastOnce, 1))
-        .unwrap();
+    p.send(
+        t0 + secs(2),
+        publish("s", "while away", QoS::AtLeastOnce, 1),
+    )
+    .unwrap();
 
     let mut again = Peer::new(&broker, t0 + secs(9));
     again
@@ -157,7 +160,11 @@ fn disconnect_may_change_the_expiry_interval_mqtt_3_14_2_2() {
     d.properties.session_expiry_interval = Some(0);
     let reason = c.send(t0, Packet::Disconnect(d)).unwrap_err();
     c.close(&reason);
-    assert_eq!(broker.session_count(), 0, "interval 0 from DISCONNECT ends it now");
+    assert_eq!(
+        broker.session_count(),
+        0,
+        "interval 0 from DISCONNECT ends it now"
+    );
 
     // A session that was to end with its connection may not be extended by DISCONNECT.
     let mut c = v5_client(&broker, t0, "z", true, 0);
@@ -267,7 +274,11 @@ fn will_goes_out_when_the_session_ends_before_its_delay() {
     c.close_at(&CloseReason::PeerClosed, t0);
     run_timers(&broker, t0 + secs(2));
     assert_eq!(will_payloads(&mut w, t0 + secs(2)), ["gone"]);
-    assert_eq!(broker.session_count(), 1, "only the watcher's session is left");
+    assert_eq!(
+        broker.session_count(),
+        1,
+        "only the watcher's session is left"
+    );
 }
 
 #[test]
@@ -317,15 +328,19 @@ fn will_properties_travel_with_the_will_but_not_its_delay() {
     let mut lw = will("will/c", "gone", QoS::AtMostOnce, false);
     lw.properties.will_delay_interval = Some(0);
     lw.properties.content_type = Some(petrel_codec::MqttString::new("text/plain").unwrap());
-    lw.properties
-        .user_properties
-        .push((petrel_codec::MqttString::new("k").unwrap(), petrel_codec::MqttString::new("v").unwrap()));
+    lw.properties.user_properties.push((
+        petrel_codec::MqttString::new("k").unwrap(),
+        petrel_codec::MqttString::new("v").unwrap(),
+    ));
     c.will = Some(lw);
     let mut c = Peer::connect(&broker, t0, c);
     c.close(&CloseReason::PeerClosed);
     let got = publishes(w.recv());
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        got[0].properties.content_type.as_deref(),
+        Some("text/plain")
+    );
     assert_eq!(got[0].properties.user_properties.len(), 1);
     assert_eq!(got[0].properties.will_delay_interval, None);
 }
@@ -383,8 +398,11 @@ fn expired_retained_message_is_not_sent_to_new_subscribers() {
     let t0 = Instant::now();
     let broker = default_broker();
     let mut p = v5_client(&broker, t0, "p", true, 0);
-    p.send(t0, retained(expiring("r", "soon gone", QoS::AtMostOnce, 0, 5)))
-        .unwrap();
+    p.send(
+        t0,
+        retained(expiring("r", "soon gone", QoS::AtMostOnce, 0, 5)),
+    )
+    .unwrap();
 
     let mut early = v5_client(&broker, t0 + secs(2), "early", true, 0);
     early.subscribe(t0 + secs(2), 1, "r", QoS::AtMostOnce);
@@ -467,7 +485,8 @@ fn broker_never_exceeds_the_clients_receive_maximum_mqtt_3_3_4_9() {
     }
     let first = publishes(s.recv());
     assert_eq!(first.len(), 3);
-    s.send(t0, puback(first[0].packet_id.unwrap().get())).unwrap();
+    s.send(t0, puback(first[0].packet_id.unwrap().get()))
+        .unwrap();
     assert_eq!(publishes(s.recv()).len(), 1);
 }
 
@@ -484,9 +503,12 @@ fn messages_larger_than_the_clients_maximum_packet_size_are_not_sent_mqtt_3_1_2_
     s.subscribe(t0, 1, "big/#", QoS::AtLeastOnce);
     let mut p = v5_client(&broker, t0, "p", true, 0);
     let large = "x".repeat(100);
-    p.send(t0, publish("big/0", &large, QoS::AtMostOnce, 0)).unwrap();
-    p.send(t0, publish("big/1", &large, QoS::AtLeastOnce, 1)).unwrap();
-    p.send(t0, publish("big/2", "small", QoS::AtLeastOnce, 2)).unwrap();
+    p.send(t0, publish("big/0", &large, QoS::AtMostOnce, 0))
+        .unwrap();
+    p.send(t0, publish("big/1", &large, QoS::AtLeastOnce, 1))
+        .unwrap();
+    p.send(t0, publish("big/2", "small", QoS::AtLeastOnce, 2))
+        .unwrap();
     let got = publishes(s.recv());
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].payload[..], b"small");
@@ -494,7 +516,8 @@ fn messages_larger_than_the_clients_maximum_packet_size_are_not_sent_mqtt_3_1_2_
     // The dropped QoS 1 message does not hold a window slot: it counts as delivered.
     s.send(t0, puback(got[0].packet_id.unwrap().get())).unwrap();
     for id in 3..=40 {
-        p.send(t0, publish("big/3", "small", QoS::AtLeastOnce, id)).unwrap();
+        p.send(t0, publish("big/3", "small", QoS::AtLeastOnce, id))
+            .unwrap();
         let got = publishes(s.recv());
         assert_eq!(got.len(), 1);
         s.send(t0, puback(got[0].packet_id.unwrap().get())).unwrap();
@@ -539,7 +562,10 @@ fn inbound_topic_alias_is_set_then_used_mqtt_3_3_2_12() {
     s.subscribe(t0, 1, "long/topic/name", QoS::AtMostOnce);
     let mut p = Peer::new(&broker, t0);
     p.send_connect(t0, connect_v5("p", true, 0)).unwrap();
-    assert_eq!(only_connack(&mut p).properties.topic_alias_maximum, Some(64));
+    assert_eq!(
+        only_connack(&mut p).properties.topic_alias_maximum,
+        Some(64)
+    );
 
     p.send(t0, aliased("long/topic/name", "one", 3)).unwrap();
     p.send(t0, aliased("", "two", 3)).unwrap();
@@ -631,13 +657,17 @@ fn one_publish_carries_every_matching_subscription_identifier_mqtt_3_3_4_3() {
     let t0 = Instant::now();
     let broker = default_broker();
     let mut s = v5_client(&broker, t0, "s", true, 0);
-    s.send(t0, subscribe_id(1, "a/+", QoS::AtMostOnce, 7)).unwrap();
-    s.send(t0, subscribe_id(2, "a/b", QoS::AtLeastOnce, 9)).unwrap();
+    s.send(t0, subscribe_id(1, "a/+", QoS::AtMostOnce, 7))
+        .unwrap();
+    s.send(t0, subscribe_id(2, "a/b", QoS::AtLeastOnce, 9))
+        .unwrap();
     s.send(t0, subscribe(3, "#", QoS::AtMostOnce)).unwrap();
     assert_eq!(s.written().len(), 3);
     let mut p = v5_client(&broker, t0, "p", true, 0);
-    p.send(t0, publish("a/b", "m", QoS::AtLeastOnce, 1)).unwrap();
-    p.send(t0, publish("a/c", "n", QoS::AtLeastOnce, 2)).unwrap();
+    p.send(t0, publish("a/b", "m", QoS::AtLeastOnce, 1))
+        .unwrap();
+    p.send(t0, publish("a/c", "n", QoS::AtLeastOnce, 2))
+        .unwrap();
     p.send(t0, publish("z", "o", QoS::AtLeastOnce, 3)).unwrap();
     let got = publishes(s.recv());
     assert_eq!(got.len(), 3, "one copy per message [MQTT-3.3.4-2]");
@@ -657,7 +687,8 @@ fn retained_replay_carries_the_subscription_identifier() {
     p.send(t0, retained(publish("r/1", "kept", QoS::AtMostOnce, 0)))
         .unwrap();
     let mut s = v5_client(&broker, t0, "s", true, 0);
-    s.send(t0, subscribe_id(1, "r/#", QoS::AtMostOnce, 42)).unwrap();
+    s.send(t0, subscribe_id(1, "r/#", QoS::AtMostOnce, 42))
+        .unwrap();
     let got = publishes(s.recv());
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].properties.subscription_identifiers, [42]);
@@ -670,7 +701,9 @@ fn subscription_identifiers_can_be_turned_off() {
     let mut s = Peer::new(&broker, t0);
     s.send_connect(t0, connect_v5("s", true, 0)).unwrap();
     assert_eq!(
-        only_connack(&mut s).properties.subscription_identifier_available,
+        only_connack(&mut s)
+            .properties
+            .subscription_identifier_available,
         Some(0)
     );
     let (_, code) = violation(&mut s, t0, subscribe_id(1, "a", QoS::AtMostOnce, 1));
@@ -715,8 +748,16 @@ fn each_message_goes_to_one_member_of_a_share_group_in_turn_mqtt_4_8_2() {
         .collect();
     all.sort_unstable();
     assert_eq!(all, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
-    assert_eq!(publishes(other_group.recv()).len(), 10, "every group gets each message");
-    assert_eq!(publishes(plain.recv()).len(), 10, "ordinary subscribers are unaffected");
+    assert_eq!(
+        publishes(other_group.recv()).len(),
+        10,
+        "every group gets each message"
+    );
+    assert_eq!(
+        publishes(plain.recv()).len(),
+        10,
+        "ordinary subscribers are unaffected"
+    );
 }
 
 #[test]
@@ -746,7 +787,8 @@ fn unacknowledged_messages_of_a_member_that_leaves_go_to_another_member() {
     }
     let sent = publishes(a.recv());
     assert_eq!(sent.len(), 2);
-    a.send(t0, puback(sent[0].packet_id.unwrap().get())).unwrap();
+    a.send(t0, puback(sent[0].packet_id.unwrap().get()))
+        .unwrap();
 
     let mut b = member(&broker, t0, "b", QoS::AtLeastOnce);
     a.close(&CloseReason::PeerClosed);
@@ -755,7 +797,11 @@ fn unacknowledged_messages_of_a_member_that_leaves_go_to_another_member() {
         .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
         .collect();
     got.sort_unstable();
-    assert_eq!(got, ["2", "3", "4", "5", "6"], "all but the acknowledged one");
+    assert_eq!(
+        got,
+        ["2", "3", "4", "5", "6"],
+        "all but the acknowledged one"
+    );
 }
 
 #[test]
@@ -775,7 +821,8 @@ fn unsubscribing_leaves_the_group() {
     .unwrap();
     let mut p = v5_client(&broker, t0, "p", true, 0);
     for _ in 0..4 {
-        p.send(t0, publish("jobs/x", "m", QoS::AtMostOnce, 0)).unwrap();
+        p.send(t0, publish("jobs/x", "m", QoS::AtMostOnce, 0))
+            .unwrap();
     }
     assert_eq!(publishes(a.recv()).len(), 4);
     assert_eq!(publishes(b.recv()).len(), 0);
@@ -786,10 +833,14 @@ fn malformed_or_disabled_shared_subscriptions_are_refused_in_the_suback() {
     let t0 = Instant::now();
     let broker = default_broker();
     let mut s = v5_client(&broker, t0, "s", true, 0);
-    s.send(t0, subscribe(1, "$share/g", QoS::AtMostOnce)).unwrap();
+    s.send(t0, subscribe(1, "$share/g", QoS::AtMostOnce))
+        .unwrap();
     let ack = only_suback(&mut s);
     assert_eq!(ack.reasons, [ReasonCode::TOPIC_FILTER_INVALID]);
-    assert!(ack.properties.reason_string.is_some(), "problem information is on by default");
+    assert!(
+        ack.properties.reason_string.is_some(),
+        "problem information is on by default"
+    );
 
     let off = broker_with(|l| l.shared_subscriptions = false);
     let mut s = Peer::new(&off, t0);
@@ -797,12 +848,18 @@ fn malformed_or_disabled_shared_subscriptions_are_refused_in_the_suback() {
     c.properties.request_problem_information = Some(0);
     s.send_connect(t0, c).unwrap();
     assert_eq!(
-        only_connack(&mut s).properties.shared_subscription_available,
+        only_connack(&mut s)
+            .properties
+            .shared_subscription_available,
         Some(0)
     );
-    s.send(t0, subscribe(1, "$share/g/a", QoS::AtMostOnce)).unwrap();
+    s.send(t0, subscribe(1, "$share/g/a", QoS::AtMostOnce))
+        .unwrap();
     let ack = only_suback(&mut s);
-    assert_eq!(ack.reasons, [ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED]);
+    assert_eq!(
+        ack.reasons,
+        [ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED]
+    );
     assert_eq!(
         ack.properties.reason_string, None,
         "Request Problem Information 0 [MQTT-3.1.2-29]"
@@ -827,7 +884,10 @@ fn shared_subscription_with_no_local_is_a_protocol_error_mqtt_3_8_3_4() {
     let error = petrel_codec::decode(&mut wire, ProtocolVersion::V5, u32::MAX).unwrap_err();
     assert_eq!(error, petrel_codec::DecodeError::SharedNoLocal);
     let reason = s.conn.handle_decode_error(error);
-    assert_eq!(disconnect_code(&s.close(&reason)), Some(ReasonCode::PROTOCOL_ERROR));
+    assert_eq!(
+        disconnect_code(&s.close(&reason)),
+        Some(ReasonCode::PROTOCOL_ERROR)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -879,12 +939,17 @@ fn wildcard_subscriptions_can_be_turned_off() {
     let mut s = Peer::new(&broker, t0);
     s.send_connect(t0, connect_v5("s", true, 0)).unwrap();
     assert_eq!(
-        only_connack(&mut s).properties.wildcard_subscription_available,
+        only_connack(&mut s)
+            .properties
+            .wildcard_subscription_available,
         Some(0)
     );
     s.send(t0, subscribe(1, "a/+", QoS::AtMostOnce)).unwrap();
     let ack = only_suback(&mut s);
-    assert_eq!(ack.reasons, [ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED]);
+    assert_eq!(
+        ack.reasons,
+        [ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED]
+    );
     s.subscribe(t0, 2, "a/b", QoS::AtMostOnce);
 }
 
@@ -957,13 +1022,20 @@ fn payload_marked_utf8_that_is_not_is_refused_with_0x99_mqtt_3_3_2_4() {
     let mut s = v5_client(&broker, t0, "s", true, 0);
     s.subscribe(t0, 1, "f", QoS::AtLeastOnce);
     let mut p = v5_client(&broker, t0, "p", true, 0);
-    p.send(t0, utf8_marked(&[0xff, 0xfe], QoS::AtLeastOnce, 1)).unwrap();
+    p.send(t0, utf8_marked(&[0xff, 0xfe], QoS::AtLeastOnce, 1))
+        .unwrap();
     let written = p.written();
     let [Packet::PubAck(ack)] = written.as_slice() else {
         panic!("expected one PUBACK, got {written:?}");
     };
-    assert_eq!((ack.packet_id, ack.reason), (pid(1), ReasonCode::PAYLOAD_FORMAT_INVALID));
-    assert!(ack.properties.reason_string.is_some(), "problem information allowed by default");
+    assert_eq!(
+        (ack.packet_id, ack.reason),
+        (pid(1), ReasonCode::PAYLOAD_FORMAT_INVALID)
+    );
+    assert!(
+        ack.properties.reason_string.is_some(),
+        "problem information allowed by default"
+    );
     p.send(t0, utf8_marked("ünïcode".as_bytes(), QoS::AtLeastOnce, 2))
         .unwrap();
     let got = publishes(s.recv());
@@ -976,7 +1048,8 @@ fn payload_marked_utf8_that_is_not_is_refused_with_0x99_mqtt_3_3_2_4() {
 
     let unchecked = broker_with(|l| l.check_payload_format = false);
     let mut p = v5_client(&unchecked, t0, "p", true, 0);
-    p.send(t0, utf8_marked(&[0xff], QoS::AtMostOnce, 0)).unwrap();
+    p.send(t0, utf8_marked(&[0xff], QoS::AtMostOnce, 0))
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1003,8 +1076,11 @@ fn request_response_properties_pass_through() {
             petrel_codec::MqttString::new("2").unwrap(),
         ));
     });
-    p.send(t0, publish_props("req", b"{}", QoS::AtMostOnce, 0, sent.clone()))
-        .unwrap();
+    p.send(
+        t0,
+        publish_props("req", b"{}", QoS::AtMostOnce, 0, sent.clone()),
+    )
+    .unwrap();
     let got = publishes(s.recv());
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].properties, sent, "every property, in order");
@@ -1022,7 +1098,8 @@ fn v311_publisher_and_v5_subscriber_and_the_reverse_each_see_their_own_version()
     let mut v3 = Peer::connect(&broker, t0, connect("three", true, 0));
     v3.subscribe(t0, 1, "mix/#", QoS::AtLeastOnce);
 
-    v3.send(t0, publish("mix/from3", "a", QoS::AtLeastOnce, 1)).unwrap();
+    v3.send(t0, publish("mix/from3", "a", QoS::AtLeastOnce, 1))
+        .unwrap();
     v5.send(
         t0,
         publish_props(
@@ -1039,9 +1116,17 @@ fn v311_publisher_and_v5_subscriber_and_the_reverse_each_see_their_own_version()
     let to3 = publishes(v3.recv());
     assert_eq!(to5.len(), 2);
     assert_eq!(to3.len(), 2);
-    assert!(to3.iter().all(|p| p.properties.is_empty()), "3.1.1 has no properties");
+    assert!(
+        to3.iter().all(|p| p.properties.is_empty()),
+        "3.1.1 has no properties"
+    );
     assert_eq!(
-        to5.iter().find(|p| p.topic.as_str() == "mix/from5").unwrap().properties.content_type.as_deref(),
+        to5.iter()
+            .find(|p| p.topic.as_str() == "mix/from5")
+            .unwrap()
+            .properties
+            .content_type
+            .as_deref(),
         Some("t")
     );
 }
@@ -1067,7 +1152,8 @@ fn mqtt31_client_ids_longer_than_23_characters_are_refused_in_strict_mode() {
     assert_eq!(refused(&lenient, &"c".repeat(24)), ReasonCode::SUCCESS);
     // 3.1.1 never had the rule.
     let mut p = Peer::new(&broker, t0);
-    p.send_connect(t0, connect(&"d".repeat(40), true, 0)).unwrap();
+    p.send_connect(t0, connect(&"d".repeat(40), true, 0))
+        .unwrap();
     assert_eq!(only_connack(&mut p).reason, ReasonCode::SUCCESS);
 }
 
@@ -1087,7 +1173,11 @@ fn retain_handling_options_mqtt_3_3_1_9_to_11() {
     s.subscribe_with(t0, 1, "rh", with(RetainHandling::OnNewSubscription));
     assert_eq!(publishes(s.recv()).len(), 1, "new subscription: sent");
     s.subscribe_with(t0, 2, "rh", with(RetainHandling::OnNewSubscription));
-    assert_eq!(publishes(s.recv()).len(), 0, "existing subscription: not sent");
+    assert_eq!(
+        publishes(s.recv()).len(),
+        0,
+        "existing subscription: not sent"
+    );
     s.subscribe_with(t0, 3, "rh", with(RetainHandling::OnSubscribe));
     assert_eq!(publishes(s.recv()).len(), 1, "0: sent on every subscribe");
     s.subscribe_with(t0, 4, "rh", with(RetainHandling::Never));
@@ -1159,7 +1249,10 @@ mod enhanced_auth {
         assert_eq!(code, ReasonCode::CONTINUE_AUTHENTICATION, "[MQTT-4.12.0-1]");
         assert!(!p.conn.is_connected());
         let (last, _) = client::last("alice", "cnonce", password, &server_first);
-        let _ = p.send(t0 + ms(10), auth(ReasonCode::CONTINUE_AUTHENTICATION, &last));
+        let _ = p.send(
+            t0 + ms(10),
+            auth(ReasonCode::CONTINUE_AUTHENTICATION, &last),
+        );
         let ack = only_connack(&mut p);
         (p, ack)
     }
@@ -1177,7 +1270,10 @@ mod enhanced_auth {
         let server_final =
             String::from_utf8(ack.properties.authentication_data.clone().unwrap().to_vec())
                 .unwrap();
-        assert!(server_final.starts_with("v="), "the server signature: {server_final}");
+        assert!(
+            server_final.starts_with("v="),
+            "the server signature: {server_final}"
+        );
         assert!(p.conn.is_connected());
         p.subscribe(t0, 1, "t", QoS::AtMostOnce);
     }
@@ -1189,7 +1285,11 @@ mod enhanced_auth {
         let (p, ack) = scram_login(&broker, t0, "looking glass");
         assert_eq!(ack.reason, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
         assert!(!p.conn.is_connected());
-        assert_eq!(broker.session_count(), 0, "no session before authentication");
+        assert_eq!(
+            broker.session_count(),
+            0,
+            "no session before authentication"
+        );
     }
 
     #[test]
@@ -1241,8 +1341,11 @@ mod enhanced_auth {
         let broker = scram_broker(true);
         let mut p = Peer::new(&broker, t0);
         p.version = ProtocolVersion::V5;
-        p.send_connect(t0 + secs(2), scram_connect("c", &client::first("alice", "x")))
-            .unwrap();
+        p.send_connect(
+            t0 + secs(2),
+            scram_connect("c", &client::first("alice", "x")),
+        )
+        .unwrap();
         only_auth(&mut p);
         // Counted from accept, not from the last AUTH.
         assert_eq!(p.conn.deadline(), Some(t0 + CONNECT_TIMEOUT));
@@ -1287,8 +1390,11 @@ mod enhanced_auth {
         let (code, server_first) = only_auth(&mut p);
         assert_eq!(code, ReasonCode::CONTINUE_AUTHENTICATION);
         let (last, want) = client::last("alice", "again", "wonderland", &server_first);
-        p.send(t0 + secs(1), auth(ReasonCode::CONTINUE_AUTHENTICATION, &last))
-            .unwrap();
+        p.send(
+            t0 + secs(1),
+            auth(ReasonCode::CONTINUE_AUTHENTICATION, &last),
+        )
+        .unwrap();
         assert_eq!(only_auth(&mut p), (ReasonCode::SUCCESS, want));
         assert!(p.conn.is_connected(), "the connection goes on");
 
@@ -1300,7 +1406,10 @@ mod enhanced_auth {
         let (_, server_first) = only_auth(&mut p);
         let (last, _) = client::last("alice", "third", "forgotten", &server_first);
         let reason = p
-            .send(t0 + secs(2), auth(ReasonCode::CONTINUE_AUTHENTICATION, &last))
+            .send(
+                t0 + secs(2),
+                auth(ReasonCode::CONTINUE_AUTHENTICATION, &last),
+            )
             .unwrap_err();
         assert_eq!(reason, CloseReason::AuthenticationFailed);
         assert_eq!(
@@ -1328,8 +1437,18 @@ mod enhanced_auth {
         };
         assert_eq!(login(Some("alice"), "wonderland"), ReasonCode::SUCCESS);
         // 3.1.1 return code 4 and 5.
-        assert_eq!(login(Some("alice"), "nope"), ReasonCode::BAD_USER_NAME_OR_PASSWORD);
-        assert_eq!(login(Some("bob"), "wonderland"), ReasonCode::BAD_USER_NAME_OR_PASSWORD);
-        assert_eq!(login(None, ""), ReasonCode::NOT_AUTHORIZED, "anonymous not allowed");
+        assert_eq!(
+            login(Some("alice"), "nope"),
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD
+        );
+        assert_eq!(
+            login(Some("bob"), "wonderland"),
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD
+        );
+        assert_eq!(
+            login(None, ""),
+            ReasonCode::NOT_AUTHORIZED,
+            "anonymous not allowed"
+        );
     }
 }

@@ -100,6 +100,79 @@ pub struct ListenerConfig {
     /// Length of the kernel's queue of connections not yet accepted. A burst of
     /// reconnects larger than this makes clients wait for a SYN retry (1 s).
     pub backlog: u32,
+    /// Optional, ≤ `connect_timeout`: from accept until the transport is ready
+    /// (PROXY header, TLS handshake, WebSocket upgrade). `connect_timeout`
+    /// still bounds everything up to a complete CONNECT.
+    #[serde(deserialize_with = "deserialize_optional_duration")]
+    pub handshake_timeout: Option<Duration>,
+    /// `ws`/`wss`: the HTTP path of the WebSocket upgrade.
+    pub path: String,
+    /// `tls`/`wss`: PEM certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// `tls`/`wss`: PEM private key (PKCS#8, PKCS#1 or SEC1: RSA, ECDSA, Ed25519).
+    pub key: Option<PathBuf>,
+    /// `tls`/`wss`: PEM CA certificates that client certificates are checked
+    /// against (mutual TLS). Without it no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse clients that present no certificate.
+    pub require_client_cert: bool,
+    /// What of a verified client certificate names the client: "cn" (subject
+    /// common name), "san" (first DNS or e-mail subject alternative name) or
+    /// "none".
+    pub cert_identity: CertIdentity,
+    /// PROXY protocol (v1 and v2) in front of the connection: "off",
+    /// "optional" (used when present) or "required" (refused without it).
+    pub proxy_protocol: ProxyProtocol,
+    /// `ws`/`wss`: take the client address from `X-Forwarded-For` (only behind
+    /// a reverse proxy you trust).
+    pub trust_x_forwarded_for: bool,
+    /// `unix`: the socket's path.
+    pub socket: Option<PathBuf>,
+    /// `unix`: the socket file's permissions, octal as in chmod ("0660").
+    pub socket_mode: Option<String>,
+    /// New connections accepted per second from one source address (a short
+    /// burst of as many is allowed); 0 = no limit.
+    pub max_connection_rate_per_ip: u32,
+}
+
+/// What part of a verified client certificate names the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertIdentity {
+    #[default]
+    Cn,
+    San,
+    None,
+}
+
+impl CertIdentity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertIdentity::Cn => "cn",
+            CertIdentity::San => "san",
+            CertIdentity::None => "none",
+        }
+    }
+}
+
+impl ProxyProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::Optional => "optional",
+            ProxyProtocol::Required => "required",
+        }
+    }
+}
+
+/// Whether a listener expects a PROXY protocol header before anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    Optional,
+    Required,
 }
 
 /// How a listener speaks to its clients. An enum rather than a string so that
@@ -111,6 +184,14 @@ pub enum ListenerProtocol {
     /// MQTT over plain TCP.
     #[default]
     Tcp,
+    /// MQTT over TLS 1.2/1.3.
+    Tls,
+    /// MQTT over WebSocket (binary frames).
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+    /// MQTT over a Unix domain socket.
+    Unix,
 }
 
 /// The `[mqtt]` table: protocol limits, every one a bound on memory that a
@@ -244,6 +325,18 @@ impl Default for ListenerConfig {
             connect_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             backlog: 1024,
+            handshake_timeout: None,
+            path: "/mqtt".to_owned(),
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            cert_identity: CertIdentity::Cn,
+            proxy_protocol: ProxyProtocol::Off,
+            trust_x_forwarded_for: false,
+            socket: None,
+            socket_mode: None,
+            max_connection_rate_per_ip: 0,
         }
     }
 }
@@ -275,11 +368,99 @@ impl Default for MqttConfig {
     }
 }
 
+impl ListenerConfig {
+    /// The keys that depend on the transport: each only where it applies, and
+    /// what a transport needs present and loadable (TLS files are read here so
+    /// that `--check-config` catches a bad certificate).
+    fn check_transport(&self, i: usize) -> Result<(), Violation> {
+        let fail = |field: &str, message: String| {
+            Err(Violation {
+                key: listener_key(i, field),
+                message,
+            })
+        };
+        let p = self.protocol;
+        let is_tls = matches!(p, ListenerProtocol::Tls | ListenerProtocol::Wss);
+        let is_ws = matches!(p, ListenerProtocol::Ws | ListenerProtocol::Wss);
+        if let Some(h) = self.handshake_timeout {
+            if h.is_zero() || h > self.connect_timeout {
+                return fail(
+                    "handshake_timeout",
+                    "must be greater than zero and at most connect_timeout".to_owned(),
+                );
+            }
+        }
+        for (field, set) in [
+            ("cert", self.cert.is_some()),
+            ("key", self.key.is_some()),
+            ("client_ca", self.client_ca.is_some()),
+            ("require_client_cert", self.require_client_cert),
+        ] {
+            if set && !is_tls {
+                return fail(
+                    field,
+                    format!("applies only to tls and wss listeners, not {p}"),
+                );
+            }
+        }
+        if self.require_client_cert && self.client_ca.is_none() {
+            return fail(
+                "require_client_cert",
+                "needs client_ca: the CA client certificates are checked against".to_owned(),
+            );
+        }
+        if self.trust_x_forwarded_for && !is_ws {
+            return fail(
+                "trust_x_forwarded_for",
+                format!("applies only to ws and wss listeners, not {p}"),
+            );
+        }
+        if is_ws && !self.path.starts_with('/') {
+            return fail("path", format!("must start with '/' (got {:?})", self.path));
+        }
+        match p {
+            ListenerProtocol::Unix => {
+                if self.socket.is_none() {
+                    return fail("socket", "required for a unix listener".to_owned());
+                }
+                if let Some(mode) = &self.socket_mode {
+                    if crate::listener::parse_mode(mode).is_none() {
+                        return fail(
+                            "socket_mode",
+                            format!("{mode:?} is not an octal mode such as \"0660\""),
+                        );
+                    }
+                }
+            }
+            _ => {
+                for (field, set) in [
+                    ("socket", self.socket.is_some()),
+                    ("socket_mode", self.socket_mode.is_some()),
+                ] {
+                    if set {
+                        return fail(field, format!("applies only to unix listeners, not {p}"));
+                    }
+                }
+            }
+        }
+        if is_tls {
+            if let Err(e) = crate::tls::TlsConfig::load(self) {
+                return fail(e.key, e.message);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ListenerProtocol {
     /// The name used in the config file.
     pub fn as_str(self) -> &'static str {
         match self {
             ListenerProtocol::Tcp => "tcp",
+            ListenerProtocol::Tls => "tls",
+            ListenerProtocol::Ws => "ws",
+            ListenerProtocol::Wss => "wss",
+            ListenerProtocol::Unix => "unix",
         }
     }
 }
@@ -340,9 +521,11 @@ impl Config {
                     message: "must be greater than zero".to_owned(),
                 });
             }
+            listener.check_transport(i)?;
             // Port 0 asks the OS for a fresh port on every bind, so several
-            // listeners on `127.0.0.1:0` do not collide.
-            if listener.bind.port() == 0 {
+            // listeners on `127.0.0.1:0` do not collide. A unix listener has no
+            // address (its socket path is checked with the transport).
+            if listener.bind.port() == 0 || listener.protocol == ListenerProtocol::Unix {
                 continue;
             }
             if let Some(first) = self.listeners[..i]
@@ -372,13 +555,8 @@ impl Config {
 
     fn check_auth(&self) -> Result<(), Violation> {
         let auth = &self.auth;
-        let user_key = |i: usize, field: &str| {
-            KeyPath::root()
-                .key("auth")
-                .key("users")
-                .index(i)
-                .key(field)
-        };
+        let user_key =
+            |i: usize, field: &str| KeyPath::root().key("auth").key("users").index(i).key(field);
         if !auth.allow_anonymous && auth.users.is_empty() {
             return Err(Violation {
                 key: KeyPath::root().key("auth").key("allow_anonymous"),
@@ -396,7 +574,10 @@ impl Config {
             if let Some(first) = auth.users[..i].iter().position(|u| u.name == user.name) {
                 return Err(Violation {
                     key: user_key(i, "name"),
-                    message: format!("user {:?} is already defined by auth.users[{first}]", user.name),
+                    message: format!(
+                        "user {:?} is already defined by auth.users[{first}]",
+                        user.name
+                    ),
                 });
             }
             match (&user.password, &user.scram_sha256) {
@@ -519,7 +700,7 @@ pub fn default_config_toml() -> String {
     for listener in &defaults.listeners {
         out.push_str(&format!(
             "[[listeners]]\n\
-             # Transport: \"tcp\".\n\
+             # Transport: \"tcp\", \"tls\", \"ws\", \"wss\" or \"unix\".\n\
              protocol = \"{protocol}\"\n\
              # IP:port to listen on. \"0.0.0.0:1883\" or \"[::]:1883\" for all interfaces.\n\
              bind = \"{bind}\"\n\
@@ -529,12 +710,42 @@ pub fn default_config_toml() -> String {
              max_connections = {max_connections}\n\
              # Connections the kernel queues before petrel accepts them (1 to 65535).\n\
              backlog = {backlog}\n\
+             # New connections per second from one address; 0 = no limit.\n\
+             max_connection_rate_per_ip = {rate}\n\
+             # PROXY protocol v1/v2 header first: \"off\", \"optional\" or \"required\".\n\
+             proxy_protocol = \"{proxy}\"\n\
+             # Optional, at most connect_timeout: time for the PROXY header, TLS\n\
+             # handshake and WebSocket upgrade alone.\n\
+             # handshake_timeout = \"5s\"\n\
+             # ws and wss: the HTTP path of the WebSocket upgrade.\n\
+             path = \"{path}\"\n\
+             # ws and wss: take the client address from X-Forwarded-For (only behind\n\
+             # a proxy you trust).\n\
+             trust_x_forwarded_for = {xff}\n\
+             # tls and wss: PEM certificate chain and private key; client_ca (PEM)\n\
+             # turns on mutual TLS.\n\
+             # cert = \"certs/server.pem\"\n\
+             # key = \"certs/server.key\"\n\
+             # client_ca = \"certs/ca.pem\"\n\
+             # With client_ca: refuse clients without a certificate.\n\
+             require_client_cert = {require}\n\
+             # What names a client with a verified certificate: \"cn\", \"san\" or \"none\".\n\
+             cert_identity = \"{identity}\"\n\
+             # unix: the socket's path and permissions.\n\
+             # socket = \"/run/petrel/mqtt.sock\"\n\
+             # socket_mode = \"0660\"\n\
              \n",
             protocol = listener.protocol,
             bind = listener.bind,
             timeout = humantime::format_duration(listener.connect_timeout),
             max_connections = listener.max_connections,
             backlog = listener.backlog,
+            rate = listener.max_connection_rate_per_ip,
+            proxy = listener.proxy_protocol.as_str(),
+            path = listener.path.escape_default(),
+            xff = listener.trust_x_forwarded_for,
+            require = listener.require_client_cert,
+            identity = listener.cert_identity.as_str(),
         ));
     }
     out.push_str(&format!(
@@ -963,6 +1174,12 @@ fn deserialize_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Du
     }
 
     deserializer.deserialize_str(DurationVisitor)
+}
+
+fn deserialize_optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(deserializer).map(Some)
 }
 
 fn deserialize_socket_addr<'de, D: Deserializer<'de>>(

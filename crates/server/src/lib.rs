@@ -3,8 +3,10 @@
 //! ```text
 //! main.rs ── CLI, logging, signals
 //!    └─ server.rs ── config → engine limits; binds listeners; waits for shutdown
-//!          └─ listener.rs ── accept loop per listener (connection limit, EMFILE back-off)
-//!                └─ driver.rs ── one task per connection: socket ⇄ petrel_engine::Connection
+//!          └─ listener.rs ── accept loop per listener (connection limit, rate limit, EMFILE
+//!                │              back-off); PROXY header, TLS, WebSocket upgrade per transport
+//!                │   proxy.rs (PROXY v1/v2) · tls.rs (rustls, reload) · ws.rs (upgrade, frames)
+//!                └─ driver.rs ── one task per connection: stream ⇄ petrel_engine::Connection
 //! config.rs ── the TOML file: shape, defaults, validation with file:line: key: problem
 //! ```
 //!
@@ -13,7 +15,10 @@
 pub mod config;
 mod driver;
 mod listener;
+mod proxy;
 pub mod server;
+pub mod tls;
+mod ws;
 
 pub use config::Config;
 pub use server::{Server, ServerError};

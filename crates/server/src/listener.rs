@@ -1,55 +1,141 @@
-//! Accepting connections: one task per listener, a connection limit per listener, and a pause
-//! instead of a busy loop when the process runs out of file descriptors.
+//! Accepting connections: one task per listener, a connection limit per listener, a
+//! per-address connection rate limit, and a pause instead of a busy loop when the process runs
+//! out of file descriptors.
+//!
+//! Every transport ends in the same connection driver. Before it, in this order and all
+//! within the listener's connect deadline (counted from accept): the PROXY header, the TLS
+//! handshake, the WebSocket upgrade. The optional `handshake_timeout` bounds those steps
+//! alone; `connect_timeout` still bounds everything up to a complete CONNECT, since the
+//! `Connection` is created with the accept instant.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use petrel_engine::stats::Stats;
 use petrel_engine::{Broker, Connection};
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ListenerConfig;
-use crate::driver;
+use crate::config::{ListenerConfig, ListenerProtocol, ProxyProtocol};
+use crate::tls::{certificate_identity, TlsConfig, TlsFileError};
+use crate::{driver, proxy, ws};
 
 /// How long to stop accepting after EMFILE/ENFILE/ENOMEM: long enough for connections to close
 /// and free descriptors, short enough that clients barely notice.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// A WebSocket message may hold several MQTT packets; this much above the packet limit.
+const WS_MESSAGE_SLACK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Tls(TlsFileError),
+    #[error("socket_mode {0:?} is not an octal mode such as \"0660\"")]
+    Mode(String),
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
 pub(crate) struct Listener {
     pub config: ListenerConfig,
-    pub socket: TcpListener,
+    socket: Socket,
+    pub tls: Option<Arc<TlsConfig>>,
+}
+
+/// Parses a chmod-style octal mode.
+pub fn parse_mode(text: &str) -> Option<u32> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).ok()?;
+    (mode <= 0o7777).then_some(mode)
 }
 
 impl Listener {
-    pub async fn bind(config: &ListenerConfig) -> io::Result<Listener> {
-        let socket = if config.bind.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
+    pub async fn bind(config: &ListenerConfig) -> Result<Listener, BindError> {
+        let tls = TlsConfig::load(config).map_err(BindError::Tls)?;
+        let socket = match config.protocol {
+            ListenerProtocol::Unix => {
+                let path = config.socket.clone().unwrap_or_default();
+                // A socket file left by an earlier run would make bind fail; only a socket is
+                // removed, never another kind of file.
+                if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if meta.file_type().is_socket() {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                let listener = UnixListener::bind(&path)?;
+                if let Some(text) = &config.socket_mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = parse_mode(text).ok_or_else(|| BindError::Mode(text.clone()))?;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+                }
+                Socket::Unix(listener, path)
+            }
+            _ => {
+                let socket = if config.bind.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                // Restarting over connections in TIME_WAIT must not fail with "address in use".
+                socket.set_reuseaddr(true)?;
+                socket.bind(config.bind)?;
+                Socket::Tcp(socket.listen(config.backlog)?)
+            }
         };
-        // Restarting over connections in TIME_WAIT must not fail with "address in use".
-        socket.set_reuseaddr(true)?;
-        socket.bind(config.bind)?;
-        let socket = socket.listen(config.backlog)?;
         Ok(Listener {
             config: config.clone(),
             socket,
+            tls,
         })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        match &self.socket {
+            Socket::Tcp(l) => l.local_addr(),
+            Socket::Unix(..) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a unix listener has no IP address",
+            )),
+        }
+    }
+
+    /// What to log as this listener's address.
+    pub fn describe(&self) -> String {
+        match &self.socket {
+            Socket::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| self.config.bind.to_string(), |a| a.to_string()),
+            Socket::Unix(_, path) => path.display().to_string(),
+        }
     }
 
     /// Accepts until `shutdown`; each connection runs on `tracker` so the server can wait for
     /// all of them to finish.
     pub async fn run(self, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
-        let connect_timeout = self.config.connect_timeout;
+        let ctx = Arc::new(Ctx {
+            limiter: std::sync::Mutex::new(RateLimiter::new(
+                self.config.max_connection_rate_per_ip,
+            )),
+            config: self.config,
+            tls: self.tls,
+            broker,
+            shutdown: shutdown.clone(),
+        });
         loop {
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => match p {
@@ -58,43 +144,317 @@ impl Listener {
                 },
                 _ = shutdown.cancelled() => break,
             };
-            let accepted = tokio::select! {
-                r = self.socket.accept() => r,
-                _ = shutdown.cancelled() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) if is_resource_exhaustion(&e) => {
-                    tracing::warn!(error = %e, "accept failed for lack of resources; pausing accepts");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
+            match &self.socket {
+                Socket::Tcp(listener) => {
+                    let accepted = tokio::select! {
+                        r = listener.accept() => r,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    let (stream, peer) = match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            accept_failed(e).await;
+                            continue;
+                        }
+                    };
+                    // The accept instant starts the connect deadline; nothing later resets it.
+                    let accepted_at = Instant::now();
+                    // Behind a PROXY header the client's own address is known only once the
+                    // header is read: the limit is applied there.
+                    if ctx.config.proxy_protocol == ProxyProtocol::Off
+                        && !ctx.admit(peer.ip(), accepted_at)
+                    {
+                        continue;
+                    }
+                    // MQTT packets are small and latency-sensitive; writes are batched per pass.
+                    let _ = stream.set_nodelay(true);
+                    if ctx.config.protocol == ListenerProtocol::Tcp
+                        && ctx.config.proxy_protocol == ProxyProtocol::Off
+                    {
+                        // Plain TCP: the driver future is spawned as is (no wrapping async
+                        // block), so the task holds one copy of the connection's state: its
+                        // size is most of an idle connection's memory. The permit rides along
+                        // and frees the slot when the driver ends.
+                        let conn = ctx.connection(peer.to_string(), accepted_at);
+                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+                    } else {
+                        tracker.spawn(establish(ctx.clone(), stream, peer, accepted_at, permit));
+                    }
                 }
-                Err(e) => {
-                    // A connection reset between SYN and accept and the like: that client's
-                    // problem, not the listener's.
-                    tracing::debug!(error = %e, "accept failed");
-                    continue;
+                Socket::Unix(listener, path) => {
+                    let accepted = tokio::select! {
+                        r = listener.accept() => r,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            accept_failed(e).await;
+                            continue;
+                        }
+                    };
+                    let conn = ctx.connection(format!("unix:{}", path.display()), Instant::now());
+                    if ctx.config.proxy_protocol == ProxyProtocol::Off {
+                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+                    } else {
+                        let ctx = ctx.clone();
+                        tracker.spawn(async move {
+                            let deadline = ctx.handshake_deadline(Instant::now());
+                            let mode = ctx.config.proxy_protocol;
+                            let Some((_, stream)) = ctx
+                                .step("PROXY header", deadline, proxy::read_header(stream, mode))
+                                .await
+                            else {
+                                return;
+                            };
+                            driver::drive(stream, conn, ctx.shutdown.clone(), permit).await
+                        });
+                    }
                 }
-            };
-            // The accept instant starts the connect deadline; nothing later may reset it.
-            let accepted_at = Instant::now();
-            // MQTT packets are small and latency-sensitive; writes are already batched per pass.
-            let _ = stream.set_nodelay(true);
-            let conn = Connection::new(
-                broker.clone(),
-                peer.to_string(),
-                accepted_at,
-                connect_timeout,
-            );
-            // The driver future is spawned as is (no wrapping async block), so the task holds
-            // one copy of the connection's state: its size is most of an idle connection's
-            // memory. The permit rides along and frees the slot when the driver ends.
-            tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+            }
+        }
+        if let Socket::Unix(_, path) = &self.socket {
+            let _ = std::fs::remove_file(path);
         }
     }
+}
+
+async fn accept_failed(e: io::Error) {
+    if is_resource_exhaustion(&e) {
+        tracing::warn!(error = %e, "accept failed for lack of resources; pausing accepts");
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+    } else {
+        // A connection reset between SYN and accept and the like: that client's problem, not
+        // the listener's.
+        tracing::debug!(error = %e, "accept failed");
+    }
+}
+
+/// What every connection of one listener shares.
+struct Ctx {
+    limiter: std::sync::Mutex<RateLimiter>,
+    config: ListenerConfig,
+    tls: Option<Arc<TlsConfig>>,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+}
+
+impl Ctx {
+    /// The per-address connection rate limit.
+    fn admit(&self, ip: IpAddr, now: Instant) -> bool {
+        let allowed = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(ip, now);
+        if !allowed {
+            Stats::add(&self.broker.stats.rate_limited, 1);
+            tracing::debug!(%ip, "connection refused: per-address connection rate limit");
+        }
+        allowed
+    }
+
+    fn connection(&self, peer: String, accepted_at: Instant) -> Connection {
+        Connection::new(
+            self.broker.clone(),
+            peer,
+            accepted_at,
+            self.config.connect_timeout,
+        )
+    }
+
+    /// When the transport must be ready: the handshake timeout if set, never past the
+    /// connect deadline.
+    fn handshake_deadline(&self, accepted_at: Instant) -> Instant {
+        let limit = match self.config.handshake_timeout {
+            Some(h) => h.min(self.config.connect_timeout),
+            None => self.config.connect_timeout,
+        };
+        accepted_at + limit
+    }
+
+    /// Runs one transport step within `deadline` (and until shutdown); a failure is counted
+    /// and logged, and ends the connection.
+    async fn step<T>(
+        &self,
+        what: &'static str,
+        deadline: Instant,
+        fut: impl Future<Output = io::Result<T>>,
+    ) -> Option<T> {
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(deadline.into(), fut) => r,
+            _ = self.shutdown.cancelled() => return None,
+        };
+        match outcome {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                Stats::add(&self.broker.stats.handshake_failures, 1);
+                tracing::debug!(step = what, error = %e, "connection failed before MQTT");
+                None
+            }
+            Err(_) => {
+                Stats::add(&self.broker.stats.handshake_failures, 1);
+                Stats::add(&self.broker.stats.connect_timeouts, 1);
+                tracing::debug!(step = what, "connection timed out before MQTT");
+                None
+            }
+        }
+    }
+}
+
+/// PROXY header, TLS, WebSocket, then the driver: everything a TCP connection goes through
+/// on a listener that is not plain TCP.
+async fn establish(
+    ctx: Arc<Ctx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = ctx.handshake_deadline(accepted_at);
+    let config = &ctx.config;
+    let (source, stream) = if config.proxy_protocol == ProxyProtocol::Off {
+        (None, proxy::Prefixed::new(Vec::new(), stream))
+    } else {
+        let read = proxy::read_header(stream, config.proxy_protocol);
+        let Some(done) = ctx.step("PROXY header", deadline, read).await else {
+            return;
+        };
+        done
+    };
+    let peer = source.unwrap_or(peer);
+    if config.proxy_protocol != ProxyProtocol::Off && !ctx.admit(peer.ip(), accepted_at) {
+        return;
+    }
+    match config.protocol {
+        ListenerProtocol::Tcp | ListenerProtocol::Unix => {
+            let conn = ctx.connection(peer.to_string(), accepted_at);
+            driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+        }
+        ListenerProtocol::Ws => {
+            websocket(&ctx, stream, peer, accepted_at, deadline, None, permit).await;
+        }
+        ListenerProtocol::Tls | ListenerProtocol::Wss => {
+            let Some(tls) = ctx.tls.clone() else {
+                return;
+            };
+            let accept = tls.acceptor().accept(stream);
+            let Some(stream) = ctx.step("TLS handshake", deadline, accept).await else {
+                return;
+            };
+            let (_, session) = stream.get_ref();
+            let identity = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| certificate_identity(leaf, tls.identity));
+            tracing::debug!(%peer, sni = session.server_name().unwrap_or(""), identity = identity.as_deref().unwrap_or(""), "TLS established");
+            if config.protocol == ListenerProtocol::Wss {
+                websocket(&ctx, stream, peer, accepted_at, deadline, identity, permit).await;
+            } else {
+                let mut conn = ctx.connection(peer.to_string(), accepted_at);
+                conn.set_certificate_identity(identity);
+                driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+            }
+        }
+    }
+}
+
+async fn websocket<S>(
+    ctx: &Ctx,
+    stream: S,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    deadline: Instant,
+    identity: Option<String>,
+    permit: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max = ctx.broker.limits.max_packet_size as usize + WS_MESSAGE_SLACK;
+    let upgrade = ws::accept(
+        stream,
+        &ctx.config.path,
+        ctx.config.trust_x_forwarded_for,
+        max,
+    );
+    let Some((stream, upgrade)) = ctx.step("WebSocket upgrade", deadline, upgrade).await else {
+        return;
+    };
+    let peer = match upgrade.forwarded_for {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None => peer,
+    };
+    let mut conn = ctx.connection(peer.to_string(), accepted_at);
+    conn.set_certificate_identity(identity);
+    driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
     matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))
+}
+
+/// New connections per second per source address: a token bucket per address holding up to
+/// one second's worth. Addresses whose bucket is full again are forgotten, so the map stays
+/// as small as the set of addresses connecting right now.
+struct RateLimiter {
+    per_second: u32,
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(per_second: u32) -> RateLimiter {
+        RateLimiter {
+            per_second,
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.per_second == 0 {
+            return true;
+        }
+        let rate = f64::from(self.per_second);
+        if self.buckets.len() >= 10_000 {
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < rate
+            });
+        }
+        let (tokens, at) = self.buckets.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut l = RateLimiter::new(5);
+        assert_eq!((0..10).filter(|_| l.allow(ip, t0)).count(), 5);
+        assert!(l.allow(other, t0), "per address");
+        assert!(!l.allow(ip, t0 + Duration::from_millis(100)));
+        assert!(l.allow(ip, t0 + Duration::from_millis(250)));
+        assert!(RateLimiter::new(0).allow(ip, t0));
+    }
+
+    #[test]
+    fn octal_modes() {
+        assert_eq!(parse_mode("0660"), Some(0o660));
+        assert_eq!(parse_mode("600"), Some(0o600));
+        assert_eq!(parse_mode("0o700"), Some(0o700));
+        assert_eq!(parse_mode("0999"), None);
+        assert_eq!(parse_mode("rw"), None);
+    }
 }

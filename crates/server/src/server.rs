@@ -1,22 +1,23 @@
 //! Assembling a broker from configuration: bind every listener, then serve until shut down.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::future::Future;
 use std::time::Duration;
 
 use std::collections::HashMap;
 
+use petrel_codec::QoS;
 use petrel_engine::auth::{AllowAll, Authenticator, UserStore};
 use petrel_engine::scram::ScramCredentials;
 use petrel_engine::store::Volatile;
-use petrel_codec::QoS;
 use petrel_engine::{Broker, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AuthConfig, Config, MqttConfig};
-use crate::listener::Listener;
+use crate::config::{AuthConfig, Config, ListenerProtocol, MqttConfig};
+use crate::listener::{BindError, Listener};
+use crate::tls::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -30,6 +31,12 @@ pub enum ServerError {
         addr: SocketAddr,
         index: usize,
         source: std::io::Error,
+    },
+    #[error("listeners[{index}].{key}: {message}")]
+    Listener {
+        index: usize,
+        key: &'static str,
+        message: String,
     },
 }
 
@@ -110,6 +117,48 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     Ok(Box::new(UserStore::new(users, auth.allow_anonymous)))
 }
 
+/// How often certificate files are checked for changes.
+const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Reloads TLS certificates on SIGHUP and when their files change. A file that does not load
+/// is logged and the certificate in service stays.
+async fn reload_tls(configs: Vec<Arc<TlsConfig>>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let reload = |tls: &TlsConfig, why: &str| match tls.reload() {
+        Ok(()) => {
+            tracing::info!(cert = %tls.cert_path().display(), why, "TLS certificate reloaded")
+        }
+        Err(e) => {
+            tracing::error!(cert = %tls.cert_path().display(), why, error = %e, "TLS certificate not reloaded; the previous one stays in service")
+        }
+    };
+    loop {
+        let sighup = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = sighup => {
+                for tls in &configs {
+                    tls.changed();
+                    reload(tls, "SIGHUP");
+                }
+            }
+            _ = tokio::time::sleep(TLS_WATCH_INTERVAL) => {
+                for tls in &configs {
+                    if tls.changed() {
+                        reload(tls, "file changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A broker with its listeners bound, not yet serving.
 pub struct Server {
     broker: Arc<Broker>,
@@ -133,13 +182,36 @@ impl Server {
         ));
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, lc) in config.listeners.iter().enumerate() {
-            let listener = Listener::bind(lc)
-                .await
-                .map_err(|source| ServerError::Bind {
+            let listener = Listener::bind(lc).await.map_err(|e| match e {
+                BindError::Io(source) if lc.protocol == ListenerProtocol::Unix => {
+                    ServerError::Listener {
+                        index,
+                        key: "socket",
+                        message: format!(
+                            "cannot listen on {}: {source}",
+                            lc.socket
+                                .as_deref()
+                                .unwrap_or(std::path::Path::new(""))
+                                .display()
+                        ),
+                    }
+                }
+                BindError::Io(source) => ServerError::Bind {
                     addr: lc.bind,
                     index,
                     source,
-                })?;
+                },
+                BindError::Tls(e) => ServerError::Listener {
+                    index,
+                    key: e.key,
+                    message: e.message,
+                },
+                BindError::Mode(text) => ServerError::Listener {
+                    index,
+                    key: "socket_mode",
+                    message: format!("{text:?} is not an octal mode such as \"0660\""),
+                },
+            })?;
             listeners.push(listener);
         }
         Ok(Server { broker, listeners })
@@ -165,10 +237,14 @@ impl Server {
         // Session expiry and delayed wills run on the broker's own clock, also while no
         // client is active.
         let housekeeping = tokio::spawn(housekeeping(self.broker.clone(), shutdown.clone()));
+        let tls: Vec<Arc<TlsConfig>> = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.clone())
+            .collect();
+        let reloader = (!tls.is_empty()).then(|| tokio::spawn(reload_tls(tls, shutdown.clone())));
         for listener in self.listeners {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, protocol = %listener.config.protocol, "listening");
-            }
+            tracing::info!(addr = %listener.describe(), protocol = %listener.config.protocol, "listening");
             accept_tasks.push(tokio::spawn(listener.run(
                 self.broker.clone(),
                 shutdown.clone(),
@@ -181,6 +257,9 @@ impl Server {
             let _ = task.await;
         }
         let _ = housekeeping.await;
+        if let Some(reloader) = reloader {
+            let _ = reloader.await;
+        }
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(

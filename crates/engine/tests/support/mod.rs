@@ -185,7 +185,8 @@ impl Peer {
 
     /// Everything the client would read at `now`.
     pub fn recv_at(&mut self, now: Instant) -> Vec<Packet> {
-        self.deliver_at(now).expect("connection still owns its session");
+        self.deliver_at(now)
+            .expect("connection still owns its session");
         self.written()
     }
 

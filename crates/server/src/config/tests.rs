@@ -84,6 +84,7 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
                     connect_timeout: Duration::from_millis(500),
                     max_connections: 50_000,
                     backlog: 1024,
+                    ..ListenerConfig::default()
                 },
                 ListenerConfig {
                     protocol: ListenerProtocol::Tcp,
@@ -91,6 +92,7 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
                     connect_timeout: Duration::from_secs(60),
                     max_connections: 100_000,
                     backlog: 1024,
+                    ..ListenerConfig::default()
                 },
             ],
             mqtt: MqttConfig {
@@ -425,12 +427,15 @@ fn default_config_toml_round_trips() {
     // Every key is spelled out, not left to its default.
     let root = DeTable::parse(&text).unwrap();
     let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
-    assert_eq!(listener.as_table().unwrap().len(), 5);
+    assert_eq!(listener.as_table().unwrap().len(), 11);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
         20
     );
-    assert_eq!(root.get_ref()["auth"].get_ref().as_table().unwrap().len(), 1);
+    assert_eq!(
+        root.get_ref()["auth"].get_ref().as_table().unwrap().len(),
+        1
+    );
 }
 
 #[test]

@@ -1,0 +1,165 @@
+//! MQTT over WebSocket (`ws` and `wss` listeners): the HTTP/1.1 upgrade on the listener's path
+//! with the `mqtt` / `mqttv3.1` subprotocols, then a byte stream over binary frames so the
+//! one connection driver serves it like TCP.
+//!
+//! MQTT packets may be split across frames or several may share one frame: the driver sees
+//! only bytes. Pings are answered by tungstenite (a ping is not an MQTT packet and moves no
+//! keepalive), a close frame ends the stream, and a text frame is a protocol error [MQTT-6.0.0-1].
+
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Subprotocols MQTT over WebSocket uses (§6): `mqtt` for 3.1.1 and 5.0, `mqttv3.1` for 3.1.
+const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+/// What the upgrade request told us.
+pub struct Upgrade {
+    /// The first address of `X-Forwarded-For`, when the listener trusts it.
+    pub forwarded_for: Option<IpAddr>,
+}
+
+/// Answers the HTTP upgrade on `path`. Another path gets 404; the subprotocol chosen is the
+/// first of the client's that MQTT uses.
+pub async fn accept<S>(
+    stream: S,
+    path: &str,
+    trust_forwarded: bool,
+    max_message: usize,
+) -> Result<(WsStream<S>, Upgrade), io::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upgrade = Upgrade {
+        forwarded_for: None,
+    };
+    // The callback's signature is tungstenite's; its error type is its HTTP response.
+    #[allow(clippy::result_large_err)]
+    let callback = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
+        if request.uri().path() != path {
+            let mut refusal = ErrorResponse::new(Some(format!(
+                "no MQTT endpoint at {}",
+                request.uri().path()
+            )));
+            *refusal.status_mut() = StatusCode::NOT_FOUND;
+            return Err(refusal);
+        }
+        let offered = request
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .find(|p| SUBPROTOCOLS.contains(p));
+        if let Some(chosen) = offered {
+            response.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(match chosen {
+                    "mqttv3.1" => "mqttv3.1",
+                    _ => "mqtt",
+                }),
+            );
+        }
+        if trust_forwarded {
+            upgrade.forwarded_for = request
+                .headers()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|first| first.trim().parse().ok());
+        }
+        Ok(response)
+    };
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(max_message);
+    config.max_frame_size = Some(max_message);
+    // Small buffers: an idle WebSocket connection should cost little more than a TCP one.
+    config.read_buffer_size = 4 * 1024;
+    config.write_buffer_size = 0;
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+        .await
+        .map_err(io::Error::other)?;
+    Ok((
+        WsStream {
+            inner: ws,
+            pending: Bytes::new(),
+        },
+        upgrade,
+    ))
+}
+
+/// A WebSocket connection as a byte stream: reads yield the payloads of binary frames in
+/// order, writes go out as binary frames.
+pub struct WsStream<S> {
+    inner: WebSocketStream<S>,
+    /// The unread rest of the last binary message.
+    pending: Bytes,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                let chunk = self.pending.split_to(n);
+                buf.put_slice(&chunk);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                // End of stream or a close frame: EOF.
+                None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
+                Some(Ok(Message::Binary(data))) => self.pending = data,
+                // Answered (pong) by tungstenite itself; not MQTT.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text WebSocket frame: MQTT uses binary frames [MQTT-6.0.0-1]",
+                    )))
+                }
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(io::Error::other)?;
+        Pin::new(&mut self.inner)
+            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(io::Error::other)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner)
+            .poll_flush(cx)
+            .map_err(io::Error::other)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner)
+            .poll_close(cx)
+            .map_err(io::Error::other)
+    }
+}
