@@ -25,7 +25,10 @@ pub const PROMPT: Duration = Duration::from_secs(5);
 
 /// A broker serving on 127.0.0.1 with an OS-assigned port, stopped when dropped.
 pub struct TestBroker {
+    /// The first listener's address (a unix listener has none: then 0.0.0.0:0).
     pub addr: SocketAddr,
+    /// Every IP listener's address, in configuration order.
+    pub addrs: Vec<SocketAddr>,
     pub broker: Arc<Broker>,
     shutdown: CancellationToken,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -56,12 +59,17 @@ impl TestBroker {
     }
 
     pub fn serve(server: Server) -> TestBroker {
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs();
+        let addr = addrs
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let broker = server.broker().clone();
         let shutdown = CancellationToken::new();
         let done = tokio::spawn(server.run(shutdown.clone(), Duration::from_secs(2)));
         TestBroker {
             addr,
+            addrs,
             broker,
             shutdown,
             done: Some(done),
@@ -284,5 +292,146 @@ impl RawClient {
         c.send_hex(&connect_v311_hex(client_id, clean, keep_alive))
             .await;
         c
+    }
+}
+
+/// Certificates made at run time for TLS tests: a CA, and leaf certificates it signs.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    /// A directory under the system temp dir, removed when dropped.
+    pub struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub fn new(label: &str) -> TempDir {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "petrel-{label}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("create temp dir");
+            TempDir(dir)
+        }
+
+        pub fn path(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub struct Ca {
+        issuer: CertifiedIssuer<'static, KeyPair>,
+        pub pem: String,
+    }
+
+    /// A leaf certificate and its key, PEM.
+    pub struct Leaf {
+        pub cert_pem: String,
+        pub key_pem: String,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
+                .expect("self-signed CA");
+            let pem = issuer.pem();
+            Ca { issuer, pem }
+        }
+
+        /// A server certificate for localhost and 127.0.0.1.
+        pub fn server(&self) -> Leaf {
+            self.leaf("petrel test server", &["localhost", "127.0.0.1"], false)
+        }
+
+        /// A client certificate with subject CN `cn`.
+        pub fn client(&self, cn: &str) -> Leaf {
+            self.leaf(cn, &[], true)
+        }
+
+        fn leaf(&self, cn: &str, sans: &[&str], client: bool) -> Leaf {
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![if client {
+                ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                ExtendedKeyUsagePurpose::ServerAuth
+            }];
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &self.issuer).expect("signed leaf");
+            Leaf {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            }
+        }
+
+        /// A rustls client config trusting this CA, optionally presenting `identity`.
+        pub fn client_config(&self, identity: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(self.pem.as_bytes()) {
+                roots.add(cert.expect("CA pem")).expect("add CA");
+            }
+            let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+            let builder = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots);
+            let mut config = match identity {
+                None => builder.with_no_client_auth(),
+                Some(leaf) => {
+                    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                        .collect::<Result<Vec<_>, _>>()
+                        .expect("client chain");
+                    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .expect("client auth")
+                }
+            };
+            config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+            Arc::new(config)
+        }
+    }
+
+    impl Leaf {
+        /// Writes `name.pem` and `name.key` into `dir`; returns their paths.
+        pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+            let cert = dir.join(format!("{name}.pem"));
+            let key = dir.join(format!("{name}.key"));
+            std::fs::write(&cert, &self.cert_pem).expect("write cert");
+            std::fs::write(&key, &self.key_pem).expect("write key");
+            (cert, key)
+        }
+    }
+
+    /// Connects over TLS to `addr` as `localhost`.
+    pub async fn connect_tls(
+        addr: std::net::SocketAddr,
+        config: Arc<ClientConfig>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = ServerName::try_from("localhost").expect("server name");
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
     }
 }

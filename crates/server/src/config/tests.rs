@@ -264,6 +264,56 @@ fn invalid_documents_name_file_line_and_key() {
             ],
         ),
         (
+            "tls listener without a certificate",
+            "[[listeners]]\nprotocol = \"tls\"\n",
+            &["petrel.toml:1: listeners[0].cert: required for a tls listener"],
+        ),
+        (
+            "certificate file missing",
+            "[[listeners]]\nprotocol = \"wss\"\ncert = \"/nonexistent/server.pem\"\nkey = \"/nonexistent/server.key\"\n",
+            &["petrel.toml:3: listeners[0].cert: cannot read /nonexistent/server.pem"],
+        ),
+        (
+            "certificate on a tcp listener",
+            "[[listeners]]\ncert = \"a.pem\"\n",
+            &["petrel.toml:2: listeners[0].cert: applies only to tls and wss listeners, not tcp"],
+        ),
+        (
+            "client cert required without a CA",
+            "[[listeners]]\nprotocol = \"tls\"\nrequire_client_cert = true\n",
+            &["listeners[0].", "cert"],
+        ),
+        (
+            "handshake timeout longer than connect timeout",
+            "[[listeners]]\nconnect_timeout = \"2s\"\nhandshake_timeout = \"5s\"\n",
+            &["petrel.toml:3: listeners[0].handshake_timeout: must be greater than zero and at most connect_timeout"],
+        ),
+        (
+            "unix listener without a socket path",
+            "[[listeners]]\nprotocol = \"unix\"\n",
+            &["petrel.toml:1: listeners[0].socket: required for a unix listener"],
+        ),
+        (
+            "bad socket mode",
+            "[[listeners]]\nprotocol = \"unix\"\nsocket = \"/tmp/x.sock\"\nsocket_mode = \"rwx\"\n",
+            &["petrel.toml:4: listeners[0].socket_mode: \"rwx\" is not an octal mode"],
+        ),
+        (
+            "websocket path without a slash",
+            "[[listeners]]\nprotocol = \"ws\"\npath = \"mqtt\"\n",
+            &["petrel.toml:3: listeners[0].path: must start with '/'"],
+        ),
+        (
+            "x-forwarded-for on a tcp listener",
+            "[[listeners]]\ntrust_x_forwarded_for = true\n",
+            &["petrel.toml:2: listeners[0].trust_x_forwarded_for: applies only to ws and wss listeners"],
+        ),
+        (
+            "unknown proxy protocol mode",
+            "[[listeners]]\nproxy_protocol = \"sometimes\"\n",
+            &["petrel.toml:2: listeners[0].proxy_protocol: ", "sometimes"],
+        ),
+        (
             "user with both password and keys",
             "[[auth.users]]\nname = \"a\"\npassword = \"x\"\nscram_sha256 = \"y\"\n",
             &["petrel.toml:3: auth.users[0].password: give exactly one of password and scram_sha256"],
