@@ -609,3 +609,144 @@ async fn slow_connect_within_the_deadline_succeeds_on_every_transport() {
     }
     assert_eq!(ws_next(&mut ws).await, CONNACK_OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_pings_do_not_count_as_mqtt_keepalive() {
+    let broker = broker_with(vec![listener(ListenerProtocol::Ws)]).await;
+    let (mut ws, _) = ws_connect(broker.addr, "/mqtt", Some("mqtt"))
+        .await
+        .unwrap();
+    // CONNECT with keepalive 1 s: 1.5 s without an MQTT packet ends it.
+    ws.send(Message::Binary(
+        hex(&connect_v311_hex("pinger", true, 1)).into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(ws_next(&mut ws).await, CONNACK_OK);
+    let connected = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            // A WebSocket ping every 200 ms: answered, but not an MQTT packet.
+            let _ = ws.send(Message::Ping(Vec::new().into())).await;
+            match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "connection not closed by the MQTT keepalive");
+    let took = connected.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(2600),
+        "closed after {took:?}, keepalive limit 1.5 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_is_honoured_only_when_trusted() {
+    // One connection per second per client address. Behind a trusted proxy the address is
+    // the first of X-Forwarded-For; otherwise the header is ignored and every client here is
+    // 127.0.0.1.
+    let limited = |trust| ListenerConfig {
+        trust_x_forwarded_for: trust,
+        max_connection_rate_per_ip: 1,
+        ..listener(ListenerProtocol::Ws)
+    };
+    let broker = broker_with(vec![limited(true), limited(false)]).await;
+    let (trusted, untrusted) = (broker.addrs[0], broker.addrs[1]);
+    let attempt = |addr: SocketAddr, forwarded: &'static str| async move {
+        let mut request = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+        let headers = request.headers_mut();
+        headers.insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        headers.insert("x-forwarded-for", forwarded.parse().unwrap());
+        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(request).await else {
+            return false;
+        };
+        let _ = ws
+            .send(Message::Binary(
+                hex(&connect_v311_hex("fwd", true, 60)).into(),
+            ))
+            .await;
+        matches!(
+            tokio::time::timeout(PROMPT, ws.next()).await,
+            Ok(Some(Ok(Message::Binary(b)))) if b[..] == *CONNACK_OK
+        )
+    };
+    assert!(attempt(trusted, "203.0.113.9, 10.0.0.1").await);
+    assert!(
+        !attempt(trusted, "203.0.113.9").await,
+        "same client address within the second"
+    );
+    assert!(
+        attempt(trusted, "203.0.113.10").await,
+        "another client behind the same proxy"
+    );
+    assert!(attempt(untrusted, "203.0.113.9").await);
+    assert!(
+        !attempt(untrusted, "203.0.113.10").await,
+        "untrusted: the header is ignored, both are 127.0.0.1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ed25519_server_certificates_work() {
+    let dir = TempDir::new("ed25519");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::NoCa;
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path("server.key"), key.serialize_pem()).unwrap();
+    let broker = broker_with(vec![ListenerConfig {
+        cert: Some(dir.path("server.pem")),
+        key: Some(dir.path("server.key")),
+        ..listener(ListenerProtocol::Tls)
+    }])
+    .await;
+    // Trust the self-signed certificate itself.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut s = connect_tls(broker.addr, std::sync::Arc::new(config))
+        .await
+        .unwrap();
+    mqtt_connect(&mut s, "ed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_across_listeners() {
+    let broker = TestBroker::start_with(|c| {
+        c.listeners = vec![listener(ListenerProtocol::Tcp), listener(ListenerProtocol::Tcp)];
+        c.max_connections = 1;
+    })
+    .await;
+    let mut first = tokio::net::TcpStream::connect(broker.addrs[0]).await.unwrap();
+    mqtt_connect(&mut first, "first").await;
+    // The other listener has room of its own, but the server as a whole has none: the
+    // second client waits (in the backlog) until the first leaves.
+    let mut second = tokio::net::TcpStream::connect(broker.addrs[1]).await.unwrap();
+    second
+        .write_all(&hex(&connect_v311_hex("second", true, 60)))
+        .await
+        .unwrap();
+    let mut ack = [0u8; 4];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), second.read_exact(&mut ack))
+            .await
+            .is_err(),
+        "served past max_connections"
+    );
+    drop(first);
+    tokio::time::timeout(PROMPT, second.read_exact(&mut ack))
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert_eq!(ack, CONNACK_OK);
+}

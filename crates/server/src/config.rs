@@ -42,6 +42,9 @@ pub struct Config {
     /// the network. An explicit empty array is an error: a broker that
     /// listens nowhere is a typo, not a wish.
     pub listeners: Vec<ListenerConfig>,
+    /// Open connections across all listeners; past it, new clients wait in
+    /// the kernel's backlog as with a listener's own `max_connections`.
+    pub max_connections: usize,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
 }
@@ -311,6 +314,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listeners: vec![ListenerConfig::default()],
+            max_connections: 100_000,
             mqtt: MqttConfig::default(),
             auth: AuthConfig::default(),
         }
@@ -607,7 +611,11 @@ impl Config {
     /// up here, so that `max_inflight = 0` and `max_inflight = 70000` get the
     /// same message.
     fn numeric_settings(&self) -> Vec<(KeyPath, u64, Bounds)> {
-        let mut settings = Vec::new();
+        let mut settings = vec![(
+            KeyPath::root().key("max_connections"),
+            as_u64(self.max_connections),
+            Bounds::at_least(1),
+        )];
         for (i, listener) in self.listeners.iter().enumerate() {
             settings.push((
                 listener_key(i, "max_connections"),
@@ -694,9 +702,13 @@ pub fn default_config_toml() -> String {
          # Every key is optional: the values below are the built-in defaults.\n\
          # Durations are written like \"500ms\", \"10s\" or \"1m\".\n\
          \n\
+         # Open connections across all listeners.\n\
+         max_connections = {max_connections}\n\
+         \n\
          # One [[listeners]] table per socket that accepts clients. Without any,\n\
          # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n",
-    );
+    )
+    .replace("{max_connections}", &defaults.max_connections.to_string());
     for listener in &defaults.listeners {
         out.push_str(&format!(
             "[[listeners]]\n\

@@ -125,7 +125,13 @@ impl Listener {
 
     /// Accepts until `shutdown`; each connection runs on `tracker` so the server can wait for
     /// all of them to finish.
-    pub async fn run(self, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+    pub async fn run(
+        self,
+        broker: Arc<Broker>,
+        total: Arc<Semaphore>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
         let ctx = Arc::new(Ctx {
             limiter: std::sync::Mutex::new(RateLimiter::new(
@@ -137,7 +143,10 @@ impl Listener {
             shutdown: shutdown.clone(),
         });
         loop {
-            let permit = tokio::select! {
+            // A slot on this listener before accepting; the server-wide slot after, so that
+            // an idle listener does not hold one that another listener could use. Both are
+            // held by the connection's task until it ends.
+            let own = tokio::select! {
                 p = slots.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break,
@@ -157,13 +166,14 @@ impl Listener {
                             continue;
                         }
                     };
+                    let Some(permit) = server_slot(own, &total, &shutdown).await else {
+                        break;
+                    };
                     // The accept instant starts the connect deadline; nothing later resets it.
                     let accepted_at = Instant::now();
-                    // Behind a PROXY header the client's own address is known only once the
-                    // header is read: the limit is applied there.
-                    if ctx.config.proxy_protocol == ProxyProtocol::Off
-                        && !ctx.admit(peer.ip(), accepted_at)
-                    {
+                    // Behind a PROXY header or a trusted X-Forwarded-For the client's own
+                    // address is known only later: the limit is applied there.
+                    if !ctx.limit_after_handshake() && !ctx.admit(peer.ip(), accepted_at) {
                         continue;
                     }
                     // MQTT packets are small and latency-sensitive; writes are batched per pass.
@@ -193,6 +203,9 @@ impl Listener {
                             continue;
                         }
                     };
+                    let Some(permit) = server_slot(own, &total, &shutdown).await else {
+                        break;
+                    };
                     let conn = ctx.connection(format!("unix:{}", path.display()), Instant::now());
                     if ctx.config.proxy_protocol == ProxyProtocol::Off {
                         tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
@@ -219,6 +232,22 @@ impl Listener {
     }
 }
 
+/// The permits a connection holds: its listener's and the server's.
+type Permit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Waits for a server-wide slot for a connection just accepted (this listener accepts
+/// nothing more meanwhile, so further clients wait in the backlog).
+async fn server_slot(
+    own: OwnedSemaphorePermit,
+    total: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<Permit> {
+    tokio::select! {
+        p = total.clone().acquire_owned() => p.ok().map(|all| (own, all)),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
 async fn accept_failed(e: io::Error) {
     if is_resource_exhaustion(&e) {
         tracing::warn!(error = %e, "accept failed for lack of resources; pausing accepts");
@@ -240,6 +269,10 @@ struct Ctx {
 }
 
 impl Ctx {
+    fn limit_after_handshake(&self) -> bool {
+        self.config.proxy_protocol != ProxyProtocol::Off || self.config.trust_x_forwarded_for
+    }
+
     /// The per-address connection rate limit.
     fn admit(&self, ip: IpAddr, now: Instant) -> bool {
         let allowed = self
@@ -309,7 +342,7 @@ async fn establish(
     stream: TcpStream,
     peer: SocketAddr,
     accepted_at: Instant,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 ) {
     let deadline = ctx.handshake_deadline(accepted_at);
     let config = &ctx.config;
@@ -323,7 +356,10 @@ async fn establish(
         done
     };
     let peer = source.unwrap_or(peer);
-    if config.proxy_protocol != ProxyProtocol::Off && !ctx.admit(peer.ip(), accepted_at) {
+    if config.proxy_protocol != ProxyProtocol::Off
+        && !config.trust_x_forwarded_for
+        && !ctx.admit(peer.ip(), accepted_at)
+    {
         return;
     }
     match config.protocol {
@@ -366,7 +402,7 @@ async fn websocket<S>(
     accepted_at: Instant,
     deadline: Instant,
     identity: Option<String>,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -384,6 +420,9 @@ async fn websocket<S>(
         Some(ip) => SocketAddr::new(ip, 0),
         None => peer,
     };
+    if ctx.config.trust_x_forwarded_for && !ctx.admit(peer.ip(), accepted_at) {
+        return;
+    }
     let mut conn = ctx.connection(peer.to_string(), accepted_at);
     conn.set_certificate_identity(identity);
     driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;

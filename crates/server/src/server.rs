@@ -163,6 +163,7 @@ async fn reload_tls(configs: Vec<Arc<TlsConfig>>, shutdown: CancellationToken) {
 pub struct Server {
     broker: Arc<Broker>,
     listeners: Vec<Listener>,
+    max_connections: usize,
 }
 
 impl Server {
@@ -214,7 +215,11 @@ impl Server {
             })?;
             listeners.push(listener);
         }
-        Ok(Server { broker, listeners })
+        Ok(Server {
+            broker,
+            listeners,
+            max_connections: config.max_connections,
+        })
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -243,10 +248,12 @@ impl Server {
             .filter_map(|l| l.tls.clone())
             .collect();
         let reloader = (!tls.is_empty()).then(|| tokio::spawn(reload_tls(tls, shutdown.clone())));
+        let total = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         for listener in self.listeners {
             tracing::info!(addr = %listener.describe(), protocol = %listener.config.protocol, "listening");
             accept_tasks.push(tokio::spawn(listener.run(
                 self.broker.clone(),
+                total.clone(),
                 shutdown.clone(),
                 tracker.clone(),
             )));

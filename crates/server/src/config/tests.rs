@@ -77,6 +77,7 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
     assert_eq!(
         config,
         Config {
+            max_connections: 100_000,
             listeners: vec![
                 ListenerConfig {
                     protocol: ListenerProtocol::Tcp,
