@@ -67,10 +67,12 @@ as_root() {
     if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
 }
 
-if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
-    echo "installing mosquitto-clients"
+if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null ||
+    ! command -v openssl >/dev/null; then
+    echo "installing mosquitto-clients and openssl"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients openssl \
+        >/dev/null
 fi
 
 paho_ok() {
@@ -115,11 +117,52 @@ if [[ -z $PORT ]]; then
         python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
     PETREL="$target_dir/$PROFILE/petrel"
 
-    PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    free_port() {
+        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    }
+    PORT="$(free_port)"
+    TLS_PORT="$(free_port)"
+    MTLS_PORT="$(free_port)"
+    WS_PORT="$(free_port)"
+    # Certificates for the TLS checks, made now: a CA, an RSA server certificate for
+    # localhost / 127.0.0.1 and an ECDSA client certificate.
+    (
+        cd "$WORK"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -keyout ca.key -out ca.pem -subj "/CN=petrel interop CA" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+            -subj "/CN=localhost" 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -out server.pem -extfile server.ext 2>/dev/null
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout client.key -out client.csr -subj "/CN=interop-device" 2>/dev/null
+        printf 'extendedKeyUsage=clientAuth\n' >client.ext
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -out client.pem -extfile client.ext 2>/dev/null
+    ) || { echo "run.sh: could not make test certificates with openssl" >&2; exit 1; }
     cat >"$WORK/petrel.toml" <<EOF
 [[listeners]]
 bind = "$HOST:$PORT"
 connect_timeout = "5s"
+
+[[listeners]]
+protocol = "tls"
+bind = "$HOST:$TLS_PORT"
+cert = "$WORK/server.pem"
+key = "$WORK/server.key"
+
+[[listeners]]
+protocol = "tls"
+bind = "$HOST:$MTLS_PORT"
+cert = "$WORK/server.pem"
+key = "$WORK/server.key"
+client_ca = "$WORK/ca.pem"
+require_client_cert = true
+
+[[listeners]]
+protocol = "ws"
+bind = "$HOST:$WS_PORT"
 EOF
     RUST_LOG="${RUST_LOG:-info}" "$PETREL" --config "$WORK/petrel.toml" 2>"$WORK/petrel.log" &
     BROKER_PID=$!
@@ -368,6 +411,33 @@ check_v5_session_expiry() {
     expect_msgs "exp2" "MSG $t 1 0 marker"
 }
 
+# TLS with mosquitto's clients: server certificate checked against the CA, and a client
+# certificate on the listener that requires one.
+check_tls() {
+    local v=$1 t="$BASE/$1/tls"
+    sub_start "tls-$v" -V "$v" -p "$TLS_PORT" --cafile "$WORK/ca.pem" -q 1 -t "$t" -C 1 \
+        -W "$WAIT" || return 1
+    pub -V "$v" -p "$TLS_PORT" --cafile "$WORK/ca.pem" -q 1 -t "$t" -m "over tls" || return 1
+    sub_wait "tls-$v"
+    expect_msgs "tls-$v" "MSG $t 1 0 over tls"
+}
+
+check_mtls() {
+    local t="$BASE/mtls"
+    local tls=(--cafile "$WORK/ca.pem" --cert "$WORK/client.pem" --key "$WORK/client.key")
+    sub_start "mtls" -V mqttv311 -p "$MTLS_PORT" "${tls[@]}" -q 1 -t "$t" -C 1 -W "$WAIT" ||
+        return 1
+    pub -V mqttv311 -p "$MTLS_PORT" "${tls[@]}" -q 1 -t "$t" -m "with a client cert" || return 1
+    sub_wait "mtls"
+    expect_msgs "mtls" "MSG $t 1 0 with a client cert" || return 1
+    # Without a client certificate: no connection at all.
+    if timeout -k 1 "$WAIT" mosquitto_pub -h "$HOST" -p "$MTLS_PORT" --cafile "$WORK/ca.pem" \
+        -q 1 -t "$t" -m "no cert" 2>/dev/null; then
+        echo "a client without a certificate could publish on the mutual-TLS listener"
+        return 1
+    fi
+}
+
 PASSED=0
 FAILED=0
 FAILED_NAMES=()
@@ -413,12 +483,23 @@ check "mqttv5 properties and message expiry forwarded" check_v5_properties
 check "mqttv5 subscription identifier" check_v5_subscription_identifier
 check "mqttv5 shared subscription" check_v5_shared
 check "mqttv5 session expiry interval" check_v5_session_expiry
+if [[ -n ${TLS_PORT:-} ]]; then
+    for v in mqttv311 mqttv5; do
+        check "$v over TLS (--cafile, RSA server certificate)" check_tls "$v"
+    done
+    check "mutual TLS (--cert/--key), refused without a certificate" check_mtls
+fi
 
 echo "== paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
-for script in test_paho.py test_paho_v5.py; do
+for script in test_paho.py test_paho_v5.py test_paho_transports.py; do
+    extra=()
+    if [[ $script == test_paho_transports.py ]]; then
+        [[ -n ${TLS_PORT:-} ]] || continue
+        extra=(--tls-port "$TLS_PORT" --ws-port "$WS_PORT" --cafile "$WORK/ca.pem")
+    fi
     paho_status=0
     timeout -k 2 60 python3 "$ROOT/tests/interop/$script" --host "$HOST" --port "$PORT" \
-        >"$WORK/paho.log" 2>&1 || paho_status=$?
+        "${extra[@]}" >"$WORK/paho.log" 2>&1 || paho_status=$?
     while IFS= read -r line; do
         read -r status rest <<<"$line" || true
         case "$status" in
