@@ -562,6 +562,21 @@ async fn stalls_in_tls_handshake_websocket_upgrade_or_before_connect_end_at_the_
         "WSS, no upgrade",
     );
 
+    // WebSocket upgraded, then no CONNECT.
+    let t = Instant::now();
+    let (mut upgraded, _) = ws_connect(ws, "/mqtt", Some("mqtt")).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match upgraded.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return t.elapsed(),
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("upgraded WebSocket without CONNECT not closed");
+    assert_around(end, deadline, "WS upgraded, no CONNECT");
+
     // handshake_timeout, shorter, ends a stalled handshake sooner.
     let t = Instant::now();
     let mut silent = tokio::net::TcpStream::connect(tls_short).await.unwrap();
@@ -723,15 +738,22 @@ async fn ed25519_server_certificates_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_across_listeners() {
     let broker = TestBroker::start_with(|c| {
-        c.listeners = vec![listener(ListenerProtocol::Tcp), listener(ListenerProtocol::Tcp)];
+        c.listeners = vec![
+            listener(ListenerProtocol::Tcp),
+            listener(ListenerProtocol::Tcp),
+        ];
         c.max_connections = 1;
     })
     .await;
-    let mut first = tokio::net::TcpStream::connect(broker.addrs[0]).await.unwrap();
+    let mut first = tokio::net::TcpStream::connect(broker.addrs[0])
+        .await
+        .unwrap();
     mqtt_connect(&mut first, "first").await;
     // The other listener has room of its own, but the server as a whole has none: the
     // second client waits (in the backlog) until the first leaves.
-    let mut second = tokio::net::TcpStream::connect(broker.addrs[1]).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(broker.addrs[1])
+        .await
+        .unwrap();
     second
         .write_all(&hex(&connect_v311_hex("second", true, 60)))
         .await
@@ -749,4 +771,66 @@ async fn max_connections_holds_across_listeners() {
         .expect("served once a slot is free")
         .unwrap();
     assert_eq!(ack, CONNACK_OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_header_and_unix_socket_stalls_end_at_the_connect_deadline() {
+    let dir = TempDir::new("stall2");
+    let deadline = Duration::from_millis(1000);
+    let path = dir.path("stall.sock");
+    let broker = broker_with(vec![
+        timed(
+            ListenerConfig {
+                proxy_protocol: ProxyProtocol::Required,
+                ..listener(ListenerProtocol::Tcp)
+            },
+            deadline,
+        ),
+        timed(
+            ListenerConfig {
+                socket: Some(path.clone()),
+                ..listener(ListenerProtocol::Unix)
+            },
+            deadline,
+        ),
+    ])
+    .await;
+    let t = Instant::now();
+    let mut half = tokio::net::TcpStream::connect(broker.addrs[0])
+        .await
+        .unwrap();
+    half.write_all(b"PROXY TCP4 10.0.0.").await.unwrap();
+    assert_around(
+        closed_after(&mut half, t).await,
+        deadline,
+        "half a PROXY header",
+    );
+    let t = Instant::now();
+    let mut idle = tokio::net::UnixStream::connect(&path).await.unwrap();
+    assert_around(
+        closed_after(&mut idle, t).await,
+        deadline,
+        "unix, no CONNECT",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_is_judged_on_mqtt_packets_over_tls_too() {
+    let dir = TempDir::new("tlska");
+    let ca = Ca::new("test CA");
+    let broker = broker_with(vec![tls_listener(ListenerProtocol::Tls, &dir, &ca)]).await;
+    let mut s = connect_tls(broker.addr, ca.client_config(None, &[]))
+        .await
+        .unwrap();
+    s.write_all(&hex(&connect_v311_hex("ka", true, 1)))
+        .await
+        .unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.unwrap();
+    let t = Instant::now();
+    assert_around(
+        closed_after(&mut s, t).await,
+        Duration::from_millis(1500),
+        "TLS keepalive 1 s",
+    );
 }
