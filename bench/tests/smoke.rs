@@ -22,6 +22,7 @@ struct Broker {
 impl Broker {
     async fn start() -> Broker {
         let mut config = Config::default();
+        config.storage.mode = petrel_server::config::StorageMode::Memory;
         config.mqtt.max_queued_messages = 1_000_000;
         for l in &mut config.listeners {
             l.bind = "127.0.0.1:0".parse().expect("literal address");

@@ -251,6 +251,9 @@ async function startBroker({ cert, key }) {
       `cert = ${JSON.stringify(cert)}`,
       `key = ${JSON.stringify(key)}`,
       "",
+      "[storage]",
+      'mode = "memory"',
+      "",
     ].join("\n")
   );
   const logFile = path.join(work, "petrel.log");

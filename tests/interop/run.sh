@@ -163,6 +163,9 @@ require_client_cert = true
 [[listeners]]
 protocol = "ws"
 bind = "$HOST:$WS_PORT"
+
+[storage]
+dir = "$WORK/data"
 EOF
     RUST_LOG="${RUST_LOG:-info}" "$PETREL" --config "$WORK/petrel.toml" 2>"$WORK/petrel.log" &
     BROKER_PID=$!

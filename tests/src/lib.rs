@@ -43,6 +43,8 @@ impl TestBroker {
     /// Defaults adjusted by `adjust` (the listener's `bind` is forced to an ephemeral port).
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestBroker {
         let mut config = Config::default();
+        // In-process brokers keep nothing on disk unless a test asks for it.
+        config.storage.mode = petrel_server::config::StorageMode::Memory;
         adjust(&mut config);
         for l in &mut config.listeners {
             l.bind = "127.0.0.1:0".parse().expect("literal address");
@@ -54,7 +56,10 @@ impl TestBroker {
     /// A broker from TOML text, exactly as a user would write it (with `bind` forced to an
     /// ephemeral port).
     pub async fn start_toml(toml: &str) -> TestBroker {
-        let config = Config::from_toml_str(toml, "test.toml").expect("valid test config");
+        let mut config = Config::from_toml_str(toml, "test.toml").expect("valid test config");
+        if !toml.contains("[storage]") {
+            config.storage.mode = petrel_server::config::StorageMode::Memory;
+        }
         TestBroker::start_with(|c| *c = config).await
     }
 

@@ -173,6 +173,7 @@ impl Authenticator for MyAuth {
 
 async fn broker_with_auth() -> TestBroker {
     let mut config = Config::default();
+    config.storage.mode = petrel_server::config::StorageMode::Memory;
     for l in &mut config.listeners {
         l.bind = "127.0.0.1:0".parse().expect("literal address");
     }

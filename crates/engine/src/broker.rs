@@ -279,7 +279,7 @@ impl Broker {
                 st.release_blocked();
                 drop(st);
                 drop(sessions);
-                self.store.session_opened(client_id, expiry_interval > 0);
+                self.store.session_opened(client_id, expiry_interval);
                 return Attach {
                     session: existing,
                     session_present: true,
@@ -300,7 +300,7 @@ impl Broker {
         ));
         sessions.insert(client_id.clone(), session.clone());
         drop(sessions);
-        self.store.session_opened(client_id, expiry_interval > 0);
+        self.store.session_opened(client_id, expiry_interval);
         if let Some(will) = ended_will {
             self.publish_will(*will, id, now);
         }
@@ -309,6 +309,99 @@ impl Broker {
             session_present: false,
             displaced,
             took_over,
+        }
+    }
+
+    /// Puts back what a store kept across a restart: persistent sessions, offline, with their
+    /// subscriptions and expiry (one whose expiry passed while the broker was down is dropped,
+    /// and the store told), and retained messages (expired ones left out).
+    pub fn restore(
+        &self,
+        sessions: Vec<crate::store::StoredSession>,
+        retained: Vec<Message>,
+        now: Instant,
+    ) {
+        for stored in sessions {
+            if stored.expires_at.is_some_and(|at| at <= now) {
+                self.store.session_removed(&stored.client_id);
+                continue;
+            }
+            let Ok(client_id) = MqttString::new(&stored.client_id) else {
+                continue;
+            };
+            let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+            let session = Arc::new(Session::new(
+                id,
+                client_id.clone(),
+                Owner::Offline,
+                stored.expiry_interval,
+            ));
+            let mut sessions = lock(&self.sessions);
+            let mut st = session.lock();
+            // A session whose client was connected when the broker stopped starts its
+            // interval now.
+            st.expires_at = match stored.expires_at {
+                Some(at) => Some(at),
+                None if stored.expiry_interval != NEVER_EXPIRES => {
+                    Some(now + Duration::from_secs(u64::from(stored.expiry_interval)))
+                }
+                None => None,
+            };
+            for (filter, sub) in stored.subscriptions {
+                st.subscriptions.insert(filter.clone(), sub);
+                self.add_to_index(&session, &filter, sub);
+            }
+            if let Some(at) = st.expires_at {
+                self.schedule(&mut st, at, &session);
+            }
+            drop(st);
+            sessions.insert(client_id, session);
+        }
+        for message in retained {
+            if message.is_expired(now) {
+                self.store.retained_cleared(&message.topic);
+                continue;
+            }
+            let expires_at = message.expires_at;
+            let topic = message.topic.clone();
+            write(&self.retained).insert(&topic, Arc::new(message));
+            if let Some(at) = expires_at {
+                self.schedule_retained_sweep(at);
+            }
+        }
+    }
+
+    /// Adds a subscription of `session` (whose lock the caller holds) to the ordinary or the
+    /// shared index.
+    fn add_to_index(&self, session: &Arc<Session>, filter: &TopicFilter, sub: Subscription) {
+        let subscriber = Subscriber {
+            session: session.clone(),
+            options: sub.options,
+            subscription_id: sub.id,
+        };
+        match shared::parse(filter) {
+            Ok(Some(sf)) => {
+                let mut groups = lock(&self.shared_groups);
+                let key: GroupKey = (sf.group.into(), sf.filter);
+                let group = match groups.get(&key) {
+                    Some(g) => g.clone(),
+                    None => {
+                        let group = Arc::new(SharedGroup::new(
+                            self.next_group_key.fetch_add(1, Ordering::Relaxed),
+                            sf.group,
+                            key.1.clone(),
+                        ));
+                        write(&self.shared_index).insert(&group.filter, group.key, group.clone());
+                        groups.insert(key, group.clone());
+                        self.shared_group_count.fetch_add(1, Ordering::Release);
+                        group
+                    }
+                };
+                group.join(subscriber);
+            }
+            _ => {
+                write(&self.index).insert(filter, session.id, subscriber);
+            }
         }
     }
 
@@ -399,6 +492,8 @@ impl Broker {
                 st.expires_at = Some(at);
                 self.schedule(&mut st, at, session);
             }
+            self.store
+                .session_offline(&session.client_id, st.expires_at);
             if let Some(will) = will {
                 match will_delay(&will) {
                     0 => will_now = Some(will),
@@ -501,38 +596,26 @@ impl Broker {
                 },
             )
             .is_some();
-        let subscriber = Subscriber {
-            session: session.clone(),
-            options,
-            subscription_id,
-        };
-        match shared::parse(filter) {
-            Ok(Some(sf)) => {
-                let mut groups = lock(&self.shared_groups);
-                let key: GroupKey = (sf.group.into(), sf.filter);
-                let group = match groups.get(&key) {
-                    Some(g) => g.clone(),
-                    None => {
-                        let group = Arc::new(SharedGroup::new(
-                            self.next_group_key.fetch_add(1, Ordering::Relaxed),
-                            sf.group,
-                            key.1.clone(),
-                        ));
-                        write(&self.shared_index).insert(&group.filter, group.key, group.clone());
-                        groups.insert(key, group.clone());
-                        self.shared_group_count.fetch_add(1, Ordering::Release);
-                        group
-                    }
-                };
-                group.join(subscriber);
-            }
-            _ => {
-                write(&self.index).insert(filter, session.id, subscriber);
-            }
-        }
+        self.add_to_index(
+            session,
+            filter,
+            Subscription {
+                options,
+                id: subscription_id,
+            },
+        );
+        let persistent = st.persistent();
         drop(st);
-        self.store
-            .subscription_added(&session.client_id, filter, options);
+        if persistent {
+            self.store.subscription_added(
+                &session.client_id,
+                filter,
+                Subscription {
+                    options,
+                    id: subscription_id,
+                },
+            );
+        }
         Some(existed)
     }
 
@@ -549,8 +632,9 @@ impl Broker {
         if existed {
             self.remove_from_index(filter, session.id);
         }
+        let persistent = st.persistent();
         drop(st);
-        if existed {
+        if existed && persistent {
             self.store.subscription_removed(&session.client_id, filter);
         }
         existed

@@ -47,6 +47,55 @@ pub struct Config {
     pub max_connections: usize,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    pub storage: StorageConfig,
+}
+
+/// The `[storage]` table: what survives a restart, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [storage] table")]
+pub struct StorageConfig {
+    /// "disk": persistent sessions, their subscriptions and retained messages
+    /// are kept in `dir` and restored at start. "memory": a restart starts empty.
+    pub mode: StorageMode,
+    /// Where the disk store lives; created if missing.
+    pub dir: PathBuf,
+    /// When writes reach the disk: "always" (after every change: nothing is
+    /// lost even if the machine fails, at the cost of a sync per change),
+    /// "every_ms" (at most `fsync_interval` later: a machine failure loses
+    /// that much), "never" (left to the OS: survives a crash of petrel, not
+    /// of the machine).
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "every_ms"`: the longest a change waits for its sync.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub fsync_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    #[default]
+    Disk,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    Always,
+    #[default]
+    EveryMs,
+    Never,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            mode: StorageMode::Disk,
+            dir: PathBuf::from("./petrel-data"),
+            fsync: FsyncPolicy::EveryMs,
+            fsync_interval: Duration::from_millis(100),
+        }
+    }
 }
 
 /// The `[auth]` table: who may connect.
@@ -317,6 +366,7 @@ impl Default for Config {
             max_connections: 100_000,
             mqtt: MqttConfig::default(),
             auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -546,6 +596,12 @@ impl Config {
             }
         }
         self.check_auth()?;
+        if self.storage.fsync == FsyncPolicy::EveryMs && self.storage.fsync_interval.is_zero() {
+            return Err(Violation {
+                key: KeyPath::root().key("storage").key("fsync_interval"),
+                message: "must be greater than zero".to_owned(),
+            });
+        }
         for (key, value, bounds) in self.numeric_settings() {
             if !bounds.contains(value) {
                 return Err(Violation {
@@ -844,6 +900,29 @@ pub fn default_config_toml() -> String {
          # name = \"alice\"\n\
          # password = \"change me\"\n",
         allow_anonymous = defaults.auth.allow_anonymous,
+    ));
+    out.push_str(&format!(
+        "\n[storage]\n\
+         # \"disk\": persistent sessions, their subscriptions and retained messages\n\
+         # survive a restart (kept in dir). \"memory\": a restart starts empty.\n\
+         mode = \"{mode}\"\n\
+         dir = \"{dir}\"\n\
+         # When writes reach the disk: \"always\" (after every change; survives a\n\
+         # machine failure), \"every_ms\" (within fsync_interval), \"never\" (left to\n\
+         # the OS: survives a crash of petrel, not of the machine).\n\
+         fsync = \"{fsync}\"\n\
+         fsync_interval = \"{interval}\"\n",
+        mode = match defaults.storage.mode {
+            StorageMode::Disk => "disk",
+            StorageMode::Memory => "memory",
+        },
+        dir = defaults.storage.dir.display().to_string().escape_default(),
+        fsync = match defaults.storage.fsync {
+            FsyncPolicy::Always => "always",
+            FsyncPolicy::EveryMs => "every_ms",
+            FsyncPolicy::Never => "never",
+        },
+        interval = humantime::format_duration(defaults.storage.fsync_interval),
     ));
     out
 }

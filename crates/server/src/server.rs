@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use petrel_codec::QoS;
 use petrel_engine::auth::{AllowAll, Authenticator, UserStore};
 use petrel_engine::scram::ScramCredentials;
-use petrel_engine::store::Volatile;
+use petrel_engine::store::{Store, Volatile};
 use petrel_engine::{Broker, Limits};
+use petrel_store::{DiskStore, Fsync};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AuthConfig, Config, ListenerProtocol, MqttConfig};
+use crate::config::{AuthConfig, Config, FsyncPolicy, ListenerProtocol, MqttConfig, StorageMode};
 use crate::listener::{BindError, Listener};
 use crate::tls::TlsConfig;
 
@@ -32,6 +33,8 @@ pub enum ServerError {
         index: usize,
         source: std::io::Error,
     },
+    #[error("storage.dir: {0}")]
+    Store(#[from] petrel_store::StoreError),
     #[error("listeners[{index}].{key}: {message}")]
     Listener {
         index: usize,
@@ -176,11 +179,28 @@ impl Server {
         config: &Config,
         authenticator: Box<dyn Authenticator>,
     ) -> Result<Server, ServerError> {
+        let (store, loaded): (Box<dyn Store>, _) = match config.storage.mode {
+            StorageMode::Memory => (Box::new(Volatile), None),
+            StorageMode::Disk => {
+                let fsync = match config.storage.fsync {
+                    FsyncPolicy::Always => Fsync::Always,
+                    FsyncPolicy::EveryMs => Fsync::Every(config.storage.fsync_interval),
+                    FsyncPolicy::Never => Fsync::Never,
+                };
+                let (store, loaded) = DiskStore::open(&config.storage.dir, fsync)?;
+                (Box::new(store), Some(loaded))
+            }
+        };
         let broker = Arc::new(Broker::with_parts(
             limits_from(&config.mqtt),
             authenticator,
-            Box::new(Volatile),
+            store,
         ));
+        if let Some(loaded) = loaded {
+            let (sessions, retained) = (loaded.sessions.len(), loaded.retained.len());
+            broker.restore(loaded.sessions, loaded.retained, std::time::Instant::now());
+            tracing::info!(dir = %config.storage.dir.display(), sessions, retained, "store opened; persistent sessions and retained messages restored");
+        }
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, lc) in config.listeners.iter().enumerate() {
             let listener = Listener::bind(lc).await.map_err(|e| match e {

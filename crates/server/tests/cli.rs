@@ -43,6 +43,8 @@ const SUBACK_ALL: &str = "90 03 00 01 00";
 // The child process
 // ---------------------------------------------------------------------------------------------
 
+static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A running `petrel` with its stdout and stderr collected by background threads.
 struct Petrel {
     child: Child,
@@ -60,8 +62,17 @@ impl Petrel {
         S: Into<OsString>,
     {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        // A directory of its own: a run with the default `[storage]` keeps its data in
+        // ./petrel-data, which must neither litter the source tree nor outlive the test.
+        let cwd = std::env::temp_dir().join(format!(
+            "petrel-cli-{}-{}",
+            std::process::id(),
+            SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&cwd).expect("temp dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_petrel"))
             .args(&args)
+            .current_dir(&cwd)
             .env("RUST_LOG", rust_log)
             .env_remove("RUST_LOG_STYLE")
             .stdin(Stdio::null())

@@ -78,6 +78,7 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
         config,
         Config {
             max_connections: 100_000,
+            storage: StorageConfig::default(),
             listeners: vec![
                 ListenerConfig {
                     protocol: ListenerProtocol::Tcp,

@@ -73,7 +73,9 @@ impl Broker {
         ));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         let config = dir.join("petrel.toml");
-        let text = format!("[[listeners]]\nbind = \"{addr}\"\n{listener_keys}\n");
+        let text = format!(
+            "[[listeners]]\nbind = \"{addr}\"\n{listener_keys}\n\n[storage]\nmode = \"memory\"\n"
+        );
         std::fs::write(&config, text).expect("write config");
         let log = std::fs::File::create(dir.join("petrel.log")).expect("create log file");
 
