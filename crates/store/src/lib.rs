@@ -184,7 +184,7 @@ fn message_record(message: &Message) -> Vec<u8> {
         qos: message.qos,
         retain: true,
         topic: &message.topic,
-        packet_id: (message.qos != QoS::AtMostOnce).then(|| petrel_codec::PacketId::MIN),
+        packet_id: (message.qos != QoS::AtMostOnce).then_some(petrel_codec::PacketId::MIN),
         properties: &message.properties,
         extra: PublishExtra::default(),
         payload: &message.payload,

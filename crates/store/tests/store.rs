@@ -1,0 +1,257 @@
+//! The disk store on its own: what goes in comes back after a reopen, exactly; a damaged or
+//! foreign store stops the start with a clear error; and the format-1 golden store in
+//! `tests/golden/` still reads.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use petrel_codec::{
+    MqttString, Properties, QoS, RetainHandling, SubscriptionOptions, TopicFilter, TopicName,
+};
+use petrel_engine::message::Message;
+use petrel_engine::session::Subscription;
+use petrel_engine::store::Store;
+use petrel_store::{DiskStore, Fsync, StoreError};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(label: &str) -> Dir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "petrel-store-{label}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sub(qos: QoS, id: u32) -> Subscription {
+    let mut options = SubscriptionOptions::new(qos);
+    options.no_local = true;
+    options.retain_as_published = true;
+    options.retain_handling = RetainHandling::Never;
+    Subscription { options, id }
+}
+
+fn retained_message(topic: &str, payload: &str, expiry: Option<u32>) -> Message {
+    let mut props = Properties::default();
+    props.content_type = Some(MqttString::new("text/plain").unwrap());
+    props
+        .user_properties
+        .push((MqttString::new("k").unwrap(), MqttString::new("v").unwrap()));
+    props.message_expiry_interval = expiry;
+    Message::new(
+        TopicName::new(topic).unwrap(),
+        Bytes::from(payload.to_owned()),
+        QoS::AtLeastOnce,
+        true,
+        props,
+        7,
+    )
+    .with_expiry_from(Instant::now())
+}
+
+fn filter(f: &str) -> TopicFilter {
+    TopicFilter::new(f).unwrap()
+}
+
+/// Writes a known set of state into `dir`.
+fn fill(dir: &Path) {
+    let (store, loaded) = DiskStore::open(dir, Fsync::Always).unwrap();
+    assert!(loaded.sessions.is_empty() && loaded.retained.is_empty());
+    store.session_opened("alice", u32::MAX);
+    store.subscription_added("alice", &filter("a/+"), sub(QoS::AtLeastOnce, 3));
+    store.subscription_added(
+        "alice",
+        &filter("$share/g/jobs/#"),
+        sub(QoS::ExactlyOnce, 0),
+    );
+    store.session_opened("bob", 3600);
+    store.subscription_added("bob", &filter("b"), sub(QoS::AtMostOnce, 0));
+    // Far in the future, so that the golden store written from this stays valid.
+    store.session_offline(
+        "bob",
+        Some(Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
+    );
+    // A session that ends with its connection leaves nothing.
+    store.session_opened("carol", 60);
+    store.subscription_added("carol", &filter("c"), sub(QoS::AtMostOnce, 0));
+    store.session_opened("carol", 0);
+    // A removed session takes its subscriptions.
+    store.session_opened("dave", 60);
+    store.subscription_added("dave", &filter("d"), sub(QoS::AtMostOnce, 0));
+    store.session_removed("dave");
+    store.subscription_removed("alice", &filter("a/+"));
+    store.subscription_added("alice", &filter("a/+"), sub(QoS::AtLeastOnce, 4));
+    store.retained_set(&retained_message("r/1", "one", None));
+    store.retained_set(&retained_message("r/2", "two", Some(3600)));
+    store.retained_set(&retained_message("r/3", "gone", None));
+    store.retained_cleared("r/3");
+}
+
+fn check(dir: &Path) {
+    let (_store, mut loaded) = DiskStore::open(dir, Fsync::Never).unwrap();
+    loaded
+        .sessions
+        .sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    let ids: Vec<&str> = loaded
+        .sessions
+        .iter()
+        .map(|s| s.client_id.as_str())
+        .collect();
+    assert_eq!(ids, ["alice", "bob"]);
+    let alice = &loaded.sessions[0];
+    assert_eq!(alice.expiry_interval, u32::MAX);
+    assert_eq!(
+        alice.expires_at, None,
+        "was connected: its interval starts at restart"
+    );
+    let mut subs: Vec<(String, Subscription)> = alice
+        .subscriptions
+        .iter()
+        .map(|(f, s)| (f.as_str().to_owned(), *s))
+        .collect();
+    subs.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        subs,
+        [
+            ("$share/g/jobs/#".to_owned(), sub(QoS::ExactlyOnce, 0)),
+            ("a/+".to_owned(), sub(QoS::AtLeastOnce, 4)),
+        ]
+    );
+    let bob = &loaded.sessions[1];
+    assert_eq!(bob.expiry_interval, 3600);
+    let left = bob
+        .expires_at
+        .expect("offline session has an expiry")
+        .saturating_duration_since(Instant::now());
+    assert!(left > Duration::from_secs(3500), "{left:?}");
+
+    loaded.retained.sort_by(|a, b| a.topic.cmp(&b.topic));
+    let topics: Vec<&str> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(topics, ["r/1", "r/2"]);
+    let two = &loaded.retained[1];
+    assert_eq!(&two.payload[..], b"two");
+    assert_eq!(two.qos, QoS::AtLeastOnce);
+    assert!(two.retain);
+    assert_eq!(two.properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(two.properties.user_properties.len(), 1);
+    assert!(two.expires_at.is_some(), "expiry kept");
+    assert_eq!(loaded.retained[0].expires_at, None);
+}
+
+#[test]
+fn what_goes_in_comes_back_after_a_reopen() {
+    let dir = Dir::new("roundtrip");
+    fill(&dir.0);
+    check(&dir.0);
+}
+
+#[test]
+fn a_store_of_another_format_is_refused() {
+    let dir = Dir::new("format");
+    fill(&dir.0);
+    {
+        let keyspace = fjall::Config::new(&dir.0).open().unwrap();
+        let meta = keyspace.open_partition("meta", Default::default()).unwrap();
+        meta.insert("format", "petrel-store 99").unwrap();
+        keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    match DiskStore::open(&dir.0, Fsync::Never) {
+        Err(StoreError::Format { found, .. }) => assert_eq!(found, "petrel-store 99"),
+        other => panic!("expected a format error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn a_damaged_record_stops_the_start_and_names_it() {
+    let dir = Dir::new("corrupt");
+    fill(&dir.0);
+    {
+        let keyspace = fjall::Config::new(&dir.0).open().unwrap();
+        let retained = keyspace
+            .open_partition("retained", Default::default())
+            .unwrap();
+        retained.insert("r/1", [1u8, 0, 0]).unwrap();
+        keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let err = DiskStore::open(&dir.0, Fsync::Never)
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("retained record \"r/1\""), "{text}");
+    assert!(text.contains("does not discard stored data"), "{text}");
+    // Nothing was dropped: the data is still there for a repair.
+    let keyspace = fjall::Config::new(&dir.0).open().unwrap();
+    let retained = keyspace
+        .open_partition("retained", Default::default())
+        .unwrap();
+    assert_eq!(retained.len().unwrap(), 2);
+}
+
+/// The golden store: written by format 1 and kept as a tarball (fjall preallocates its journal
+/// as a 32 MiB sparse file, which compresses to almost nothing); `cargo test -p petrel-store
+/// -- --ignored write_golden` regenerates it. Every later version must read it.
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/format-1.tar.gz")
+}
+
+fn tar(args: &[&std::ffi::OsStr]) {
+    let status = std::process::Command::new("tar")
+        .args(args)
+        .status()
+        .expect("run tar");
+    assert!(status.success(), "tar {args:?} failed");
+}
+
+#[test]
+fn the_format_1_golden_store_still_reads() {
+    let dir = Dir::new("golden");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    tar(&[
+        "-xzf".as_ref(),
+        golden().as_os_str(),
+        "-C".as_ref(),
+        dir.0.as_os_str(),
+    ]);
+    let (_store, loaded) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
+    let mut ids: Vec<&str> = loaded
+        .sessions
+        .iter()
+        .map(|s| s.client_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["alice", "bob"]);
+    let mut topics: Vec<&str> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    topics.sort_unstable();
+    assert_eq!(topics, ["r/1", "r/2"]);
+    drop(loaded);
+    check(&dir.0);
+}
+
+#[test]
+#[ignore = "regenerates tests/golden/format-1.tar.gz"]
+fn write_golden() {
+    let dir = Dir::new("golden-write");
+    fill(&dir.0);
+    std::fs::create_dir_all(golden().parent().unwrap()).unwrap();
+    tar(&[
+        "--sparse".as_ref(),
+        "-czf".as_ref(),
+        golden().as_os_str(),
+        "-C".as_ref(),
+        dir.0.as_os_str(),
+        ".".as_ref(),
+    ]);
+}
