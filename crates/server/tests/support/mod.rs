@@ -48,9 +48,15 @@ impl Broker {
     /// Starts petrel with one listener; `listener_keys` are further TOML lines of that
     /// `[[listeners]]` table (e.g. `connect_timeout = "1s"`).
     pub fn start(listener_keys: &str) -> Broker {
+        Broker::start_with(listener_keys, "[storage]\nmode = \"memory\"\n")
+    }
+
+    /// As `start`, with `tables` (whole TOML tables, e.g. a `[storage]` one) after the
+    /// listener.
+    pub fn start_with(listener_keys: &str, tables: &str) -> Broker {
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Broker::try_start(listener_keys) {
+            match Broker::try_start(listener_keys, tables) {
                 Ok(broker) => return broker,
                 // Someone took the port between our probe and the broker's bind.
                 Err(log) if log.contains("Address already in use") => last_log = log,
@@ -62,7 +68,7 @@ impl Broker {
         );
     }
 
-    fn try_start(listener_keys: &str) -> Result<Broker, String> {
+    fn try_start(listener_keys: &str, tables: &str) -> Result<Broker, String> {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -73,9 +79,7 @@ impl Broker {
         ));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         let config = dir.join("petrel.toml");
-        let text = format!(
-            "[[listeners]]\nbind = \"{addr}\"\n{listener_keys}\n\n[storage]\nmode = \"memory\"\n"
-        );
+        let text = format!("[[listeners]]\nbind = \"{addr}\"\n{listener_keys}\n\n{tables}");
         std::fs::write(&config, text).expect("write config");
         let log = std::fs::File::create(dir.join("petrel.log")).expect("create log file");
 
@@ -147,6 +151,25 @@ impl Broker {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("read /proc/<pid>/fd of petrel")
             .count()
+    }
+}
+
+impl Broker {
+    /// Stops the broker with SIGTERM and returns its exit status (killed after 10 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait for petrel");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
