@@ -21,18 +21,21 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use petrel_codec::{LastWill, MqttString, Publish, QoS, SubscriptionOptions, TopicFilter};
+use petrel_codec::{
+    LastWill, MqttString, PacketId, Publish, QoS, SubscriptionOptions, TopicFilter,
+};
 
 use crate::auth::{AllowAll, Authenticator};
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
 use crate::session::{
-    Admitted, Delivery, DeliveryExtra, Dropped, Owner, PendingWill, Session, SessionState,
-    Subscription, NEVER_EXPIRES,
+    Admitted, Delivery, DeliveryExtra, Dropped, Inflight, InflightStage, Owner, PendingWill,
+    Session, SessionState, Subscription, NEVER_EXPIRES,
 };
 use crate::shared::{self, GroupKey, SharedGroup};
 use crate::stats::Stats;
+use crate::store::StoredStage;
 use crate::store::{Store, Volatile};
 use crate::topic_index::SubscriptionIndex;
 
@@ -85,6 +88,9 @@ pub struct Routed {
     /// A subscriber (other than the publisher's own session) whose queue this message took
     /// past its bounds: the publisher should pause until it drains.
     pub congested: Option<Arc<Session>>,
+    /// The durability token of the writes the message caused (0: none): the publisher's
+    /// acknowledgement waits until the store says it is durable.
+    pub token: u64,
 }
 
 /// One delivery about to be offered: the session (its id first, for de-duplication), the
@@ -351,6 +357,40 @@ impl Broker {
                 st.subscriptions.insert(filter.clone(), sub);
                 self.add_to_index(&session, &filter, sub);
             }
+            st.inbound_qos2.extend(stored.inbound_qos2);
+            for d in stored.deliveries {
+                st.next_seq = st.next_seq.max(d.seq + 1);
+                let weight = u32::try_from(d.message.weight()).unwrap_or(u32::MAX);
+                let mut delivery = Delivery::new(d.message, d.qos, d.retain, weight);
+                delivery.seq = d.seq;
+                if !d.subscription_ids.is_empty() {
+                    delivery.extra = Some(Box::new(DeliveryExtra {
+                        subscription_ids: d.subscription_ids,
+                        group: None,
+                    }));
+                }
+                let inflight = |packet_id: u16, stage| {
+                    PacketId::new(packet_id).map(|packet_id| Inflight {
+                        packet_id,
+                        delivery: delivery.clone(),
+                        stage,
+                    })
+                };
+                let restored = match d.stage {
+                    StoredStage::Queued => None,
+                    StoredStage::Published(pid) => inflight(pid, InflightStage::Published),
+                    StoredStage::Released(pid) => inflight(pid, InflightStage::Released),
+                };
+                match restored {
+                    Some(f) => st.inflight.push_back(f),
+                    None => {
+                        let (seq, message) = (delivery.seq, delivery.message.clone());
+                        if st.push(delivery, &self.limits).is_err() {
+                            self.store.dequeued(&stored.client_id, seq, &message);
+                        }
+                    }
+                }
+            }
             if let Some(at) = st.expires_at {
                 self.schedule(&mut st, at, &session);
             }
@@ -483,6 +523,11 @@ impl Broker {
         st.waker = None;
         st.release_blocked();
         let given_back = st.take_shared_deliveries();
+        for d in &given_back {
+            if d.seq != 0 {
+                self.store.dequeued(&session.client_id, d.seq, &d.message);
+            }
+        }
         let mut will_now = None;
         if st.persistent() {
             session.set_owner(&mut st, Owner::Offline);
@@ -550,9 +595,15 @@ impl Broker {
             let delivery = Delivery {
                 qos: d.message.qos.min(member.options.qos),
                 extra: Some(Box::new(extra)),
+                // The receiving session stores it afresh if it is persistent.
+                seq: 0,
                 ..d
             };
-            if let Err(reason) = member.session.offer(delivery, &self.limits, &self.stats) {
+            if let Err(reason) =
+                member
+                    .session
+                    .offer(delivery, &self.limits, &self.stats, &*self.store)
+            {
                 self.count_drop(reason);
             }
         }
@@ -718,7 +769,8 @@ impl Broker {
             let weight = u32::try_from(message.weight()).unwrap_or(u32::MAX);
             let mut matched = groups_matched;
             let mut congested = None;
-            let offer = |t: Target, ids: Vec<u32>, congested: &mut Option<Arc<Session>>| {
+            let mut token = 0;
+            let mut offer = |t: Target, ids: Vec<u32>, congested: &mut Option<Arc<Session>>| {
                 let mut delivery =
                     Delivery::new(message.clone(), t.qos.min(message.qos), t.retain, weight);
                 if !ids.is_empty() || t.group.is_some() {
@@ -727,10 +779,16 @@ impl Broker {
                         group: t.group,
                     }));
                 }
-                match t.session.offer(delivery, &self.limits, &self.stats) {
-                    Ok(Admitted::Queued) => {}
-                    Ok(Admitted::Congested) => {
-                        if congested.is_none() && t.id != message.origin {
+                match t
+                    .session
+                    .offer(delivery, &self.limits, &self.stats, &*self.store)
+                {
+                    Ok((admitted, written)) => {
+                        token = token.max(written);
+                        if admitted == Admitted::Congested
+                            && congested.is_none()
+                            && t.id != message.origin
+                        {
                             *congested = Some(t.session);
                         }
                     }
@@ -767,7 +825,11 @@ impl Broker {
                 };
                 offer(t, ids, &mut congested);
             }
-            Routed { matched, congested }
+            Routed {
+                matched,
+                congested,
+                token,
+            }
         })
     }
 

@@ -30,7 +30,7 @@ use petrel_codec::{
 use crate::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
 use crate::broker::Broker;
 use crate::message::Message;
-use crate::session::{Delivery, Egress, Owner, Session, TopicAliases, NEVER_EXPIRES};
+use crate::session::{Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES};
 use crate::shared;
 use crate::stats::Stats;
 
@@ -206,6 +206,9 @@ struct Attached {
     pause: Option<Pause>,
     /// The enhanced authentication method CONNECT used, if any.
     enhanced: Option<Box<Enhanced>>,
+    /// PUBACK/PUBREC packets waiting for the store to make their message durable, with the
+    /// durability token each waits for.
+    pending_acks: std::collections::VecDeque<(u64, Packet)>,
 }
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
@@ -444,7 +447,7 @@ impl Connection {
                         return Err(Violation::SessionExpiryAfterZero.into());
                     }
                     let expiry = expiry.min(self.broker.limits.max_session_expiry);
-                    self.with_session(|st| st.expiry_interval = expiry)?;
+                    self.with_session(|st, _| st.expiry_interval = expiry)?;
                 }
                 Err(CloseReason::Disconnect {
                     with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
@@ -871,10 +874,15 @@ impl Connection {
         };
         self.write(&Packet::ConnAck(connack), version);
         if attach.session_present {
-            let too_large = attach
-                .session
-                .lock()
-                .resend_inflight(&mut egress, now, &mut self.out);
+            let journal = Journal {
+                store: self.broker.store(),
+                client_id: &attach.session.client_id,
+            };
+            let too_large =
+                attach
+                    .session
+                    .lock()
+                    .resend_inflight(&mut egress, now, &mut self.out, journal);
             if too_large > 0 {
                 Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
             }
@@ -893,6 +901,7 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             pause: None,
+            pending_acks: std::collections::VecDeque::new(),
             enhanced: enhanced.map(|(method, _)| {
                 Box::new(Enhanced {
                     method,
@@ -986,6 +995,7 @@ impl Connection {
             self.send_within_limit(&ack);
             return Ok(());
         }
+        let mut inbound_token = 0;
         if qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
                 return Err(Violation::Malformed(DecodeError::ZeroPacketId).into());
@@ -999,7 +1009,7 @@ impl Connection {
             // but not delivered again [MQTT-4.3.3-9].
             if st.inbound_qos2.contains(&id.get()) {
                 drop(st);
-                self.send(&Packet::PubRec(PubAck::new(id)));
+                self.ack_when_durable(0, Packet::PubRec(PubAck::new(id)));
                 return Ok(());
             }
             // The broker's Receive Maximum [MQTT-3.3.4-8]; 3.x clients are bounded by the
@@ -1008,6 +1018,13 @@ impl Connection {
                 return Err(Violation::ReceiveMaximumExceeded.into());
             }
             st.inbound_qos2.insert(id.get());
+            // Durable before PUBREC: after a restart the repeat is still recognised.
+            if st.persistent() {
+                inbound_token =
+                    self.broker
+                        .store()
+                        .inbound_qos2(&session.client_id, id.get(), true);
+            }
         }
         let mut message = Message::from_publish(publish, topic, session.id, now);
         message.retain = retain;
@@ -1036,12 +1053,15 @@ impl Connection {
             ReasonCode::SUCCESS
         };
         match (qos, packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => {
-                self.send(&Packet::PubAck(PubAck::with_reason(id, reason)))
-            }
-            (QoS::ExactlyOnce, Some(id)) => {
-                self.send(&Packet::PubRec(PubAck::with_reason(id, reason)))
-            }
+            // Acknowledged only once what it wrote to the store is durable.
+            (QoS::AtLeastOnce, Some(id)) => self.ack_when_durable(
+                routed.token,
+                Packet::PubAck(PubAck::with_reason(id, reason)),
+            ),
+            (QoS::ExactlyOnce, Some(id)) => self.ack_when_durable(
+                routed.token.max(inbound_token),
+                Packet::PubRec(PubAck::with_reason(id, reason)),
+            ),
             _ => {}
         }
         Ok(())
@@ -1050,19 +1070,75 @@ impl Connection {
     /// Runs `f` on the session state if this connection still owns it.
     fn with_session<T>(
         &self,
-        f: impl FnOnce(&mut crate::session::SessionState) -> T,
+        f: impl FnOnce(&mut crate::session::SessionState, Journal<'_>) -> T,
     ) -> Result<T, CloseReason> {
         let a = self.attached()?;
         let mut st = a.session.lock();
         if st.owner != Owner::Connection(self.id) {
             return Err(CloseReason::TakenOver);
         }
-        Ok(f(&mut st))
+        let journal = Journal {
+            store: self.broker.store(),
+            client_id: &a.session.client_id,
+        };
+        Ok(f(&mut st, journal))
+    }
+
+    /// Sends a PUBACK/PUBREC once the writes with durability `token` are durable, and after
+    /// every acknowledgement held before it (they go out in the order the PUBLISH packets
+    /// came [MQTT-4.6.0-2]).
+    fn ack_when_durable(&mut self, token: u64, ack: Packet) {
+        let durable = self.broker.store().durable();
+        let State::Connected(a) = &mut self.state else {
+            return;
+        };
+        if a.pending_acks.is_empty() && token <= durable {
+            self.send(&ack);
+        } else {
+            a.pending_acks.push_back((token, ack));
+        }
+    }
+
+    /// Writes the held acknowledgements that became durable. Returns whether it wrote any;
+    /// registers `cx` with the store while some still wait.
+    fn flush_acks(&mut self, cx: &mut Context<'_>) -> bool {
+        let broker = self.broker.clone();
+        let store = broker.store();
+        let State::Connected(a) = &mut self.state else {
+            return false;
+        };
+        if a.pending_acks.is_empty() {
+            return false;
+        }
+        let version = a.egress.version;
+        let mut wrote = false;
+        loop {
+            let durable = store.durable();
+            while a.pending_acks.front().is_some_and(|(t, _)| *t <= durable) {
+                if let Some((_, ack)) = a.pending_acks.pop_front() {
+                    if let Err(e) = petrel_codec::encode(&ack, version, &mut self.out) {
+                        tracing::error!(error = %e, "cannot encode acknowledgement");
+                    }
+                    wrote = true;
+                }
+            }
+            match a.pending_acks.front() {
+                None => return wrote,
+                // Registered: the store wakes us once it is durable.
+                Some((token, _)) if store.wait_durable(*token, cx.waker()) => return wrote,
+                // Became durable meanwhile: go round again.
+                Some(_) => {}
+            }
+        }
     }
 
     fn handle_puback(&mut self, ack: PubAck) -> Result<(), CloseReason> {
         // An unknown id is ignored: it may be a late duplicate after a resend.
-        self.with_session(|st| st.acknowledge(ack.packet_id))?;
+        self.with_session(|st, journal| {
+            if let Some(d) = st.acknowledge(ack.packet_id) {
+                journal.dequeued(&d);
+            }
+        })?;
         Ok(())
     }
 
@@ -1070,14 +1146,24 @@ impl Connection {
         let id = ack.packet_id;
         if ack.reason.is_error() {
             // v5: a failure PUBREC ends the exchange; no PUBREL follows (§4.3.3).
-            self.with_session(|st| {
+            self.with_session(|st, journal| {
                 if let Some(i) = st.inflight.iter().position(|f| f.packet_id == id) {
-                    st.inflight.remove(i);
+                    if let Some(f) = st.inflight.remove(i) {
+                        journal.dequeued(&f.delivery);
+                    }
                 }
             })?;
             return Ok(());
         }
-        let known = self.with_session(|st| st.received(id))?;
+        let known = self.with_session(|st, journal| match st.received(id) {
+            Some(d) => {
+                if d.seq != 0 {
+                    journal.store.released(journal.client_id, d.seq);
+                }
+                true
+            }
+            None => false,
+        })?;
         let reply = if known {
             PubAck::new(id)
         } else {
@@ -1089,7 +1175,15 @@ impl Connection {
 
     fn handle_pubrel(&mut self, ack: PubAck) -> Result<(), CloseReason> {
         let id = ack.packet_id;
-        let known = self.with_session(|st| st.inbound_qos2.remove(&id.get()))?;
+        let known = self.with_session(|st, journal| {
+            let known = st.inbound_qos2.remove(&id.get());
+            if known && st.persistent() {
+                journal
+                    .store
+                    .inbound_qos2(journal.client_id, id.get(), false);
+            }
+            known
+        })?;
         // PUBCOMP even for an unknown id: the client may be repeating PUBREL after we already
         // completed [MQTT-4.3.3-11].
         let reply = if known {
@@ -1102,7 +1196,11 @@ impl Connection {
     }
 
     fn handle_pubcomp(&mut self, ack: PubAck) -> Result<(), CloseReason> {
-        self.with_session(|st| st.completed(ack.packet_id))?;
+        self.with_session(|st, journal| {
+            if let Some(d) = st.completed(ack.packet_id) {
+                journal.dequeued(&d);
+            }
+        })?;
         Ok(())
     }
 
@@ -1191,7 +1289,7 @@ impl Connection {
         }));
         if !replay.is_empty() {
             // Queued behind the SUBACK just written [MQTT-3.8.4-4], sent with RETAIN set.
-            self.with_session(|st| {
+            self.with_session(|st, _| {
                 for d in replay {
                     st.push_retained(d);
                 }
@@ -1230,18 +1328,28 @@ impl Connection {
         cx: &mut Context<'_>,
         now: Instant,
     ) -> Poll<Result<(), CloseReason>> {
+        // Acknowledgements the store has made durable since the last pass.
+        let acked = self.flush_acks(cx);
         let State::Connected(a) = &mut self.state else {
             return Poll::Pending;
         };
         if self.out.len() >= OUT_HIGH_WATER {
             // The driver polls again once the socket has taken some of the output.
-            return Poll::Pending;
+            return if acked {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            };
         }
         let mut st = a.session.lock();
         if st.owner != Owner::Connection(self.id) {
             return Poll::Ready(Err(CloseReason::TakenOver));
         }
         let mut wake = Vec::new();
+        let journal = Journal {
+            store: self.broker.store(),
+            client_id: &a.session.client_id,
+        };
         let done = st.drain(
             &mut a.egress,
             now,
@@ -1249,6 +1357,7 @@ impl Connection {
             OUT_HIGH_WATER,
             &self.broker.limits,
             &mut wake,
+            journal,
         );
         if done.sent + done.expired + done.too_large > 0 {
             drop(st);
@@ -1271,6 +1380,9 @@ impl Connection {
             if fresh {
                 st.waker = Some(cx.waker().clone());
             }
+        }
+        if acked {
+            return Poll::Ready(Ok(()));
         }
         Poll::Pending
     }

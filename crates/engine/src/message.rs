@@ -37,6 +37,8 @@ pub struct Message {
     /// When the v5 Message Expiry Interval runs out, counted from when the broker received
     /// the message; `None` when it has none.
     pub expires_at: Option<Instant>,
+    /// The durable store's id for this message, once a persistent session queued it.
+    pub store_id: OnceLock<u64>,
     /// Encoded QoS 0 PUBLISH frames: [3.x retain=0, 3.x retain=1, 5.0 retain=0, 5.0 retain=1].
     qos0_frames: [OnceLock<Bytes>; 4],
 }
@@ -69,6 +71,7 @@ impl Message {
             properties,
             origin,
             expires_at: None,
+            store_id: OnceLock::new(),
             qos0_frames: Default::default(),
         }
     }

@@ -27,6 +27,7 @@ use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::shared::SharedGroup;
 use crate::stats::Stats;
+use crate::store::Store;
 
 /// Session Expiry Interval meaning "never" [MQTT-3.1.2-?]: also what a 3.x Clean Session 0
 /// session gets.
@@ -56,6 +57,9 @@ pub struct Delivery {
     pub weight: u32,
     /// What only some deliveries carry, boxed so the common one stays three words.
     pub extra: Option<Box<DeliveryExtra>>,
+    /// Its place in a persistent session's queue as the durable store knows it; 0 when not
+    /// stored (QoS 0, a session that ends with its connection, a retained replay).
+    pub seq: u64,
 }
 
 /// The rarer parts of a delivery.
@@ -76,6 +80,7 @@ impl Delivery {
             retain,
             weight,
             extra: None,
+            seq: 0,
         }
     }
 
@@ -178,6 +183,23 @@ impl TopicAliases {
     }
 }
 
+/// A session's link to the durable store: what `drain` and the acknowledgement handlers
+/// report their changes to.
+#[derive(Clone, Copy)]
+pub struct Journal<'a> {
+    pub store: &'a dyn Store,
+    pub client_id: &'a str,
+}
+
+impl Journal<'_> {
+    /// A stored delivery left the session.
+    pub fn dequeued(&self, d: &Delivery) {
+        if d.seq != 0 {
+            self.store.dequeued(self.client_id, d.seq, &d.message);
+        }
+    }
+}
+
 /// What one `drain` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Drained {
@@ -268,6 +290,8 @@ pub struct SessionState {
     pub stalled: bool,
     /// A drop was logged since the queue last drained, so a flood logs once.
     drop_logged: bool,
+    /// The next delivery's place in the durable store (persistent sessions).
+    pub next_seq: u64,
 }
 
 pub struct Session {
@@ -313,6 +337,7 @@ impl Session {
                 drained: 0,
                 stalled: false,
                 drop_logged: false,
+                next_seq: 1,
             }),
         }
     }
@@ -347,15 +372,33 @@ impl Session {
     /// connection when the message is queued.
     pub fn offer(
         &self,
-        delivery: Delivery,
+        mut delivery: Delivery,
         limits: &Limits,
         stats: &Stats,
-    ) -> Result<Admitted, Dropped> {
-        let (admitted, waker) = {
+        store: &dyn Store,
+    ) -> Result<(Admitted, u64), Dropped> {
+        let (admitted, token, waker) = {
             let mut st = self.lock();
+            // A QoS 1/2 message for a persistent session is written to the store, under the
+            // session's lock so that the store sees each session's changes in order.
+            let mut token = 0;
+            if delivery.qos != QoS::AtMostOnce
+                && delivery.weight > 0
+                && st.persistent()
+                && matches!(st.owner, Owner::Connection(_) | Owner::Offline)
+            {
+                delivery.seq = st.next_seq;
+                st.next_seq += 1;
+                token = store.enqueued(&self.client_id, delivery.seq, &delivery);
+            }
+            let seq = delivery.seq;
+            let message = (seq != 0).then(|| delivery.message.clone());
             match st.push(delivery, limits) {
-                Ok(admitted) => (admitted, st.waker.take()),
+                Ok(admitted) => (admitted, token, st.waker.take()),
                 Err(reason) => {
+                    if let Some(message) = message {
+                        store.dequeued(&self.client_id, seq, &message);
+                    }
                     if !st.drop_logged && reason != Dropped::Ended {
                         st.drop_logged = true;
                         let state = match st.owner {
@@ -373,7 +416,7 @@ impl Session {
         if let Some(w) = waker {
             w.wake();
         }
-        Ok(admitted)
+        Ok((admitted, token))
     }
 
     /// A publisher paused on this session asks whether it may go on. `Ready` when the queue
@@ -553,6 +596,7 @@ impl SessionState {
         max_out: usize,
         limits: &Limits,
         wake: &mut Vec<Waker>,
+        journal: Journal<'_>,
     ) -> Drained {
         let mut done = Drained::default();
         let mut moved = false;
@@ -560,6 +604,7 @@ impl SessionState {
             let Some(d) = self.pop() else { break };
             moved = true;
             if d.message.is_expired(now) {
+                journal.dequeued(&d);
                 done.expired += 1;
                 continue;
             }
@@ -575,11 +620,17 @@ impl SessionState {
                 out,
             );
             if written.is_err() {
+                journal.dequeued(&d);
                 done.too_large += 1;
                 continue;
             }
             if let Some(packet_id) = packet_id {
                 self.next_packet_id = packet_id.get().checked_add(1).unwrap_or(1);
+                if d.seq != 0 {
+                    journal
+                        .store
+                        .sent(journal.client_id, d.seq, packet_id.get());
+                }
                 self.inflight.push_back(Inflight {
                     packet_id,
                     delivery: d,
@@ -606,6 +657,7 @@ impl SessionState {
         egress: &mut Egress,
         now: Instant,
         out: &mut BytesMut,
+        journal: Journal<'_>,
     ) -> usize {
         let mut too_large = 0;
         self.inflight.retain(|f| match f.stage {
@@ -622,6 +674,7 @@ impl SessionState {
                     out,
                 );
                 if written.is_err() {
+                    journal.dequeued(d);
                     too_large += 1;
                 }
                 written.is_ok()
@@ -675,40 +728,39 @@ impl SessionState {
         self.inflight.iter().position(|f| f.packet_id == packet_id)
     }
 
-    /// PUBACK for a QoS 1 delivery. Returns false if no such delivery was waiting.
-    pub fn acknowledge(&mut self, packet_id: PacketId) -> bool {
+    /// PUBACK for a QoS 1 delivery. Returns the delivery, or `None` if no such delivery was
+    /// waiting.
+    pub fn acknowledge(&mut self, packet_id: PacketId) -> Option<Delivery> {
         match self.position(packet_id) {
             Some(i)
                 if self.inflight[i].delivery.qos == QoS::AtLeastOnce
                     && self.inflight[i].stage == InflightStage::Published =>
             {
-                self.inflight.remove(i);
-                true
+                self.inflight.remove(i).map(|f| f.delivery)
             }
-            _ => false,
+            _ => None,
         }
     }
 
     /// PUBREC for a QoS 2 delivery: the message is now the receiver's; keep only the id until
     /// PUBCOMP. Returns false if the id is unknown.
-    pub fn received(&mut self, packet_id: PacketId) -> bool {
+    pub fn received(&mut self, packet_id: PacketId) -> Option<&Delivery> {
         match self.position(packet_id) {
             Some(i) if self.inflight[i].delivery.qos == QoS::ExactlyOnce => {
                 self.inflight[i].stage = InflightStage::Released;
-                true
+                Some(&self.inflight[i].delivery)
             }
-            _ => false,
+            _ => None,
         }
     }
 
     /// PUBCOMP for a QoS 2 delivery.
-    pub fn completed(&mut self, packet_id: PacketId) -> bool {
+    pub fn completed(&mut self, packet_id: PacketId) -> Option<Delivery> {
         match self.position(packet_id) {
             Some(i) if self.inflight[i].stage == InflightStage::Released => {
-                self.inflight.remove(i);
-                true
+                self.inflight.remove(i).map(|f| f.delivery)
             }
-            _ => false,
+            _ => None,
         }
     }
 }

@@ -9,12 +9,14 @@
 //! called after the change is made in memory, some of them under a session's lock: a store
 //! must not call back into the broker.
 
+use std::sync::Arc;
+use std::task::Waker;
 use std::time::Instant;
 
-use petrel_codec::TopicFilter;
+use petrel_codec::{QoS, TopicFilter};
 
 use crate::message::Message;
-use crate::session::Subscription;
+use crate::session::{Delivery, Subscription};
 
 pub trait Store: Send + Sync + 'static {
     /// A session was created or resumed with this Session Expiry Interval; 0 means it ends
@@ -29,6 +31,23 @@ pub trait Store: Send + Sync + 'static {
     fn subscription_removed(&self, client_id: &str, filter: &TopicFilter);
     fn retained_set(&self, message: &Message);
     fn retained_cleared(&self, topic: &str);
+
+    /// A QoS 1/2 message was queued for a persistent session at `seq` (its place in that
+    /// session's queue). Returns the write's durability token.
+    fn enqueued(&self, client_id: &str, seq: u64, delivery: &Delivery) -> u64;
+    /// It was sent to the client with `packet_id`.
+    fn sent(&self, client_id: &str, seq: u64, packet_id: u16);
+    /// PUBREC arrived for it: only the PUBREL/PUBCOMP exchange remains.
+    fn released(&self, client_id: &str, seq: u64);
+    /// It left the session: delivered (PUBACK, PUBCOMP), dropped or given to another member.
+    fn dequeued(&self, client_id: &str, seq: u64, message: &Message);
+    /// An inbound QoS 2 packet id awaiting PUBREL was recorded (`present`) or released.
+    /// Returns the write's durability token.
+    fn inbound_qos2(&self, client_id: &str, packet_id: u16, present: bool) -> u64;
+    /// The highest durability token whose write is durable under the store's policy.
+    fn durable(&self) -> u64;
+    /// Asks for `waker` to be woken once `token` is durable; false if it already is.
+    fn wait_durable(&self, token: u64, waker: &Waker) -> bool;
 }
 
 /// The in-memory mode: state lives only in the engine.
@@ -42,6 +61,43 @@ impl Store for Volatile {
     fn subscription_removed(&self, _: &str, _: &TopicFilter) {}
     fn retained_set(&self, _: &Message) {}
     fn retained_cleared(&self, _: &str) {}
+    fn enqueued(&self, _: &str, _: u64, _: &Delivery) -> u64 {
+        0
+    }
+    fn sent(&self, _: &str, _: u64, _: u16) {}
+    fn released(&self, _: &str, _: u64) {}
+    fn dequeued(&self, _: &str, _: u64, _: &Message) {}
+    fn inbound_qos2(&self, _: &str, _: u16, _: bool) -> u64 {
+        0
+    }
+    fn durable(&self) -> u64 {
+        u64::MAX
+    }
+    fn wait_durable(&self, _: u64, _: &Waker) -> bool {
+        false
+    }
+}
+
+/// Where a stored delivery stood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredStage {
+    /// Not yet sent.
+    Queued,
+    /// Sent with this packet id, not acknowledged.
+    Published(u16),
+    /// QoS 2, PUBREC received for this packet id; PUBREL sent or to be sent.
+    Released(u16),
+}
+
+/// A delivery of a persistent session as the store gives it back.
+#[derive(Clone, Debug)]
+pub struct StoredDelivery {
+    pub seq: u64,
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub stage: StoredStage,
 }
 
 /// A persistent session as a store gives it back at start.
@@ -53,4 +109,8 @@ pub struct StoredSession {
     /// stopped, and its interval starts now).
     pub expires_at: Option<Instant>,
     pub subscriptions: Vec<(TopicFilter, Subscription)>,
+    /// Queued and in-flight deliveries, in queue order.
+    pub deliveries: Vec<StoredDelivery>,
+    /// Inbound QoS 2 packet ids whose PUBREL has not arrived.
+    pub inbound_qos2: Vec<u16>,
 }

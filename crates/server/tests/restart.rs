@@ -89,6 +89,15 @@ async fn sessions_subscriptions_and_retained_messages_survive_a_restart() {
     let mut keeper = RawClient::connect(broker.addr).await;
     keeper.send(&connect_persistent("keeper")).await;
     keeper.expect(&[0x20, 0x02, 0x01, 0x00], PROMPT).await; // session present
+                                                            // What was queued for it while it was away survived the restart: the QoS 1 message
+                                                            // published before the restart is delivered first (with DUP clear: it was never sent).
+    let packet = keeper
+        .packet(PROMPT)
+        .await
+        .expect("queued message after the restart");
+    assert_eq!(packet[0] & 0xf6, 0x32, "QoS 1 PUBLISH, not a resend");
+    assert_eq!(publish_payload(&packet), b"sunny");
+    keeper.send(&puback(publish_packet_id(&packet))).await;
     let mut publ = RawClient::connected(broker.addr, "pub", 60).await;
     publ.send(&publish("news/later", 1, 2, b"after the restart"))
         .await;

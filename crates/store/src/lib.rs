@@ -11,30 +11,42 @@
 //! sessions        client id                     expiry interval u32, offline-until ms u64
 //! subscriptions   client id, 0x00, filter       options byte, subscription id u32
 //! retained        topic                         expires-at ms u64, the message as a v5 PUBLISH
+//! messages        message id u64                as retained: one record however many queues
+//! queue           client id, 0x00, seq u64      message id, QoS, retain, subscription ids
+//! inflight        client id, 0x00, seq u64      1 sent / 2 PUBREC received, packet id u16
+//! inbound         client id, 0x00, packet id    (QoS 2 received, PUBREL not yet)
 //! ```
+//!
+//! A QoS 1/2 message for a persistent session is written once to `messages` and referenced
+//! from each session's `queue`; the last reference deleted deletes it. Every write takes a
+//! durability token; one commit thread makes everything written so far durable at once (group
+//! commit) and the broker holds the publisher's PUBACK/PUBREC until its token is covered.
 //!
 //! Times are wall-clock milliseconds since the Unix epoch (0: none), so a session's expiry
 //! keeps counting while the broker is down. A record that does not decode stops the start
 //! with its partition and key named: stored data is never dropped silently.
 //!
-//! Durability of each write follows [`Fsync`]: `Always` syncs the journal after every change,
-//! `Every` from a background thread at an interval, `Never` only hands writes to the OS (they
-//! survive a crash of the process, not of the machine).
+//! Durability follows [`Fsync`]: `Always` syncs the journal before a token counts as durable,
+//! `Every` hands writes to the OS before it counts and syncs at an interval, `Never` only
+//! hands them to the OS (they survive a crash of the process, not of the machine).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+use petrel_codec::PacketId;
 use petrel_codec::{
     Packet, Properties, ProtocolVersion, PublishExtra, PublishRef, QoS, RetainHandling,
     SubscriptionOptions, TopicFilter,
 };
 use petrel_engine::message::Message;
-use petrel_engine::session::Subscription;
-use petrel_engine::store::{Store, StoredSession};
+use petrel_engine::session::{Delivery, Subscription};
+use petrel_engine::store::{Store, StoredDelivery, StoredSession, StoredStage};
 
 /// The on-disk format this build writes and reads.
 pub const FORMAT: &str = "petrel-store 1";
@@ -74,6 +86,8 @@ pub enum StoreError {
         key: String,
         why: String,
     },
+    #[error("cannot start the store's commit thread: {0}")]
+    Thread(String),
     #[error("cannot read the store in {dir}: {source}")]
     Read {
         dir: PathBuf,
@@ -89,14 +103,38 @@ pub struct Loaded {
     pub retained: Vec<Message>,
 }
 
+/// Durability tokens and the group commit: every write takes the next token; one thread
+/// makes everything written so far durable in one go and advances `durable`, waking whoever
+/// waits for a token it covers. Under load many writes share one sync.
+struct Commit {
+    written: AtomicU64,
+    durable: AtomicU64,
+    waiters: Mutex<Vec<(u64, Waker)>>,
+    kick: Mutex<bool>,
+    kicked: Condvar,
+    stop: AtomicBool,
+}
+
 pub struct DiskStore {
     keyspace: Keyspace,
     sessions: PartitionHandle,
     subscriptions: PartitionHandle,
     retained: PartitionHandle,
-    fsync: Fsync,
-    stop: Arc<AtomicBool>,
-    syncer: Option<std::thread::JoinHandle<()>>,
+    messages: PartitionHandle,
+    queue: PartitionHandle,
+    inflight: PartitionHandle,
+    inbound: PartitionHandle,
+    /// References from queue entries to each stored message. Message records are inserted
+    /// and deleted under this lock, so a record is never deleted while a new reference to it
+    /// is being written.
+    refs: Mutex<HashMap<u64, u32>>,
+    next_message: AtomicU64,
+    commit: Arc<Commit>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -152,19 +190,20 @@ fn options_from(byte: u8) -> Option<SubscriptionOptions> {
     Some(o)
 }
 
-fn subscription_key(client_id: &str, filter: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(client_id.len() + 1 + filter.len());
+/// `client id, 0x00, suffix`: MQTT strings never contain U+0000 [MQTT-1.5.4-2], so the
+/// separator keeps one client's keys together and apart from every other's.
+fn client_key(client_id: &str, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(client_id.len() + 1 + suffix.len());
     k.extend_from_slice(client_id.as_bytes());
-    // MQTT strings never contain U+0000 [MQTT-1.5.4-2]: a safe separator.
     k.push(0);
-    k.extend_from_slice(filter.as_bytes());
+    k.extend_from_slice(suffix);
     k
 }
 
-fn session_prefix(client_id: &str) -> Vec<u8> {
-    let mut k = client_id.as_bytes().to_vec();
-    k.push(0);
-    k
+fn split_client_key(key: &[u8]) -> Option<(&str, &[u8])> {
+    let split = key.iter().position(|&b| b == 0)?;
+    let client = std::str::from_utf8(&key[..split]).ok()?;
+    Some((client, &key[split + 1..]))
 }
 
 fn session_record(expiry_interval: u32, offline_until: u64) -> [u8; 13] {
@@ -175,16 +214,16 @@ fn session_record(expiry_interval: u32, offline_until: u64) -> [u8; 13] {
     v
 }
 
-/// A retained message: its expiry and the message as a v5 PUBLISH frame (QoS, retain flag,
-/// topic, properties and payload in the codec's own format).
+/// A message: its expiry and the message as a v5 PUBLISH frame (QoS, retain flag, topic,
+/// properties and payload in the codec's own format).
 fn message_record(message: &Message) -> Vec<u8> {
     let mut frame = BytesMut::new();
     let publish = PublishRef {
         dup: false,
         qos: message.qos,
-        retain: true,
+        retain: message.retain,
         topic: &message.topic,
-        packet_id: (message.qos != QoS::AtMostOnce).then_some(petrel_codec::PacketId::MIN),
+        packet_id: (message.qos != QoS::AtMostOnce).then_some(PacketId::MIN),
         properties: &message.properties,
         extra: PublishExtra::default(),
         payload: &message.payload,
@@ -214,7 +253,7 @@ fn decode_message(value: &[u8]) -> Result<Message, String> {
         p.topic,
         p.payload,
         p.qos,
-        true,
+        p.retain,
         if p.properties.is_empty() {
             Properties::default()
         } else {
@@ -224,6 +263,53 @@ fn decode_message(value: &[u8]) -> Result<Message, String> {
     );
     m.expires_at = from_wall(expires);
     Ok(m)
+}
+
+/// A queue entry: the stored message it is, and how it goes to this session.
+fn entry_record(message_id: u64, d: &Delivery) -> Vec<u8> {
+    let ids = d.subscription_ids();
+    let mut v = Vec::with_capacity(12 + 4 * ids.len());
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&message_id.to_be_bytes());
+    v.push(d.qos as u8);
+    v.push(u8::from(d.retain));
+    v.push(u8::try_from(ids.len()).unwrap_or(u8::MAX));
+    for id in ids.iter().take(usize::from(u8::MAX)) {
+        v.extend_from_slice(&id.to_be_bytes());
+    }
+    v
+}
+
+struct Entry {
+    message_id: u64,
+    qos: QoS,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+}
+
+fn decode_entry(v: &[u8]) -> Option<Entry> {
+    if v.len() < 12 || v[0] != RECORD_VERSION {
+        return None;
+    }
+    let n = usize::from(v[11]);
+    if v.len() != 12 + 4 * n {
+        return None;
+    }
+    Some(Entry {
+        message_id: u64::from_be_bytes(v[1..9].try_into().ok()?),
+        qos: QoS::from_u8(v[9]).filter(|q| *q != QoS::AtMostOnce)?,
+        retain: v[10] != 0,
+        subscription_ids: v[12..]
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    })
+}
+
+/// The in-flight state of a queue entry: 1 = sent with the packet id, 2 = PUBREC received.
+fn stage_record(stage: u8, packet_id: u16) -> [u8; 4] {
+    let id = packet_id.to_be_bytes();
+    [RECORD_VERSION, stage, id[0], id[1]]
 }
 
 impl DiskStore {
@@ -243,6 +329,10 @@ impl DiskStore {
         let sessions = part("sessions")?;
         let subscriptions = part("subscriptions")?;
         let retained = part("retained")?;
+        let messages = part("messages")?;
+        let queue = part("queue")?;
+        let inflight = part("inflight")?;
+        let inbound = part("inbound")?;
         let read_err = |source| StoreError::Read {
             dir: dir.to_owned(),
             source,
@@ -268,7 +358,7 @@ impl DiskStore {
             why,
         };
         let mut loaded = Loaded::default();
-        let mut by_client = std::collections::HashMap::new();
+        let mut by_client: HashMap<String, usize> = HashMap::new();
         for item in sessions.iter() {
             let (key, value) = item.map_err(read_err)?;
             if value.len() != 13 || value[0] != RECORD_VERSION {
@@ -285,15 +375,16 @@ impl DiskStore {
                 expiry_interval: expiry,
                 expires_at: from_wall(until),
                 subscriptions: Vec::new(),
+                deliveries: Vec::new(),
+                inbound_qos2: Vec::new(),
             });
         }
+        // Records of a session with no session record belong to a session removed as the
+        // broker died: it is gone, so are they.
         for item in subscriptions.iter() {
             let (key, value) = item.map_err(read_err)?;
-            let Some(split) = key.iter().position(|&b| b == 0) else {
-                return Err(corrupt("subscriptions", &key, "no separator".into()));
-            };
-            let (client, filter) = (&key[..split], &key[split + 1..]);
             let bad = |why: &str| corrupt("subscriptions", &key, why.to_owned());
+            let (client, filter) = split_client_key(&key).ok_or_else(|| bad("no separator"))?;
             if value.len() != 6 || value[0] != RECORD_VERSION {
                 return Err(bad("bad subscription record"));
             }
@@ -303,9 +394,6 @@ impl DiskStore {
                 .ok()
                 .and_then(|f| TopicFilter::new(f).ok())
                 .ok_or_else(|| bad("invalid topic filter"))?;
-            let client = std::str::from_utf8(client).map_err(|_| bad("client id is not UTF-8"))?;
-            // Subscriptions of a session with no record are left from a session removed in
-            // the same instant as a crash; the session is gone, so are they.
             if let Some(&i) = by_client.get(client) {
                 loaded.sessions[i]
                     .subscriptions
@@ -317,22 +405,88 @@ impl DiskStore {
             let message = decode_message(&value).map_err(|why| corrupt("retained", &key, why))?;
             loaded.retained.push(message);
         }
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let syncer = match fsync {
-            Fsync::Every(interval) => {
-                let keyspace = keyspace.clone();
-                let stop = stop.clone();
-                Some(std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(interval);
-                        if let Err(e) = keyspace.persist(PersistMode::SyncData) {
-                            tracing::error!(error = %e, "store: journal sync failed");
-                        }
-                    }
-                }))
+        for item in inbound.iter() {
+            let (key, _) = item.map_err(read_err)?;
+            let (client, id) = split_client_key(&key)
+                .filter(|(_, id)| id.len() == 2)
+                .ok_or_else(|| corrupt("inbound", &key, "bad key".into()))?;
+            if let Some(&i) = by_client.get(client) {
+                loaded.sessions[i]
+                    .inbound_qos2
+                    .push(u16::from_be_bytes([id[0], id[1]]));
             }
-            _ => None,
+        }
+        let mut stages: HashMap<Vec<u8>, StoredStage> = HashMap::new();
+        for item in inflight.iter() {
+            let (key, v) = item.map_err(read_err)?;
+            let pid = if v.len() == 4 && v[0] == RECORD_VERSION {
+                u16::from_be_bytes([v[2], v[3]])
+            } else {
+                0
+            };
+            let stage = match (v.get(1), pid) {
+                (_, 0) => return Err(corrupt("inflight", &key, "bad record".into())),
+                (Some(1), pid) => StoredStage::Published(pid),
+                (Some(2), pid) => StoredStage::Released(pid),
+                _ => return Err(corrupt("inflight", &key, "bad stage".into())),
+            };
+            stages.insert(key.to_vec(), stage);
+        }
+        let mut stored_messages: HashMap<u64, Arc<Message>> = HashMap::new();
+        let mut max_id = 0;
+        for item in messages.iter() {
+            let (key, value) = item.map_err(read_err)?;
+            let id = <[u8; 8]>::try_from(&*key)
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt("messages", &key, "bad key".into()))?;
+            let message = decode_message(&value).map_err(|why| corrupt("messages", &key, why))?;
+            let _ = message.store_id.set(id);
+            max_id = max_id.max(id);
+            stored_messages.insert(id, Arc::new(message));
+        }
+        let mut refs: HashMap<u64, u32> = HashMap::new();
+        for item in queue.iter() {
+            let (key, value) = item.map_err(read_err)?;
+            let bad = |why: &str| corrupt("queue", &key, why.to_owned());
+            let (client, seq) = split_client_key(&key)
+                .filter(|(_, s)| s.len() == 8)
+                .ok_or_else(|| bad("bad key"))?;
+            let seq = u64::from_be_bytes(seq.try_into().map_err(|_| bad("bad key"))?);
+            let entry = decode_entry(&value).ok_or_else(|| bad("bad queue entry"))?;
+            let message = stored_messages
+                .get(&entry.message_id)
+                .cloned()
+                .ok_or_else(|| bad("refers to a message that is not stored"))?;
+            let Some(&i) = by_client.get(client) else {
+                continue;
+            };
+            *refs.entry(entry.message_id).or_insert(0) += 1;
+            loaded.sessions[i].deliveries.push(StoredDelivery {
+                seq,
+                message,
+                qos: entry.qos,
+                retain: entry.retain,
+                subscription_ids: entry.subscription_ids,
+                stage: stages.remove(&*key).unwrap_or(StoredStage::Queued),
+            });
+        }
+        // Keys are ordered, so each session's deliveries are in queue order already.
+
+        let commit = Arc::new(Commit {
+            written: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+            kick: Mutex::new(false),
+            kicked: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let committer = {
+            let keyspace = keyspace.clone();
+            let commit = commit.clone();
+            std::thread::Builder::new()
+                .name("petrel-store-commit".into())
+                .spawn(move || run_commits(&keyspace, &commit, fsync))
+                .map_err(|e| StoreError::Thread(e.to_string()))?
         };
         Ok((
             DiskStore {
@@ -340,9 +494,14 @@ impl DiskStore {
                 sessions,
                 subscriptions,
                 retained,
-                fsync,
-                stop,
-                syncer,
+                messages,
+                queue,
+                inflight,
+                inbound,
+                refs: Mutex::new(refs),
+                next_message: AtomicU64::new(max_id + 1),
+                commit,
+                committer: Some(committer),
             },
             loaded,
         ))
@@ -353,33 +512,119 @@ impl DiskStore {
         self.keyspace.disk_space()
     }
 
-    /// Makes a change as durable as the policy asks.
-    fn written(&self, what: &str, result: fjall::Result<()>) {
-        let result = result.and_then(|()| match self.fsync {
-            Fsync::Always => self.keyspace.persist(PersistMode::SyncData),
-            Fsync::Never => self.keyspace.persist(PersistMode::Buffer),
-            Fsync::Every(_) => self.keyspace.persist(PersistMode::Buffer),
-        });
+    /// Hands a change to the group commit; returns its durability token.
+    fn written(&self, what: &str, result: fjall::Result<()>) -> u64 {
         if let Err(e) = result {
             tracing::error!(error = %e, what, "store: write failed; the change lives in memory only");
         }
+        let token = self.commit.written.fetch_add(1, Ordering::AcqRel) + 1;
+        *lock(&self.commit.kick) = true;
+        self.commit.kicked.notify_one();
+        token
     }
 
     fn remove_session(&self, client_id: &str) -> fjall::Result<()> {
+        let prefix = client_key(client_id, &[]);
+        let mut refs = lock(&self.refs);
         let mut batch = self.keyspace.batch();
         batch.remove(&self.sessions, client_id.as_bytes());
-        for item in self.subscriptions.prefix(session_prefix(client_id)) {
-            let (key, _) = item?;
-            batch.remove(&self.subscriptions, key);
+        for (partition, _) in [
+            (&self.subscriptions, ()),
+            (&self.inflight, ()),
+            (&self.inbound, ()),
+        ] {
+            for item in partition.prefix(&prefix) {
+                let (key, _) = item?;
+                batch.remove(partition, key);
+            }
+        }
+        for item in self.queue.prefix(&prefix) {
+            let (key, value) = item?;
+            if let Some(entry) = decode_entry(&value) {
+                self.unref(&mut refs, &mut batch, entry.message_id);
+            }
+            batch.remove(&self.queue, key);
         }
         batch.commit()
+    }
+
+    /// Drops one reference to a stored message, deleting it with the last.
+    fn unref(&self, refs: &mut HashMap<u64, u32>, batch: &mut fjall::Batch, id: u64) {
+        if let Some(n) = refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                refs.remove(&id);
+                batch.remove(&self.messages, id.to_be_bytes());
+            }
+        }
+    }
+}
+
+/// The group commit thread: waits for writes, makes all of them durable at once (fsync, or a
+/// flush to the OS), then tells the waiters. With `Every`, syncs to disk at that interval and
+/// only flushes to the OS in between.
+fn run_commits(keyspace: &Keyspace, commit: &Commit, fsync: Fsync) {
+    let mut last_sync = Instant::now();
+    loop {
+        {
+            let mut kick = lock(&commit.kick);
+            while !*kick && !commit.stop.load(Ordering::Acquire) {
+                let wait = match fsync {
+                    Fsync::Every(interval) => interval,
+                    _ => Duration::from_secs(1),
+                };
+                kick = commit
+                    .kicked
+                    .wait_timeout(kick, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                if matches!(fsync, Fsync::Every(i) if last_sync.elapsed() >= i) {
+                    break;
+                }
+            }
+            *kick = false;
+        }
+        let target = commit.written.load(Ordering::Acquire);
+        let mode = match fsync {
+            Fsync::Always => PersistMode::SyncData,
+            Fsync::Never => PersistMode::Buffer,
+            Fsync::Every(interval) => {
+                if last_sync.elapsed() >= interval {
+                    last_sync = Instant::now();
+                    PersistMode::SyncData
+                } else {
+                    PersistMode::Buffer
+                }
+            }
+        };
+        if let Err(e) = keyspace.persist(mode) {
+            tracing::error!(error = %e, "store: journal sync failed; acknowledgements wait");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        commit.durable.fetch_max(target, Ordering::AcqRel);
+        let ready: Vec<Waker> = {
+            let mut waiters = lock(&commit.waiters);
+            let durable = commit.durable.load(Ordering::Acquire);
+            let (done, waiting): (Vec<_>, Vec<_>) =
+                waiters.drain(..).partition(|(t, _)| *t <= durable);
+            *waiters = waiting;
+            done.into_iter().map(|(_, w)| w).collect()
+        };
+        ready.into_iter().for_each(Waker::wake);
+        if commit.stop.load(Ordering::Acquire) {
+            let _ = keyspace.persist(PersistMode::SyncAll);
+            return;
+        }
     }
 }
 
 impl Drop for DiskStore {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.syncer.take() {
+        self.commit.stop.store(true, Ordering::Release);
+        *lock(&self.commit.kick) = true;
+        self.commit.kicked.notify_one();
+        if let Some(t) = self.committer.take() {
             let _ = t.join();
         }
         let _ = self.keyspace.persist(PersistMode::SyncAll);
@@ -425,14 +670,14 @@ impl Store for DiskStore {
         v[2..6].copy_from_slice(&sub.id.to_be_bytes());
         let result = self
             .subscriptions
-            .insert(subscription_key(client_id, filter), v);
+            .insert(client_key(client_id, filter.as_bytes()), v);
         self.written("subscription", result);
     }
 
     fn subscription_removed(&self, client_id: &str, filter: &TopicFilter) {
         let result = self
             .subscriptions
-            .remove(subscription_key(client_id, filter));
+            .remove(client_key(client_id, filter.as_bytes()));
         self.written("subscription", result);
     }
 
@@ -446,6 +691,92 @@ impl Store for DiskStore {
     fn retained_cleared(&self, topic: &str) {
         let result = self.retained.remove(topic.as_bytes());
         self.written("retained message", result);
+    }
+
+    fn enqueued(&self, client_id: &str, seq: u64, delivery: &Delivery) -> u64 {
+        let message = &delivery.message;
+        let id = *message
+            .store_id
+            .get_or_init(|| self.next_message.fetch_add(1, Ordering::Relaxed));
+        let result = {
+            let mut refs = lock(&self.refs);
+            let mut batch = self.keyspace.batch();
+            let n = refs.entry(id).or_insert(0);
+            if *n == 0 {
+                batch.insert(&self.messages, id.to_be_bytes(), message_record(message));
+            }
+            *n += 1;
+            batch.insert(
+                &self.queue,
+                client_key(client_id, &seq.to_be_bytes()),
+                entry_record(id, delivery),
+            );
+            batch.commit()
+        };
+        self.written("queued message", result)
+    }
+
+    fn sent(&self, client_id: &str, seq: u64, packet_id: u16) {
+        let result = self.inflight.insert(
+            client_key(client_id, &seq.to_be_bytes()),
+            stage_record(1, packet_id),
+        );
+        self.written("in-flight message", result);
+    }
+
+    fn released(&self, client_id: &str, seq: u64) {
+        let key = client_key(client_id, &seq.to_be_bytes());
+        let result = match self.inflight.get(&key) {
+            Ok(Some(v)) if v.len() == 4 => self
+                .inflight
+                .insert(key, stage_record(2, u16::from_be_bytes([v[2], v[3]]))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.written("in-flight message", result);
+    }
+
+    fn dequeued(&self, client_id: &str, seq: u64, message: &Message) {
+        let key = client_key(client_id, &seq.to_be_bytes());
+        let result = {
+            let mut refs = lock(&self.refs);
+            let mut batch = self.keyspace.batch();
+            batch.remove(&self.queue, key.clone());
+            batch.remove(&self.inflight, key);
+            if let Some(&id) = message.store_id.get() {
+                self.unref(&mut refs, &mut batch, id);
+            }
+            batch.commit()
+        };
+        self.written("delivered message", result);
+    }
+
+    fn inbound_qos2(&self, client_id: &str, packet_id: u16, present: bool) -> u64 {
+        let key = client_key(client_id, &packet_id.to_be_bytes());
+        let result = if present {
+            self.inbound.insert(key, [RECORD_VERSION])
+        } else {
+            self.inbound.remove(key)
+        };
+        self.written("QoS 2 packet id", result)
+    }
+
+    fn durable(&self) -> u64 {
+        self.commit.durable.load(Ordering::Acquire)
+    }
+
+    fn wait_durable(&self, token: u64, waker: &Waker) -> bool {
+        let mut waiters = lock(&self.commit.waiters);
+        if self.commit.durable.load(Ordering::Acquire) >= token {
+            return false;
+        }
+        if !waiters
+            .iter()
+            .any(|(t, w)| *t == token && w.will_wake(waker))
+        {
+            waiters.push((token, waker.clone()));
+        }
+        true
     }
 }
 

@@ -10,9 +10,10 @@ use petrel_codec::{
     MqttString, Properties, QoS, RetainHandling, SubscriptionOptions, TopicFilter, TopicName,
 };
 use petrel_engine::message::Message;
-use petrel_engine::session::Subscription;
-use petrel_engine::store::Store;
+use petrel_engine::session::{Delivery, DeliveryExtra, Subscription};
+use petrel_engine::store::{Store, StoredStage};
 use petrel_store::{DiskStore, Fsync, StoreError};
+use std::sync::Arc;
 
 struct Dir(PathBuf);
 
@@ -94,6 +95,31 @@ fn fill(dir: &Path) {
     store.session_removed("dave");
     store.subscription_removed("alice", &filter("a/+"));
     store.subscription_added("alice", &filter("a/+"), sub(QoS::AtLeastOnce, 4));
+    // Alice's queue: one message shared with bob (stored once), one sent, one past PUBREC;
+    // one delivered; an inbound QoS 2 id awaiting PUBREL.
+    let shared = Arc::new(retained_message("q/shared", "to both", None));
+    let own = Arc::new(retained_message("q/own", "alice only", Some(3600)));
+    let gone = Arc::new(retained_message("q/gone", "acknowledged", None));
+    let delivery = |m: &Arc<Message>, qos| {
+        let mut d = Delivery::new(m.clone(), qos, false, 10);
+        d.extra = Some(Box::new(DeliveryExtra {
+            subscription_ids: vec![4],
+            group: None,
+        }));
+        d
+    };
+    store.enqueued("alice", 1, &delivery(&shared, QoS::AtLeastOnce));
+    store.enqueued("bob", 1, &delivery(&shared, QoS::AtLeastOnce));
+    store.enqueued("alice", 2, &delivery(&own, QoS::ExactlyOnce));
+    store.enqueued("alice", 3, &delivery(&gone, QoS::AtLeastOnce));
+    store.sent("alice", 1, 11);
+    store.sent("alice", 2, 12);
+    store.released("alice", 2);
+    store.sent("alice", 3, 13);
+    store.dequeued("alice", 3, &gone);
+    store.inbound_qos2("alice", 77, true);
+    store.inbound_qos2("alice", 78, true);
+    store.inbound_qos2("alice", 78, false);
     store.retained_set(&retained_message("r/1", "one", None));
     store.retained_set(&retained_message("r/2", "two", Some(3600)));
     store.retained_set(&retained_message("r/3", "gone", None));
@@ -130,7 +156,47 @@ fn check(dir: &Path) {
             ("a/+".to_owned(), sub(QoS::AtLeastOnce, 4)),
         ]
     );
+    let queue: Vec<(u64, String, QoS, StoredStage, Vec<u32>)> = alice
+        .deliveries
+        .iter()
+        .map(|d| {
+            (
+                d.seq,
+                String::from_utf8_lossy(&d.message.payload).into_owned(),
+                d.qos,
+                d.stage,
+                d.subscription_ids.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        queue,
+        [
+            (
+                1,
+                "to both".to_owned(),
+                QoS::AtLeastOnce,
+                StoredStage::Published(11),
+                vec![4]
+            ),
+            (
+                2,
+                "alice only".to_owned(),
+                QoS::ExactlyOnce,
+                StoredStage::Released(12),
+                vec![4]
+            ),
+        ]
+    );
+    assert!(alice.deliveries[1].message.expires_at.is_some());
+    assert_eq!(alice.inbound_qos2, [77]);
     let bob = &loaded.sessions[1];
+    assert_eq!(bob.deliveries.len(), 1);
+    assert_eq!(bob.deliveries[0].stage, StoredStage::Queued);
+    assert!(
+        Arc::ptr_eq(&bob.deliveries[0].message, &alice.deliveries[0].message),
+        "one stored message, shared"
+    );
     assert_eq!(bob.expiry_interval, 3600);
     let left = bob
         .expires_at
@@ -156,6 +222,33 @@ fn what_goes_in_comes_back_after_a_reopen() {
     let dir = Dir::new("roundtrip");
     fill(&dir.0);
     check(&dir.0);
+}
+
+#[test]
+fn the_last_reference_deletes_a_stored_message_and_removed_sessions_take_their_queue() {
+    let dir = Dir::new("refs");
+    {
+        let (store, _) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
+        store.session_opened("a", 60);
+        store.session_opened("b", 60);
+        let m = Arc::new(retained_message("t", "x", None));
+        for client in ["a", "b"] {
+            store.enqueued(
+                client,
+                1,
+                &Delivery::new(m.clone(), QoS::AtLeastOnce, false, 1),
+            );
+        }
+        store.dequeued("a", 1, &m);
+        store.session_removed("b");
+    }
+    let keyspace = fjall::Config::new(&dir.0).open().unwrap();
+    for partition in ["messages", "queue", "inflight"] {
+        let p = keyspace
+            .open_partition(partition, Default::default())
+            .unwrap();
+        assert_eq!(p.len().unwrap(), 0, "{partition} is empty");
+    }
 }
 
 #[test]
