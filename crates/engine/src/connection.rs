@@ -155,6 +155,9 @@ impl From<Violation> for CloseReason {
 enum State {
     AwaitingConnect {
         deadline: Instant,
+        /// The name a verified TLS client certificate gives the client, if the transport
+        /// had one: the authenticator sees it with the CONNECT.
+        identity: Option<Box<str>>,
     },
     /// CONNECT asked for an enhanced authentication method and the AUTH exchange is under way.
     /// The connect deadline still runs: it covers the whole exchange.
@@ -208,7 +211,10 @@ struct Attached {
     enhanced: Option<Box<Enhanced>>,
     /// PUBACK/PUBREC packets waiting for the store to make their message durable, with the
     /// durability token each waits for.
-    pending_acks: std::collections::VecDeque<(u64, Packet)>,
+    /// Boxed: allocated only while an acknowledgement waits, so an idle connection carries
+    /// one pointer.
+    #[allow(clippy::box_collection)]
+    pending_acks: Option<Box<std::collections::VecDeque<(u64, Packet)>>>,
 }
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
@@ -224,14 +230,12 @@ struct Pause {
 pub struct Connection {
     broker: Arc<Broker>,
     id: u64,
-    peer: String,
+    peer: Box<str>,
     state: State,
     out: BytesMut,
     /// The Maximum Packet Size of the client's CONNECT, for what is written before the
     /// connection is established (a refusal, AUTH).
     client_max_packet: u32,
-    /// The name a verified TLS client certificate gives the client, if the transport had one.
-    certificate_identity: Option<Box<str>>,
 }
 
 /// The reason string of a v5 CONNACK refusal.
@@ -267,22 +271,30 @@ impl Connection {
         Connection {
             id: broker.next_connection_id(),
             broker,
-            peer,
-            state: State::AwaitingConnect { deadline },
+            peer: peer.into_boxed_str(),
+            state: State::AwaitingConnect {
+                deadline,
+                identity: None,
+            },
             out: BytesMut::new(),
             client_max_packet: u32::MAX,
-            certificate_identity: None,
         }
     }
 
     /// The transport verified a client certificate naming the client `identity` (mutual TLS).
     /// The authenticator sees it with the CONNECT.
-    pub fn set_certificate_identity(&mut self, identity: Option<String>) {
-        self.certificate_identity = identity.map(String::into_boxed_str);
+    pub fn set_certificate_identity(&mut self, name: Option<String>) {
+        if let State::AwaitingConnect { identity, .. } = &mut self.state {
+            *identity = name.map(String::into_boxed_str);
+        }
     }
 
+    /// The certificate identity, while CONNECT is awaited.
     pub fn certificate_identity(&self) -> Option<&str> {
-        self.certificate_identity.as_deref()
+        match &self.state {
+            State::AwaitingConnect { identity, .. } => identity.as_deref(),
+            _ => None,
+        }
     }
 
     /// The version packets are decoded with: the client's once CONNECT is in; before that only
@@ -323,7 +335,7 @@ impl Connection {
     /// When `handle_timeout` must be called next.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::AwaitingConnect { deadline } | State::Authenticating { deadline, .. } => {
+            State::AwaitingConnect { deadline, .. } | State::Authenticating { deadline, .. } => {
                 Some(*deadline)
             }
             // While paused nothing is read, so the keepalive cannot be judged: only the
@@ -611,7 +623,7 @@ impl Connection {
                 .unwrap_or_default();
             let step = exchange.step(&data);
             let deadline = match &self.state {
-                State::AwaitingConnect { deadline } => *deadline,
+                State::AwaitingConnect { deadline, .. } => *deadline,
                 _ => now,
             };
             let pending = Box::new(PendingConnect {
@@ -629,7 +641,7 @@ impl Connection {
             username: connect.username.as_ref(),
             password: connect.password.as_deref(),
             peer: &self.peer,
-            certificate_identity: self.certificate_identity.as_deref(),
+            certificate_identity: self.certificate_identity(),
         });
         if decision != AuthDecision::Allow {
             tracing::info!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
@@ -901,7 +913,7 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             pause: None,
-            pending_acks: std::collections::VecDeque::new(),
+            pending_acks: None,
             enhanced: enhanced.map(|(method, _)| {
                 Box::new(Enhanced {
                     method,
@@ -1092,10 +1104,12 @@ impl Connection {
         let State::Connected(a) = &mut self.state else {
             return;
         };
-        if a.pending_acks.is_empty() && token <= durable {
+        if a.pending_acks.is_none() && token <= durable {
             self.send(&ack);
         } else {
-            a.pending_acks.push_back((token, ack));
+            a.pending_acks
+                .get_or_insert_with(Default::default)
+                .push_back((token, ack));
         }
     }
 
@@ -1107,23 +1121,26 @@ impl Connection {
         let State::Connected(a) = &mut self.state else {
             return false;
         };
-        if a.pending_acks.is_empty() {
+        let Some(pending) = a.pending_acks.as_mut() else {
             return false;
-        }
+        };
         let version = a.egress.version;
         let mut wrote = false;
         loop {
             let durable = store.durable();
-            while a.pending_acks.front().is_some_and(|(t, _)| *t <= durable) {
-                if let Some((_, ack)) = a.pending_acks.pop_front() {
+            while pending.front().is_some_and(|(t, _)| *t <= durable) {
+                if let Some((_, ack)) = pending.pop_front() {
                     if let Err(e) = petrel_codec::encode(&ack, version, &mut self.out) {
                         tracing::error!(error = %e, "cannot encode acknowledgement");
                     }
                     wrote = true;
                 }
             }
-            match a.pending_acks.front() {
-                None => return wrote,
+            match pending.front() {
+                None => {
+                    a.pending_acks = None;
+                    return wrote;
+                }
                 // Registered: the store wakes us once it is durable.
                 Some((token, _)) if store.wait_durable(*token, cx.waker()) => return wrote,
                 // Became durable meanwhile: go round again.
