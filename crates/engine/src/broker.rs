@@ -280,7 +280,9 @@ impl Broker {
                 existing.set_owner(&mut st, Owner::Connection(connection));
                 st.expiry_interval = expiry_interval;
                 st.expires_at = None;
-                st.pending_will = None;
+                if st.pending_will.take().is_some() {
+                    self.store.will_pending(client_id, None);
+                }
                 st.waker = None;
                 st.release_blocked();
                 drop(st);
@@ -358,6 +360,12 @@ impl Broker {
                 self.add_to_index(&session, &filter, sub);
             }
             st.inbound_qos2.extend(stored.inbound_qos2);
+            if let Some((at, will)) = stored.pending_will {
+                st.pending_will = Some(PendingWill {
+                    at,
+                    will: Box::new(will),
+                });
+            }
             for d in stored.deliveries {
                 st.next_seq = st.next_seq.max(d.seq + 1);
                 let weight = u32::try_from(d.message.weight()).unwrap_or(u32::MAX);
@@ -391,7 +399,11 @@ impl Broker {
                     }
                 }
             }
-            if let Some(at) = st.expires_at {
+            let next = [st.expires_at, st.pending_will.as_ref().map(|p| p.at)]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Some(at) = next {
                 self.schedule(&mut st, at, &session);
             }
             drop(st);
@@ -544,6 +556,8 @@ impl Broker {
                     0 => will_now = Some(will),
                     delay => {
                         let at = now + Duration::from_secs(u64::from(delay));
+                        self.store
+                            .will_pending(&session.client_id, Some((at, &will)));
                         st.pending_will = Some(PendingWill { at, will });
                         self.schedule(&mut st, at, session);
                     }
@@ -970,6 +984,7 @@ impl Broker {
         let mut will = None;
         if st.pending_will.as_ref().is_some_and(|p| p.at <= now) {
             will = st.pending_will.take().map(|p| p.will);
+            self.store.will_pending(&session.client_id, None);
         }
         if st.expires_at.is_some_and(|t| t <= now) {
             tracing::debug!(client_id = %session.client_id, "session expired");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
-use petrel_codec::{QoS, TopicFilter};
+use petrel_codec::{LastWill, QoS, TopicFilter};
 
 use crate::message::Message;
 use crate::session::{Delivery, Subscription};
@@ -44,6 +44,9 @@ pub trait Store: Send + Sync + 'static {
     /// An inbound QoS 2 packet id awaiting PUBREL was recorded (`present`) or released.
     /// Returns the write's durability token.
     fn inbound_qos2(&self, client_id: &str, packet_id: u16, present: bool) -> u64;
+    /// A will waiting for its Will Delay Interval (`Some`: until the instant given), or no
+    /// longer waiting (`None`: sent, cancelled by a reconnect).
+    fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>);
     /// The highest durability token whose write is durable under the store's policy.
     fn durable(&self) -> u64;
     /// Asks for `waker` to be woken once `token` is durable; false if it already is.
@@ -70,6 +73,7 @@ impl Store for Volatile {
     fn inbound_qos2(&self, _: &str, _: u16, _: bool) -> u64 {
         0
     }
+    fn will_pending(&self, _: &str, _: Option<(Instant, &LastWill)>) {}
     fn durable(&self) -> u64 {
         u64::MAX
     }
@@ -113,4 +117,6 @@ pub struct StoredSession {
     pub deliveries: Vec<StoredDelivery>,
     /// Inbound QoS 2 packet ids whose PUBREL has not arrived.
     pub inbound_qos2: Vec<u16>,
+    /// A will waiting for its delay, and when it is due.
+    pub pending_will: Option<(Instant, LastWill)>,
 }

@@ -166,3 +166,75 @@ fn an_unreadable_store_stops_the_start_naming_storage_dir() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&config);
 }
+
+/// A v5 CONNECT with a will on `topic` delayed by `delay` seconds, session expiry 60 s.
+fn connect_v5_with_delayed_will(
+    client_id: &str,
+    topic: &str,
+    payload: &str,
+    delay: u32,
+) -> Vec<u8> {
+    let mut body = vec![
+        0x00,
+        0x04,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        0x05,
+        0x02 | 0x04,
+        0x00,
+        0x3c,
+    ];
+    body.extend_from_slice(&[0x05, 0x11, 0, 0, 0, 60]);
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    body.push(0x05); // will properties: Will Delay Interval
+    body.push(0x18);
+    body.extend_from_slice(&delay.to_be_bytes());
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    body.extend_from_slice(payload.as_bytes());
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_waiting_for_its_delay_survives_a_restart() {
+    let _machine = light().await;
+    let dir = data_dir("will");
+    let mut broker = Broker::start_with("", &storage(&dir));
+    let mut dying = RawClient::connect(broker.addr).await;
+    dying
+        .send(&connect_v5_with_delayed_will(
+            "dying",
+            "wills/dying",
+            "gone",
+            3,
+        ))
+        .await;
+    dying.packet(PROMPT).await.expect("CONNACK");
+    let lost = std::time::Instant::now();
+    drop(dying); // no DISCONNECT: the will is due in 3 s
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(broker.terminate().success());
+
+    let broker = Broker::start_with("", &storage(&dir));
+    let mut watcher = RawClient::connected(broker.addr, "watcher", 60).await;
+    watcher.send(&subscribe(1, "wills/#", 0)).await;
+    watcher.expect(&suback(1, 0), PROMPT).await;
+    let packet = watcher
+        .packet(PROMPT)
+        .await
+        .expect("the delayed will, after the restart");
+    assert_eq!(publish_payload(&packet), b"gone");
+    let took = lost.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(5),
+        "will after {took:?}, delay 3 s"
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
-use petrel_codec::PacketId;
+use petrel_codec::{LastWill, PacketId};
 use petrel_codec::{
     Packet, Properties, ProtocolVersion, PublishExtra, PublishRef, QoS, RetainHandling,
     SubscriptionOptions, TopicFilter,
@@ -124,6 +124,7 @@ pub struct DiskStore {
     queue: PartitionHandle,
     inflight: PartitionHandle,
     inbound: PartitionHandle,
+    wills: PartitionHandle,
     /// References from queue entries to each stored message. Message records are inserted
     /// and deleted under this lock, so a record is never deleted while a new reference to it
     /// is being written.
@@ -265,6 +266,50 @@ fn decode_message(value: &[u8]) -> Result<Message, String> {
     Ok(m)
 }
 
+/// A will waiting for its delay: when it is due, then the will as a v5 PUBLISH frame (its
+/// Will Delay Interval left out: a PUBLISH may not carry one).
+fn will_record(at: Instant, will: &LastWill) -> Vec<u8> {
+    let mut properties = will.properties.clone();
+    if properties.will_delay_interval.is_some() {
+        properties.will_delay_interval = None;
+    }
+    let mut frame = BytesMut::new();
+    let publish = PublishRef {
+        dup: false,
+        qos: will.qos,
+        retain: will.retain,
+        topic: &will.topic,
+        packet_id: (will.qos != QoS::AtMostOnce).then_some(PacketId::MIN),
+        properties: &properties,
+        extra: PublishExtra::default(),
+        payload: &will.payload,
+    };
+    let _ = publish.encode(ProtocolVersion::V5, &mut frame);
+    let mut v = Vec::with_capacity(9 + frame.len());
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&to_wall(Some(at)).to_be_bytes());
+    v.extend_from_slice(&frame);
+    v
+}
+
+fn decode_will(value: &[u8]) -> Result<(Instant, LastWill), String> {
+    let message = decode_message(value)?;
+    let at = message.expires_at.unwrap_or_else(Instant::now);
+    // The record's time is when the will is due; the message's own expiry travels in its
+    // properties and starts when the will is published.
+    let properties = message.properties;
+    Ok((
+        at,
+        LastWill {
+            topic: message.topic,
+            payload: message.payload,
+            qos: message.qos,
+            retain: message.retain,
+            properties,
+        },
+    ))
+}
+
 /// A queue entry: the stored message it is, and how it goes to this session.
 fn entry_record(message_id: u64, d: &Delivery) -> Vec<u8> {
     let ids = d.subscription_ids();
@@ -333,6 +378,7 @@ impl DiskStore {
         let queue = part("queue")?;
         let inflight = part("inflight")?;
         let inbound = part("inbound")?;
+        let wills = part("wills")?;
         let read_err = |source| StoreError::Read {
             dir: dir.to_owned(),
             source,
@@ -377,6 +423,7 @@ impl DiskStore {
                 subscriptions: Vec::new(),
                 deliveries: Vec::new(),
                 inbound_qos2: Vec::new(),
+                pending_will: None,
             });
         }
         // Records of a session with no session record belong to a session removed as the
@@ -414,6 +461,15 @@ impl DiskStore {
                 loaded.sessions[i]
                     .inbound_qos2
                     .push(u16::from_be_bytes([id[0], id[1]]));
+            }
+        }
+        for item in wills.iter() {
+            let (key, value) = item.map_err(read_err)?;
+            let client = std::str::from_utf8(&key)
+                .map_err(|_| corrupt("wills", &key, "client id is not UTF-8".into()))?;
+            let (at, will) = decode_will(&value).map_err(|why| corrupt("wills", &key, why))?;
+            if let Some(&i) = by_client.get(client) {
+                loaded.sessions[i].pending_will = Some((at, will));
             }
         }
         let mut stages: HashMap<Vec<u8>, StoredStage> = HashMap::new();
@@ -498,6 +554,7 @@ impl DiskStore {
                 queue,
                 inflight,
                 inbound,
+                wills,
                 refs: Mutex::new(refs),
                 next_message: AtomicU64::new(max_id + 1),
                 commit,
@@ -528,6 +585,7 @@ impl DiskStore {
         let mut refs = lock(&self.refs);
         let mut batch = self.keyspace.batch();
         batch.remove(&self.sessions, client_id.as_bytes());
+        batch.remove(&self.wills, client_id.as_bytes());
         for (partition, _) in [
             (&self.subscriptions, ()),
             (&self.inflight, ()),
@@ -759,6 +817,16 @@ impl Store for DiskStore {
             self.inbound.remove(key)
         };
         self.written("QoS 2 packet id", result)
+    }
+
+    fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>) {
+        let result = match will {
+            Some((at, will)) => self
+                .wills
+                .insert(client_id.as_bytes(), will_record(at, will)),
+            None => self.wills.remove(client_id.as_bytes()),
+        };
+        self.written("pending will", result);
     }
 
     fn durable(&self) -> u64 {

@@ -348,3 +348,53 @@ fn write_golden() {
         ".".as_ref(),
     ]);
 }
+
+#[test]
+fn churning_sessions_leave_nothing_behind() {
+    let dir = Dir::new("churn");
+    let (store, _) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
+    let baseline = store.disk_space();
+    for round in 0..5_000u64 {
+        let client = format!("client-{round}");
+        store.session_opened(&client, 60);
+        store.subscription_added(&client, &filter("churn/+"), sub(QoS::AtLeastOnce, 0));
+        let m = Arc::new(retained_message("churn/x", "payload", None));
+        store.enqueued(
+            &client,
+            1,
+            &Delivery::new(m.clone(), QoS::AtLeastOnce, false, 7),
+        );
+        store.sent(&client, 1, 1);
+        store.inbound_qos2(&client, 5, true);
+        store.session_offline(&client, Some(Instant::now()));
+        // Expired: the broker removes it.
+        store.session_removed(&client);
+    }
+    drop(store);
+    let keyspace = fjall::Config::new(&dir.0).open().unwrap();
+    for partition in [
+        "sessions",
+        "subscriptions",
+        "messages",
+        "queue",
+        "inflight",
+        "inbound",
+    ] {
+        let p = keyspace
+            .open_partition(partition, Default::default())
+            .unwrap();
+        assert_eq!(
+            p.len().unwrap(),
+            0,
+            "{partition}: records left by removed sessions"
+        );
+    }
+    // 5,000 sessions came and went; what is left on disk is the journal and tombstones, a
+    // small fraction of what they wrote, not a growing file.
+    let space = keyspace.disk_space();
+    println!("disk space: {baseline} B empty, {space} B after 5,000 sessions came and went");
+    assert!(
+        space < 64 * 1024 * 1024,
+        "{space} bytes on disk after churn"
+    );
+}
