@@ -63,11 +63,17 @@ impl Conn {
             max_packet: u32::MAX,
             name: name.to_string(),
         };
+        let mut properties = Properties::default();
+        // Client ids are unique per run, so a persistent session starts empty all the same.
+        let clean_start = !ctx.persistent || ctx.version.is_v5();
+        if ctx.persistent && ctx.version.is_v5() {
+            properties.session_expiry_interval = Some(3600);
+        }
         let connect = Connect {
             protocol: ctx.version,
-            clean_start: true,
+            clean_start,
             keep_alive,
-            properties: Properties::default(),
+            properties,
             client_id: client_id(name)?,
             will: None,
             username: None,

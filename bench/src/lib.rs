@@ -64,6 +64,9 @@ pub struct Options {
     pub timeout: Duration,
     /// Draw a progress bar on stderr (the caller decides: not with --json, not off a TTY).
     pub progress: bool,
+    /// Persistent sessions (3.x Clean Session 0, v5 Session Expiry Interval 3600): what a
+    /// broker with durable sessions stores and acknowledges only once stored.
+    pub persistent: bool,
 }
 
 impl Default for Options {
@@ -79,6 +82,7 @@ impl Default for Options {
             inflight: 64,
             timeout: Duration::from_secs(120),
             progress: false,
+            persistent: false,
         }
     }
 }
@@ -135,6 +139,7 @@ pub(crate) struct RunCtx {
     pub qos: QoS,
     pub payload: usize,
     pub inflight: u16,
+    pub persistent: bool,
     /// Zero of every timestamp in a payload stamp.
     pub start: Instant,
     pub deadline: tokio::time::Instant,
@@ -187,6 +192,7 @@ pub async fn run(opts: &Options, scenario: &Scenario) -> Report {
         qos: opts.qos,
         payload: opts.payload,
         inflight: opts.inflight,
+        persistent: opts.persistent,
         start,
         deadline: tokio::time::Instant::from_std(start + opts.timeout),
         prefix: format!("pb/{}", run_id()),

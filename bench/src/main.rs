@@ -55,6 +55,10 @@ struct Common {
     /// Bound on the whole run in seconds; a run that hits it reports what arrived with ok=false.
     #[arg(long, global = true, default_value_t = 120.0)]
     timeout: f64,
+    /// Persistent sessions (3.x Clean Session 0; v5 Session Expiry Interval 3600): a broker
+    /// with durable sessions stores every QoS 1/2 message before acknowledging it.
+    #[arg(long, global = true)]
+    persistent: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,6 +163,7 @@ fn run() -> anyhow::Result<bool> {
         inflight: c.inflight,
         timeout: seconds("--timeout", c.timeout)?,
         progress: !c.json && std::io::stderr().is_terminal(),
+        persistent: c.persistent,
     };
     let scenario = match cli.scenario {
         Command::FanIn {

@@ -91,6 +91,7 @@ impl Report {
             "host": opts.host,
             "port": opts.port,
             "qos": opts.qos as u8,
+            "persistent": opts.persistent,
             "payload": opts.payload,
             "version": opts.version.to_string(),
             "inflight": opts.inflight,
