@@ -626,7 +626,9 @@ impl SessionState {
             }
             if let Some(packet_id) = packet_id {
                 self.next_packet_id = packet_id.get().checked_add(1).unwrap_or(1);
-                if d.seq != 0 {
+                // Only QoS 2 needs its packet id back after a restart (the client
+                // de-duplicates by it); a QoS 1 message is simply sent again.
+                if d.seq != 0 && d.qos == QoS::ExactlyOnce {
                     journal
                         .store
                         .sent(journal.client_id, d.seq, packet_id.get());

@@ -103,6 +103,13 @@ pub struct Loaded {
     pub retained: Vec<Message>,
 }
 
+/// Lock stripes for message reference counts.
+const REF_STRIPES: usize = 64;
+
+fn stripe(id: u64) -> usize {
+    (id % REF_STRIPES as u64) as usize
+}
+
 /// Durability tokens and the group commit: every write takes the next token; one thread
 /// makes everything written so far durable in one go and advances `durable`, waking whoever
 /// waits for a token it covers. Under load many writes share one sync.
@@ -125,10 +132,11 @@ pub struct DiskStore {
     inflight: PartitionHandle,
     inbound: PartitionHandle,
     wills: PartitionHandle,
-    /// References from queue entries to each stored message. Message records are inserted
-    /// and deleted under this lock, so a record is never deleted while a new reference to it
-    /// is being written.
-    refs: Mutex<HashMap<u64, u32>>,
+    /// References from queue entries to each stored message, in stripes by message id. A
+    /// message's record is inserted and deleted under its stripe's lock, so it is never
+    /// deleted while a new reference to it is being written; different messages do not
+    /// contend.
+    refs: Vec<Mutex<HashMap<u64, u32>>>,
     next_message: AtomicU64,
     commit: Arc<Commit>,
     committer: Option<std::thread::JoinHandle<()>>,
@@ -528,6 +536,25 @@ impl DiskStore {
         }
         // Keys are ordered, so each session's deliveries are in queue order already.
 
+        // Messages no queue entry refers to were left by a crash between deleting the last
+        // reference and the message itself: nothing can deliver them, so they go.
+        let orphans: Vec<u64> = stored_messages
+            .keys()
+            .filter(|id| !refs.contains_key(id))
+            .copied()
+            .collect();
+        if !orphans.is_empty() {
+            let mut batch = keyspace.batch();
+            for id in &orphans {
+                batch.remove(&messages, id.to_be_bytes());
+            }
+            batch.commit().map_err(open_err)?;
+            tracing::info!(
+                count = orphans.len(),
+                "store: removed messages no queue refers to"
+            );
+        }
+
         let commit = Arc::new(Commit {
             written: AtomicU64::new(0),
             durable: AtomicU64::new(0),
@@ -555,7 +582,14 @@ impl DiskStore {
                 inflight,
                 inbound,
                 wills,
-                refs: Mutex::new(refs),
+                refs: {
+                    let mut stripes: Vec<HashMap<u64, u32>> =
+                        (0..REF_STRIPES).map(|_| HashMap::new()).collect();
+                    for (id, n) in refs {
+                        stripes[stripe(id)].insert(id, n);
+                    }
+                    stripes.into_iter().map(Mutex::new).collect()
+                },
                 next_message: AtomicU64::new(max_id + 1),
                 commit,
                 committer: Some(committer),
@@ -582,7 +616,6 @@ impl DiskStore {
 
     fn remove_session(&self, client_id: &str) -> fjall::Result<()> {
         let prefix = client_key(client_id, &[]);
-        let mut refs = lock(&self.refs);
         let mut batch = self.keyspace.batch();
         batch.remove(&self.sessions, client_id.as_bytes());
         batch.remove(&self.wills, client_id.as_bytes());
@@ -596,14 +629,22 @@ impl DiskStore {
                 batch.remove(partition, key);
             }
         }
+        let mut messages = Vec::new();
         for item in self.queue.prefix(&prefix) {
             let (key, value) = item?;
             if let Some(entry) = decode_entry(&value) {
-                self.unref(&mut refs, &mut batch, entry.message_id);
+                messages.push(entry.message_id);
             }
             batch.remove(&self.queue, key);
         }
-        batch.commit()
+        batch.commit()?;
+        for id in messages {
+            let mut refs = lock(&self.refs[stripe(id)]);
+            let mut batch = self.keyspace.batch();
+            self.unref(&mut refs, &mut batch, id);
+            batch.commit()?;
+        }
+        Ok(())
     }
 
     /// Drops one reference to a stored message, deleting it with the last.
@@ -757,7 +798,7 @@ impl Store for DiskStore {
             .store_id
             .get_or_init(|| self.next_message.fetch_add(1, Ordering::Relaxed));
         let result = {
-            let mut refs = lock(&self.refs);
+            let mut refs = lock(&self.refs[stripe(id)]);
             let mut batch = self.keyspace.batch();
             let n = refs.entry(id).or_insert(0);
             if *n == 0 {
@@ -796,15 +837,21 @@ impl Store for DiskStore {
 
     fn dequeued(&self, client_id: &str, seq: u64, message: &Message) {
         let key = client_key(client_id, &seq.to_be_bytes());
-        let result = {
-            let mut refs = lock(&self.refs);
-            let mut batch = self.keyspace.batch();
-            batch.remove(&self.queue, key.clone());
-            batch.remove(&self.inflight, key);
-            if let Some(&id) = message.store_id.get() {
+        let result = match message.store_id.get() {
+            Some(&id) => {
+                let mut refs = lock(&self.refs[stripe(id)]);
+                let mut batch = self.keyspace.batch();
+                batch.remove(&self.queue, key.clone());
+                batch.remove(&self.inflight, key);
                 self.unref(&mut refs, &mut batch, id);
+                batch.commit()
             }
-            batch.commit()
+            None => {
+                let mut batch = self.keyspace.batch();
+                batch.remove(&self.queue, key.clone());
+                batch.remove(&self.inflight, key);
+                batch.commit()
+            }
         };
         self.written("delivered message", result);
     }
