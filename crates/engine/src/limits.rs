@@ -56,6 +56,9 @@ pub struct Limits {
     pub response_information: Option<String>,
     /// MQTT 3.1 client ids at most 23 characters, as 3.1 requires.
     pub strict_v31_client_id: bool,
+    /// When a session's queue is at its bounds and cannot overflow (offline, or stalled):
+    /// drop its oldest queued QoS 1/2 message to make room (`true`) or the new one (`false`).
+    pub drop_oldest: bool,
 }
 
 impl Default for Limits {
@@ -81,6 +84,7 @@ impl Default for Limits {
             check_payload_format: true,
             response_information: Some("response/".to_string()),
             strict_v31_client_id: true,
+            drop_oldest: false,
         }
     }
 }

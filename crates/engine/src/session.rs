@@ -393,6 +393,14 @@ impl Session {
             }
             let seq = delivery.seq;
             let message = (seq != 0).then(|| delivery.message.clone());
+            if limits.drop_oldest {
+                for old in st.make_room(&delivery, limits) {
+                    Stats::add(&stats.dropped_queue_full, 1);
+                    if old.seq != 0 {
+                        store.dequeued(&self.client_id, old.seq, &old.message);
+                    }
+                }
+            }
             match st.push(delivery, limits) {
                 Ok(admitted) => (admitted, token, st.waker.take()),
                 Err(reason) => {
@@ -509,6 +517,37 @@ impl SessionState {
         };
         self.queue.push_back(delivery);
         Ok(admitted)
+    }
+
+    /// With the drop-oldest policy: when `delivery` would not fit a queue that cannot
+    /// overflow (offline or stalled), takes its oldest queued QoS 1/2 messages out until it
+    /// does, and returns them (to be counted as dropped).
+    fn make_room(&mut self, delivery: &Delivery, limits: &Limits) -> Vec<Delivery> {
+        let may_overflow = matches!(self.owner, Owner::Connection(_))
+            && !self.stalled
+            && !limits.flow_control_timeout.is_zero();
+        let weight = delivery.weight as usize;
+        let mut evicted = Vec::new();
+        if may_overflow || delivery.qos == QoS::AtMostOnce || weight == 0 {
+            return evicted;
+        }
+        while self.queued_messages + 1 > limits.max_queued_messages
+            || self.queued_bytes + weight > limits.max_queued_bytes
+        {
+            let Some(i) = self
+                .queue
+                .iter()
+                .position(|d| d.qos != QoS::AtMostOnce && d.weight > 0)
+            else {
+                break;
+            };
+            let Some(old) = self.queue.remove(i) else {
+                break;
+            };
+            self.unaccount(&old);
+            evicted.push(old);
+        }
+        evicted
     }
 
     /// At or below half of every bound: where paused publishers resume and a stalled

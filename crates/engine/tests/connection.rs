@@ -479,6 +479,43 @@ fn offline_queue_keeps_the_first_messages_up_to_its_bound() {
 }
 
 #[test]
+fn offline_queue_with_drop_oldest_keeps_the_latest_messages() {
+    let t0 = Instant::now();
+    let broker = broker(Limits {
+        max_queued_messages: 3,
+        drop_oldest: true,
+        ..Default::default()
+    });
+    let mut sub = Peer::connect(&broker, t0, connect("sub", false, 0));
+    sub.subscribe(t0, 1, "o", QoS::AtLeastOnce);
+    sub.close(&CloseReason::PeerClosed);
+
+    let mut publ = client(&broker, t0 + secs(1), "pub");
+    for i in 1..=5 {
+        publ.send(
+            t0 + secs(1),
+            publish("o", &format!("m{i}"), QoS::AtLeastOnce, i),
+        )
+        .unwrap();
+        assert_eq!(publ.written(), [puback(i)]);
+    }
+    assert_eq!(Stats::get(&broker.stats.dropped_queue_full), 2);
+
+    let (mut sub, written) = reconnect(&broker, t0 + secs(2));
+    assert_eq!(written, [connack(true)]);
+    // The subscriber's own packet ids start at 1 whatever messages they carry.
+    let got: Vec<String> = sub
+        .recv()
+        .into_iter()
+        .map(|p| match p {
+            Packet::Publish(p) => String::from_utf8_lossy(&p.payload).into_owned(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, ["m3", "m4", "m5"]);
+}
+
+#[test]
 fn qos0_outbox_bound_drops_the_excess_when_flow_control_is_off() {
     let t0 = Instant::now();
     // Each message below weighs 10 bytes (topic 1 + payload 9): 10 fit in 100.

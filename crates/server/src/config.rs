@@ -308,6 +308,17 @@ pub struct MqttConfig {
     pub response_information: String,
     /// MQTT 3.1 clients' ids at most 23 characters, as that version requires.
     pub strict_v31_client_id: bool,
+    /// What goes when an offline (or stalled) session's queue is full:
+    /// "drop_newest" (the message arriving) or "drop_oldest" (the oldest queued).
+    pub queue_overflow: QueueOverflow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueOverflow {
+    #[default]
+    DropNewest,
+    DropOldest,
 }
 
 /// Everything that can go wrong loading a config. Each variant's `Display`
@@ -418,6 +429,7 @@ impl Default for MqttConfig {
             check_payload_format: true,
             response_information: "response/".to_owned(),
             strict_v31_client_id: true,
+            queue_overflow: QueueOverflow::DropNewest,
         }
     }
 }
@@ -865,7 +877,9 @@ pub fn default_config_toml() -> String {
          # appended); \"\" = none.\n\
          response_information = \"{response_information}\"\n\
          # Hold MQTT 3.1 clients to 23-character client ids.\n\
-         strict_v31_client_id = {strict_v31_client_id}\n",
+         strict_v31_client_id = {strict_v31_client_id}\n\
+         # When an offline session's queue is full: \"drop_newest\" or \"drop_oldest\".\n\
+         queue_overflow = \"{queue_overflow}\"\n",
         max_packet_size = mqtt.max_packet_size,
         max_inflight = mqtt.max_inflight,
         max_queued_messages = mqtt.max_queued_messages,
@@ -886,6 +900,10 @@ pub fn default_config_toml() -> String {
         check_payload_format = mqtt.check_payload_format,
         response_information = mqtt.response_information.escape_default(),
         strict_v31_client_id = mqtt.strict_v31_client_id,
+        queue_overflow = match mqtt.queue_overflow {
+            QueueOverflow::DropNewest => "drop_newest",
+            QueueOverflow::DropOldest => "drop_oldest",
+        },
     ));
     out.push_str(&format!(
         "\n[auth]\n\

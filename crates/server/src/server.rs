@@ -16,7 +16,9 @@ use petrel_store::{DiskStore, Fsync};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AuthConfig, Config, FsyncPolicy, ListenerProtocol, MqttConfig, StorageMode};
+use crate::config::{
+    AuthConfig, Config, FsyncPolicy, ListenerProtocol, MqttConfig, QueueOverflow, StorageMode,
+};
 use crate::listener::{BindError, Listener};
 use crate::tls::TlsConfig;
 
@@ -71,6 +73,7 @@ pub fn limits_from(config: &MqttConfig) -> Limits {
         response_information: (!config.response_information.is_empty())
             .then(|| config.response_information.clone()),
         strict_v31_client_id: config.strict_v31_client_id,
+        drop_oldest: config.queue_overflow == QueueOverflow::DropOldest,
     }
 }
 

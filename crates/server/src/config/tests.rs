@@ -61,6 +61,7 @@ max_session_expiry_interval = 3600
 check_payload_format = false
 response_information = ""
 strict_v31_client_id = false
+queue_overflow = "drop_oldest"
 
 [auth]
 allow_anonymous = false
@@ -118,6 +119,7 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
                 check_payload_format: false,
                 response_information: String::new(),
                 strict_v31_client_id: false,
+                queue_overflow: QueueOverflow::DropOldest,
             },
             auth: AuthConfig {
                 allow_anonymous: false,
@@ -482,7 +484,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 11);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        20
+        21
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),
