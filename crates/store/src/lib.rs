@@ -226,22 +226,42 @@ fn session_record(expiry_interval: u32, offline_until: u64) -> [u8; 13] {
 /// A message: its expiry and the message as a v5 PUBLISH frame (QoS, retain flag, topic,
 /// properties and payload in the codec's own format).
 fn message_record(message: &Message) -> Vec<u8> {
+    publish_record(
+        message.expires_at,
+        message.qos,
+        message.retain,
+        &message.topic,
+        &message.properties,
+        &message.payload,
+    )
+}
+
+/// The record layout shared by messages and wills: a time (wall-clock ms, 0 for none), then
+/// the message as a v5 PUBLISH frame.
+fn publish_record(
+    at: Option<Instant>,
+    qos: QoS,
+    retain: bool,
+    topic: &str,
+    properties: &Properties,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut frame = BytesMut::new();
     let publish = PublishRef {
         dup: false,
-        qos: message.qos,
-        retain: message.retain,
-        topic: &message.topic,
-        packet_id: (message.qos != QoS::AtMostOnce).then_some(PacketId::MIN),
-        properties: &message.properties,
+        qos,
+        retain,
+        topic,
+        packet_id: (qos != QoS::AtMostOnce).then_some(PacketId::MIN),
+        properties,
         extra: PublishExtra::default(),
-        payload: &message.payload,
+        payload,
     };
     // A message that came in within the packet size limit always re-encodes.
     let _ = publish.encode(ProtocolVersion::V5, &mut frame);
     let mut v = Vec::with_capacity(9 + frame.len());
     v.push(RECORD_VERSION);
-    v.extend_from_slice(&to_wall(message.expires_at).to_be_bytes());
+    v.extend_from_slice(&to_wall(at).to_be_bytes());
     v.extend_from_slice(&frame);
     v
 }
@@ -281,23 +301,14 @@ fn will_record(at: Instant, will: &LastWill) -> Vec<u8> {
     if properties.will_delay_interval.is_some() {
         properties.will_delay_interval = None;
     }
-    let mut frame = BytesMut::new();
-    let publish = PublishRef {
-        dup: false,
-        qos: will.qos,
-        retain: will.retain,
-        topic: &will.topic,
-        packet_id: (will.qos != QoS::AtMostOnce).then_some(PacketId::MIN),
-        properties: &properties,
-        extra: PublishExtra::default(),
-        payload: &will.payload,
-    };
-    let _ = publish.encode(ProtocolVersion::V5, &mut frame);
-    let mut v = Vec::with_capacity(9 + frame.len());
-    v.push(RECORD_VERSION);
-    v.extend_from_slice(&to_wall(Some(at)).to_be_bytes());
-    v.extend_from_slice(&frame);
-    v
+    publish_record(
+        Some(at),
+        will.qos,
+        will.retain,
+        &will.topic,
+        &properties,
+        &will.payload,
+    )
 }
 
 fn decode_will(value: &[u8]) -> Result<(Instant, LastWill), String> {
