@@ -392,9 +392,10 @@ impl Broker {
                 match restored {
                     Some(f) => st.inflight.push_back(f),
                     None => {
-                        let (seq, message) = (delivery.seq, delivery.message.clone());
+                        let (seq, qos) = (delivery.seq, delivery.qos);
+                        let message = delivery.message.clone();
                         if st.push(delivery, &self.limits).is_err() {
-                            self.store.dequeued(&stored.client_id, seq, &message);
+                            self.store.dequeued(&stored.client_id, seq, &message, qos);
                         }
                     }
                 }
@@ -537,7 +538,8 @@ impl Broker {
         let given_back = st.take_shared_deliveries();
         for d in &given_back {
             if d.seq != 0 {
-                self.store.dequeued(&session.client_id, d.seq, &d.message);
+                self.store
+                    .dequeued(&session.client_id, d.seq, &d.message, d.qos);
             }
         }
         let mut will_now = None;
@@ -550,7 +552,7 @@ impl Broker {
                 self.schedule(&mut st, at, session);
             }
             self.store
-                .session_offline(&session.client_id, st.expires_at);
+                .session_offline(&session.client_id, st.expiry_interval, st.expires_at);
             if let Some(will) = will {
                 match will_delay(&will) {
                     0 => will_now = Some(will),

@@ -1175,7 +1175,7 @@ impl Connection {
         let known = self.with_session(|st, journal| match st.received(id) {
             Some(d) => {
                 if d.seq != 0 {
-                    journal.store.released(journal.client_id, d.seq);
+                    journal.store.released(journal.client_id, d.seq, id.get());
                 }
                 true
             }

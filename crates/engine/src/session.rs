@@ -195,7 +195,8 @@ impl Journal<'_> {
     /// A stored delivery left the session.
     pub fn dequeued(&self, d: &Delivery) {
         if d.seq != 0 {
-            self.store.dequeued(self.client_id, d.seq, &d.message);
+            self.store
+                .dequeued(self.client_id, d.seq, &d.message, d.qos);
         }
     }
 }
@@ -391,13 +392,13 @@ impl Session {
                 st.next_seq += 1;
                 token = store.enqueued(&self.client_id, delivery.seq, &delivery);
             }
-            let seq = delivery.seq;
+            let (seq, qos) = (delivery.seq, delivery.qos);
             let message = (seq != 0).then(|| delivery.message.clone());
             if limits.drop_oldest {
                 for old in st.make_room(&delivery, limits) {
                     Stats::add(&stats.dropped_queue_full, 1);
                     if old.seq != 0 {
-                        store.dequeued(&self.client_id, old.seq, &old.message);
+                        store.dequeued(&self.client_id, old.seq, &old.message, old.qos);
                     }
                 }
             }
@@ -405,7 +406,7 @@ impl Session {
                 Ok(admitted) => (admitted, token, st.waker.take()),
                 Err(reason) => {
                     if let Some(message) = message {
-                        store.dequeued(&self.client_id, seq, &message);
+                        store.dequeued(&self.client_id, seq, &message, qos);
                     }
                     if !st.drop_logged && reason != Dropped::Ended {
                         st.drop_logged = true;

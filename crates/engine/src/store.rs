@@ -22,9 +22,9 @@ pub trait Store: Send + Sync + 'static {
     /// A session was created or resumed with this Session Expiry Interval; 0 means it ends
     /// with its connection, and a store forgets any earlier record of it.
     fn session_opened(&self, client_id: &str, expiry_interval: u32);
-    /// A persistent session's client left: the session ends at `expires_at` (`None`: never)
-    /// unless it is resumed first.
-    fn session_offline(&self, client_id: &str, expires_at: Option<Instant>);
+    /// A persistent session's client left: the session (with this Session Expiry Interval)
+    /// ends at `expires_at` (`None`: never) unless it is resumed first.
+    fn session_offline(&self, client_id: &str, expiry_interval: u32, expires_at: Option<Instant>);
     /// The session ended; its subscriptions go with it.
     fn session_removed(&self, client_id: &str);
     fn subscription_added(&self, client_id: &str, filter: &TopicFilter, subscription: Subscription);
@@ -37,10 +37,12 @@ pub trait Store: Send + Sync + 'static {
     fn enqueued(&self, client_id: &str, seq: u64, delivery: &Delivery) -> u64;
     /// It was sent to the client with `packet_id`.
     fn sent(&self, client_id: &str, seq: u64, packet_id: u16);
-    /// PUBREC arrived for it: only the PUBREL/PUBCOMP exchange remains.
-    fn released(&self, client_id: &str, seq: u64);
+    /// PUBREC arrived for it (sent with `packet_id`): only the PUBREL/PUBCOMP exchange
+    /// remains.
+    fn released(&self, client_id: &str, seq: u64, packet_id: u16);
     /// It left the session: delivered (PUBACK, PUBCOMP), dropped or given to another member.
-    fn dequeued(&self, client_id: &str, seq: u64, message: &Message);
+    /// `qos` is the delivery's (only QoS 2 deliveries report `sent`).
+    fn dequeued(&self, client_id: &str, seq: u64, message: &Message, qos: QoS);
     /// An inbound QoS 2 packet id awaiting PUBREL was recorded (`present`) or released.
     /// Returns the write's durability token.
     fn inbound_qos2(&self, client_id: &str, packet_id: u16, present: bool) -> u64;
@@ -51,6 +53,9 @@ pub trait Store: Send + Sync + 'static {
     fn durable(&self) -> u64;
     /// Asks for `waker` to be woken once `token` is durable; false if it already is.
     fn wait_durable(&self, token: u64, waker: &Waker) -> bool;
+    /// Blocks until every change reported so far is on disk, whatever the fsync policy:
+    /// called once the broker has stopped.
+    fn flush(&self) {}
 }
 
 /// The in-memory mode: state lives only in the engine.
@@ -58,7 +63,7 @@ pub struct Volatile;
 
 impl Store for Volatile {
     fn session_opened(&self, _: &str, _: u32) {}
-    fn session_offline(&self, _: &str, _: Option<Instant>) {}
+    fn session_offline(&self, _: &str, _: u32, _: Option<Instant>) {}
     fn session_removed(&self, _: &str) {}
     fn subscription_added(&self, _: &str, _: &TopicFilter, _: Subscription) {}
     fn subscription_removed(&self, _: &str, _: &TopicFilter) {}
@@ -68,8 +73,8 @@ impl Store for Volatile {
         0
     }
     fn sent(&self, _: &str, _: u64, _: u16) {}
-    fn released(&self, _: &str, _: u64) {}
-    fn dequeued(&self, _: &str, _: u64, _: &Message) {}
+    fn released(&self, _: &str, _: u64, _: u16) {}
+    fn dequeued(&self, _: &str, _: u64, _: &Message, _: QoS) {}
     fn inbound_qos2(&self, _: &str, _: u16, _: bool) -> u64 {
         0
     }

@@ -297,5 +297,9 @@ impl Server {
                 "connections still open after the shutdown grace period"
             );
         }
+        // What the connections changed last (sessions gone offline, acknowledgements) is
+        // on disk before the process exits.
+        let broker = self.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.store().flush()).await;
     }
 }

@@ -83,12 +83,18 @@ fn fill(dir: &Path) {
     // Far in the future, so that the golden store written from this stays valid.
     store.session_offline(
         "bob",
+        3600,
         Some(Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
     );
-    // A session that ends with its connection leaves nothing.
+    // A session that ends with its connection leaves nothing, whether its records reached
+    // the disk (carol) or were still waiting for the commit thread (erin).
     store.session_opened("carol", 60);
     store.subscription_added("carol", &filter("c"), sub(QoS::AtMostOnce, 0));
+    store.flush();
     store.session_opened("carol", 0);
+    store.session_opened("erin", 60);
+    store.subscription_added("erin", &filter("e"), sub(QoS::AtMostOnce, 0));
+    store.session_opened("erin", 0);
     // A removed session takes its subscriptions.
     store.session_opened("dave", 60);
     store.subscription_added("dave", &filter("d"), sub(QoS::AtMostOnce, 0));
@@ -114,9 +120,11 @@ fn fill(dir: &Path) {
     store.enqueued("alice", 3, &delivery(&gone, QoS::AtLeastOnce));
     store.sent("alice", 1, 11);
     store.sent("alice", 2, 12);
-    store.released("alice", 2);
     store.sent("alice", 3, 13);
-    store.dequeued("alice", 3, &gone);
+    // Landed before the rest, so the next changes overwrite and delete stored records.
+    store.flush();
+    store.released("alice", 2, 12);
+    store.dequeued("alice", 3, &gone, QoS::AtLeastOnce);
     store.inbound_qos2("alice", 77, true);
     store.inbound_qos2("alice", 78, true);
     store.inbound_qos2("alice", 78, false);
@@ -239,7 +247,8 @@ fn the_last_reference_deletes_a_stored_message_and_removed_sessions_take_their_q
                 &Delivery::new(m.clone(), QoS::AtLeastOnce, false, 1),
             );
         }
-        store.dequeued("a", 1, &m);
+        store.flush();
+        store.dequeued("a", 1, &m, QoS::AtLeastOnce);
         store.session_removed("b");
     }
     let keyspace = fjall::Config::new(&dir.0).open().unwrap();
@@ -366,7 +375,9 @@ fn churning_sessions_leave_nothing_behind() {
         );
         store.sent(&client, 1, 1);
         store.inbound_qos2(&client, 5, true);
-        store.session_offline(&client, Some(Instant::now()));
+        store.session_offline(&client, 60, Some(Instant::now()));
+        // On disk before it goes, so that removing it deletes records, not buffered changes.
+        store.flush();
         // Expired: the broker removes it.
         store.session_removed(&client);
     }

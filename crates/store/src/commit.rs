@@ -1,0 +1,199 @@
+//! The commit thread: takes every change recorded since its last round as one group, writes
+//! the group as one fjall batch (one journal append), makes it durable under the fsync policy,
+//! and then advances the durable token, waking the connections whose acknowledgements wait
+//! for it. Under load many publishers share one write and one sync; a change cancelled in the
+//! buffer before its round costs no write at all.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use fjall::{Keyspace, PersistMode};
+
+use crate::changes::{Change, Changes};
+use crate::{lock, Fsync, Parts};
+
+/// What hooks and the commit thread share; hooks hold `state` only to record a change.
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    /// Wakes the commit thread when it is idle.
+    pub kick: Condvar,
+    /// The highest token whose change is durable under the policy.
+    pub durable: AtomicU64,
+    /// The highest token whose change is synced to disk whatever the policy.
+    pub synced: AtomicU64,
+    pub waiters: Mutex<Vec<(u64, Waker)>>,
+    /// Signalled, under `waiters`, when `durable` or `synced` advance.
+    pub landed: Condvar,
+}
+
+pub(crate) struct State {
+    /// Changes not yet taken by the commit thread.
+    pub pending: Changes,
+    /// The group the commit thread is writing: still visible to reads until it has landed.
+    pub writing: Option<Arc<Changes>>,
+    /// How many queue entries refer to each stored message; the last one gone deletes it.
+    pub refs: HashMap<u64, u32>,
+    /// The last token handed out (one per change).
+    pub written: u64,
+    /// The commit thread waits for a kick.
+    pub idle: bool,
+    /// `flush` asks for everything to be synced.
+    pub sync_requested: bool,
+    pub stop: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(refs: HashMap<u64, u32>) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                pending: Changes::default(),
+                writing: None,
+                refs,
+                written: 0,
+                idle: false,
+                sync_requested: false,
+                stop: false,
+            }),
+            kick: Condvar::new(),
+            durable: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+            landed: Condvar::new(),
+        }
+    }
+
+    /// Wakes the commit thread if it sleeps. The caller holds `state`.
+    pub(crate) fn nudge(&self, st: &mut State) {
+        if st.idle {
+            st.idle = false;
+            self.kick.notify_one();
+        }
+    }
+}
+
+/// A failed write or sync is retried after this long; acknowledgements wait meanwhile.
+const RETRY: Duration = Duration::from_millis(100);
+
+pub(crate) fn run(shared: &Shared, keyspace: &Keyspace, parts: &Parts, fsync: Fsync) {
+    let mut last_sync = Instant::now();
+    // Written to the journal since the last sync.
+    let mut unsynced = false;
+    loop {
+        let (group, target, sync_requested, stop) = {
+            let mut st = lock(&shared.state);
+            loop {
+                let behind = st.written > shared.durable.load(Ordering::Acquire);
+                let interval = match fsync {
+                    Fsync::Every(interval) if unsynced => Some(interval),
+                    _ => None,
+                };
+                let sync_due = interval.is_some_and(|i| last_sync.elapsed() >= i);
+                if behind || sync_due || st.stop || st.sync_requested {
+                    break;
+                }
+                let wait = interval.map_or(Duration::from_secs(1), |i| {
+                    i.saturating_sub(last_sync.elapsed())
+                });
+                st.idle = true;
+                st = shared
+                    .kick
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                st.idle = false;
+            }
+            let group = Arc::new(std::mem::take(&mut st.pending));
+            st.writing = Some(group.clone());
+            let sync_requested = std::mem::take(&mut st.sync_requested);
+            (group, st.written, sync_requested, st.stop)
+        };
+        if !group.is_empty() {
+            write(keyspace, parts, &group, stop);
+            unsynced = true;
+        }
+        let sync = unsynced
+            && (sync_requested
+                || stop
+                || match fsync {
+                    Fsync::Always => true,
+                    Fsync::Every(interval) => last_sync.elapsed() >= interval,
+                    Fsync::Never => false,
+                });
+        let mode = if sync_requested || stop {
+            Some(PersistMode::SyncAll)
+        } else if sync {
+            Some(PersistMode::SyncData)
+        } else if !group.is_empty() {
+            // Handed to the OS: it survives a crash of petrel.
+            Some(PersistMode::Buffer)
+        } else {
+            None
+        };
+        if let Some(mode) = mode {
+            let mut attempts = 0;
+            while let Err(e) = keyspace.persist(mode) {
+                tracing::error!(error = %e, "store: journal sync failed; acknowledgements wait");
+                attempts += 1;
+                if stop && attempts >= 10 {
+                    break;
+                }
+                std::thread::sleep(RETRY);
+            }
+        }
+        if sync {
+            unsynced = false;
+            last_sync = Instant::now();
+        }
+        lock(&shared.state).writing = None;
+        shared.durable.fetch_max(target, Ordering::AcqRel);
+        if !unsynced {
+            shared.synced.fetch_max(target, Ordering::AcqRel);
+        }
+        let ready: Vec<Waker> = {
+            let mut waiters = lock(&shared.waiters);
+            let (done, waiting): (Vec<_>, Vec<_>) =
+                waiters.drain(..).partition(|(t, _)| *t <= target);
+            *waiters = waiting;
+            shared.landed.notify_all();
+            done.into_iter().map(|(_, w)| w).collect()
+        };
+        ready.into_iter().for_each(Waker::wake);
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Writes a group as one batch; retries until it succeeds (or, when stopping, gives up
+/// after a few attempts, logging what is lost).
+fn write(keyspace: &Keyspace, parts: &Parts, group: &Changes, stop: bool) {
+    let mut attempts = 0;
+    loop {
+        let mut batch = keyspace.batch();
+        for ((part, key), change) in group.iter() {
+            let partition = parts.get(*part);
+            match change {
+                Change::Put { value, .. } => batch.insert(partition, key.clone(), value.encode()),
+                Change::Delete => batch.remove(partition, key.clone()),
+            }
+        }
+        match batch.commit() {
+            Ok(()) => return,
+            Err(e) => {
+                attempts += 1;
+                tracing::error!(error = %e, changes = group.len(), "store: write failed; acknowledgements wait");
+                if stop && attempts >= 10 {
+                    tracing::error!(
+                        changes = group.len(),
+                        "store: giving up at shutdown; these changes are not stored"
+                    );
+                    return;
+                }
+                std::thread::sleep(RETRY);
+            }
+        }
+    }
+}

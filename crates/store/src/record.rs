@@ -1,0 +1,246 @@
+//! Record layouts: how each partition's keys and values are laid out on disk (the table is in
+//! `lib.rs`). Every value starts with its record version, so a later format can tell them
+//! apart; a change to any layout here is a new format and a new golden store.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use petrel_codec::{LastWill, PacketId};
+use petrel_codec::{
+    Packet, Properties, ProtocolVersion, PublishExtra, PublishRef, QoS, RetainHandling,
+    SubscriptionOptions,
+};
+use petrel_engine::message::Message;
+use petrel_engine::session::Delivery;
+
+pub(crate) const RECORD_VERSION: u8 = 1;
+
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An engine instant as wall-clock milliseconds (0 for none).
+pub(crate) fn to_wall(at: Option<Instant>) -> u64 {
+    let Some(at) = at else { return 0 };
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let wall = if at >= now {
+        wall + (at - now)
+    } else {
+        wall - (now - at)
+    };
+    unix_ms(wall).max(1)
+}
+
+/// Wall-clock milliseconds as an engine instant (`None` for 0).
+pub(crate) fn from_wall(ms: u64) -> Option<Instant> {
+    if ms == 0 {
+        return None;
+    }
+    let now_ms = unix_ms(SystemTime::now());
+    let now = Instant::now();
+    Some(if ms >= now_ms {
+        now + Duration::from_millis(ms - now_ms)
+    } else {
+        now.checked_sub(Duration::from_millis(now_ms - ms))
+            .unwrap_or(now)
+    })
+}
+
+pub(crate) fn options_byte(o: SubscriptionOptions) -> u8 {
+    (o.qos as u8)
+        | (u8::from(o.no_local) << 2)
+        | (u8::from(o.retain_as_published) << 3)
+        | ((o.retain_handling as u8) << 4)
+}
+
+pub(crate) fn options_from(byte: u8) -> Option<SubscriptionOptions> {
+    let mut o = SubscriptionOptions::new(QoS::from_u8(byte & 0x03)?);
+    o.no_local = byte & 0x04 != 0;
+    o.retain_as_published = byte & 0x08 != 0;
+    o.retain_handling = match (byte >> 4) & 0x03 {
+        0 => RetainHandling::OnSubscribe,
+        1 => RetainHandling::OnNewSubscription,
+        2 => RetainHandling::Never,
+        _ => return None,
+    };
+    Some(o)
+}
+
+/// `client id, 0x00, suffix`: MQTT strings never contain U+0000 [MQTT-1.5.4-2], so the
+/// separator keeps one client's keys together and apart from every other's.
+pub(crate) fn client_key(client_id: &str, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(client_id.len() + 1 + suffix.len());
+    k.extend_from_slice(client_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(suffix);
+    k
+}
+
+pub(crate) fn split_client_key(key: &[u8]) -> Option<(&str, &[u8])> {
+    let split = key.iter().position(|&b| b == 0)?;
+    let client = std::str::from_utf8(&key[..split]).ok()?;
+    Some((client, &key[split + 1..]))
+}
+
+pub(crate) fn session_record(expiry_interval: u32, offline_until: u64) -> [u8; 13] {
+    let mut v = [0u8; 13];
+    v[0] = RECORD_VERSION;
+    v[1..5].copy_from_slice(&expiry_interval.to_be_bytes());
+    v[5..13].copy_from_slice(&offline_until.to_be_bytes());
+    v
+}
+
+/// A message: its expiry and the message as a v5 PUBLISH frame (QoS, retain flag, topic,
+/// properties and payload in the codec's own format).
+pub(crate) fn message_record(message: &Message) -> Vec<u8> {
+    publish_record(
+        message.expires_at,
+        message.qos,
+        message.retain,
+        &message.topic,
+        &message.properties,
+        &message.payload,
+    )
+}
+
+/// The record layout shared by messages and wills: a time (wall-clock ms, 0 for none), then
+/// the message as a v5 PUBLISH frame.
+pub(crate) fn publish_record(
+    at: Option<Instant>,
+    qos: QoS,
+    retain: bool,
+    topic: &str,
+    properties: &Properties,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = BytesMut::new();
+    let publish = PublishRef {
+        dup: false,
+        qos,
+        retain,
+        topic,
+        packet_id: (qos != QoS::AtMostOnce).then_some(PacketId::MIN),
+        properties,
+        extra: PublishExtra::default(),
+        payload,
+    };
+    // A message that came in within the packet size limit always re-encodes.
+    let _ = publish.encode(ProtocolVersion::V5, &mut frame);
+    let mut v = Vec::with_capacity(9 + frame.len());
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&to_wall(at).to_be_bytes());
+    v.extend_from_slice(&frame);
+    v
+}
+
+pub(crate) fn decode_message(value: &[u8]) -> Result<Message, String> {
+    if value.len() < 9 || value[0] != RECORD_VERSION {
+        return Err(format!("unknown record version {:?}", value.first()));
+    }
+    let expires = u64::from_be_bytes(value[1..9].try_into().map_err(|_| "short record")?);
+    let mut frame = BytesMut::from(&value[9..]);
+    let packet = petrel_codec::decode(&mut frame, ProtocolVersion::V5, u32::MAX)
+        .map_err(|e| format!("stored PUBLISH does not decode: {e}"))?
+        .ok_or("stored PUBLISH is truncated")?;
+    let Packet::Publish(p) = packet else {
+        return Err("stored record is not a PUBLISH".to_owned());
+    };
+    let mut m = Message::new(
+        p.topic,
+        p.payload,
+        p.qos,
+        p.retain,
+        if p.properties.is_empty() {
+            Properties::default()
+        } else {
+            p.properties
+        },
+        0,
+    );
+    m.expires_at = from_wall(expires);
+    Ok(m)
+}
+
+/// A will waiting for its delay: when it is due, then the will as a v5 PUBLISH frame (its
+/// Will Delay Interval left out: a PUBLISH may not carry one).
+pub(crate) fn will_record(at: Instant, will: &LastWill) -> Vec<u8> {
+    let mut properties = will.properties.clone();
+    if properties.will_delay_interval.is_some() {
+        properties.will_delay_interval = None;
+    }
+    publish_record(
+        Some(at),
+        will.qos,
+        will.retain,
+        &will.topic,
+        &properties,
+        &will.payload,
+    )
+}
+
+pub(crate) fn decode_will(value: &[u8]) -> Result<(Instant, LastWill), String> {
+    let message = decode_message(value)?;
+    let at = message.expires_at.unwrap_or_else(Instant::now);
+    // The record's time is when the will is due; the message's own expiry travels in its
+    // properties and starts when the will is published.
+    let properties = message.properties;
+    Ok((
+        at,
+        LastWill {
+            topic: message.topic,
+            payload: message.payload,
+            qos: message.qos,
+            retain: message.retain,
+            properties,
+        },
+    ))
+}
+
+/// A queue entry: the stored message it is, and how it goes to this session.
+pub(crate) fn entry_record(message_id: u64, d: &Delivery) -> Vec<u8> {
+    let ids = d.subscription_ids();
+    let mut v = Vec::with_capacity(12 + 4 * ids.len());
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&message_id.to_be_bytes());
+    v.push(d.qos as u8);
+    v.push(u8::from(d.retain));
+    v.push(u8::try_from(ids.len()).unwrap_or(u8::MAX));
+    for id in ids.iter().take(usize::from(u8::MAX)) {
+        v.extend_from_slice(&id.to_be_bytes());
+    }
+    v
+}
+
+pub(crate) struct Entry {
+    pub message_id: u64,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+pub(crate) fn decode_entry(v: &[u8]) -> Option<Entry> {
+    if v.len() < 12 || v[0] != RECORD_VERSION {
+        return None;
+    }
+    let n = usize::from(v[11]);
+    if v.len() != 12 + 4 * n {
+        return None;
+    }
+    Some(Entry {
+        message_id: u64::from_be_bytes(v[1..9].try_into().ok()?),
+        qos: QoS::from_u8(v[9]).filter(|q| *q != QoS::AtMostOnce)?,
+        retain: v[10] != 0,
+        subscription_ids: v[12..]
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    })
+}
+
+/// The in-flight state of a queue entry: 1 = sent with the packet id, 2 = PUBREC received.
+pub(crate) fn stage_record(stage: u8, packet_id: u16) -> [u8; 4] {
+    let id = packet_id.to_be_bytes();
+    [RECORD_VERSION, stage, id[0], id[1]]
+}
