@@ -292,6 +292,15 @@ fn scenario_note(scenario: &str) -> Option<&'static str> {
         "wildcards" => Some(
             "Expected deliveries count one copy per subscribing connection per matching message.",
         ),
+        "durable-always" | "durable-every-ms" => Some(
+            "The pairs scenario with persistent sessions (`--persistent`: Clean Session 0), so \
+             every QoS 1 message is the broker's to keep until its subscriber acknowledges it. \
+             petrel runs with its disk store (`[storage] dir` in the run's directory, `fsync = \
+             \"always\"` or `\"every_ms\"` with the default 100 ms) and acknowledges a PUBLISH \
+             only once it is durable under that policy; Mosquitto runs with `persistence true` \
+             (it writes its database at `autosave_interval` and on exit). rumqttd keeps no \
+             state on disk and is not run.",
+        ),
         _ => None,
     }
 }

@@ -18,6 +18,8 @@ pub const SCENARIO_ORDER: &[&str] = &[
     "connections",
     "wildcards",
     "retained",
+    "durable-always",
+    "durable-every-ms",
 ];
 
 /// The broker that ratios are taken for, then its peers, in the order the report shows them.

@@ -199,6 +199,32 @@ pub const TARGETS: &[Target] = &[
         ],
         text: "ahead of both",
     },
+    Target {
+        row: "durable-always",
+        scenario: "durable-always",
+        metric: DELIVERED,
+        conditions: &[
+            Condition::AtLeast {
+                peer: "mosquitto",
+                factor: 3.0,
+            },
+            Condition::NoLoss,
+        ],
+        text: "≥ 3× Mosquitto (persistence on), no loss",
+    },
+    Target {
+        row: "durable-every-ms",
+        scenario: "durable-every-ms",
+        metric: DELIVERED,
+        conditions: &[
+            Condition::AtLeast {
+                peer: "mosquitto",
+                factor: 3.0,
+            },
+            Condition::NoLoss,
+        ],
+        text: "≥ 3× Mosquitto (persistence on), no loss",
+    },
 ];
 
 /// What a broker contributed to one metric of one scenario.
