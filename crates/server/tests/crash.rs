@@ -2,7 +2,8 @@
 //! moments while a publisher sends QoS 1 and QoS 2 messages to offline persistent
 //! subscribers. After a restart the subscribers come back: every message the broker
 //! acknowledged (PUBACK, PUBREC) is delivered — QoS 2 exactly once, QoS 1 at least once — and
-//! the retained message is intact.
+//! the retained message is intact. The second test does the same with the subscriber online
+//! and acknowledging, where the store skips writing what is acknowledged in time.
 
 mod support;
 
@@ -219,6 +220,122 @@ async fn acknowledged_messages_survive_sigkill() {
     late.expect(&suback(1, 1), PROMPT).await;
     let packet = late.packet(PROMPT).await.expect("retained message");
     assert_eq!(publish_payload(&packet), b"kept");
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Publishes QoS 1 messages in bursts of `BURST` (so that many wait for the store at once)
+/// until the broker dies; returns the payloads it acknowledged.
+async fn publish_bursts_until_killed(
+    addr: std::net::SocketAddr,
+    iteration: usize,
+    acked: &mut BTreeSet<String>,
+) {
+    const BURST: u16 = 20;
+    let Ok(mut publ) =
+        tokio::time::timeout(PROMPT, RawClient::connected(addr, "burster", 60)).await
+    else {
+        return;
+    };
+    for burst in 0..5_000u32 {
+        let payload = |i: u16| format!("live-{iteration}-{burst}-{i}");
+        for i in 1..=BURST {
+            publ.send(&publish("crash/live", 1, i, payload(i).as_bytes()))
+                .await;
+        }
+        for _ in 1..=BURST {
+            let Ok(reply) = publ.packet(PROMPT).await else {
+                return;
+            };
+            assert_eq!(reply[0], 0x40, "unexpected reply {reply:02x?}");
+            acked.insert(payload(publish_ack_id(&reply)));
+        }
+    }
+}
+
+fn publish_ack_id(ack: &[u8]) -> u16 {
+    u16::from_be_bytes([ack[2], ack[3]])
+}
+
+/// The same promise with the subscriber online: a message it acknowledges before the store
+/// wrote it is never written, so the broker must not acknowledge the publisher before either
+/// the message is durable or the subscriber has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill_with_the_subscriber_online() {
+    let _machine = heavy().await;
+    let dir = std::env::temp_dir().join(format!("petrel-crash-live-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    println!("crash test seed {seed}");
+    let mut rng = Rng(seed);
+
+    let broker = Broker::start_with("", &storage(&dir));
+    let mut s = RawClient::connect(broker.addr).await;
+    s.send(&connect_persistent("live")).await;
+    s.expect(&CONNACK_ACCEPTED, PROMPT).await;
+    s.send(&subscribe(1, "crash/live", 1)).await;
+    s.expect(&suback(1, 1), PROMPT).await;
+    drop(s);
+    drop(broker);
+
+    let mut acked = BTreeSet::new();
+    let mut received = BTreeSet::new();
+    for iteration in 0..ITERATIONS {
+        let broker = Broker::start_with("", &storage(&dir));
+        let addr = broker.addr;
+        // The subscriber reads and acknowledges everything until the broker dies.
+        let mut sub = RawClient::connect(addr).await;
+        sub.send(&connect_persistent("live")).await;
+        sub.expect(&[0x20, 0x02, 0x01, 0x00], PROMPT).await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Ok(packet) = sub.packet(PROMPT).await {
+                assert_eq!(packet[0] & 0xf0, 0x30, "unexpected {packet:02x?}");
+                got.push(String::from_utf8_lossy(publish_payload(&packet)).into_owned());
+                sub.send(&puback(publish_packet_id(&packet))).await;
+            }
+            got
+        });
+        let kill_after = Duration::from_millis(50 + rng.next(300));
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep(kill_after).await;
+            drop(broker);
+        });
+        let before = acked.len();
+        publish_bursts_until_killed(addr, iteration, &mut acked).await;
+        killer.await.unwrap();
+        let got = reader.await.unwrap();
+        println!(
+            "iteration {iteration}: killed after {kill_after:?}, {} acknowledged, {} received live",
+            acked.len() - before,
+            got.len()
+        );
+        received.extend(got);
+    }
+    assert!(acked.len() > 100, "too few acknowledged: {}", acked.len());
+
+    let broker = Broker::start_with("", &storage(&dir));
+    let mut s = RawClient::connect(broker.addr).await;
+    s.send(&connect_persistent("live")).await;
+    s.expect(&[0x20, 0x02, 0x01, 0x00], PROMPT).await;
+    let after: Vec<String> = drain(&mut s).await.into_iter().map(|(p, _, _)| p).collect();
+    println!(
+        "{} acknowledged, {} received live, {} after the last restart",
+        acked.len(),
+        received.len(),
+        after.len()
+    );
+    received.extend(after);
+    let missing: Vec<&String> = acked.difference(&received).collect();
+    assert!(
+        missing.is_empty(),
+        "seed {seed}: {} acknowledged messages lost, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -80,8 +80,8 @@ pub(crate) struct Changes {
 impl Changes {
     /// `fresh` as the caller knows it: whether the key holds nothing now. A key already
     /// changed here keeps what its first change knew.
-    pub(crate) fn put(&mut self, part: Part, key: Vec<u8>, value: Value, fresh: bool) {
-        match self.map.entry((part, key)) {
+    fn put(&mut self, key: Key, value: Value, fresh: bool) {
+        match self.map.entry(key) {
             Entry::Occupied(mut e) => {
                 let fresh = matches!(e.get(), Change::Put { fresh: true, .. });
                 *e.get_mut() = Change::Put { value, fresh };
@@ -92,8 +92,8 @@ impl Changes {
         }
     }
 
-    pub(crate) fn delete(&mut self, part: Part, key: Vec<u8>) {
-        match self.map.entry((part, key)) {
+    fn delete(&mut self, key: Key) {
+        match self.map.entry(key) {
             Entry::Occupied(e) if matches!(e.get(), Change::Put { fresh: true, .. }) => {
                 e.remove();
             }
@@ -123,6 +123,83 @@ impl Changes {
     }
 }
 
+/// The buffer in two generations. The commit thread writes only the older one, so every
+/// change waits at least one round (a journal write and sync) before it is written: time
+/// for a subscriber to acknowledge a message, which cancels it. Without the wait, the
+/// publishers' next messages, sent the moment the last round released their PUBACKs, would
+/// be taken by the very next round before any subscriber could answer.
+///
+/// A key lives in one generation: a later change to a key in the older one is made there,
+/// so it is written no later than the change it supersedes (a change written earlier than
+/// its token requires is still safe; one written later would break the promise made by
+/// that earlier token).
+#[derive(Default)]
+pub(crate) struct Buffer {
+    young: Changes,
+    aged: Changes,
+}
+
+impl Buffer {
+    /// The generation that holds `key`, or `otherwise`'s if neither does.
+    fn holding(&mut self, key: &Key, older_by_default: bool) -> &mut Changes {
+        if self.aged.map.contains_key(key) {
+            &mut self.aged
+        } else if older_by_default && !self.young.map.contains_key(key) {
+            &mut self.aged
+        } else {
+            &mut self.young
+        }
+    }
+
+    pub(crate) fn put(&mut self, part: Part, key: Vec<u8>, value: Value, fresh: bool) {
+        let key = (part, key);
+        self.holding(&key, false).put(key, value, fresh);
+    }
+
+    pub(crate) fn delete(&mut self, part: Part, key: Vec<u8>) {
+        let key = (part, key);
+        self.holding(&key, false).delete(key);
+    }
+
+    /// A delete that goes with the next group (when its key is not in the younger
+    /// generation): removing a session deletes its records in one group, so a crash cannot
+    /// leave half a session.
+    pub(crate) fn delete_soon(&mut self, part: Part, key: Vec<u8>) {
+        let key = (part, key);
+        self.holding(&key, true).delete(key);
+    }
+
+    pub(crate) fn get(&self, part: Part, key: &[u8]) -> Option<&Change> {
+        self.young
+            .get(part, key)
+            .or_else(|| self.aged.get(part, key))
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &Change)> {
+        self.young.iter().chain(self.aged.iter())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.young.is_empty() && self.aged.is_empty()
+    }
+
+    /// Takes the older generation for writing; the younger one ages.
+    pub(crate) fn rotate(&mut self) -> Changes {
+        let aged = std::mem::take(&mut self.young);
+        std::mem::replace(&mut self.aged, aged)
+    }
+
+    /// Takes everything, for the last round.
+    pub(crate) fn take_all(&mut self) -> Changes {
+        let mut all = std::mem::take(&mut self.aged);
+        for (key, change) in std::mem::take(&mut self.young).map {
+            all.map.insert(key, change);
+        }
+        all
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +208,7 @@ mod tests {
         Value::Bytes(b.to_vec())
     }
 
-    fn state(c: &Changes, key: &[u8]) -> Option<Option<Vec<u8>>> {
+    fn state(c: &Buffer, key: &[u8]) -> Option<Option<Vec<u8>>> {
         c.get(Part::Queue, key).map(|c| match c {
             Change::Put { value, .. } => Some(value.encode()),
             Change::Delete => None,
@@ -140,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_fresh_put_and_its_delete_cancel() {
-        let mut c = Changes::default();
+        let mut c = Buffer::default();
         c.put(Part::Queue, b"k".to_vec(), bytes(b"v"), true);
         c.put(Part::Queue, b"k".to_vec(), bytes(b"w"), false);
         c.delete(Part::Queue, b"k".to_vec());
@@ -149,7 +226,7 @@ mod tests {
 
     #[test]
     fn a_put_over_a_stored_key_leaves_a_delete() {
-        let mut c = Changes::default();
+        let mut c = Buffer::default();
         c.put(Part::Queue, b"k".to_vec(), bytes(b"v"), false);
         c.delete(Part::Queue, b"k".to_vec());
         assert_eq!(state(&c, b"k"), Some(None));
@@ -157,7 +234,7 @@ mod tests {
 
     #[test]
     fn a_put_after_a_delete_is_not_fresh() {
-        let mut c = Changes::default();
+        let mut c = Buffer::default();
         c.delete(Part::Queue, b"k".to_vec());
         c.put(Part::Queue, b"k".to_vec(), bytes(b"v"), true);
         assert_eq!(state(&c, b"k"), Some(Some(b"v".to_vec())));
@@ -168,10 +245,73 @@ mod tests {
 
     #[test]
     fn partitions_are_apart() {
-        let mut c = Changes::default();
+        let mut c = Buffer::default();
         c.put(Part::Queue, b"k".to_vec(), bytes(b"v"), true);
         c.delete(Part::Inflight, b"k".to_vec());
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.iter().count(), 2);
         assert_eq!(state(&c, b"k"), Some(Some(b"v".to_vec())));
+    }
+
+    #[test]
+    fn a_change_waits_one_rotation_and_cancels_across_generations() {
+        let mut c = Buffer::default();
+        c.put(Part::Queue, b"a".to_vec(), bytes(b"1"), true);
+        c.put(Part::Queue, b"b".to_vec(), bytes(b"2"), true);
+        // The first rotation writes nothing: both changes only age.
+        assert!(c.rotate().is_empty());
+        // Acknowledged while aged: cancelled there, never written.
+        c.delete(Part::Queue, b"a".to_vec());
+        c.put(Part::Queue, b"c".to_vec(), bytes(b"3"), true);
+        let written = c.rotate();
+        assert_eq!(written.len(), 1);
+        assert!(written.get(Part::Queue, b"b").is_some());
+        // c aged meanwhile and is written by the next rotation.
+        assert!(c.rotate().get(Part::Queue, b"c").is_some());
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_later_change_to_an_aged_key_is_written_with_it() {
+        let mut c = Buffer::default();
+        c.put(Part::Sessions, b"s".to_vec(), bytes(b"online"), false);
+        c.rotate();
+        c.put(Part::Sessions, b"s".to_vec(), bytes(b"offline"), false);
+        let written = c.rotate();
+        assert!(
+            matches!(written.get(Part::Sessions, b"s"), Some(Change::Put { value, .. }) if value.encode() == b"offline")
+        );
+        assert!(c.rotate().is_empty());
+    }
+
+    #[test]
+    fn deletes_soon_join_the_older_generation() {
+        let mut c = Buffer::default();
+        c.put(Part::Queue, b"young".to_vec(), bytes(b"1"), false);
+        c.delete_soon(Part::Queue, b"young".to_vec());
+        c.delete_soon(Part::Queue, b"stored".to_vec());
+        let written = c.rotate();
+        assert!(matches!(
+            written.get(Part::Queue, b"stored"),
+            Some(Change::Delete)
+        ));
+        assert!(written.get(Part::Queue, b"young").is_none());
+        assert!(matches!(
+            c.rotate().get(Part::Queue, b"young"),
+            Some(Change::Delete)
+        ));
+    }
+
+    #[test]
+    fn take_all_keeps_the_newest_change() {
+        let mut c = Buffer::default();
+        c.put(Part::Queue, b"k".to_vec(), bytes(b"old"), false);
+        c.rotate();
+        c.delete(Part::Queue, b"k".to_vec());
+        c.put(Part::Queue, b"k".to_vec(), bytes(b"new"), false);
+        let all = c.take_all();
+        assert_eq!(all.len(), 1);
+        assert!(
+            matches!(all.get(Part::Queue, b"k"), Some(Change::Put { value, .. }) if value.encode() == b"new")
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fjall::{Keyspace, PersistMode};
 
-use crate::changes::{Change, Changes};
+use crate::changes::{Buffer, Change, Changes, Part};
 use crate::{lock, Fsync, Parts};
 
 /// What hooks and the commit thread share; hooks hold `state` only to record a change.
@@ -27,11 +27,26 @@ pub(crate) struct Shared {
     pub waiters: Mutex<Vec<(u64, Waker)>>,
     /// Signalled, under `waiters`, when `durable` or `synced` advance.
     pub landed: Condvar,
+    pub counts: Counts,
+}
+
+/// What the store did, for the log at shutdown (and metrics later).
+#[derive(Default)]
+pub(crate) struct Counts {
+    /// Deliveries queued for persistent sessions.
+    pub enqueued: AtomicU64,
+    /// Of those, how many reached the disk: the rest were acknowledged (or dropped) first.
+    pub queue_writes: AtomicU64,
+    /// Groups written.
+    pub rounds: AtomicU64,
 }
 
 pub(crate) struct State {
     /// Changes not yet taken by the commit thread.
-    pub pending: Changes,
+    pub pending: Buffer,
+    /// The last token recorded before the buffer's last rotation: what its older generation
+    /// covers.
+    pub aged_token: u64,
     /// The group the commit thread is writing: still visible to reads until it has landed.
     pub writing: Option<Arc<Changes>>,
     /// How many queue entries refer to each stored message; the last one gone deletes it.
@@ -49,7 +64,8 @@ impl Shared {
     pub(crate) fn new(refs: HashMap<u64, u32>) -> Shared {
         Shared {
             state: Mutex::new(State {
-                pending: Changes::default(),
+                pending: Buffer::default(),
+                aged_token: 0,
                 writing: None,
                 refs,
                 written: 0,
@@ -62,6 +78,7 @@ impl Shared {
             synced: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
             landed: Condvar::new(),
+            counts: Counts::default(),
         }
     }
 
@@ -105,13 +122,19 @@ pub(crate) fn run(shared: &Shared, keyspace: &Keyspace, parts: &Parts, fsync: Fs
                     .0;
                 st.idle = false;
             }
-            let group = Arc::new(std::mem::take(&mut st.pending));
-            st.writing = Some(group.clone());
             let sync_requested = std::mem::take(&mut st.sync_requested);
-            (group, st.written, sync_requested, st.stop)
+            let (group, target) = if sync_requested || st.stop {
+                (st.pending.take_all(), st.written)
+            } else {
+                (st.pending.rotate(), st.aged_token)
+            };
+            st.aged_token = st.written;
+            let group = Arc::new(group);
+            st.writing = Some(group.clone());
+            (group, target, sync_requested, st.stop)
         };
         if !group.is_empty() {
-            write(keyspace, parts, &group, stop);
+            write(shared, keyspace, parts, &group, stop);
             unsynced = true;
         }
         let sync = unsynced
@@ -169,7 +192,16 @@ pub(crate) fn run(shared: &Shared, keyspace: &Keyspace, parts: &Parts, fsync: Fs
 
 /// Writes a group as one batch; retries until it succeeds (or, when stopping, gives up
 /// after a few attempts, logging what is lost).
-fn write(keyspace: &Keyspace, parts: &Parts, group: &Changes, stop: bool) {
+fn write(shared: &Shared, keyspace: &Keyspace, parts: &Parts, group: &Changes, stop: bool) {
+    let puts = group
+        .iter()
+        .filter(|((part, _), change)| *part == Part::Queue && matches!(change, Change::Put { .. }))
+        .count();
+    shared.counts.rounds.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counts
+        .queue_writes
+        .fetch_add(puts as u64, Ordering::Relaxed);
     let mut attempts = 0;
     loop {
         let mut batch = keyspace.batch();

@@ -238,8 +238,12 @@ impl DiskStore {
     /// first, then the group being written, then the disk. `Some(None)`: it holds something
     /// that is not stored as given (a message not yet encoded).
     fn current(&self, st: &State, part: Part, key: &[u8]) -> fjall::Result<Option<Vec<u8>>> {
-        for changes in std::iter::once(&st.pending).chain(st.writing.as_deref()) {
-            match changes.get(part, key) {
+        let found = st
+            .pending
+            .get(part, key)
+            .or_else(|| st.writing.as_deref().and_then(|w| w.get(part, key)));
+        {
+            match found {
                 Some(Change::Put { value, .. }) => {
                     return Ok(Some(value.bytes().map(<[u8]>::to_vec).unwrap_or_default()))
                 }
@@ -274,16 +278,16 @@ impl DiskStore {
                 keys.push((part, key.to_vec()));
             }
         }
-        for changes in std::iter::once(&st.pending).chain(st.writing.as_deref()) {
-            keys.extend(
-                changes
-                    .iter()
-                    .filter(|((part, key), _)| {
-                        Part::PER_CLIENT.contains(part) && key.starts_with(&prefix)
-                    })
-                    .map(|(key, _)| key.clone()),
-            );
-        }
+        let writing = st.writing.as_deref().into_iter().flat_map(|w| w.iter());
+        keys.extend(
+            st.pending
+                .iter()
+                .chain(writing)
+                .filter(|((part, key), _)| {
+                    Part::PER_CLIENT.contains(part) && key.starts_with(&prefix)
+                })
+                .map(|(key, _)| key.clone()),
+        );
         keys.sort_unstable();
         keys.dedup();
         for (part, key) in keys {
@@ -295,7 +299,7 @@ impl DiskStore {
                     unref(&mut st, entry.message_id);
                 }
             }
-            st.pending.delete(part, key);
+            st.pending.delete_soon(part, key);
         }
         self.shared.nudge(&mut st);
         Ok(())
@@ -331,6 +335,14 @@ impl Drop for DiskStore {
         if let Some(t) = self.committer.take() {
             let _ = t.join();
         }
+        let counts = &self.shared.counts;
+        tracing::info!(
+            queued = counts.enqueued.load(Ordering::Relaxed),
+            written = counts.queue_writes.load(Ordering::Relaxed),
+            groups = counts.rounds.load(Ordering::Relaxed),
+            "store closed: of the deliveries queued for persistent sessions, those not written \
+             were acknowledged before their group"
+        );
     }
 }
 
@@ -398,6 +410,7 @@ impl Store for DiskStore {
     }
 
     fn enqueued(&self, client_id: &str, seq: u64, delivery: &Delivery) -> u64 {
+        self.shared.counts.enqueued.fetch_add(1, Ordering::Relaxed);
         let message = &delivery.message;
         let id = *message
             .store_id
