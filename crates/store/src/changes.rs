@@ -140,11 +140,11 @@ pub(crate) struct Buffer {
 }
 
 impl Buffer {
-    /// The generation that holds `key`, or `otherwise`'s if neither does.
+    /// The generation that holds `key`; if neither does, the younger unless `older_by_default`.
     fn holding(&mut self, key: &Key, older_by_default: bool) -> &mut Changes {
-        if self.aged.map.contains_key(key) {
-            &mut self.aged
-        } else if older_by_default && !self.young.map.contains_key(key) {
+        let aged = self.aged.map.contains_key(key)
+            || (older_by_default && !self.young.map.contains_key(key));
+        if aged {
             &mut self.aged
         } else {
             &mut self.young
