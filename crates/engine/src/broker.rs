@@ -31,7 +31,7 @@ use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
 use crate::session::{
     Admitted, Delivery, DeliveryExtra, Dropped, Inflight, InflightStage, Owner, PendingWill,
-    Session, SessionState, Subscription, NEVER_EXPIRES,
+    QueueTotals, Session, SessionState, Subscription, NEVER_EXPIRES,
 };
 use crate::shared::{self, GroupKey, SharedGroup};
 use crate::stats::Stats;
@@ -65,6 +65,8 @@ pub struct Broker {
     retained: RwLock<RetainedTrie<Arc<Message>>>,
     timers: Mutex<Timers>,
     next_session_id: AtomicU64,
+    /// What all sessions' queues hold together, for the broker-wide bound.
+    queue_totals: Arc<QueueTotals>,
     next_connection_id: AtomicU64,
     next_group_key: AtomicU64,
     /// Makes generated client ids unique across restarts as well as within one run.
@@ -194,6 +196,7 @@ impl Broker {
             retained: RwLock::new(RetainedTrie::new()),
             timers: Mutex::new(Timers::default()),
             next_session_id: AtomicU64::new(1),
+            queue_totals: Arc::default(),
             next_connection_id: AtomicU64::new(1),
             next_group_key: AtomicU64::new(1),
             boot_nonce: RandomState::new().hash_one(std::time::SystemTime::now()),
@@ -305,6 +308,7 @@ impl Broker {
             client_id.clone(),
             Owner::Connection(connection),
             expiry_interval,
+            self.queue_totals.clone(),
         ));
         sessions.insert(client_id.clone(), session.clone());
         drop(sessions);
@@ -329,6 +333,7 @@ impl Broker {
         retained: Vec<Message>,
         now: Instant,
     ) {
+        let mut dropped_at_restore = 0u64;
         for stored in sessions {
             if stored.expires_at.is_some_and(|at| at <= now) {
                 self.store.session_removed(&stored.client_id);
@@ -343,6 +348,7 @@ impl Broker {
                 client_id.clone(),
                 Owner::Offline,
                 stored.expiry_interval,
+                self.queue_totals.clone(),
             ));
             let mut sessions = lock(&self.sessions);
             let mut st = session.lock();
@@ -394,7 +400,10 @@ impl Broker {
                     None => {
                         let (seq, qos) = (delivery.seq, delivery.qos);
                         let message = delivery.message.clone();
-                        if st.push(delivery, &self.limits).is_err() {
+                        if let Err(reason) = st.push(delivery, &self.limits) {
+                            // The bounds were lowered since the message was stored.
+                            self.count_drop(reason);
+                            dropped_at_restore += 1;
                             self.store.dequeued(&stored.client_id, seq, &message, qos);
                         }
                     }
@@ -409,6 +418,12 @@ impl Broker {
             }
             drop(st);
             sessions.insert(client_id, session);
+        }
+        if dropped_at_restore > 0 {
+            tracing::warn!(
+                dropped = dropped_at_restore,
+                "stored messages past the queue bounds now configured were dropped at start"
+            );
         }
         for message in retained {
             if message.is_expired(now) {
@@ -467,10 +482,7 @@ impl Broker {
         st.release_blocked();
         st.expires_at = None;
         let subscriptions: Vec<TopicFilter> = st.subscriptions.drain().map(|(f, _)| f).collect();
-        st.queue.clear();
-        st.queued_messages = 0;
-        st.queued_bytes = 0;
-        st.qos0_bytes = 0;
+        st.clear_queue();
         st.inflight.clear();
         st.inbound_qos2.clear();
         for f in &subscriptions {
@@ -853,6 +865,7 @@ impl Broker {
         let counter = match reason {
             Dropped::OutboxFull => &self.stats.dropped_outbox_full,
             Dropped::QueueFull => &self.stats.dropped_queue_full,
+            Dropped::BrokerQueueFull => &self.stats.dropped_broker_queue_full,
             Dropped::Offline => &self.stats.dropped_offline_qos0,
             Dropped::Ended => return,
         };

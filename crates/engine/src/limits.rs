@@ -20,6 +20,13 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Payload bytes waiting per session, same policy.
     pub max_queued_bytes: usize,
+    /// QoS 1/2 messages waiting in all sessions together. Past it, messages for offline and
+    /// stalled sessions are dropped (newest or oldest, as `drop_oldest` says) and counted;
+    /// connected subscribers keep their own bounds and flow control. This is what bounds
+    /// the memory of many offline sessions, each within its own bounds.
+    pub max_queued_messages_total: usize,
+    /// Payload bytes waiting in all sessions together, same policy.
+    pub max_queued_bytes_total: usize,
     /// QoS 0 payload bytes waiting for one connection, same flow-control policy as the queue.
     /// This is what keeps a subscriber that stopped reading from growing the broker's memory.
     pub outbox_bytes: usize,
@@ -68,6 +75,8 @@ impl Default for Limits {
             max_inflight: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
+            max_queued_messages_total: 10_000_000,
+            max_queued_bytes_total: 4 * 1024 * 1024 * 1024,
             outbox_bytes: 1024 * 1024,
             flow_control_timeout: Duration::from_secs(5),
             max_client_id_len: u16::MAX,

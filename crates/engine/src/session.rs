@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU16;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Instant;
@@ -246,10 +246,52 @@ pub enum Dropped {
     /// QoS 1/2, and the session's queue is past its bounds: offline, stalled, or past the
     /// overflow band.
     QueueFull,
+    /// QoS 1/2 for an offline or stalled session, and the queues of all sessions together
+    /// are at the broker-wide bound.
+    BrokerQueueFull,
     /// QoS 0 to an offline session: not queued (§4.1 allows either; we keep memory for QoS 1/2).
     Offline,
     /// The session ended between matching and delivery.
     Ended,
+}
+
+/// Messages and payload bytes queued in all sessions of a broker (QoS 1/2, as counted
+/// against each session's own bounds), for the broker-wide bound. Relaxed atomics: pushes on
+/// different sessions may pass the check together and overshoot the bound by a few messages,
+/// never by more than the number of threads routing at that moment.
+#[derive(Debug, Default)]
+pub struct QueueTotals {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+    /// A drop at the bound was logged; cleared once a message fits again, so the log has one
+    /// line per episode, not one per session.
+    full_logged: AtomicBool,
+}
+
+impl QueueTotals {
+    pub fn messages(&self) -> usize {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, messages: usize, bytes: usize) {
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn sub(&self, messages: usize, bytes: usize) {
+        self.messages.fetch_sub(messages, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether one more message of `weight` bytes stays within the broker-wide bounds.
+    fn admits(&self, weight: usize, limits: &Limits) -> bool {
+        self.messages() < limits.max_queued_messages_total
+            && self.bytes().saturating_add(weight) <= limits.max_queued_bytes_total
+    }
 }
 
 pub struct SessionState {
@@ -272,6 +314,8 @@ pub struct SessionState {
     /// QoS 1/2 entries in `queue` and the weight of them.
     pub queued_messages: usize,
     pub queued_bytes: usize,
+    /// The broker's totals, which `queued_messages` and `queued_bytes` are part of.
+    totals: Arc<QueueTotals>,
     /// Weight of QoS 0 entries in `queue`.
     pub qos0_bytes: usize,
     /// Sent QoS 1/2 messages not yet fully acknowledged, in send order (resent in this order
@@ -310,6 +354,7 @@ impl Session {
         client_id: MqttString,
         owner: Owner,
         expiry_interval: u32,
+        totals: Arc<QueueTotals>,
     ) -> Session {
         let owner_id = match owner {
             Owner::Connection(c) => c,
@@ -330,6 +375,7 @@ impl Session {
                 queue: VecDeque::new(),
                 queued_messages: 0,
                 queued_bytes: 0,
+                totals,
                 qos0_bytes: 0,
                 inflight: VecDeque::new(),
                 inbound_qos2: HashSet::new(),
@@ -408,7 +454,17 @@ impl Session {
                     if let Some(message) = message {
                         store.dequeued(&self.client_id, seq, &message, qos);
                     }
-                    if !st.drop_logged && reason != Dropped::Ended {
+                    if reason == Dropped::BrokerQueueFull {
+                        if !st.totals.full_logged.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                queued = st.totals.messages(),
+                                queued_bytes = st.totals.bytes(),
+                                "broker-wide queue bound reached (max_queued_messages_total, \
+                                 max_queued_bytes_total): dropping messages for offline and \
+                                 stalled sessions"
+                            );
+                        }
+                    } else if !st.drop_logged && reason != Dropped::Ended {
                         st.drop_logged = true;
                         let state = match st.owner {
                             Owner::Offline => "offline",
@@ -499,6 +555,14 @@ impl SessionState {
                 let counted = weight > 0;
                 let messages = self.queued_messages + usize::from(counted);
                 let bytes = self.queued_bytes + weight;
+                if counted && !may_overflow {
+                    if !self.totals.admits(weight, limits) {
+                        return Err(Dropped::BrokerQueueFull);
+                    }
+                    if self.totals.full_logged.load(Ordering::Relaxed) {
+                        self.totals.full_logged.store(false, Ordering::Relaxed);
+                    }
+                }
                 let admitted = if !counted
                     || (messages <= limits.max_queued_messages && bytes <= limits.max_queued_bytes)
                 {
@@ -513,6 +577,9 @@ impl SessionState {
                 };
                 self.queued_messages = messages;
                 self.queued_bytes = bytes;
+                if counted {
+                    self.totals.add(1, weight);
+                }
                 admitted
             }
         };
@@ -534,6 +601,7 @@ impl SessionState {
         }
         while self.queued_messages + 1 > limits.max_queued_messages
             || self.queued_bytes + weight > limits.max_queued_bytes
+            || !self.totals.admits(weight, limits)
         {
             let Some(i) = self
                 .queue
@@ -589,7 +657,17 @@ impl SessionState {
         } else if weight > 0 {
             self.queued_messages -= 1;
             self.queued_bytes -= weight;
+            self.totals.sub(1, weight);
         }
+    }
+
+    /// Empties the queue (the session ended).
+    pub fn clear_queue(&mut self) {
+        self.queue.clear();
+        self.totals.sub(self.queued_messages, self.queued_bytes);
+        self.queued_messages = 0;
+        self.queued_bytes = 0;
+        self.qos0_bytes = 0;
     }
 
     /// Drops queued QoS 0 messages: they are not kept for an offline client.
@@ -804,5 +882,11 @@ impl SessionState {
             }
             _ => None,
         }
+    }
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.totals.sub(self.queued_messages, self.queued_bytes);
     }
 }

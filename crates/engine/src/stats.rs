@@ -12,6 +12,9 @@ pub struct Stats {
     pub messages_enqueued: AtomicU64,
     pub dropped_outbox_full: AtomicU64,
     pub dropped_queue_full: AtomicU64,
+    /// QoS 1/2 messages for offline or stalled sessions dropped at the broker-wide queue
+    /// bound (`max_queued_messages_total`, `max_queued_bytes_total`).
+    pub dropped_broker_queue_full: AtomicU64,
     pub dropped_offline_qos0: AtomicU64,
     /// Times a publisher was paused because a subscriber's queue was full.
     pub flow_control_pauses: AtomicU64,

@@ -478,6 +478,113 @@ fn offline_queue_keeps_the_first_messages_up_to_its_bound() {
     assert_eq!(sub.recv(), [m(1), m(2), m(3)]);
 }
 
+/// Offline persistent subscribers to "t/<id>", one per id.
+fn offline_subscribers(broker: &Arc<Broker>, now: Instant, ids: &[&str]) {
+    for id in ids {
+        let mut s = Peer::connect(broker, now, connect(id, false, 0));
+        s.subscribe(now, 1, &format!("t/{id}"), QoS::AtLeastOnce);
+        s.close(&CloseReason::PeerClosed);
+    }
+}
+
+/// The payloads of the PUBLISH packets among `packets`.
+fn payloads(packets: Vec<Packet>) -> Vec<String> {
+    packets
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn offline_queues_together_stay_within_the_broker_wide_bound() {
+    let t0 = Instant::now();
+    let broker = broker(Limits {
+        max_queued_messages: 10,
+        max_queued_messages_total: 15,
+        ..Default::default()
+    });
+    offline_subscribers(&broker, t0, &["a", "b", "c"]);
+    let mut publ = client(&broker, t0, "pub");
+    let mut packet_id = 0;
+    let mut publish_to = |publ: &mut Peer, id: &str, n: usize| {
+        for i in 0..n {
+            packet_id += 1;
+            publ.send(
+                t0,
+                publish(&format!("t/{id}"), &format!("{id}{i}"), QoS::AtLeastOnce, packet_id),
+            )
+            .unwrap();
+            // Acknowledged: dropping at a bound is the broker's decision, counted below.
+            assert_eq!(publ.written(), [puback(packet_id)]);
+        }
+    };
+    for id in ["a", "b", "c"] {
+        publish_to(&mut publ, id, 10);
+    }
+    // a fills its own bound (10), b gets the 5 the broker has left, c none.
+    assert_eq!(Stats::get(&broker.stats.dropped_broker_queue_full), 15);
+    assert_eq!(Stats::get(&broker.stats.dropped_queue_full), 0);
+
+    let mut b = Peer::new(&broker, t0);
+    b.send_connect(t0, connect("b", false, 0)).unwrap();
+    assert_eq!(b.written().len(), 1, "CONNACK");
+    let got = payloads(b.recv());
+    assert_eq!(got, ["b0", "b1", "b2", "b3", "b4"]);
+
+    // Sent to b, its messages left the queues: room for 5 more; a's 10 stay queued.
+    publish_to(&mut publ, "c", 10);
+    assert_eq!(Stats::get(&broker.stats.dropped_broker_queue_full), 20);
+    let mut c = Peer::new(&broker, t0);
+    c.send_connect(t0, connect("c", false, 0)).unwrap();
+    assert_eq!(c.written().len(), 1, "CONNACK");
+    assert_eq!(payloads(c.recv()), ["c0", "c1", "c2", "c3", "c4"]);
+
+    // An ended session gives its room back: a starts clean, its 10 are gone.
+    let mut a = Peer::new(&broker, t0);
+    a.send_connect(t0, connect("a", true, 0)).unwrap();
+    assert_eq!(a.written().len(), 1, "CONNACK");
+    assert_eq!(payloads(a.recv()), Vec::<String>::new());
+    a.close(&CloseReason::PeerClosed);
+    offline_subscribers(&broker, t0, &["d"]);
+    publish_to(&mut publ, "d", 10);
+    assert_eq!(Stats::get(&broker.stats.dropped_broker_queue_full), 20);
+}
+
+#[test]
+fn the_broker_wide_byte_bound_with_drop_oldest_keeps_each_sessions_latest() {
+    let t0 = Instant::now();
+    let broker = broker(Limits {
+        max_queued_bytes_total: 5 * 13,
+        drop_oldest: true,
+        ..Default::default()
+    });
+    offline_subscribers(&broker, t0, &["a", "b"]);
+    let mut publ = client(&broker, t0, "pub");
+    // 13 bytes each (payload and topic): the broker holds 5.
+    for (i, id) in ["a", "a", "a", "b", "b", "b"].iter().enumerate() {
+        let packet_id = u16::try_from(i + 1).unwrap();
+        let payload = format!("{id}-{i:08}");
+        publ.send(
+            t0,
+            publish(&format!("t/{id}"), &payload, QoS::AtLeastOnce, packet_id),
+        )
+        .unwrap();
+        assert_eq!(publ.written(), [puback(packet_id)]);
+    }
+    // b's third message found the broker full: b's own oldest made room (a's are a's).
+    let mut a = Peer::new(&broker, t0);
+    a.send_connect(t0, connect("a", false, 0)).unwrap();
+    assert_eq!(a.written().len(), 1, "CONNACK");
+    assert_eq!(payloads(a.recv()), ["a-00000000", "a-00000001", "a-00000002"]);
+    let mut b = Peer::new(&broker, t0);
+    b.send_connect(t0, connect("b", false, 0)).unwrap();
+    assert_eq!(b.written().len(), 1, "CONNACK");
+    assert_eq!(payloads(b.recv()), ["b-00000004", "b-00000005"]);
+}
+
 #[test]
 fn offline_queue_with_drop_oldest_keeps_the_latest_messages() {
     let t0 = Instant::now();

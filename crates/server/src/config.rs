@@ -264,6 +264,13 @@ pub struct MqttConfig {
     /// Payload bytes one session may hold waiting; the byte bound matters as
     /// much as the count because payloads range up to `max_packet_size`.
     pub max_queued_bytes: usize,
+    /// QoS 1/2 messages all sessions together may hold waiting. Past it,
+    /// messages for offline and stalled sessions are dropped (as
+    /// `queue_overflow` says) and counted; connected subscribers keep their
+    /// own bounds and flow control.
+    pub max_queued_messages_total: usize,
+    /// Payload bytes all sessions together may hold waiting, same policy.
+    pub max_queued_bytes_total: usize,
     /// Bytes of QoS 0 messages one connection may have waiting to be written.
     /// Same flow-control policy as the queue bounds.
     pub outbox_bytes: usize,
@@ -413,6 +420,8 @@ impl Default for MqttConfig {
             max_inflight: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
+            max_queued_messages_total: 10_000_000,
+            max_queued_bytes_total: 4 * 1024 * 1024 * 1024,
             outbox_bytes: 1024 * 1024,
             flow_control_timeout: Duration::from_secs(5),
             max_client_id_len: 65_535,
@@ -720,6 +729,16 @@ impl Config {
                 Bounds::at_least(1),
             ),
             (
+                mqtt_key("max_queued_messages_total"),
+                as_u64(mqtt.max_queued_messages_total),
+                Bounds::at_least(1),
+            ),
+            (
+                mqtt_key("max_queued_bytes_total"),
+                as_u64(mqtt.max_queued_bytes_total),
+                Bounds::at_least(1),
+            ),
+            (
                 mqtt_key("outbox_bytes"),
                 as_u64(mqtt.outbox_bytes),
                 Bounds::at_least(1),
@@ -840,6 +859,10 @@ pub fn default_config_toml() -> String {
          max_queued_messages = {max_queued_messages}\n\
          # Payload bytes a session may hold queued.\n\
          max_queued_bytes = {max_queued_bytes}\n\
+         # QoS 1/2 messages and payload bytes all sessions together may hold;\n\
+         # past them, messages for offline and stalled sessions are dropped.\n\
+         max_queued_messages_total = {max_queued_messages_total}\n\
+         max_queued_bytes_total = {max_queued_bytes_total}\n\
          # Bytes of QoS 0 messages waiting to be written to one connection.\n\
          outbox_bytes = {outbox_bytes}\n\
          # A publisher that fills a connected subscriber's queue is not read\n\
@@ -884,6 +907,8 @@ pub fn default_config_toml() -> String {
         max_inflight = mqtt.max_inflight,
         max_queued_messages = mqtt.max_queued_messages,
         max_queued_bytes = mqtt.max_queued_bytes,
+        max_queued_messages_total = mqtt.max_queued_messages_total,
+        max_queued_bytes_total = mqtt.max_queued_bytes_total,
         outbox_bytes = mqtt.outbox_bytes,
         flow_control_timeout = humantime::format_duration(mqtt.flow_control_timeout),
         max_client_id_len = mqtt.max_client_id_len,

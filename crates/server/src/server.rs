@@ -52,6 +52,8 @@ pub fn limits_from(config: &MqttConfig) -> Limits {
         max_inflight: config.max_inflight,
         max_queued_messages: config.max_queued_messages,
         max_queued_bytes: config.max_queued_bytes,
+        max_queued_messages_total: config.max_queued_messages_total,
+        max_queued_bytes_total: config.max_queued_bytes_total,
         outbox_bytes: config.outbox_bytes,
         flow_control_timeout: config.flow_control_timeout,
         max_client_id_len: config.max_client_id_len,

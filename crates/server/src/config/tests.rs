@@ -45,6 +45,8 @@ max_packet_size = 268435460
 max_inflight = 65535
 max_queued_messages = 10
 max_queued_bytes = 4096
+max_queued_messages_total = 100
+max_queued_bytes_total = 40960
 outbox_bytes = 2048
 flow_control_timeout = "250ms"
 max_client_id_len = 23
@@ -103,6 +105,8 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
                 max_inflight: 65_535,
                 max_queued_messages: 10,
                 max_queued_bytes: 4096,
+                max_queued_messages_total: 100,
+                max_queued_bytes_total: 40960,
                 outbox_bytes: 2048,
                 flow_control_timeout: Duration::from_millis(250),
                 max_client_id_len: 23,
@@ -484,7 +488,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 11);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        21
+        23
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),
