@@ -5,7 +5,8 @@
 #   bench/durable/run.sh   (after cargo build --release -p petrel-server -p petrel-bench;
 #                           Mosquitto from Debian at /usr/sbin/mosquitto)
 #
-# Not part of bench/compare yet: the figures it prints are recorded by hand in BENCHMARKS.md.
+# A quick look at the durable figures without the whole comparison; bench/compare runs the same
+# load as its durable-always and durable-every-ms scenarios, which BENCHMARKS.md reports.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${BIN:-$HERE/../../target/release}
