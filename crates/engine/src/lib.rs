@@ -22,7 +22,9 @@
 //! * [`broker`]: the shared registry, subscription index and retained store; the lock order.
 //! * [`topic_index`], [`retained`]: the tries that match topics against filters.
 //! * [`auth`], [`store`]: the traits that authentication and durability plug into.
+//! * [`acl`]: topic authorization rules, compiled per client at CONNECT.
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod connection;

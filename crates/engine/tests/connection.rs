@@ -514,7 +514,12 @@ fn offline_queues_together_stay_within_the_broker_wide_bound() {
             packet_id += 1;
             publ.send(
                 t0,
-                publish(&format!("t/{id}"), &format!("{id}{i}"), QoS::AtLeastOnce, packet_id),
+                publish(
+                    &format!("t/{id}"),
+                    &format!("{id}{i}"),
+                    QoS::AtLeastOnce,
+                    packet_id,
+                ),
             )
             .unwrap();
             // Acknowledged: dropping at a bound is the broker's decision, counted below.
@@ -578,7 +583,10 @@ fn the_broker_wide_byte_bound_with_drop_oldest_keeps_each_sessions_latest() {
     let mut a = Peer::new(&broker, t0);
     a.send_connect(t0, connect("a", false, 0)).unwrap();
     assert_eq!(a.written().len(), 1, "CONNACK");
-    assert_eq!(payloads(a.recv()), ["a-00000000", "a-00000001", "a-00000002"]);
+    assert_eq!(
+        payloads(a.recv()),
+        ["a-00000000", "a-00000001", "a-00000002"]
+    );
     let mut b = Peer::new(&broker, t0);
     b.send_connect(t0, connect("b", false, 0)).unwrap();
     assert_eq!(b.written().len(), 1, "CONNACK");
