@@ -25,6 +25,7 @@ use petrel_codec::{
     LastWill, MqttString, PacketId, Publish, QoS, SubscriptionOptions, TopicFilter,
 };
 
+use crate::acl::Acl;
 use crate::auth::{AllowAll, Authenticator};
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
@@ -37,7 +38,7 @@ use crate::shared::{self, GroupKey, SharedGroup};
 use crate::stats::Stats;
 use crate::store::StoredStage;
 use crate::store::{Store, Volatile};
-use crate::topic_index::SubscriptionIndex;
+use crate::topic_index::{filter_matches, SubscriptionIndex};
 
 /// What the index stores per subscription: the session to deliver to, and the options.
 #[derive(Clone)]
@@ -46,6 +47,9 @@ pub struct Subscriber {
     pub options: SubscriptionOptions,
     /// v5 Subscription Identifier; 0 for none.
     pub subscription_id: u32,
+    /// For a wildcard subscription the ACL allows only in part: the allowed filters a
+    /// message's topic must match to be delivered through it.
+    pub guard: Option<Arc<[TopicFilter]>>,
 }
 
 pub struct Broker {
@@ -53,6 +57,9 @@ pub struct Broker {
     pub stats: Stats,
     authenticator: Box<dyn Authenticator>,
     store: Box<dyn Store>,
+    /// Topic authorization; `None`: every client may publish and subscribe to anything
+    /// (but `$SYS`). Read at each CONNECT; replaced on reload.
+    acl: RwLock<Option<Arc<Acl>>>,
     sessions: Mutex<HashMap<MqttString, Arc<Session>>>,
     index: RwLock<SubscriptionIndex<SessionId, Subscriber>>,
     /// Shared subscription groups by the filter they match; keyed by group.
@@ -188,6 +195,7 @@ impl Broker {
             stats: Stats::default(),
             authenticator,
             store,
+            acl: RwLock::new(None),
             sessions: Mutex::new(HashMap::new()),
             index: RwLock::new(SubscriptionIndex::new()),
             shared_index: RwLock::new(SubscriptionIndex::new()),
@@ -206,6 +214,15 @@ impl Broker {
 
     pub fn authenticator(&self) -> &dyn Authenticator {
         &*self.authenticator
+    }
+
+    /// Sets (or with `None` lifts) topic authorization for clients that connect from now on.
+    pub fn set_acl(&self, acl: Option<Acl>) {
+        *write(&self.acl) = acl.map(Arc::new);
+    }
+
+    pub fn acl(&self) -> Option<Arc<Acl>> {
+        read(&self.acl).clone()
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -363,7 +380,9 @@ impl Broker {
             };
             for (filter, sub) in stored.subscriptions {
                 st.subscriptions.insert(filter.clone(), sub);
-                self.add_to_index(&session, &filter, sub);
+                // Guards are the client's, set again when it subscribes; until then every
+                // delivery is still checked against its ACL as it is written.
+                self.add_to_index(&session, &filter, sub, None);
             }
             st.inbound_qos2.extend(stored.inbound_qos2);
             if let Some((at, will)) = stored.pending_will {
@@ -441,11 +460,18 @@ impl Broker {
 
     /// Adds a subscription of `session` (whose lock the caller holds) to the ordinary or the
     /// shared index.
-    fn add_to_index(&self, session: &Arc<Session>, filter: &TopicFilter, sub: Subscription) {
+    fn add_to_index(
+        &self,
+        session: &Arc<Session>,
+        filter: &TopicFilter,
+        sub: Subscription,
+        guard: Option<Arc<[TopicFilter]>>,
+    ) {
         let subscriber = Subscriber {
             session: session.clone(),
             options: sub.options,
             subscription_id: sub.id,
+            guard,
         };
         match shared::parse(filter) {
             Ok(Some(sf)) => {
@@ -649,8 +675,9 @@ impl Broker {
     }
 
     /// Adds or replaces a subscription for the session `connection` owns. Returns whether it
-    /// replaced one for the same filter [MQTT-3.8.4-3], or `None` if the session was taken
-    /// over. A `$share/{group}/{filter}` filter (already validated) joins that group.
+    /// replaced one for the same filter [MQTT-3.8.4-3] and the store's durability token for
+    /// it (0: nothing to wait for), or `None` if the session was taken over. A
+    /// `$share/{group}/{filter}` filter (already validated) joins that group.
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
@@ -658,7 +685,8 @@ impl Broker {
         filter: &TopicFilter,
         options: SubscriptionOptions,
         subscription_id: u32,
-    ) -> Option<bool> {
+        guard: Option<Arc<[TopicFilter]>>,
+    ) -> Option<(bool, u64)> {
         // The index changes under the session lock so a concurrent takeover that clears the
         // session's subscriptions cannot miss this one (lock order: session → index).
         let mut st = session.lock();
@@ -682,10 +710,11 @@ impl Broker {
                 options,
                 id: subscription_id,
             },
+            guard,
         );
         let persistent = st.persistent();
         drop(st);
-        if persistent {
+        let token = if persistent {
             self.store.subscription_added(
                 &session.client_id,
                 filter,
@@ -693,9 +722,11 @@ impl Broker {
                     options,
                     id: subscription_id,
                 },
-            );
-        }
-        Some(existed)
+            )
+        } else {
+            0
+        };
+        Some((existed, token))
     }
 
     /// Removes a subscription; true if it existed.
@@ -721,19 +752,22 @@ impl Broker {
 
     /// Stores, replaces or (empty payload) clears the retained message of its topic
     /// [MQTT-3.3.1-5] [MQTT-3.3.1-10] [MQTT-3.3.1-11].
-    pub fn retain(&self, message: &Arc<Message>) {
+    /// Returns the store's durability token for the change: a QoS 1/2 publisher's
+    /// acknowledgement waits for it.
+    pub fn retain(&self, message: &Arc<Message>) -> u64 {
         if message.payload.is_empty() {
             write(&self.retained).remove(&message.topic);
-            self.store.retained_cleared(&message.topic);
+            self.store.retained_cleared(&message.topic)
         } else {
             let stored = Arc::new(message.compacted());
-            self.store.retained_set(&stored);
+            let token = self.store.retained_set(&stored);
             let topic = stored.topic.clone();
             let expires_at = stored.expires_at;
             write(&self.retained).insert(&topic, stored);
             if let Some(at) = expires_at {
                 self.schedule_retained_sweep(at);
             }
+            token
         }
     }
 
@@ -764,6 +798,11 @@ impl Broker {
             read(&self.index).for_each_match(&message.topic, |id, sub| {
                 if sub.options.no_local && id == message.origin {
                     return;
+                }
+                if let Some(guard) = &sub.guard {
+                    if !guard.iter().any(|f| filter_matches(f, &message.topic)) {
+                        return;
+                    }
                 }
                 targets.push(Target {
                     id,
@@ -892,6 +931,7 @@ impl Broker {
         }
         let message = Arc::new(message);
         if retain {
+            // A will has no acknowledgement to hold back.
             self.retain(&message);
         }
         self.route(&message);

@@ -27,12 +27,14 @@ use petrel_codec::{
     TopicName, UnsubAck, Unsubscribe,
 };
 
+use crate::acl::{Identity, Verdict};
 use crate::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
 use crate::broker::Broker;
 use crate::message::Message;
 use crate::session::{Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES};
 use crate::shared;
 use crate::stats::Stats;
+use crate::topic_index::filter_matches;
 
 /// Stop moving queued messages into the write buffer past this many bytes: the rest waits in
 /// the session queue, where its bounds apply, until the socket drains.
@@ -497,23 +499,10 @@ impl Connection {
     /// would otherwise exceed the client's Maximum Packet Size [MQTT-3.1.2-25].
     fn send_within_limit(&mut self, packet: &Packet) {
         let (version, max) = match &self.state {
-            State::Connected(a) => (a.egress.version, a.egress.max_packet_size as usize),
+            State::Connected(a) => (a.egress.version, a.egress.max_packet_size),
             _ => return self.send(packet),
         };
-        let start = self.out.len();
-        self.write(packet, version);
-        if self.out.len() - start <= max {
-            return;
-        }
-        self.out.truncate(start);
-        let mut bare = packet.clone();
-        match &mut bare {
-            Packet::SubAck(p) => p.properties = Properties::default(),
-            Packet::Disconnect(p) => p.properties = Properties::default(),
-            Packet::PubAck(p) | Packet::PubRec(p) => p.properties = Properties::default(),
-            _ => {}
-        }
-        self.write(&bare, version);
+        write_within(&mut self.out, packet, version, max);
     }
 
     fn refuse(&mut self, version: ProtocolVersion, reason: ReasonCode) -> Result<(), CloseReason> {
@@ -795,6 +784,23 @@ impl Connection {
         let version = connect.protocol;
         let limits = &self.broker.limits;
 
+        // Topic authorization, compiled for this client. Its will is a message it publishes,
+        // checked now rather than dropped silently when the connection ends.
+        let acl = self.broker.acl().map(|acl| {
+            Arc::new(acl.for_client(Identity {
+                client_id: &client_id,
+                username: connect.username.as_ref().map(|u| u.as_str()),
+                certificate: self.certificate_identity(),
+            }))
+        });
+        if let (Some(acl), Some(will)) = (&acl, &connect.will) {
+            if !acl.may_publish(&will.topic) {
+                Stats::add(&self.broker.stats.denied_publish, 1);
+                tracing::info!(peer = %self.peer, client_id = %client_id, "connection refused: the ACL does not allow its will topic");
+                return self.refuse(version, ReasonCode::NOT_AUTHORIZED);
+            }
+        }
+
         // 3.x: Clean Session 0 keeps the session until a clean start. 5.0: the Session
         // Expiry Interval (absent means 0) [MQTT-3.1.2-23], capped by configuration.
         let mut properties = Properties::default();
@@ -834,6 +840,7 @@ impl Connection {
                 .min(usize::from(client.receive_maximum.unwrap_or(u16::MAX)))
                 .max(1),
         );
+        egress.acl = acl;
         if version.is_v5() {
             // Server Keep Alive (§3.2.2.3.14): the broker may impose a maximum.
             if limits.max_keepalive > 0 && (keep_alive == 0 || keep_alive > limits.max_keepalive) {
@@ -1007,6 +1014,27 @@ impl Connection {
             self.send_within_limit(&ack);
             return Ok(());
         }
+        if let Some(acl) = &self.attached()?.egress.acl {
+            if !acl.may_publish(&topic) {
+                Stats::add(&self.broker.stats.denied_publish, 1);
+                tracing::debug!(peer = %self.peer, topic = %topic, "publish refused by the ACL");
+                // v5 ends the exchange with 0x87. 3.x has no way to refuse a PUBLISH: the
+                // message is acknowledged as usual and dropped. QoS 0 is dropped either way.
+                let Some(id) = packet_id else { return Ok(()) };
+                let ack = if version.is_v5() {
+                    PubAck::with_reason(id, ReasonCode::NOT_AUTHORIZED)
+                } else {
+                    PubAck::new(id)
+                };
+                let ack = if qos == QoS::ExactlyOnce {
+                    Packet::PubRec(ack)
+                } else {
+                    Packet::PubAck(ack)
+                };
+                self.ack_when_durable(0, ack);
+                return Ok(());
+            }
+        }
         let mut inbound_token = 0;
         if qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
@@ -1041,9 +1069,12 @@ impl Connection {
         let mut message = Message::from_publish(publish, topic, session.id, now);
         message.retain = retain;
         let message = Arc::new(message);
-        if retain {
-            self.broker.retain(&message);
-        }
+        // Acknowledged once the retained change, too, is durable.
+        let retain_token = if retain {
+            self.broker.retain(&message)
+        } else {
+            0
+        };
         let routed = self.broker.route(&message);
         Stats::add(&self.broker.stats.messages_received, 1);
         if let Some(subscriber) = routed.congested {
@@ -1067,11 +1098,11 @@ impl Connection {
         match (qos, packet_id) {
             // Acknowledged only once what it wrote to the store is durable.
             (QoS::AtLeastOnce, Some(id)) => self.ack_when_durable(
-                routed.token,
+                routed.token.max(retain_token),
                 Packet::PubAck(PubAck::with_reason(id, reason)),
             ),
             (QoS::ExactlyOnce, Some(id)) => self.ack_when_durable(
-                routed.token.max(inbound_token),
+                routed.token.max(inbound_token).max(retain_token),
                 Packet::PubRec(PubAck::with_reason(id, reason)),
             ),
             _ => {}
@@ -1105,7 +1136,7 @@ impl Connection {
             return;
         };
         if a.pending_acks.is_none() && token <= durable {
-            self.send(&ack);
+            self.send_within_limit(&ack);
         } else {
             a.pending_acks
                 .get_or_insert_with(Default::default)
@@ -1124,15 +1155,13 @@ impl Connection {
         let Some(pending) = a.pending_acks.as_mut() else {
             return false;
         };
-        let version = a.egress.version;
+        let (version, max_packet_size) = (a.egress.version, a.egress.max_packet_size);
         let mut wrote = false;
         loop {
             let durable = store.durable();
             while pending.front().is_some_and(|(t, _)| *t <= durable) {
                 if let Some((_, ack)) = pending.pop_front() {
-                    if let Err(e) = petrel_codec::encode(&ack, version, &mut self.out) {
-                        tracing::error!(error = %e, "cannot encode acknowledgement");
-                    }
+                    write_within(&mut self.out, &ack, version, max_packet_size);
                     wrote = true;
                 }
             }
@@ -1225,6 +1254,7 @@ impl Connection {
         let a = self.attached()?;
         let (version, session, problem_info) =
             (a.egress.version, a.session.clone(), a.problem_info);
+        let acl = a.egress.acl.clone();
         let limits = &self.broker.limits;
         let subscription_id = match subscribe.properties.subscription_identifiers.first() {
             Some(_) if !limits.subscription_identifiers => {
@@ -1243,11 +1273,14 @@ impl Connection {
         };
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
         let mut problem: Option<&'static str> = None;
+        // SUBACK waits until a persistent session's new subscriptions are durable.
+        let mut token = 0;
         let mut replay = Vec::new();
         for (filter, options) in &subscribe.filters {
             let mut options = *options;
-            let shared = match shared::parse(filter) {
-                Ok(s) => s.is_some(),
+            let (shared, topics) = match shared::parse(filter) {
+                Ok(Some(s)) => (true, s.filter),
+                Ok(None) => (false, filter.clone()),
                 Err(_) => {
                     reasons.push(failure(ReasonCode::TOPIC_FILTER_INVALID));
                     problem.get_or_insert("malformed shared subscription filter");
@@ -1265,14 +1298,33 @@ impl Connection {
                 problem.get_or_insert("wildcard subscriptions are disabled");
                 continue;
             }
+            // Topic authorization: a filter the ACL covers is subscribed as it is; one it
+            // allows in part is guarded (only allowed topics are delivered through it); a
+            // shared subscription must be covered, since its messages go to one member.
+            let guard = match acl.as_ref().map(|acl| acl.subscription(&topics)) {
+                None | Some(Verdict::Allowed) => None,
+                Some(Verdict::Guarded(guard)) if !shared => Some(guard),
+                Some(_) => {
+                    Stats::add(&self.broker.stats.denied_subscribe, 1);
+                    tracing::debug!(peer = %self.peer, filter = %filter, "subscription refused by the ACL");
+                    reasons.push(failure(ReasonCode::NOT_AUTHORIZED));
+                    problem.get_or_insert("not authorized for this topic filter");
+                    continue;
+                }
+            };
             // Granted at most the server's Maximum QoS [MQTT-3.2.2-9].
             options.qos = options.qos.min(limits.maximum_qos);
-            let Some(existed) =
-                self.broker
-                    .subscribe(&session, self.id, filter, options, subscription_id)
-            else {
+            let Some((existed, written)) = self.broker.subscribe(
+                &session,
+                self.id,
+                filter,
+                options,
+                subscription_id,
+                guard.clone(),
+            ) else {
                 return Err(CloseReason::TakenOver);
             };
+            token = token.max(written);
             reasons.push(ReasonCode(options.qos as u8));
             // Retained messages are not sent for a shared subscription [MQTT-4.8.2-?].
             let send_retained = !shared
@@ -1283,6 +1335,11 @@ impl Connection {
                 };
             if send_retained {
                 for message in self.broker.retained_matching(filter, now) {
+                    if let Some(guard) = &guard {
+                        if !guard.iter().any(|f| filter_matches(f, &message.topic)) {
+                            continue;
+                        }
+                    }
                     let qos = message.qos.min(options.qos);
                     let mut d = Delivery::new(message, qos, true, 0);
                     if subscription_id != 0 {
@@ -1299,11 +1356,14 @@ impl Connection {
         if let (Some(text), true) = (problem, problem_info && version.is_v5()) {
             properties.reason_string = MqttString::new(text).ok();
         }
-        self.send_within_limit(&Packet::SubAck(SubAck {
-            packet_id: subscribe.packet_id,
-            properties,
-            reasons,
-        }));
+        self.ack_when_durable(
+            token,
+            Packet::SubAck(SubAck {
+                packet_id: subscribe.packet_id,
+                properties,
+                reasons,
+            }),
+        );
         if !replay.is_empty() {
             // Queued behind the SUBACK just written [MQTT-3.8.4-4], sent with RETAIN set.
             self.with_session(|st, _| {
@@ -1376,7 +1436,7 @@ impl Connection {
             &mut wake,
             journal,
         );
-        if done.sent + done.expired + done.too_large > 0 {
+        if done.sent + done.expired + done.too_large + done.denied > 0 {
             drop(st);
             wake.into_iter().for_each(std::task::Waker::wake);
             let stats = &self.broker.stats;
@@ -1386,6 +1446,9 @@ impl Connection {
             }
             if done.too_large > 0 {
                 Stats::add(&stats.dropped_too_large, done.too_large as u64);
+            }
+            if done.denied > 0 {
+                Stats::add(&stats.dropped_not_authorized, done.denied as u64);
             }
             return Poll::Ready(Ok(()));
         }
@@ -1478,5 +1541,29 @@ impl Drop for Connection {
             // The one place the engine reads the clock: there is no caller to ask.
             self.close(&CloseReason::IoError, Instant::now());
         }
+    }
+}
+
+/// Writes a packet; if it exceeds the client's Maximum Packet Size, writes it again without
+/// its properties (reason string, user properties), which the client may do without
+/// [MQTT-3.1.2-24].
+fn write_within(out: &mut BytesMut, packet: &Packet, version: ProtocolVersion, max: u32) {
+    let start = out.len();
+    if let Err(e) = petrel_codec::encode(packet, version, out) {
+        tracing::error!(error = %e, packet = packet.name(), "cannot encode packet");
+    }
+    if out.len() - start <= max as usize {
+        return;
+    }
+    out.truncate(start);
+    let mut bare = packet.clone();
+    match &mut bare {
+        Packet::SubAck(p) => p.properties = Properties::default(),
+        Packet::Disconnect(p) => p.properties = Properties::default(),
+        Packet::PubAck(p) | Packet::PubRec(p) => p.properties = Properties::default(),
+        _ => {}
+    }
+    if let Err(e) = petrel_codec::encode(&bare, version, out) {
+        tracing::error!(error = %e, packet = packet.name(), "cannot encode packet");
     }
 }

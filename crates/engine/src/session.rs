@@ -23,6 +23,7 @@ use petrel_codec::{
     TopicFilter, TopicName,
 };
 
+use crate::acl::ClientAcl;
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::shared::SharedGroup;
@@ -124,6 +125,10 @@ pub struct Egress {
     pub max_packet_size: u32,
     /// Topic aliases this connection has told the client (v5, Topic Alias Maximum > 0).
     pub aliases: TopicAliases,
+    /// What this client may publish and receive, when topic authorization is configured.
+    /// Every delivery is checked against it as it is written, whatever queued it: a
+    /// subscription from before a restart or a reload, a retained message.
+    pub acl: Option<Arc<ClientAcl>>,
 }
 
 impl Egress {
@@ -133,6 +138,7 @@ impl Egress {
             window,
             max_packet_size: u32::MAX,
             aliases: TopicAliases::new(0),
+            acl: None,
         }
     }
 }
@@ -210,6 +216,8 @@ pub struct Drained {
     pub expired: usize,
     /// Messages larger than the client's Maximum Packet Size: not sent [MQTT-3.1.2-25].
     pub too_large: usize,
+    /// Messages on topics the client may not receive: not sent.
+    pub denied: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -724,6 +732,15 @@ impl SessionState {
             if d.message.is_expired(now) {
                 journal.dequeued(&d);
                 done.expired += 1;
+                continue;
+            }
+            if egress
+                .acl
+                .as_ref()
+                .is_some_and(|acl| !acl.may_receive(&d.message.topic))
+            {
+                journal.dequeued(&d);
+                done.denied += 1;
                 continue;
             }
             let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.peek_packet_id());

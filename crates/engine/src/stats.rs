@@ -37,6 +37,13 @@ pub struct Stats {
     pub messages_expired: AtomicU64,
     /// Messages not sent because they exceed the subscriber's Maximum Packet Size.
     pub dropped_too_large: AtomicU64,
+    /// PUBLISH packets (and wills) the ACL refused.
+    pub denied_publish: AtomicU64,
+    /// SUBSCRIBE filters the ACL refused.
+    pub denied_subscribe: AtomicU64,
+    /// Queued messages not sent because the ACL does not let the subscriber receive them
+    /// (a guarded wildcard subscription, or rules changed since they were queued).
+    pub dropped_not_authorized: AtomicU64,
 }
 
 impl Stats {

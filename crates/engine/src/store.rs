@@ -27,10 +27,20 @@ pub trait Store: Send + Sync + 'static {
     fn session_offline(&self, client_id: &str, expiry_interval: u32, expires_at: Option<Instant>);
     /// The session ended; its subscriptions go with it.
     fn session_removed(&self, client_id: &str);
-    fn subscription_added(&self, client_id: &str, filter: &TopicFilter, subscription: Subscription);
+    /// Returns the write's durability token: SUBACK waits for it, so that a client told it is
+    /// subscribed stays subscribed across a crash.
+    fn subscription_added(
+        &self,
+        client_id: &str,
+        filter: &TopicFilter,
+        subscription: Subscription,
+    ) -> u64;
     fn subscription_removed(&self, client_id: &str, filter: &TopicFilter);
-    fn retained_set(&self, message: &Message);
-    fn retained_cleared(&self, topic: &str);
+    /// A retained message was stored or replaced. Returns the write's durability token: the
+    /// publisher's acknowledgement waits for it.
+    fn retained_set(&self, message: &Message) -> u64;
+    /// A retained message was removed. Returns the write's durability token.
+    fn retained_cleared(&self, topic: &str) -> u64;
 
     /// A QoS 1/2 message was queued for a persistent session at `seq` (its place in that
     /// session's queue). Returns the write's durability token.
@@ -65,10 +75,16 @@ impl Store for Volatile {
     fn session_opened(&self, _: &str, _: u32) {}
     fn session_offline(&self, _: &str, _: u32, _: Option<Instant>) {}
     fn session_removed(&self, _: &str) {}
-    fn subscription_added(&self, _: &str, _: &TopicFilter, _: Subscription) {}
+    fn subscription_added(&self, _: &str, _: &TopicFilter, _: Subscription) -> u64 {
+        0
+    }
     fn subscription_removed(&self, _: &str, _: &TopicFilter) {}
-    fn retained_set(&self, _: &Message) {}
-    fn retained_cleared(&self, _: &str) {}
+    fn retained_set(&self, _: &Message) -> u64 {
+        0
+    }
+    fn retained_cleared(&self, _: &str) -> u64 {
+        0
+    }
     fn enqueued(&self, _: &str, _: u64, _: &Delivery) -> u64 {
         0
     }

@@ -107,6 +107,9 @@ pub struct AuthConfig {
     /// Known users. A client that sends a user name must match one of them
     /// (CONNECT password, or the MQTT 5 SCRAM-SHA-256 exchange).
     pub users: Vec<UserConfig>,
+    /// Topic authorization rules (see `acl_file.rs` for the format). Unset:
+    /// every client may publish and subscribe to every topic but `$SYS`.
+    pub acl_file: Option<PathBuf>,
 }
 
 /// One `[[auth.users]]` entry: a name and exactly one of `password` (kept only
@@ -127,6 +130,7 @@ impl Default for AuthConfig {
         AuthConfig {
             allow_anonymous: true,
             users: Vec::new(),
+            acl_file: None,
         }
     }
 }
@@ -941,7 +945,13 @@ pub fn default_config_toml() -> String {
          # elsewhere (\"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\").\n\
          # [[auth.users]]\n\
          # name = \"alice\"\n\
-         # password = \"change me\"\n",
+         # password = \"change me\"\n\
+         # Topic authorization: a TOML file of [[rules]], each naming one of\n\
+         # user, client_id, certificate, anonymous = true or everyone = true,\n\
+         # with access = \"publish\" | \"subscribe\" | \"both\" and topics = [filters]\n\
+         # (%u: user name, %c: client id). What no rule allows is denied. Unset:\n\
+         # everything is allowed but publishing to $SYS.\n\
+         # acl_file = \"acl.toml\"\n",
         allow_anonymous = defaults.auth.allow_anonymous,
     ));
     out.push_str(&format!(

@@ -8,10 +8,12 @@
 //!                │   proxy.rs (PROXY v1/v2) · tls.rs (rustls, reload) · ws.rs (upgrade, frames)
 //!                └─ driver.rs ── one task per connection: stream ⇄ petrel_engine::Connection
 //! config.rs ── the TOML file: shape, defaults, validation with file:line: key: problem
+//! acl_file.rs ── topic authorization rules, read at start
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
 
+pub mod acl_file;
 pub mod config;
 mod driver;
 mod listener;

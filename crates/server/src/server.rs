@@ -37,6 +37,8 @@ pub enum ServerError {
     },
     #[error("storage.dir: {0}")]
     Store(#[from] petrel_store::StoreError),
+    #[error("auth.acl_file: {0}")]
+    Acl(#[from] crate::acl_file::AclFileError),
     #[error("listeners[{index}].{key}: {message}")]
     Listener {
         index: usize,
@@ -196,11 +198,21 @@ impl Server {
                 (Box::new(store), Some(loaded))
             }
         };
+        let acl = config
+            .auth
+            .acl_file
+            .as_deref()
+            .map(crate::acl_file::load)
+            .transpose()?;
         let broker = Arc::new(Broker::with_parts(
             limits_from(&config.mqtt),
             authenticator,
             store,
         ));
+        if let Some(acl) = acl {
+            tracing::info!(rules = acl.rules().len(), "topic authorization on");
+            broker.set_acl(Some(acl));
+        }
         if let Some(loaded) = loaded {
             let (sessions, retained) = (loaded.sessions.len(), loaded.retained.len());
             broker.restore(loaded.sessions, loaded.retained, std::time::Instant::now());

@@ -65,8 +65,13 @@ async fn publish_until_killed(
         let id = (n % 60_000 + 1) as u16;
         let payload = format!("{iteration}-{n}");
         let topic = if qos == 1 { "crash/q1" } else { "crash/q2" };
-        publ.send(&publish(topic, qos, id, payload.as_bytes()))
-            .await;
+        if publ
+            .try_send(&publish(topic, qos, id, payload.as_bytes()))
+            .await
+            .is_err()
+        {
+            return;
+        }
         let Ok(reply) = publ.packet(PROMPT).await else {
             return;
         };
@@ -77,9 +82,9 @@ async fn publish_until_killed(
             _ => panic!("unexpected reply {:02x?}", reply),
         }
         if qos == 2 {
-            publ.send(&ack(0x62, id)).await; // PUBREL
-            if publ.packet(PROMPT).await.is_err() {
-                return; // killed before PUBCOMP: the message was acknowledged all the same
+            // PUBREL; killed before PUBCOMP, the message was acknowledged all the same.
+            if publ.try_send(&ack(0x62, id)).await.is_err() || publ.packet(PROMPT).await.is_err() {
+                return;
             }
         }
     }
@@ -240,8 +245,10 @@ async fn publish_bursts_until_killed(
     for burst in 0..5_000u32 {
         let payload = |i: u16| format!("live-{iteration}-{burst}-{i}");
         for i in 1..=BURST {
-            publ.send(&publish("crash/live", 1, i, payload(i).as_bytes()))
-                .await;
+            let message = publish("crash/live", 1, i, payload(i).as_bytes());
+            if publ.try_send(&message).await.is_err() {
+                return;
+            }
         }
         for _ in 1..=BURST {
             let Ok(reply) = publ.packet(PROMPT).await else {
@@ -295,7 +302,13 @@ async fn acknowledged_messages_survive_sigkill_with_the_subscriber_online() {
             while let Ok(packet) = sub.packet(PROMPT).await {
                 assert_eq!(packet[0] & 0xf0, 0x30, "unexpected {packet:02x?}");
                 got.push(String::from_utf8_lossy(publish_payload(&packet)).into_owned());
-                sub.send(&puback(publish_packet_id(&packet))).await;
+                if sub
+                    .try_send(&puback(publish_packet_id(&packet)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
             got
         });

@@ -379,7 +379,7 @@ impl Store for DiskStore {
         self.removed(client_id);
     }
 
-    fn subscription_added(&self, client_id: &str, filter: &TopicFilter, sub: Subscription) {
+    fn subscription_added(&self, client_id: &str, filter: &TopicFilter, sub: Subscription) -> u64 {
         let mut v = vec![0u8; 6];
         v[0] = RECORD_VERSION;
         v[1] = options_byte(sub.options);
@@ -388,7 +388,7 @@ impl Store for DiskStore {
         self.change(|st| {
             st.pending
                 .put(Part::Subscriptions, key, Value::Bytes(v), false)
-        });
+        })
     }
 
     fn subscription_removed(&self, client_id: &str, filter: &TopicFilter) {
@@ -396,17 +396,17 @@ impl Store for DiskStore {
         self.change(|st| st.pending.delete(Part::Subscriptions, key));
     }
 
-    fn retained_set(&self, message: &Message) {
+    fn retained_set(&self, message: &Message) -> u64 {
         let (key, value) = (message.topic.as_bytes().to_vec(), message_record(message));
         self.change(|st| {
             st.pending
                 .put(Part::Retained, key, Value::Bytes(value), false)
-        });
+        })
     }
 
-    fn retained_cleared(&self, topic: &str) {
+    fn retained_cleared(&self, topic: &str) -> u64 {
         let key = topic.as_bytes().to_vec();
-        self.change(|st| st.pending.delete(Part::Retained, key));
+        self.change(|st| st.pending.delete(Part::Retained, key))
     }
 
     fn enqueued(&self, client_id: &str, seq: u64, delivery: &Delivery) -> u64 {

@@ -67,6 +67,7 @@ queue_overflow = "drop_oldest"
 
 [auth]
 allow_anonymous = false
+acl_file = "acl.toml"
 
 [[auth.users]]
 name = "alice"
@@ -127,6 +128,7 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
             },
             auth: AuthConfig {
                 allow_anonymous: false,
+                acl_file: Some("acl.toml".into()),
                 users: vec![
                     UserConfig {
                         name: "alice".into(),

@@ -405,6 +405,12 @@ impl RawClient {
         self.stream.write_all(bytes).await.expect("write to petrel");
     }
 
+    /// Writes, reporting a broken connection instead of failing the test (for tests that
+    /// kill the broker on purpose).
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     /// Asserts the next bytes are exactly `want`.
     pub async fn expect(&mut self, want: &[u8], wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
