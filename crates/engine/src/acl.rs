@@ -212,7 +212,8 @@ impl ClientAcl {
     }
 }
 
-fn is_sys(topic: &str) -> bool {
+/// Whether `topic` is one of the broker's own `$SYS` topics, which clients never publish to.
+pub fn is_sys(topic: &str) -> bool {
     topic == "$SYS" || topic.starts_with("$SYS/")
 }
 

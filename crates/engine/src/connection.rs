@@ -27,7 +27,7 @@ use petrel_codec::{
     TopicName, UnsubAck, Unsubscribe,
 };
 
-use crate::acl::{Identity, Verdict};
+use crate::acl::{is_sys, Identity, Verdict};
 use crate::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
 use crate::broker::Broker;
 use crate::message::Message;
@@ -1014,8 +1014,12 @@ impl Connection {
             self.send_within_limit(&ack);
             return Ok(());
         }
-        if let Some(acl) = &self.attached()?.egress.acl {
-            if !acl.may_publish(&topic) {
+        let allowed = match &self.attached()?.egress.acl {
+            Some(acl) => acl.may_publish(&topic),
+            None => !is_sys(&topic),
+        };
+        {
+            if !allowed {
                 Stats::add(&self.broker.stats.denied_publish, 1);
                 tracing::debug!(peer = %self.peer, topic = %topic, "publish refused by the ACL");
                 // v5 ends the exchange with 0x87. 3.x has no way to refuse a PUBLISH: the
