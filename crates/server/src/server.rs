@@ -47,6 +47,20 @@ pub enum ServerError {
     },
 }
 
+/// Listeners reachable from other machines while clients may connect without a login.
+pub fn exposed_without_login(config: &Config) -> Vec<(usize, SocketAddr)> {
+    if !config.auth.allow_anonymous {
+        return Vec::new();
+    }
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.protocol != ListenerProtocol::Unix && !l.bind.ip().is_loopback())
+        .map(|(i, l)| (i, l.bind))
+        .collect()
+}
+
 /// The engine's limits from the `[mqtt]` table.
 pub fn limits_from(config: &MqttConfig) -> Limits {
     Limits {
@@ -252,6 +266,15 @@ impl Server {
             })?;
             listeners.push(listener);
         }
+        // Secure by default: an open door to the network is the operator's explicit choice.
+        for (index, addr) in exposed_without_login(config) {
+            tracing::warn!(
+                %addr,
+                "listeners[{index}] accepts connections from the network and \
+                 auth.allow_anonymous is true: anyone who can reach it can connect without a \
+                 login. Set allow_anonymous = false with [[auth.users]], or bind to 127.0.0.1"
+            );
+        }
         Ok(Server {
             broker,
             listeners,
@@ -315,5 +338,34 @@ impl Server {
         // on disk before the process exits.
         let broker = self.broker.clone();
         let _ = tokio::task::spawn_blocking(move || broker.store().flush()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_listener_open_to_anonymous_clients_is_reported() {
+        let config = Config::from_toml_str(
+            "[[listeners]]\nbind = \"0.0.0.0:1883\"\n\n\
+             [[listeners]]\nbind = \"127.0.0.1:1884\"\n\n\
+             [[listeners]]\nbind = \"[::1]:1885\"\n\n\
+             [[listeners]]\nbind = \"[::]:1886\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let exposed: Vec<usize> = exposed_without_login(&config)
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(exposed, [0, 3]);
+        let closed = Config::from_toml_str(
+            "[[listeners]]\nbind = \"0.0.0.0:1883\"\n\n[auth]\nallow_anonymous = false\n\n\
+             [[auth.users]]\nname = \"a\"\npassword = \"b\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert!(exposed_without_login(&closed).is_empty());
     }
 }
