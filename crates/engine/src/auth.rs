@@ -1,6 +1,9 @@
 //! Authentication behind a trait, so the connection state machine does not care where
 //! credentials are checked (a password file, an HTTP hook, a certificate).
 
+use std::future::Future;
+use std::pin::Pin;
+
 use petrel_codec::{MqttString, ReasonCode};
 
 /// What a connecting client presents.
@@ -34,8 +37,24 @@ impl AuthDecision {
     }
 }
 
+/// A decision that takes time: a slow password hash computed off the connection's task, a
+/// remote identity service. The connection reads nothing more meanwhile and gives up at its
+/// connect deadline (dropping the future).
+pub type PendingDecision = Pin<Box<dyn Future<Output = AuthDecision> + Send>>;
+
+pub enum AuthOutcome {
+    Decided(AuthDecision),
+    Pending(PendingDecision),
+}
+
 pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision;
+
+    /// What CONNECT's credentials get: decided now (the default: [`Self::authenticate`]) or
+    /// later.
+    fn check(&self, credentials: &Credentials<'_>) -> AuthOutcome {
+        AuthOutcome::Decided(self.authenticate(credentials))
+    }
 
     /// The enhanced authentication (MQTT 5 AUTH exchanges) this authenticator offers, if any.
     fn enhanced(&self) -> Option<&dyn EnhancedAuth> {

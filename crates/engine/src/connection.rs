@@ -28,7 +28,9 @@ use petrel_codec::{
 };
 
 use crate::acl::{is_sys, Identity, Verdict};
-use crate::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
+use crate::auth::{
+    AuthDecision, AuthExchange, AuthOutcome, AuthStep, Credentials, PendingDecision,
+};
 use crate::broker::Broker;
 use crate::message::Message;
 use crate::session::{Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES};
@@ -157,9 +159,13 @@ impl From<Violation> for CloseReason {
 enum State {
     AwaitingConnect {
         deadline: Instant,
-        /// The name a verified TLS client certificate gives the client, if the transport
-        /// had one: the authenticator sees it with the CONNECT.
-        identity: Option<Box<str>>,
+    },
+    /// The authenticator is deciding on CONNECT's credentials (a slow hash, a remote
+    /// service). Nothing more is read from the client meanwhile [MQTT-3.1.4-?: no data after
+    /// CONNECT is processed before CONNACK], and the connect deadline still runs.
+    Deciding {
+        deadline: Instant,
+        pending: Box<Deciding>,
     },
     /// CONNECT asked for an enhanced authentication method and the AUTH exchange is under way.
     /// The connect deadline still runs: it covers the whole exchange.
@@ -169,6 +175,14 @@ enum State {
     },
     Connected(Box<Attached>),
     Closed,
+}
+
+/// A CONNECT waiting for the authenticator's decision.
+struct Deciding {
+    connect: Connect,
+    client_id: MqttString,
+    assigned: Option<MqttString>,
+    decision: PendingDecision,
 }
 
 /// A CONNECT waiting for its AUTH exchange to finish.
@@ -238,6 +252,9 @@ pub struct Connection {
     /// The Maximum Packet Size of the client's CONNECT, for what is written before the
     /// connection is established (a refusal, AUTH).
     client_max_packet: u32,
+    /// The name a verified TLS client certificate gives the client, if the transport had
+    /// one: the authenticator sees it with the CONNECT, and the ACL applies to it.
+    certificate: Option<Box<str>>,
 }
 
 /// The reason string of a v5 CONNACK refusal.
@@ -274,29 +291,24 @@ impl Connection {
             id: broker.next_connection_id(),
             broker,
             peer: peer.into_boxed_str(),
-            state: State::AwaitingConnect {
-                deadline,
-                identity: None,
-            },
+            state: State::AwaitingConnect { deadline },
             out: BytesMut::new(),
             client_max_packet: u32::MAX,
+            certificate: None,
         }
     }
 
     /// The transport verified a client certificate naming the client `identity` (mutual TLS).
     /// The authenticator sees it with the CONNECT.
     pub fn set_certificate_identity(&mut self, name: Option<String>) {
-        if let State::AwaitingConnect { identity, .. } = &mut self.state {
-            *identity = name.map(String::into_boxed_str);
+        if let State::AwaitingConnect { .. } = &self.state {
+            self.certificate = name.map(String::into_boxed_str);
         }
     }
 
-    /// The certificate identity, while CONNECT is awaited.
+    /// The client certificate's identity, if the transport verified one.
     pub fn certificate_identity(&self) -> Option<&str> {
-        match &self.state {
-            State::AwaitingConnect { identity, .. } => identity.as_deref(),
-            _ => None,
-        }
+        self.certificate.as_deref()
     }
 
     /// The version packets are decoded with: the client's once CONNECT is in; before that only
@@ -305,6 +317,7 @@ impl Connection {
         match &self.state {
             State::Connected(a) => a.egress.version,
             State::Authenticating { .. } => ProtocolVersion::V5,
+            State::Deciding { pending, .. } => pending.connect.protocol,
             _ => ProtocolVersion::V3_1_1,
         }
     }
@@ -337,9 +350,9 @@ impl Connection {
     /// When `handle_timeout` must be called next.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::AwaitingConnect { deadline, .. } | State::Authenticating { deadline, .. } => {
-                Some(*deadline)
-            }
+            State::AwaitingConnect { deadline, .. }
+            | State::Authenticating { deadline, .. }
+            | State::Deciding { deadline, .. } => Some(*deadline),
             // While paused nothing is read, so the keepalive cannot be judged: only the
             // flow-control check is due.
             State::Connected(a) => match &a.pause {
@@ -353,23 +366,51 @@ impl Connection {
     /// Whether reading from the client is paused by flow control. The driver then reads
     /// nothing (and decodes nothing more from what it already read) until `poll_resume`.
     pub fn is_paused(&self) -> bool {
-        matches!(&self.state, State::Connected(a) if a.pause.is_some())
+        match &self.state {
+            State::Connected(a) => a.pause.is_some(),
+            State::Deciding { .. } => true,
+            _ => false,
+        }
     }
 
     /// While paused: `Ready` once the publisher may go on (reading resumes, and the keepalive
     /// counts from `now`: time the broker spent not reading is not held against the client);
     /// otherwise `Pending` with the waker registered with the subscriber's session.
-    pub fn poll_resume(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<()> {
+    ///
+    /// While the authenticator decides on CONNECT: `Ready` with its outcome once it has (the
+    /// CONNACK is written; a refusal closes the connection).
+    pub fn poll_resume(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+    ) -> Poll<Result<(), CloseReason>> {
+        if let State::Deciding { pending, .. } = &mut self.state {
+            let decision = match pending.decision.as_mut().poll(cx) {
+                Poll::Ready(decision) => decision,
+                Poll::Pending => return Poll::Pending,
+            };
+            let State::Deciding { pending, .. } = std::mem::replace(&mut self.state, State::Closed)
+            else {
+                return Poll::Ready(Err(CloseReason::IoError));
+            };
+            let Deciding {
+                connect,
+                client_id,
+                assigned,
+                ..
+            } = *pending;
+            return Poll::Ready(self.decided(now, connect, client_id, assigned, decision));
+        }
         let State::Connected(a) = &mut self.state else {
-            return Poll::Ready(());
+            return Poll::Ready(Ok(()));
         };
         let Some(pause) = &a.pause else {
-            return Poll::Ready(());
+            return Poll::Ready(Ok(()));
         };
         if pause.subscriber.wait_for_room(cx, &self.broker.limits) {
             a.pause = None;
             a.last_received = a.last_received.max(now);
-            Poll::Ready(())
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
@@ -398,7 +439,9 @@ impl Connection {
         }
         match self.deadline() {
             Some(deadline) if now >= deadline => match self.state {
-                State::AwaitingConnect { .. } | State::Authenticating { .. } => {
+                State::AwaitingConnect { .. }
+                | State::Authenticating { .. }
+                | State::Deciding { .. } => {
                     Stats::add(&self.broker.stats.connect_timeouts, 1);
                     Err(CloseReason::ConnectTimeout)
                 }
@@ -437,6 +480,8 @@ impl Connection {
                 };
             }
             State::Authenticating { .. } => return self.continue_connect_auth(now, packet),
+            // Not read while deciding; a driver that decodes anyway gets a clear error.
+            State::Deciding { .. } => return Err(CloseReason::IoError),
             State::Connected(a) => a,
             State::Closed => return Err(CloseReason::IoError),
         };
@@ -625,16 +670,48 @@ impl Connection {
             return self.connect_auth_step(now, deadline, step, pending);
         }
 
-        let decision = self.broker.authenticator().authenticate(&Credentials {
+        let outcome = self.broker.authenticator().check(&Credentials {
             client_id: &client_id,
             username: connect.username.as_ref(),
             password: connect.password.as_deref(),
             peer: &self.peer,
             certificate_identity: self.certificate_identity(),
         });
+        match outcome {
+            AuthOutcome::Decided(decision) => {
+                self.decided(now, connect, client_id, assigned, decision)
+            }
+            AuthOutcome::Pending(decision) => {
+                let deadline = match &self.state {
+                    State::AwaitingConnect { deadline } => *deadline,
+                    _ => now,
+                };
+                self.state = State::Deciding {
+                    deadline,
+                    pending: Box::new(Deciding {
+                        connect,
+                        client_id,
+                        assigned,
+                        decision,
+                    }),
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// CONNECT's credentials were judged: accept, or refuse with the decision's code.
+    fn decided(
+        &mut self,
+        now: Instant,
+        connect: Connect,
+        client_id: MqttString,
+        assigned: Option<MqttString>,
+        decision: AuthDecision,
+    ) -> Result<(), CloseReason> {
         if decision != AuthDecision::Allow {
             tracing::info!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
-            return self.refuse(version, decision.reason_code());
+            return self.refuse(connect.protocol, decision.reason_code());
         }
         self.accept(now, connect, client_id, assigned, None)
     }

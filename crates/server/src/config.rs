@@ -110,6 +110,12 @@ pub struct AuthConfig {
     /// Topic authorization rules (see `acl_file.rs` for the format). Unset:
     /// every client may publish and subscribe to every topic but `$SYS`.
     pub acl_file: Option<PathBuf>,
+    /// A password file of `user:hash` lines (PHC strings: argon2, pbkdf2;
+    /// or bcrypt), kept with `petrel passwd`.
+    pub password_file: Option<PathBuf>,
+    /// Failed logins one client address may make in a minute; past it, its
+    /// logins are refused (not authorized) without checking a password.
+    pub max_failed_logins: u32,
 }
 
 /// One `[[auth.users]]` entry: a name and exactly one of `password` (kept only
@@ -131,6 +137,8 @@ impl Default for AuthConfig {
             allow_anonymous: true,
             users: Vec::new(),
             acl_file: None,
+            password_file: None,
+            max_failed_logins: 10,
         }
     }
 }
@@ -642,10 +650,16 @@ impl Config {
         let auth = &self.auth;
         let user_key =
             |i: usize, field: &str| KeyPath::root().key("auth").key("users").index(i).key(field);
-        if !auth.allow_anonymous && auth.users.is_empty() {
+        let certificate_logins = self.listeners.iter().any(|l| l.require_client_cert);
+        if !auth.allow_anonymous
+            && auth.users.is_empty()
+            && auth.password_file.is_none()
+            && !certificate_logins
+        {
             return Err(Violation {
                 key: KeyPath::root().key("auth").key("allow_anonymous"),
-                message: "is false but no [[auth.users]] are defined: no client could connect"
+                message: "is false but no [[auth.users]], password_file or client \
+                          certificates are configured: no client could connect"
                     .to_owned(),
             });
         }
@@ -692,11 +706,18 @@ impl Config {
     /// up here, so that `max_inflight = 0` and `max_inflight = 70000` get the
     /// same message.
     fn numeric_settings(&self) -> Vec<(KeyPath, u64, Bounds)> {
-        let mut settings = vec![(
-            KeyPath::root().key("max_connections"),
-            as_u64(self.max_connections),
-            Bounds::at_least(1),
-        )];
+        let mut settings = vec![
+            (
+                KeyPath::root().key("max_connections"),
+                as_u64(self.max_connections),
+                Bounds::at_least(1),
+            ),
+            (
+                KeyPath::root().key("auth").key("max_failed_logins"),
+                u64::from(self.auth.max_failed_logins),
+                Bounds::at_least(1),
+            ),
+        ];
         for (i, listener) in self.listeners.iter().enumerate() {
             settings.push((
                 listener_key(i, "max_connections"),
@@ -939,6 +960,12 @@ pub fn default_config_toml() -> String {
          # Let clients that send no user name connect. Set to false, with users\n\
          # below, to require a login.\n\
          allow_anonymous = {allow_anonymous}\n\
+         # Failed logins one client address may make in a minute before its\n\
+         # logins are refused without checking a password.\n\
+         max_failed_logins = {max_failed_logins}\n\
+         # A file of user:hash lines (argon2id written by `petrel passwd FILE USER`;\n\
+         # pbkdf2-sha512 and bcrypt hashes from other brokers are accepted too).\n\
+         # password_file = \"passwords\"\n\
          # Known users: a client that sends a user name must match one, by\n\
          # CONNECT password or by the MQTT 5 SCRAM-SHA-256 exchange. Each has a\n\
          # password (kept only as salted keys) or scram_sha256 keys made\n\
@@ -953,6 +980,7 @@ pub fn default_config_toml() -> String {
          # everything is allowed but publishing to $SYS.\n\
          # acl_file = \"acl.toml\"\n",
         allow_anonymous = defaults.auth.allow_anonymous,
+        max_failed_logins = defaults.auth.max_failed_logins,
     ));
     out.push_str(&format!(
         "\n[storage]\n\

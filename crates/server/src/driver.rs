@@ -198,9 +198,11 @@ where
         }
         // A client paused by flow control is not read: its data waits in its socket buffer
         //    and, once that fills, in the client itself.
+        // The same while the authenticator decides on CONNECT.
         if conn.is_paused() {
             match conn.poll_resume(cx, Instant::now()) {
-                Poll::Ready(()) => return Poll::Ready(Event::Resumed),
+                Poll::Ready(Ok(())) => return Poll::Ready(Event::Resumed),
+                Poll::Ready(Err(reason)) => return Poll::Ready(Event::Closed(reason)),
                 Poll::Pending => return poll_timer(cx, conn, sleep),
             }
         }

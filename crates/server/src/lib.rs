@@ -9,6 +9,7 @@
 //!                └─ driver.rs ── one task per connection: stream ⇄ petrel_engine::Connection
 //! config.rs ── the TOML file: shape, defaults, validation with file:line: key: problem
 //! acl_file.rs ── topic authorization rules, read at start
+//! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
@@ -17,6 +18,7 @@ pub mod acl_file;
 pub mod config;
 mod driver;
 mod listener;
+pub mod passwords;
 mod proxy;
 pub mod server;
 pub mod tls;

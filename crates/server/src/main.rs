@@ -1,6 +1,6 @@
 //! The `petrel` binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -45,10 +45,50 @@ struct Cli {
     /// How long to wait for connections to close after SIGINT/SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Add a user to a password file, change its password, or delete it. The file is created
+    /// if missing; the password is asked twice on the terminal, or read from one line of
+    /// standard input with --stdin. Hashes are argon2id.
+    Passwd {
+        /// The password file (`[auth] password_file`).
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// Remove the user instead.
+        #[arg(long, short = 'D')]
+        delete: bool,
+        /// Read the password from standard input (for scripts) instead of prompting.
+        #[arg(long, conflicts_with = "delete")]
+        stdin: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd {
+        file,
+        user,
+        delete,
+        stdin,
+    }) = &cli.command
+    {
+        return match passwd(file, user, *delete, *stdin) {
+            Ok(message) => {
+                eprintln!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("petrel passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.print_default_config {
         print!("{}", petrel_server::config::default_config_toml());
         return ExitCode::SUCCESS;
@@ -124,4 +164,64 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         "shutting down: no new connections, closing open ones"
     );
     shutdown.cancel();
+}
+
+/// `petrel passwd`: changes one user in a password file, written whole to a temporary file
+/// (mode 0600) and renamed over the old one, so a failure leaves the old file intact.
+fn passwd(file: &Path, user: &str, delete: bool, stdin: bool) -> anyhow::Result<String> {
+    use anyhow::{bail, Context};
+    use petrel_server::passwords::{hash, PasswordFile};
+    if user.is_empty() || user.contains(':') || user.contains(char::is_whitespace) {
+        bail!("a user name may not be empty or hold ':' or white space");
+    }
+    let mut entries = PasswordFile::load_or_empty(file)?;
+    let message = if delete {
+        if !entries.remove(user) {
+            bail!("no user {user:?} in {}", file.display());
+        }
+        format!("removed {user:?} from {}", file.display())
+    } else {
+        let password = if stdin {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            line.trim_end_matches(['\n', '\r']).to_owned()
+        } else {
+            let first = rpassword::prompt_password(format!("password for {user}: "))
+                .context("reading the password from the terminal (use --stdin in scripts)")?;
+            let again = rpassword::prompt_password("again: ")?;
+            if first != again {
+                bail!("the passwords differ; nothing changed");
+            }
+            first
+        };
+        if password.is_empty() {
+            bail!("empty password; nothing changed");
+        }
+        let existed = entries.get(user).is_some();
+        let hashed = hash(password.as_bytes()).map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+        entries.set(user, hashed);
+        format!(
+            "{} {user:?} in {}",
+            if existed { "changed" } else { "added" },
+            file.display()
+        )
+    };
+    let tmp = file.with_extension("petrel-tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        out.write_all(entries.to_text().as_bytes())?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
+    Ok(message)
 }

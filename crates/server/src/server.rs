@@ -13,6 +13,8 @@ use petrel_engine::scram::ScramCredentials;
 use petrel_engine::store::{Store, Volatile};
 use petrel_engine::{Broker, Limits};
 use petrel_store::{DiskStore, Fsync};
+
+use crate::passwords::{FileAuthenticator, PasswordFile};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,6 +39,8 @@ pub enum ServerError {
     },
     #[error("storage.dir: {0}")]
     Store(#[from] petrel_store::StoreError),
+    #[error("auth.password_file: {0}")]
+    Passwords(#[from] crate::passwords::PasswordFileError),
     #[error("auth.acl_file: {0}")]
     Acl(#[from] crate::acl_file::AclFileError),
     #[error("listeners[{index}].{key}: {message}")]
@@ -121,7 +125,12 @@ async fn housekeeping(broker: Arc<Broker>, shutdown: CancellationToken) {
 /// anonymous clients; otherwise a user store that checks CONNECT passwords and offers the
 /// MQTT 5 SCRAM-SHA-256 exchange.
 pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, ServerError> {
-    if auth.users.is_empty() && auth.allow_anonymous {
+    let file = auth
+        .password_file
+        .as_deref()
+        .map(PasswordFile::load)
+        .transpose()?;
+    if auth.users.is_empty() && auth.allow_anonymous && file.is_none() {
         return Ok(Box::new(AllowAll));
     }
     let mut users = HashMap::new();
@@ -138,7 +147,14 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
         };
         users.insert(user.name.clone(), credentials);
     }
-    Ok(Box::new(UserStore::new(users, auth.allow_anonymous)))
+    let users = Box::new(UserStore::new(users, auth.allow_anonymous));
+    // The password file in front of the config's users, and failed logins limited per
+    // address for both.
+    Ok(Box::new(FileAuthenticator::new(
+        file,
+        users,
+        auth.max_failed_logins,
+    )))
 }
 
 /// How often certificate files are checked for changes.

@@ -772,3 +772,142 @@ fn malformed_packet_log_names_client_and_rule_but_not_payload() {
     );
     assert!(!log.contains("SECRETPAYLOAD"), "payload logged:\n{log}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Password files
+// ---------------------------------------------------------------------------------------------
+
+/// `petrel passwd ARGS` with `input` on standard input.
+fn passwd(args: &[&OsString], input: &str) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_petrel"))
+        .arg("passwd")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start petrel passwd");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("write the password");
+    let out = child.wait_with_output().expect("petrel passwd exits");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A 3.1.1 CONNECT, clean session, with a user name and password.
+fn connect_login(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let mut body = hex("00 04 4d 51 54 54 04 c2 00 3c");
+    push_str(&mut body, client_id.as_bytes());
+    push_str(&mut body, user.as_bytes());
+    push_str(&mut body, password.as_bytes());
+    frame(0x10, &body)
+}
+
+/// CONNACK return code for one login attempt on a fresh connection.
+fn login_code(addr: SocketAddr, user: &str, password: &str) -> u8 {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    s.write_all(&connect_login("c", user, password))
+        .expect("send CONNECT");
+    let (kind, body) = read_packet(&mut s)
+        .expect("read CONNACK")
+        .expect("a CONNACK, not EOF");
+    assert_eq!(kind, 0x20, "CONNACK");
+    body[1]
+}
+
+#[test]
+fn passwd_keeps_a_password_file_the_broker_logs_in_against() {
+    let dir = TempDir::new("passwd");
+    let file: OsString = dir.0.join("passwords").into();
+    let (ok, err) = passwd(&[&file, &"alice".into(), &"--stdin".into()], "s3cret\n");
+    assert!(ok, "{err}");
+    assert!(err.contains("added \"alice\""), "{err}");
+    let (ok, err) = passwd(&[&file, &"bob".into(), &"--stdin".into()], "hunter2\n");
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("alice:$argon2id$"), "{text}");
+    assert!(!text.contains("s3cret"), "no password in the file");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+
+    let addr = free_addr();
+    let config = config_on(
+        &dir,
+        addr,
+        &format!(
+            "[auth]\nallow_anonymous = false\nmax_failed_logins = 3\npassword_file = \"{}\"\n\
+             [storage]\nmode = \"memory\"\n",
+            Path::new(&file).display()
+        ),
+    );
+    let (_petrel, first) = start(&config, addr, "info");
+    drop(first);
+    assert_eq!(login_code(addr, "alice", "s3cret"), 0, "accepted");
+    assert_eq!(
+        login_code(addr, "alice", "s3cret"),
+        0,
+        "again, from the cache"
+    );
+    // bob's first login, with SUBSCRIBE sent right behind CONNECT: while the hash is checked
+    // nothing more is read, then both are answered in order.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let mut both = connect_login("b", "bob", "hunter2");
+    both.extend(hex(SUBSCRIBE_ALL));
+    s.write_all(&both).unwrap();
+    expect(&mut s, CONNACK_OK);
+    expect(&mut s, SUBACK_ALL);
+    drop(s);
+    assert_eq!(
+        login_code(addr, "alice", "wrong"),
+        4,
+        "bad user name or password"
+    );
+    assert_eq!(login_code(addr, "mallory", "x"), 4, "unknown user");
+    // No user name and anonymous access off: not authorized.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.write_all(&connect_v311("anon", None)).unwrap();
+    let (_, body) = read_packet(&mut s).unwrap().unwrap();
+    assert_eq!(body[1], 5);
+    // Three failures from this address in the minute: now even the right password is
+    // refused, without being checked.
+    assert_eq!(login_code(addr, "bob", "hunter2"), 5, "rate limited");
+
+    let (ok, err) = passwd(&[&file, &"bob".into(), &"--delete".into()], "");
+    assert!(ok, "{err}");
+    let (ok, err) = passwd(&[&file, &"bob".into(), &"--delete".into()], "");
+    assert!(!ok && err.contains("no user \"bob\""), "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("bob:") && text.contains("alice:"), "{text}");
+}
+
+#[test]
+fn a_bad_password_file_stops_the_start_naming_the_line() {
+    let dir = TempDir::new("badpasswd");
+    let file = dir.write("passwords", "# users\nalice:plaintext\n");
+    let addr = free_addr();
+    let config = config_on(
+        &dir,
+        addr,
+        &format!("[auth]\npassword_file = \"{}\"\n", file.display()),
+    );
+    let done = Petrel::run([OsString::from("--config"), config.into()]);
+    assert!(!done.status.success());
+    assert!(
+        done.stderr.contains("auth.password_file:")
+            && done
+                .stderr
+                .contains("passwords:2: user \"alice\": not a hash"),
+        "{}",
+        done.stderr
+    );
+}

@@ -68,6 +68,8 @@ queue_overflow = "drop_oldest"
 [auth]
 allow_anonymous = false
 acl_file = "acl.toml"
+password_file = "passwords"
+max_failed_logins = 3
 
 [[auth.users]]
 name = "alice"
@@ -129,6 +131,8 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
             auth: AuthConfig {
                 allow_anonymous: false,
                 acl_file: Some("acl.toml".into()),
+                password_file: Some("passwords".into()),
+                max_failed_logins: 3,
                 users: vec![
                     UserConfig {
                         name: "alice".into(),
@@ -346,7 +350,7 @@ fn invalid_documents_name_file_line_and_key() {
         (
             "nobody could connect",
             "[auth]\nallow_anonymous = false\n",
-            &["petrel.toml:2: auth.allow_anonymous: is false but no [[auth.users]] are defined"],
+            &["petrel.toml:2: auth.allow_anonymous: is false but no [[auth.users]], password_file or client certificates are configured"],
         ),
         (
             "unknown user key",
@@ -494,7 +498,7 @@ fn default_config_toml_round_trips() {
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),
-        1
+        2
     );
 }
 
