@@ -55,11 +55,14 @@ pub struct Subscriber {
 pub struct Broker {
     pub limits: Limits,
     pub stats: Stats,
-    authenticator: Box<dyn Authenticator>,
+    /// Replaced on reload; each CONNECT takes the one in service.
+    authenticator: RwLock<Arc<dyn Authenticator>>,
     store: Box<dyn Store>,
     /// Topic authorization; `None`: every client may publish and subscribe to anything
-    /// (but `$SYS`). Read at each CONNECT; replaced on reload.
+    /// (but `$SYS`). Compiled per client at CONNECT; a reload bumps `acl_generation` and
+    /// connected clients recompile theirs before their next check.
     acl: RwLock<Option<Arc<Acl>>>,
+    acl_generation: AtomicU64,
     sessions: Mutex<HashMap<MqttString, Arc<Session>>>,
     index: RwLock<SubscriptionIndex<SessionId, Subscriber>>,
     /// Shared subscription groups by the filter they match; keyed by group.
@@ -193,9 +196,10 @@ impl Broker {
         Broker {
             limits,
             stats: Stats::default(),
-            authenticator,
+            authenticator: RwLock::new(Arc::from(authenticator)),
             store,
             acl: RwLock::new(None),
+            acl_generation: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::new()),
             index: RwLock::new(SubscriptionIndex::new()),
             shared_index: RwLock::new(SubscriptionIndex::new()),
@@ -212,17 +216,28 @@ impl Broker {
         }
     }
 
-    pub fn authenticator(&self) -> &dyn Authenticator {
-        &*self.authenticator
+    pub fn authenticator(&self) -> Arc<dyn Authenticator> {
+        read(&self.authenticator).clone()
     }
 
-    /// Sets (or with `None` lifts) topic authorization for clients that connect from now on.
+    /// Puts another authenticator in service (a reload): clients already connected stay.
+    pub fn set_authenticator(&self, authenticator: Box<dyn Authenticator>) {
+        *write(&self.authenticator) = Arc::from(authenticator);
+    }
+
+    /// Sets (or with `None` lifts) topic authorization, for new and connected clients.
     pub fn set_acl(&self, acl: Option<Acl>) {
         *write(&self.acl) = acl.map(Arc::new);
+        self.acl_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn acl(&self) -> Option<Arc<Acl>> {
         read(&self.acl).clone()
+    }
+
+    /// Changes each time the ACL is set.
+    pub fn acl_generation(&self) -> u64 {
+        self.acl_generation.load(Ordering::Acquire)
     }
 
     pub fn store(&self) -> &dyn Store {

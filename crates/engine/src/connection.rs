@@ -231,6 +231,10 @@ struct Attached {
     /// one pointer.
     #[allow(clippy::box_collection)]
     pending_acks: Option<Box<std::collections::VecDeque<(u64, Packet)>>>,
+    /// The user name CONNECT gave, which the ACL's rules and `%u` refer to.
+    username: Option<MqttString>,
+    /// The broker's ACL generation `egress.acl` was compiled from.
+    acl_generation: u64,
 }
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
@@ -863,6 +867,7 @@ impl Connection {
 
         // Topic authorization, compiled for this client. Its will is a message it publishes,
         // checked now rather than dropped silently when the connection ends.
+        let acl_generation = self.broker.acl_generation();
         let acl = self.broker.acl().map(|acl| {
             Arc::new(acl.for_client(Identity {
                 client_id: &client_id,
@@ -998,6 +1003,8 @@ impl Connection {
             will: connect.will.map(Box::new),
             pause: None,
             pending_acks: None,
+            username: connect.username.clone(),
+            acl_generation,
             enhanced: enhanced.map(|(method, _)| {
                 Box::new(Enhanced {
                     method,
@@ -1038,6 +1045,7 @@ impl Connection {
     }
 
     fn handle_publish(&mut self, now: Instant, publish: Publish) -> Result<(), CloseReason> {
+        self.refresh_acl();
         let a = self.attached()?;
         let (version, session) = (a.egress.version, a.session.clone());
         // After a takeover this connection may not publish in the session's name.
@@ -1208,6 +1216,26 @@ impl Connection {
         Ok(f(&mut st, journal))
     }
 
+    /// After the ACL was replaced (a reload), compiles this client's rules again. One atomic
+    /// load when nothing changed.
+    fn refresh_acl(&mut self) {
+        let generation = self.broker.acl_generation();
+        let State::Connected(a) = &mut self.state else {
+            return;
+        };
+        if a.acl_generation == generation {
+            return;
+        }
+        a.acl_generation = generation;
+        a.egress.acl = self.broker.acl().map(|acl| {
+            Arc::new(acl.for_client(Identity {
+                client_id: &a.session.client_id,
+                username: a.username.as_ref().map(|u| u.as_str()),
+                certificate: self.certificate.as_deref(),
+            }))
+        });
+    }
+
     /// Sends a PUBACK/PUBREC once the writes with durability `token` are durable, and after
     /// every acknowledgement held before it (they go out in the order the PUBLISH packets
     /// came [MQTT-4.6.0-2]).
@@ -1332,6 +1360,7 @@ impl Connection {
     }
 
     fn handle_subscribe(&mut self, now: Instant, subscribe: Subscribe) -> Result<(), CloseReason> {
+        self.refresh_acl();
         let a = self.attached()?;
         let (version, session, problem_info) =
             (a.egress.version, a.session.clone(), a.problem_info);
@@ -1486,6 +1515,7 @@ impl Connection {
         cx: &mut Context<'_>,
         now: Instant,
     ) -> Poll<Result<(), CloseReason>> {
+        self.refresh_acl();
         // Acknowledgements the store has made durable since the last pass.
         let acked = self.flush_acks(cx);
         let State::Connected(a) = &mut self.state else {

@@ -317,13 +317,17 @@ fn messages_queued_before_the_rules_changed_are_checked_as_they_are_sent() {
         publ.send(t0, publish(t, "x", QoS::AtLeastOnce, id))
             .unwrap();
     }
-    // Now the rules arrive: the spy may read public/# only.
+    // Now the rules arrive: the spy may read public/# only; the publisher (connected all
+    // along, and held to the new rules too) may publish anywhere.
     broker.set_acl(Some(
-        Acl::new(vec![rule(
-            Principal::ClientId("spy".into()),
-            Access::Subscribe,
-            &["public/#"],
-        )])
+        Acl::new(vec![
+            rule(
+                Principal::ClientId("spy".into()),
+                Access::Subscribe,
+                &["public/#"],
+            ),
+            rule(Principal::ClientId("pub".into()), Access::Publish, &["#"]),
+        ])
         .unwrap(),
     ));
     let mut sub = Peer::new(&broker, t0);
@@ -358,4 +362,43 @@ fn without_an_acl_everything_but_sys_publishing_is_allowed() {
             ReasonCode::NOT_AUTHORIZED
         ))]
     );
+}
+
+#[test]
+fn a_new_acl_applies_to_clients_already_connected() {
+    let t0 = Instant::now();
+    let broker = broker(Limits::default());
+    let allow = |topics: &[&str]| {
+        Some(
+            Acl::new(vec![rule(
+                Principal::ClientId("c".into()),
+                Access::Both,
+                topics,
+            )])
+            .unwrap(),
+        )
+    };
+    broker.set_acl(allow(&["a/#"]));
+    let mut c = Peer::connect(&broker, t0, connect_v5("c", true, 0));
+    c.subscribe(t0, 1, "#", QoS::AtMostOnce);
+    c.send(t0, publish("a/1", "x", QoS::AtLeastOnce, 1))
+        .unwrap();
+    assert_eq!(topics(c.recv()), ["a/1"]);
+    // Reloaded: a/# is no longer allowed, b/# is.
+    broker.set_acl(allow(&["b/#"]));
+    c.send(t0, publish("a/2", "x", QoS::AtLeastOnce, 2))
+        .unwrap();
+    c.send(t0, publish("b/1", "x", QoS::AtLeastOnce, 3))
+        .unwrap();
+    let written = c.recv();
+    assert!(written.contains(&Packet::PubAck(PubAck::with_reason(
+        pid(2),
+        ReasonCode::NOT_AUTHORIZED
+    ))));
+    // The old `#` subscription was guarded by a/# when it was made: b/1 is not delivered
+    // through it until the client subscribes again, and nothing on a/ is.
+    assert_eq!(topics(written), Vec::<String>::new());
+    c.subscribe(t0, 2, "#", QoS::AtMostOnce);
+    c.send(t0, publish("b/2", "x", QoS::AtMostOnce, 0)).unwrap();
+    assert_eq!(topics(c.recv()), ["b/2"]);
 }

@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, cli.shutdown_grace)) {
+    match runtime.block_on(run(config, cli.config.clone(), cli.shutdown_grace)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("petrel: {e:#}");
@@ -136,8 +136,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, grace: Duration) -> anyhow::Result<()> {
-    let server = Server::bind(&config).await?;
+async fn run(config: Config, path: Option<PathBuf>, grace: Duration) -> anyhow::Result<()> {
+    let mut server = Server::bind(&config).await?;
+    if let Some(path) = path {
+        // SIGHUP reloads users, the password file and the ACL from it.
+        server = server.reload_from(path);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "petrel starting");

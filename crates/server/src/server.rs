@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,6 +158,61 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     )))
 }
 
+/// Reloads authentication and authorization on SIGHUP: the config file's `[auth]` users, its
+/// password file and its ACL file. Connected clients stay connected (their ACL follows the
+/// new rules from their next packet). A configuration with an error is refused whole: the
+/// log says why and the one in service stays. Changes elsewhere in the file are reported as
+/// waiting for a restart.
+async fn reload_config(
+    broker: Arc<Broker>,
+    path: PathBuf,
+    mut running: Config,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; configuration reload is off");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hangup.recv() => {}
+        }
+        match reload_auth(&broker, &path) {
+            Ok(config) => {
+                let mut rest = config.clone();
+                rest.auth = running.auth.clone();
+                if rest != running {
+                    tracing::warn!(config = %path.display(), "configuration reloaded: users, password file and ACL; other changes (listeners, [mqtt], [storage]) take effect at the next start");
+                } else {
+                    tracing::info!(config = %path.display(), "configuration reloaded: users, password file and ACL");
+                }
+                running.auth = config.auth;
+            }
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "configuration not reloaded; the one in service stays");
+            }
+        }
+    }
+}
+
+/// Reads the config file again and puts its authentication and ACL in service, all or none.
+pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let authenticator = authenticator_from(&config.auth).map_err(|e| e.to_string())?;
+    let acl = config
+        .auth
+        .acl_file
+        .as_deref()
+        .map(crate::acl_file::load)
+        .transpose()
+        .map_err(|e| format!("auth.acl_file: {e}"))?;
+    broker.set_authenticator(authenticator);
+    broker.set_acl(acl);
+    Ok(config)
+}
+
 /// How often certificate files are checked for changes.
 const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -204,6 +260,10 @@ pub struct Server {
     broker: Arc<Broker>,
     listeners: Vec<Listener>,
     max_connections: usize,
+    /// The file the configuration came from: SIGHUP reads it again.
+    config_path: Option<PathBuf>,
+    /// The configuration in service, to tell a reload what changed.
+    config: Config,
 }
 
 impl Server {
@@ -295,11 +355,20 @@ impl Server {
             broker,
             listeners,
             max_connections: config.max_connections,
+            config_path: None,
+            config: config.clone(),
         })
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// The file the configuration was read from: SIGHUP reloads the users, password file and
+    /// ACL from it (and TLS certificates, as without one).
+    pub fn reload_from(mut self, path: PathBuf) -> Server {
+        self.config_path = Some(path);
+        self
     }
 
     /// The bound addresses, in configuration order (resolves port 0).
@@ -324,6 +393,14 @@ impl Server {
             .filter_map(|l| l.tls.clone())
             .collect();
         let reloader = (!tls.is_empty()).then(|| tokio::spawn(reload_tls(tls, shutdown.clone())));
+        let config_reloader = self.config_path.clone().map(|path| {
+            tokio::spawn(reload_config(
+                self.broker.clone(),
+                path,
+                self.config.clone(),
+                shutdown.clone(),
+            ))
+        });
         let total = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         for listener in self.listeners {
             tracing::info!(addr = %listener.describe(), protocol = %listener.config.protocol, "listening");
@@ -341,6 +418,9 @@ impl Server {
         }
         let _ = housekeeping.await;
         if let Some(reloader) = reloader {
+            let _ = reloader.await;
+        }
+        if let Some(reloader) = config_reloader {
             let _ = reloader.await;
         }
         tracker.close();

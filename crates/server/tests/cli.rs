@@ -911,3 +911,79 @@ fn a_bad_password_file_stops_the_start_naming_the_line() {
         done.stderr
     );
 }
+
+#[test]
+fn sighup_reloads_passwords_and_acl_and_refuses_a_broken_file() {
+    let dir = TempDir::new("reload");
+    let file: OsString = dir.0.join("passwords").into();
+    let (ok, err) = passwd(&[&file, &"alice".into(), &"--stdin".into()], "one\n");
+    assert!(ok, "{err}");
+    let acl = dir.write(
+        "acl.toml",
+        "[[rules]]\neveryone = true\naccess = \"both\"\ntopics = [\"#\"]\n",
+    );
+    let addr = free_addr();
+    let config = config_on(
+        &dir,
+        addr,
+        &format!(
+            "[auth]\nallow_anonymous = false\npassword_file = \"{}\"\nacl_file = \"{}\"\n\
+             [storage]\nmode = \"memory\"\n",
+            Path::new(&file).display(),
+            acl.display()
+        ),
+    );
+    let (petrel, first) = start(&config, addr, "info");
+    drop(first);
+    // A client that stays connected through the reloads.
+    let mut stays = TcpStream::connect(addr).unwrap();
+    stays.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stays
+        .write_all(&connect_login("stays", "alice", "one"))
+        .unwrap();
+    expect(&mut stays, CONNACK_OK);
+    assert_eq!(login_code(addr, "alice", "one"), 0);
+
+    // alice's password changes and bob arrives; the ACL now allows ok/# only.
+    let (ok, err) = passwd(&[&file, &"alice".into(), &"--stdin".into()], "two\n");
+    assert!(ok, "{err}");
+    let (ok, err) = passwd(&[&file, &"bob".into(), &"--stdin".into()], "three\n");
+    assert!(ok, "{err}");
+    std::fs::write(
+        &acl,
+        "[[rules]]\neveryone = true\naccess = \"both\"\ntopics = [\"ok/#\"]\n",
+    )
+    .unwrap();
+    petrel.signal(libc::SIGHUP);
+    assert!(
+        petrel.wait_for_stderr("configuration reloaded", EXIT_TIMEOUT),
+        "{}",
+        petrel.stderr()
+    );
+    assert_eq!(login_code(addr, "alice", "one"), 4, "old password");
+    assert_eq!(login_code(addr, "alice", "two"), 0);
+    assert_eq!(login_code(addr, "bob", "three"), 0);
+    // The connected client is still there, under the new rules: "no/#" reaches nothing
+    // they allow.
+    send(&mut stays, "82 09 00 01 00 04 6e 6f 2f 23 00");
+    expect(&mut stays, "90 03 00 01 80");
+
+    // A broken ACL file: refused whole, the rules and users in service stay.
+    std::fs::write(&acl, "[[rules]]\neveryone = true\naccess = \"sometimes\"\n").unwrap();
+    petrel.signal(libc::SIGHUP);
+    assert!(
+        petrel.wait_for_stderr("configuration not reloaded", EXIT_TIMEOUT),
+        "{}",
+        petrel.stderr()
+    );
+    assert!(
+        petrel.stderr().contains("acl.toml:3"),
+        "{}",
+        petrel.stderr()
+    );
+    assert_eq!(login_code(addr, "bob", "three"), 0);
+    send(&mut stays, "82 08 00 02 00 03 6f 6b 31 00");
+    expect(&mut stays, "90 03 00 02 80");
+    send(&mut stays, "82 08 00 03 00 03 6f 6b 2f 00");
+    expect(&mut stays, "90 03 00 03 00");
+}
