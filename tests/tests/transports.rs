@@ -834,3 +834,50 @@ async fn keepalive_is_judged_on_mqtt_packets_over_tls_too() {
         "TLS keepalive 1 s",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_max_connections_per_ip_open() {
+    let broker = broker_with(vec![ListenerConfig {
+        max_connections_per_ip: 2,
+        ..listener(ListenerProtocol::Tcp)
+    }])
+    .await;
+    let mut first = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    mqtt_connect(&mut first, "one").await;
+    let mut second = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    mqtt_connect(&mut second, "two").await;
+    // The third is closed without a CONNACK.
+    let mut third = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let _ = third
+        .write_all(&hex(&connect_v311_hex("three", true, 60)))
+        .await;
+    let mut buf = [0u8; 4];
+    let read = tokio::time::timeout(PROMPT, third.read(&mut buf))
+        .await
+        .expect("closed promptly");
+    assert!(matches!(read, Ok(0) | Err(_)), "no CONNACK: {read:?}");
+    assert_eq!(
+        petrel_engine::stats::Stats::get(&broker.broker.stats.refused_connections_per_ip),
+        1
+    );
+    // One leaves; its place is free again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + PROMPT;
+    loop {
+        let mut again = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+        let _ = again
+            .write_all(&hex(&connect_v311_hex("again", true, 60)))
+            .await;
+        let mut ack = [0u8; 4];
+        if let Ok(Ok(_)) = tokio::time::timeout(PROMPT, again.read_exact(&mut ack)).await {
+            assert_eq!(ack, [0x20, 2, 0, 0]);
+            break;
+        }
+        // The first connection's end may not have been seen yet.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -32,6 +32,7 @@ use crate::auth::{
     AuthDecision, AuthExchange, AuthOutcome, AuthStep, Credentials, PendingDecision,
 };
 use crate::broker::Broker;
+use crate::limits::Limits;
 use crate::message::Message;
 use crate::session::{Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES};
 use crate::shared;
@@ -233,12 +234,74 @@ struct Attached {
     pending_acks: Option<Box<std::collections::VecDeque<(u64, Packet)>>>,
     /// The user name CONNECT gave, which the ACL's rules and `%u` refer to.
     username: Option<MqttString>,
+    /// Inbound rate limits, when configured.
+    allowance: Option<Box<Allowance>>,
     /// The broker's ACL generation `egress.acl` was compiled from.
     acl_generation: u64,
 }
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
 /// queue drains to half, the subscriber is found stalled, or goes away.
+/// A client's inbound allowance (`max_inbound_messages_per_second`,
+/// `max_inbound_bytes_per_second`): a token bucket holding up to one second's worth, which a
+/// QoS 1/2 message may overdraw; the client is then not read from until it is even again.
+struct Allowance {
+    messages: f64,
+    bytes: f64,
+    refilled: Instant,
+    /// Not read from until then.
+    throttled_until: Option<Instant>,
+}
+
+impl Allowance {
+    fn new(limits: &Limits, now: Instant) -> Option<Box<Allowance>> {
+        (limits.max_inbound_messages_per_second > 0 || limits.max_inbound_bytes_per_second > 0)
+            .then(|| {
+                Box::new(Allowance {
+                    messages: f64::from(limits.max_inbound_messages_per_second),
+                    bytes: f64::from(limits.max_inbound_bytes_per_second),
+                    refilled: now,
+                    throttled_until: None,
+                })
+            })
+    }
+
+    fn refill(&mut self, limits: &Limits, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = self.refilled.max(now);
+        let (m, b) = (
+            f64::from(limits.max_inbound_messages_per_second),
+            f64::from(limits.max_inbound_bytes_per_second),
+        );
+        self.messages = (self.messages + elapsed * m).min(m);
+        self.bytes = (self.bytes + elapsed * b).min(b);
+    }
+
+    /// Whether a message of `size` bytes fits the allowance now.
+    fn fits(&self, limits: &Limits, size: usize) -> bool {
+        (limits.max_inbound_messages_per_second == 0 || self.messages >= 1.0)
+            && (limits.max_inbound_bytes_per_second == 0 || self.bytes >= size as f64)
+    }
+
+    /// Takes a message of `size` bytes; if that overdraws, returns how long until even.
+    fn take(&mut self, limits: &Limits, size: usize) -> Option<Duration> {
+        let mut wait: f64 = 0.0;
+        if limits.max_inbound_messages_per_second > 0 {
+            self.messages -= 1.0;
+            if self.messages < 0.0 {
+                wait = wait.max(-self.messages / f64::from(limits.max_inbound_messages_per_second));
+            }
+        }
+        if limits.max_inbound_bytes_per_second > 0 {
+            self.bytes -= size as f64;
+            if self.bytes < 0.0 {
+                wait = wait.max(-self.bytes / f64::from(limits.max_inbound_bytes_per_second));
+            }
+        }
+        (wait > 0.0).then(|| Duration::from_secs_f64(wait))
+    }
+}
+
 struct Pause {
     subscriber: Arc<Session>,
     /// The subscriber's `drained` counter when the current wait began.
@@ -359,9 +422,13 @@ impl Connection {
             | State::Deciding { deadline, .. } => Some(*deadline),
             // While paused nothing is read, so the keepalive cannot be judged: only the
             // flow-control check is due.
-            State::Connected(a) => match &a.pause {
-                Some(p) => Some(p.check_at),
-                None => a.idle_limit.map(|limit| a.last_received + limit),
+            State::Connected(a) => match (
+                &a.pause,
+                a.allowance.as_ref().and_then(|b| b.throttled_until),
+            ) {
+                (_, Some(until)) => Some(until),
+                (Some(p), None) => Some(p.check_at),
+                (None, None) => a.idle_limit.map(|limit| a.last_received + limit),
             },
             State::Closed => None,
         }
@@ -371,7 +438,12 @@ impl Connection {
     /// nothing (and decodes nothing more from what it already read) until `poll_resume`.
     pub fn is_paused(&self) -> bool {
         match &self.state {
-            State::Connected(a) => a.pause.is_some(),
+            State::Connected(a) => {
+                a.pause.is_some()
+                    || a.allowance
+                        .as_ref()
+                        .is_some_and(|b| b.throttled_until.is_some())
+            }
             State::Deciding { .. } => true,
             _ => false,
         }
@@ -408,6 +480,13 @@ impl Connection {
         let State::Connected(a) = &mut self.state else {
             return Poll::Ready(Ok(()));
         };
+        // Throttled: the timer (`deadline`) ends it.
+        if a.allowance
+            .as_ref()
+            .is_some_and(|b| b.throttled_until.is_some())
+        {
+            return Poll::Pending;
+        }
         let Some(pause) = &a.pause else {
             return Poll::Ready(Ok(()));
         };
@@ -422,6 +501,18 @@ impl Connection {
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), CloseReason> {
         if let State::Connected(a) = &mut self.state {
+            if let Some(allowance) = &mut a.allowance {
+                if let Some(until) = allowance.throttled_until {
+                    if now < until {
+                        return Ok(());
+                    }
+                    // Even again: reading resumes, and the time not read is not held against
+                    // the client's keepalive.
+                    allowance.throttled_until = None;
+                    a.last_received = a.last_received.max(now);
+                    return Ok(());
+                }
+            }
             if let Some(pause) = &mut a.pause {
                 if now < pause.check_at {
                     return Ok(());
@@ -1004,6 +1095,7 @@ impl Connection {
             pause: None,
             pending_acks: None,
             username: connect.username.clone(),
+            allowance: Allowance::new(&self.broker.limits, now),
             acl_generation,
             enhanced: enhanced.map(|(method, _)| {
                 Box::new(Enhanced {
@@ -1099,29 +1191,34 @@ impl Connection {
             self.send_within_limit(&ack);
             return Ok(());
         }
+        if !topic_within(limits, &topic) {
+            Stats::add(&self.broker.stats.refused_topic_limits, 1);
+            tracing::debug!(peer = %self.peer, "publish refused: topic longer or deeper than allowed");
+            return self.refuse_publish(version, qos, packet_id, ReasonCode::TOPIC_NAME_INVALID);
+        }
         let allowed = match &self.attached()?.egress.acl {
             Some(acl) => acl.may_publish(&topic),
             None => !is_sys(&topic),
         };
-        {
-            if !allowed {
-                Stats::add(&self.broker.stats.denied_publish, 1);
-                tracing::debug!(peer = %self.peer, topic = %topic, "publish refused by the ACL");
-                // v5 ends the exchange with 0x87. 3.x has no way to refuse a PUBLISH: the
-                // message is acknowledged as usual and dropped. QoS 0 is dropped either way.
-                let Some(id) = packet_id else { return Ok(()) };
-                let ack = if version.is_v5() {
-                    PubAck::with_reason(id, ReasonCode::NOT_AUTHORIZED)
-                } else {
-                    PubAck::new(id)
-                };
-                let ack = if qos == QoS::ExactlyOnce {
-                    Packet::PubRec(ack)
-                } else {
-                    Packet::PubAck(ack)
-                };
-                self.ack_when_durable(0, ack);
-                return Ok(());
+        if !allowed {
+            Stats::add(&self.broker.stats.denied_publish, 1);
+            tracing::debug!(peer = %self.peer, topic = %topic, "publish refused by the ACL");
+            return self.refuse_publish(version, qos, packet_id, ReasonCode::NOT_AUTHORIZED);
+        }
+        // The inbound allowance: past it QoS 0 is dropped; QoS 1/2 is taken and the client
+        // is not read from until it is even again.
+        let limits = &self.broker.limits;
+        if let State::Connected(a) = &mut self.state {
+            if let Some(allowance) = &mut a.allowance {
+                allowance.refill(limits, now);
+                if qos == QoS::AtMostOnce && !allowance.fits(limits, publish.payload.len()) {
+                    Stats::add(&self.broker.stats.dropped_inbound_rate, 1);
+                    return Ok(());
+                }
+                if let Some(wait) = allowance.take(limits, publish.payload.len()) {
+                    allowance.throttled_until = Some(now + wait);
+                    Stats::add(&self.broker.stats.inbound_throttles, 1);
+                }
             }
         }
         let mut inbound_token = 0;
@@ -1214,6 +1311,31 @@ impl Connection {
             client_id: &a.session.client_id,
         };
         Ok(f(&mut st, journal))
+    }
+
+    /// A PUBLISH not taken: v5 ends its QoS 1/2 exchange with `code`. 3.x has no way to
+    /// refuse one, so the message is acknowledged as usual and dropped. QoS 0 is dropped
+    /// either way.
+    fn refuse_publish(
+        &mut self,
+        version: ProtocolVersion,
+        qos: QoS,
+        packet_id: Option<petrel_codec::PacketId>,
+        code: ReasonCode,
+    ) -> Result<(), CloseReason> {
+        let Some(id) = packet_id else { return Ok(()) };
+        let ack = if version.is_v5() {
+            PubAck::with_reason(id, code)
+        } else {
+            PubAck::new(id)
+        };
+        let ack = if qos == QoS::ExactlyOnce {
+            Packet::PubRec(ack)
+        } else {
+            Packet::PubAck(ack)
+        };
+        self.ack_when_durable(0, ack);
+        Ok(())
     }
 
     /// After the ACL was replaced (a reload), compiles this client's rules again. One atomic
@@ -1406,6 +1528,25 @@ impl Connection {
             if !limits.wildcard_subscriptions && filter.has_wildcards() {
                 reasons.push(failure(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED));
                 problem.get_or_insert("wildcard subscriptions are disabled");
+                continue;
+            }
+            if !topic_within(limits, filter) {
+                Stats::add(&self.broker.stats.refused_topic_limits, 1);
+                reasons.push(failure(ReasonCode::TOPIC_FILTER_INVALID));
+                problem.get_or_insert("topic filter longer or deeper than allowed");
+                continue;
+            }
+            let (held, exists) = {
+                let st = session.lock();
+                (
+                    st.subscriptions.len(),
+                    st.subscriptions.contains_key(filter),
+                )
+            };
+            if !exists && held >= limits.max_subscriptions_per_client {
+                Stats::add(&self.broker.stats.refused_subscription_quota, 1);
+                reasons.push(failure(ReasonCode::QUOTA_EXCEEDED));
+                problem.get_or_insert("too many subscriptions for one client");
                 continue;
             }
             // Topic authorization: a filter the ACL covers is subscribed as it is; one it
@@ -1677,4 +1818,10 @@ fn write_within(out: &mut BytesMut, packet: &Packet, version: ProtocolVersion, m
     if let Err(e) = petrel_codec::encode(&bare, version, out) {
         tracing::error!(error = %e, packet = packet.name(), "cannot encode packet");
     }
+}
+
+/// Whether a topic name or filter is within `max_topic_length` and `max_topic_levels`.
+fn topic_within(limits: &Limits, topic: &str) -> bool {
+    topic.len() <= limits.max_topic_length
+        && topic.bytes().filter(|&b| b == b'/').count() < limits.max_topic_levels
 }

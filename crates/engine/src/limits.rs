@@ -66,6 +66,19 @@ pub struct Limits {
     /// When a session's queue is at its bounds and cannot overflow (offline, or stalled):
     /// drop its oldest queued QoS 1/2 message to make room (`true`) or the new one (`false`).
     pub drop_oldest: bool,
+    /// Longest topic name or filter accepted, in bytes (the protocol allows 65,535).
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Subscriptions one session may hold; a SUBSCRIBE past it gets 0x97 (quota exceeded).
+    pub max_subscriptions_per_client: usize,
+    /// PUBLISH packets one client may send per second (0: no limit), with a burst of as many.
+    /// Past it a QoS 0 message is dropped and counted; a QoS 1/2 message is taken, and the
+    /// client is not read from until its allowance has caught up, so its acknowledgements
+    /// come later and it slows down.
+    pub max_inbound_messages_per_second: u32,
+    /// Payload bytes one client may publish per second (0: no limit), same policy.
+    pub max_inbound_bytes_per_second: u32,
 }
 
 impl Default for Limits {
@@ -94,6 +107,11 @@ impl Default for Limits {
             response_information: Some("response/".to_string()),
             strict_v31_client_id: true,
             drop_oldest: false,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            max_subscriptions_per_client: 10_000,
+            max_inbound_messages_per_second: 0,
+            max_inbound_bytes_per_second: 0,
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct Stats {
     pub handshake_failures: AtomicU64,
     /// Connections refused by a listener's per-address connection rate limit.
     pub rate_limited: AtomicU64,
+    /// Connections refused by a listener's `max_connections_per_ip`.
+    pub refused_connections_per_ip: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub takeovers: AtomicU64,
@@ -41,6 +43,14 @@ pub struct Stats {
     pub denied_publish: AtomicU64,
     /// SUBSCRIBE filters the ACL refused.
     pub denied_subscribe: AtomicU64,
+    /// PUBLISH packets or subscriptions refused for a topic longer or deeper than allowed.
+    pub refused_topic_limits: AtomicU64,
+    /// SUBSCRIBE filters refused at `max_subscriptions_per_client`.
+    pub refused_subscription_quota: AtomicU64,
+    /// QoS 0 messages dropped past a client's inbound rate.
+    pub dropped_inbound_rate: AtomicU64,
+    /// Times a client was not read from until its inbound allowance caught up.
+    pub inbound_throttles: AtomicU64,
     /// Queued messages not sent because the ACL does not let the subscriber receive them
     /// (a guarded wildcard subscription, or rules changed since they were queued).
     pub dropped_not_authorized: AtomicU64,

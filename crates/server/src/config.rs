@@ -197,6 +197,9 @@ pub struct ListenerConfig {
     /// New connections accepted per second from one source address (a short
     /// burst of as many is allowed); 0 = no limit.
     pub max_connection_rate_per_ip: u32,
+    /// Connections one client address may hold open on this listener at once;
+    /// 0 = no limit.
+    pub max_connections_per_ip: u32,
 }
 
 /// What part of a verified client certificate names the client.
@@ -283,6 +286,17 @@ pub struct MqttConfig {
     pub max_queued_messages_total: usize,
     /// Payload bytes all sessions together may hold waiting, same policy.
     pub max_queued_bytes_total: usize,
+    /// Longest topic name or filter accepted, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Subscriptions one client may hold.
+    pub max_subscriptions_per_client: usize,
+    /// PUBLISH packets one client may send per second; 0 = no limit. Past
+    /// it QoS 0 is dropped and QoS 1/2 slowed (the client is not read).
+    pub max_inbound_messages_per_second: u32,
+    /// Payload bytes one client may publish per second; 0 = no limit.
+    pub max_inbound_bytes_per_second: u32,
     /// Bytes of QoS 0 messages one connection may have waiting to be written.
     /// Same flow-control policy as the queue bounds.
     pub outbox_bytes: usize,
@@ -421,6 +435,7 @@ impl Default for ListenerConfig {
             socket: None,
             socket_mode: None,
             max_connection_rate_per_ip: 0,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -434,6 +449,11 @@ impl Default for MqttConfig {
             max_queued_bytes: 64 * 1024 * 1024,
             max_queued_messages_total: 10_000_000,
             max_queued_bytes_total: 4 * 1024 * 1024 * 1024,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            max_subscriptions_per_client: 10_000,
+            max_inbound_messages_per_second: 0,
+            max_inbound_bytes_per_second: 0,
             outbox_bytes: 1024 * 1024,
             flow_control_timeout: Duration::from_secs(5),
             max_client_id_len: 65_535,
@@ -764,6 +784,21 @@ impl Config {
                 Bounds::at_least(1),
             ),
             (
+                mqtt_key("max_topic_length"),
+                as_u64(mqtt.max_topic_length),
+                Bounds::between(1, 65_535),
+            ),
+            (
+                mqtt_key("max_topic_levels"),
+                as_u64(mqtt.max_topic_levels),
+                Bounds::at_least(1),
+            ),
+            (
+                mqtt_key("max_subscriptions_per_client"),
+                as_u64(mqtt.max_subscriptions_per_client),
+                Bounds::at_least(1),
+            ),
+            (
                 mqtt_key("outbox_bytes"),
                 as_u64(mqtt.outbox_bytes),
                 Bounds::at_least(1),
@@ -836,6 +871,8 @@ pub fn default_config_toml() -> String {
              backlog = {backlog}\n\
              # New connections per second from one address; 0 = no limit.\n\
              max_connection_rate_per_ip = {rate}\n\
+             # Connections one address may hold open at once; 0 = no limit.\n\
+             max_connections_per_ip = {per_ip}\n\
              # PROXY protocol v1/v2 header first: \"off\", \"optional\" or \"required\".\n\
              proxy_protocol = \"{proxy}\"\n\
              # Optional, at most connect_timeout: time for the PROXY header, TLS\n\
@@ -865,6 +902,7 @@ pub fn default_config_toml() -> String {
             max_connections = listener.max_connections,
             backlog = listener.backlog,
             rate = listener.max_connection_rate_per_ip,
+            per_ip = listener.max_connections_per_ip,
             proxy = listener.proxy_protocol.as_str(),
             path = listener.path.escape_default(),
             xff = listener.trust_x_forwarded_for,
@@ -888,6 +926,15 @@ pub fn default_config_toml() -> String {
          # past them, messages for offline and stalled sessions are dropped.\n\
          max_queued_messages_total = {max_queued_messages_total}\n\
          max_queued_bytes_total = {max_queued_bytes_total}\n\
+         # Longest topic name or filter in bytes (1 to 65535), and most levels.\n\
+         max_topic_length = {max_topic_length}\n\
+         max_topic_levels = {max_topic_levels}\n\
+         # Subscriptions one client may hold (SUBACK 0x97 past it).\n\
+         max_subscriptions_per_client = {max_subscriptions_per_client}\n\
+         # PUBLISH packets and payload bytes one client may send per second;\n\
+         # 0 = no limit. Past them QoS 0 is dropped, QoS 1/2 slowed.\n\
+         max_inbound_messages_per_second = {max_inbound_messages_per_second}\n\
+         max_inbound_bytes_per_second = {max_inbound_bytes_per_second}\n\
          # Bytes of QoS 0 messages waiting to be written to one connection.\n\
          outbox_bytes = {outbox_bytes}\n\
          # A publisher that fills a connected subscriber's queue is not read\n\
@@ -934,6 +981,11 @@ pub fn default_config_toml() -> String {
         max_queued_bytes = mqtt.max_queued_bytes,
         max_queued_messages_total = mqtt.max_queued_messages_total,
         max_queued_bytes_total = mqtt.max_queued_bytes_total,
+        max_topic_length = mqtt.max_topic_length,
+        max_topic_levels = mqtt.max_topic_levels,
+        max_subscriptions_per_client = mqtt.max_subscriptions_per_client,
+        max_inbound_messages_per_second = mqtt.max_inbound_messages_per_second,
+        max_inbound_bytes_per_second = mqtt.max_inbound_bytes_per_second,
         outbox_bytes = mqtt.outbox_bytes,
         flow_control_timeout = humantime::format_duration(mqtt.flow_control_timeout),
         max_client_id_len = mqtt.max_client_id_len,

@@ -137,6 +137,10 @@ impl Listener {
             limiter: std::sync::Mutex::new(RateLimiter::new(
                 self.config.max_connection_rate_per_ip,
             )),
+            per_address: Arc::new(PerAddress {
+                limit: self.config.max_connections_per_ip,
+                open: std::sync::Mutex::new(HashMap::new()),
+            }),
             config: self.config,
             tls: self.tls,
             broker,
@@ -166,14 +170,16 @@ impl Listener {
                             continue;
                         }
                     };
-                    let Some(permit) = server_slot(own, &total, &shutdown).await else {
+                    let Some(mut permit) = server_slot(own, &total, &shutdown).await else {
                         break;
                     };
                     // The accept instant starts the connect deadline; nothing later resets it.
                     let accepted_at = Instant::now();
                     // Behind a PROXY header or a trusted X-Forwarded-For the client's own
                     // address is known only later: the limit is applied there.
-                    if !ctx.limit_after_handshake() && !ctx.admit(peer.ip(), accepted_at) {
+                    if !ctx.limit_after_handshake()
+                        && !ctx.admit(peer.ip(), accepted_at, &mut permit)
+                    {
                         continue;
                     }
                     // MQTT packets are small and latency-sensitive; writes are batched per pass.
@@ -232,8 +238,37 @@ impl Listener {
     }
 }
 
-/// The permits a connection holds: its listener's and the server's.
-type Permit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+/// What a connection holds while it lives: its slots on the listener and the server, and
+/// (with `max_connections_per_ip`) one of its address's.
+struct Permit {
+    _listener: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+    address: Option<AddressSlot>,
+}
+
+/// Connections open per client address, for `max_connections_per_ip`.
+struct PerAddress {
+    limit: u32,
+    open: std::sync::Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One connection's place in its address's count; given back when dropped.
+struct AddressSlot {
+    counts: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Waits for a server-wide slot for a connection just accepted (this listener accepts
 /// nothing more meanwhile, so further clients wait in the backlog).
@@ -243,7 +278,11 @@ async fn server_slot(
     shutdown: &CancellationToken,
 ) -> Option<Permit> {
     tokio::select! {
-        p = total.clone().acquire_owned() => p.ok().map(|all| (own, all)),
+        p = total.clone().acquire_owned() => p.ok().map(|all| Permit {
+            _listener: own,
+            _server: all,
+            address: None,
+        }),
         _ = shutdown.cancelled() => None,
     }
 }
@@ -262,6 +301,7 @@ async fn accept_failed(e: io::Error) {
 /// What every connection of one listener shares.
 struct Ctx {
     limiter: std::sync::Mutex<RateLimiter>,
+    per_address: Arc<PerAddress>,
     config: ListenerConfig,
     tls: Option<Arc<TlsConfig>>,
     broker: Arc<Broker>,
@@ -273,8 +313,9 @@ impl Ctx {
         self.config.proxy_protocol != ProxyProtocol::Off || self.config.trust_x_forwarded_for
     }
 
-    /// The per-address connection rate limit.
-    fn admit(&self, ip: IpAddr, now: Instant) -> bool {
+    /// The per-address limits: the connection rate, and the connections open at once (the
+    /// connection's place is added to `permit`).
+    fn admit(&self, ip: IpAddr, now: Instant, permit: &mut Permit) -> bool {
         let allowed = self
             .limiter
             .lock()
@@ -283,8 +324,29 @@ impl Ctx {
         if !allowed {
             Stats::add(&self.broker.stats.rate_limited, 1);
             tracing::debug!(%ip, "connection refused: per-address connection rate limit");
+            return false;
         }
-        allowed
+        let limit = self.per_address.limit;
+        if limit > 0 {
+            let mut open = self
+                .per_address
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = open.entry(ip).or_insert(0);
+            if *n >= limit {
+                drop(open);
+                Stats::add(&self.broker.stats.refused_connections_per_ip, 1);
+                tracing::debug!(%ip, "connection refused: max_connections_per_ip");
+                return false;
+            }
+            *n += 1;
+            permit.address = Some(AddressSlot {
+                counts: self.per_address.clone(),
+                ip,
+            });
+        }
+        true
     }
 
     fn connection(&self, peer: String, accepted_at: Instant) -> Connection {
@@ -342,7 +404,7 @@ async fn establish(
     stream: TcpStream,
     peer: SocketAddr,
     accepted_at: Instant,
-    permit: Permit,
+    mut permit: Permit,
 ) {
     let deadline = ctx.handshake_deadline(accepted_at);
     let config = &ctx.config;
@@ -358,7 +420,7 @@ async fn establish(
     let peer = source.unwrap_or(peer);
     if config.proxy_protocol != ProxyProtocol::Off
         && !config.trust_x_forwarded_for
-        && !ctx.admit(peer.ip(), accepted_at)
+        && !ctx.admit(peer.ip(), accepted_at, &mut permit)
     {
         return;
     }
@@ -402,7 +464,7 @@ async fn websocket<S>(
     accepted_at: Instant,
     deadline: Instant,
     identity: Option<String>,
-    permit: Permit,
+    mut permit: Permit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -420,7 +482,7 @@ async fn websocket<S>(
         Some(ip) => SocketAddr::new(ip, 0),
         None => peer,
     };
-    if ctx.config.trust_x_forwarded_for && !ctx.admit(peer.ip(), accepted_at) {
+    if ctx.config.trust_x_forwarded_for && !ctx.admit(peer.ip(), accepted_at, &mut permit) {
         return;
     }
     let mut conn = ctx.connection(peer.to_string(), accepted_at);

@@ -47,6 +47,11 @@ max_queued_messages = 10
 max_queued_bytes = 4096
 max_queued_messages_total = 100
 max_queued_bytes_total = 40960
+max_topic_length = 100
+max_topic_levels = 5
+max_subscriptions_per_client = 7
+max_inbound_messages_per_second = 50
+max_inbound_bytes_per_second = 5000
 outbox_bytes = 2048
 flow_control_timeout = "250ms"
 max_client_id_len = 23
@@ -110,6 +115,11 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
                 max_queued_bytes: 4096,
                 max_queued_messages_total: 100,
                 max_queued_bytes_total: 40960,
+                max_topic_length: 100,
+                max_topic_levels: 5,
+                max_subscriptions_per_client: 7,
+                max_inbound_messages_per_second: 50,
+                max_inbound_bytes_per_second: 5000,
                 outbox_bytes: 2048,
                 flow_control_timeout: Duration::from_millis(250),
                 max_client_id_len: 23,
@@ -491,10 +501,10 @@ fn default_config_toml_round_trips() {
     // Every key is spelled out, not left to its default.
     let root = DeTable::parse(&text).unwrap();
     let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
-    assert_eq!(listener.as_table().unwrap().len(), 11);
+    assert_eq!(listener.as_table().unwrap().len(), 12);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        23
+        28
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),
