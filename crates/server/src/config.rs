@@ -116,6 +116,35 @@ pub struct AuthConfig {
     /// Failed logins one client address may make in a minute; past it, its
     /// logins are refused (not authorized) without checking a password.
     pub max_failed_logins: u32,
+    /// An HTTP service that decides on user names petrel does not know.
+    pub http: Option<HttpAuthConfig>,
+}
+
+/// `[auth.http]`: the authentication hook (see `auth_hook.rs` for the exchange).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [auth.http] table")]
+pub struct HttpAuthConfig {
+    /// Where CONNECT credentials are POSTed as JSON (http:// or https://).
+    pub url: String,
+    /// How long an answer may take; past it the login is refused.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub timeout: Duration,
+    /// How long an answer is remembered ("0s": not at all).
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub cache_ttl: Duration,
+    /// Answers remembered at most.
+    pub cache_size: usize,
+}
+
+impl Default for HttpAuthConfig {
+    fn default() -> Self {
+        HttpAuthConfig {
+            url: String::new(),
+            timeout: Duration::from_secs(2),
+            cache_ttl: Duration::from_secs(60),
+            cache_size: 10_000,
+        }
+    }
 }
 
 /// One `[[auth.users]]` entry: a name and exactly one of `password` (kept only
@@ -139,6 +168,7 @@ impl Default for AuthConfig {
             acl_file: None,
             password_file: None,
             max_failed_logins: 10,
+            http: None,
         }
     }
 }
@@ -670,10 +700,26 @@ impl Config {
         let auth = &self.auth;
         let user_key =
             |i: usize, field: &str| KeyPath::root().key("auth").key("users").index(i).key(field);
+        if let Some(http) = &auth.http {
+            let key = |name: &str| KeyPath::root().key("auth").key("http").key(name);
+            if !(http.url.starts_with("http://") || http.url.starts_with("https://")) {
+                return Err(Violation {
+                    key: key("url"),
+                    message: format!("{:?} is not an http:// or https:// URL", http.url),
+                });
+            }
+            if http.timeout.is_zero() {
+                return Err(Violation {
+                    key: key("timeout"),
+                    message: "must be greater than zero".to_owned(),
+                });
+            }
+        }
         let certificate_logins = self.listeners.iter().any(|l| l.require_client_cert);
         if !auth.allow_anonymous
             && auth.users.is_empty()
             && auth.password_file.is_none()
+            && auth.http.is_none()
             && !certificate_logins
         {
             return Err(Violation {
@@ -1018,6 +1064,14 @@ pub fn default_config_toml() -> String {
          # A file of user:hash lines (argon2id written by `petrel passwd FILE USER`;\n\
          # pbkdf2-sha512 and bcrypt hashes from other brokers are accepted too).\n\
          # password_file = \"passwords\"\n\
+         # An HTTP service for user names petrel does not know: CONNECT's\n\
+         # credentials are POSTed as JSON; 2xx admits, 401/403 refuse, and\n\
+         # anything else (or no answer within timeout) refuses.\n\
+         # [auth.http]\n\
+         # url = \"http://127.0.0.1:8080/mqtt/auth\"\n\
+         # timeout = \"2s\"\n\
+         # cache_ttl = \"60s\"\n\
+         # cache_size = 10000\n\
          # Known users: a client that sends a user name must match one, by\n\
          # CONNECT password or by the MQTT 5 SCRAM-SHA-256 exchange. Each has a\n\
          # password (kept only as salted keys) or scram_sha256 keys made\n\

@@ -9,12 +9,14 @@
 //!                └─ driver.rs ── one task per connection: stream ⇄ petrel_engine::Connection
 //! config.rs ── the TOML file: shape, defaults, validation with file:line: key: problem
 //! acl_file.rs ── topic authorization rules, read at start
+//! auth_hook.rs ── the HTTP authentication hook
 //! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
 
 pub mod acl_file;
+mod auth_hook;
 pub mod config;
 mod driver;
 mod listener;

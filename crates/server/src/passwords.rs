@@ -282,6 +282,10 @@ pub struct FileAuthenticator {
     file: Arc<PasswordFile>,
     /// Config users, anonymous access and certificate logins.
     rest: Box<dyn Authenticator>,
+    /// The names of the config users, so that the hook is asked only about others.
+    config_users: std::collections::HashSet<String>,
+    /// Decides on user names neither the file nor the config knows.
+    hook: Option<Arc<crate::auth_hook::HttpHook>>,
     failed: Arc<FailedLogins>,
     verified: Arc<Verified>,
 }
@@ -292,12 +296,24 @@ impl FileAuthenticator {
         rest: Box<dyn Authenticator>,
         max_failed_logins: u32,
     ) -> FileAuthenticator {
+        FileAuthenticator::with_hook(file, rest, Default::default(), None, max_failed_logins)
+    }
+
+    pub fn with_hook(
+        file: Option<PasswordFile>,
+        rest: Box<dyn Authenticator>,
+        config_users: std::collections::HashSet<String>,
+        hook: Option<Arc<crate::auth_hook::HttpHook>>,
+        max_failed_logins: u32,
+    ) -> FileAuthenticator {
         let mut key = [0u8; 32];
         // Without randomness the cache key is fixed: the digests still hold no password.
         let _ = getrandom::getrandom(&mut key);
         FileAuthenticator {
             file: Arc::new(file.unwrap_or_default()),
             rest,
+            config_users,
+            hook,
             failed: Arc::new(FailedLogins::new(max_failed_logins)),
             verified: Arc::new(Verified {
                 key,
@@ -337,6 +353,21 @@ impl Authenticator for FileAuthenticator {
             .username
             .and_then(|u| self.file.get(u.as_str()).map(|h| (u.as_str(), h)));
         let Some((user, hash)) = in_file else {
+            if let (Some(hook), Some(user)) = (&self.hook, credentials.username) {
+                if !self.config_users.contains(user.as_str()) {
+                    let outcome = match hook.ask(
+                        credentials.client_id,
+                        user.as_str(),
+                        credentials.password.unwrap_or_default(),
+                        peer,
+                        credentials.certificate_identity,
+                    ) {
+                        Ok(decision) => AuthOutcome::Decided(decision),
+                        Err(pending) => AuthOutcome::Pending(pending),
+                    };
+                    return self.counted(peer, outcome);
+                }
+            }
             let outcome = self.rest.check(credentials);
             return self.counted(peer, outcome);
         };

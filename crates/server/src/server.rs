@@ -40,6 +40,8 @@ pub enum ServerError {
     },
     #[error("storage.dir: {0}")]
     Store(#[from] petrel_store::StoreError),
+    #[error("auth.http: {0}")]
+    Hook(String),
     #[error("auth.password_file: {0}")]
     Passwords(#[from] crate::passwords::PasswordFileError),
     #[error("auth.acl_file: {0}")]
@@ -136,9 +138,21 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
         .as_deref()
         .map(PasswordFile::load)
         .transpose()?;
-    if auth.users.is_empty() && auth.allow_anonymous && file.is_none() {
+    if auth.users.is_empty() && auth.allow_anonymous && file.is_none() && auth.http.is_none() {
         return Ok(Box::new(AllowAll));
     }
+    let hook = match &auth.http {
+        Some(h) => Some(Arc::new(
+            crate::auth_hook::HttpHook::new(crate::auth_hook::HookConfig {
+                url: h.url.clone(),
+                timeout: h.timeout,
+                cache_ttl: h.cache_ttl,
+                cache_size: h.cache_size,
+            })
+            .map_err(ServerError::Hook)?,
+        )),
+        None => None,
+    };
     let mut users = HashMap::new();
     for (index, user) in auth.users.iter().enumerate() {
         let credentials = match (&user.password, &user.scram_sha256) {
@@ -156,9 +170,12 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     let users = Box::new(UserStore::new(users, auth.allow_anonymous));
     // The password file in front of the config's users, and failed logins limited per
     // address for both.
-    Ok(Box::new(FileAuthenticator::new(
+    let config_users = auth.users.iter().map(|u| u.name.clone()).collect();
+    Ok(Box::new(FileAuthenticator::with_hook(
         file,
         users,
+        config_users,
+        hook,
         auth.max_failed_logins,
     )))
 }

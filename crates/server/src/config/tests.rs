@@ -83,6 +83,12 @@ password = "secret"
 [[auth.users]]
 name = "bob"
 scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+[auth.http]
+url = "http://127.0.0.1:9/auth"
+timeout = "500ms"
+cache_ttl = "0s"
+cache_size = 5
 "#;
     let config = parse(text).unwrap();
     assert_eq!(
@@ -143,6 +149,12 @@ scram_sha256 = "SCRAM-SHA-256$4096:c29tZSBzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
                 acl_file: Some("acl.toml".into()),
                 password_file: Some("passwords".into()),
                 max_failed_logins: 3,
+                http: Some(HttpAuthConfig {
+                    url: "http://127.0.0.1:9/auth".into(),
+                    timeout: Duration::from_millis(500),
+                    cache_ttl: Duration::ZERO,
+                    cache_size: 5,
+                }),
                 users: vec![
                     UserConfig {
                         name: "alice".into(),
