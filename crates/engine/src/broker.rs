@@ -53,7 +53,8 @@ pub struct Subscriber {
 }
 
 pub struct Broker {
-    pub limits: Limits,
+    /// Replaced on reload (`set_limits`); read with `limits()`.
+    limits: arc_swap::ArcSwap<Limits>,
     pub stats: Stats,
     /// Replaced on reload; each CONNECT takes the one in service.
     authenticator: RwLock<Arc<dyn Authenticator>>,
@@ -194,7 +195,7 @@ impl Broker {
         store: Box<dyn Store>,
     ) -> Broker {
         Broker {
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             stats: Stats::default(),
             authenticator: RwLock::new(Arc::from(authenticator)),
             store,
@@ -214,6 +215,17 @@ impl Broker {
             boot_nonce: RandomState::new().hash_one(std::time::SystemTime::now()),
             shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// The limits in service.
+    pub fn limits(&self) -> arc_swap::Guard<Arc<Limits>> {
+        self.limits.load()
+    }
+
+    /// Puts other limits in service (a reload): new connections and new messages follow
+    /// them; what a connection settled at CONNECT (its in-flight window) stays.
+    pub fn set_limits(&self, limits: Limits) {
+        self.limits.store(Arc::new(limits));
     }
 
     pub fn authenticator(&self) -> Arc<dyn Authenticator> {
@@ -434,7 +446,7 @@ impl Broker {
                     None => {
                         let (seq, qos) = (delivery.seq, delivery.qos);
                         let message = delivery.message.clone();
-                        if let Err(reason) = st.push(delivery, &self.limits) {
+                        if let Err(reason) = st.push(delivery, &self.limits()) {
                             // The bounds were lowered since the message was stored.
                             self.count_drop(reason);
                             dropped_at_restore += 1;
@@ -671,7 +683,7 @@ impl Broker {
             if let Err(reason) =
                 member
                     .session
-                    .offer(delivery, &self.limits, &self.stats, &*self.store)
+                    .offer(delivery, &self.limits(), &self.stats, &*self.store)
             {
                 self.count_drop(reason);
             }
@@ -682,7 +694,7 @@ impl Broker {
         let mut st = from.lock();
         if st.owner == Owner::Offline {
             for d in unplaced {
-                if let Err(reason) = st.push(d, &self.limits) {
+                if let Err(reason) = st.push(d, &self.limits()) {
                     self.count_drop(reason);
                 }
             }
@@ -829,6 +841,7 @@ impl Broker {
                 });
             });
             let ordinary = targets.len();
+            let limits = self.limits();
             let mut groups_matched = 0;
             if self.shared_group_count.load(Ordering::Acquire) > 0 {
                 let shared = read(&self.shared_index);
@@ -863,7 +876,7 @@ impl Broker {
                 }
                 match t
                     .session
-                    .offer(delivery, &self.limits, &self.stats, &*self.store)
+                    .offer(delivery, &limits, &self.stats, &*self.store)
                 {
                     Ok((admitted, written)) => {
                         token = token.max(written);
@@ -928,11 +941,11 @@ impl Broker {
 
     /// Publishes a client's will (§3.1.2.5) as if the client had sent it.
     pub(crate) fn publish_will(&self, will: LastWill, origin: SessionId, now: Instant) {
-        let retain = will.retain && self.limits.retain_available;
+        let retain = will.retain && self.limits().retain_available;
         let publish = Publish {
             dup: false,
             // A 3.x client cannot be refused for its will's QoS; it goes out at most at ours.
-            qos: will.qos.min(self.limits.maximum_qos),
+            qos: will.qos.min(self.limits().maximum_qos),
             retain,
             topic: will.topic.clone(),
             packet_id: None,

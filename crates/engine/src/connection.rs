@@ -390,7 +390,7 @@ impl Connection {
     }
 
     pub fn max_packet_size(&self) -> u32 {
-        self.broker.limits.max_packet_size
+        self.broker.limits().max_packet_size
     }
 
     pub fn client_id(&self) -> Option<&str> {
@@ -490,7 +490,7 @@ impl Connection {
         let Some(pause) = &a.pause else {
             return Poll::Ready(Ok(()));
         };
-        if pause.subscriber.wait_for_room(cx, &self.broker.limits) {
+        if pause.subscriber.wait_for_room(cx, &self.broker.limits()) {
             a.pause = None;
             a.last_received = a.last_received.max(now);
             Poll::Ready(Ok(()))
@@ -527,7 +527,7 @@ impl Connection {
                     a.last_received = a.last_received.max(now);
                 } else {
                     pause.progress = progress;
-                    pause.check_at = now + self.broker.limits.flow_control_timeout;
+                    pause.check_at = now + self.broker.limits().flow_control_timeout;
                 }
                 return Ok(());
             }
@@ -600,7 +600,7 @@ impl Connection {
                     if attached.session_expiry == 0 && expiry != 0 {
                         return Err(Violation::SessionExpiryAfterZero.into());
                     }
-                    let expiry = expiry.min(self.broker.limits.max_session_expiry);
+                    let expiry = expiry.min(self.broker.limits().max_session_expiry);
                     self.with_session(|st, _| st.expiry_interval = expiry)?;
                 }
                 Err(CloseReason::Disconnect {
@@ -672,7 +672,7 @@ impl Connection {
     fn handle_connect(&mut self, now: Instant, connect: Connect) -> Result<(), CloseReason> {
         let version = connect.protocol;
         self.client_max_packet = connect.properties.maximum_packet_size.unwrap_or(u32::MAX);
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
         if self.broker.is_shutting_down() {
             return self.refuse(version, ReasonCode::SERVER_UNAVAILABLE);
         }
@@ -954,7 +954,7 @@ impl Connection {
         enhanced: Option<(MqttString, Option<Vec<u8>>)>,
     ) -> Result<(), CloseReason> {
         let version = connect.protocol;
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
 
         // Topic authorization, compiled for this client. Its will is a message it publishes,
         // checked now rather than dropped silently when the connection ends.
@@ -1005,7 +1005,7 @@ impl Connection {
         }
 
         let mut keep_alive = connect.keep_alive;
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
         let client = &connect.properties;
         let mut egress = Egress::new(
             version,
@@ -1095,7 +1095,7 @@ impl Connection {
             pause: None,
             pending_acks: None,
             username: connect.username.clone(),
-            allowance: Allowance::new(&self.broker.limits, now),
+            allowance: Allowance::new(&self.broker.limits(), now),
             acl_generation,
             enhanced: enhanced.map(|(method, _)| {
                 Box::new(Enhanced {
@@ -1113,7 +1113,7 @@ impl Connection {
         let Some(alias) = publish.properties.topic_alias else {
             return Ok(publish.topic.clone());
         };
-        let max = self.broker.limits.topic_alias_maximum;
+        let max = self.broker.limits().topic_alias_maximum;
         let State::Connected(a) = &mut self.state else {
             return Err(CloseReason::IoError);
         };
@@ -1147,7 +1147,7 @@ impl Connection {
         if !publish.properties.subscription_identifiers.is_empty() {
             return Err(Violation::SubscriptionIdFromClient.into());
         }
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
         if publish.qos > limits.maximum_qos {
             return Err(Violation::QoSNotSupported(publish.qos as u8).into());
         }
@@ -1166,7 +1166,7 @@ impl Connection {
         } else {
             publish.topic.clone()
         };
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
         if limits.check_payload_format
             && publish.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
@@ -1207,7 +1207,7 @@ impl Connection {
         }
         // The inbound allowance: past it QoS 0 is dropped; QoS 1/2 is taken and the client
         // is not read from until it is even again.
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
         if let State::Connected(a) = &mut self.state {
             if let Some(allowance) = &mut a.allowance {
                 allowance.refill(limits, now);
@@ -1226,7 +1226,7 @@ impl Connection {
             let Some(id) = packet_id else {
                 return Err(Violation::Malformed(DecodeError::ZeroPacketId).into());
             };
-            let receive_maximum = usize::from(self.broker.limits.receive_maximum);
+            let receive_maximum = usize::from(self.broker.limits().receive_maximum);
             let mut st = session.lock();
             if st.owner != Owner::Connection(self.id) {
                 return Err(CloseReason::TakenOver);
@@ -1272,7 +1272,7 @@ impl Connection {
                 a.pause = Some(Pause {
                     subscriber,
                     progress,
-                    check_at: now + self.broker.limits.flow_control_timeout,
+                    check_at: now + self.broker.limits().flow_control_timeout,
                 });
             }
         }
@@ -1487,7 +1487,7 @@ impl Connection {
         let (version, session, problem_info) =
             (a.egress.version, a.session.clone(), a.problem_info);
         let acl = a.egress.acl.clone();
-        let limits = &self.broker.limits;
+        let limits = &self.broker.limits();
         let subscription_id = match subscribe.properties.subscription_identifiers.first() {
             Some(_) if !limits.subscription_identifiers => {
                 return Err(Violation::SubscriptionIdsNotSupported.into());
@@ -1684,7 +1684,7 @@ impl Connection {
             now,
             &mut self.out,
             OUT_HIGH_WATER,
-            &self.broker.limits,
+            &self.broker.limits(),
             &mut wake,
             journal,
         );

@@ -468,7 +468,7 @@ async fn websocket<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let max = ctx.broker.limits.max_packet_size as usize + WS_MESSAGE_SLACK;
+    let max = ctx.broker.limits().max_packet_size as usize + WS_MESSAGE_SLACK;
     let upgrade = ws::accept(
         stream,
         &ctx.config.path,

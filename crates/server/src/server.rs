@@ -180,8 +180,8 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     )))
 }
 
-/// Reloads authentication and authorization on SIGHUP: the config file's `[auth]` users, its
-/// password file and its ACL file. Connected clients stay connected (their ACL follows the
+/// Reloads authentication, authorization and limits on SIGHUP: the config file's `[auth]`
+/// users, its password file, its ACL file and its `[mqtt]` limits. Connected clients stay connected (their ACL follows the
 /// new rules from their next packet). A configuration with an error is refused whole: the
 /// log says why and the one in service stays. Changes elsewhere in the file are reported as
 /// waiting for a restart.
@@ -205,12 +205,14 @@ async fn reload_config(
             Ok(config) => {
                 let mut rest = config.clone();
                 rest.auth = running.auth.clone();
+                rest.mqtt = running.mqtt.clone();
                 if rest != running {
-                    tracing::warn!(config = %path.display(), "configuration reloaded: users, password file and ACL; other changes (listeners, [mqtt], [storage]) take effect at the next start");
+                    tracing::warn!(config = %path.display(), "configuration reloaded: users, password file, ACL and [mqtt] limits; other changes (listeners, [storage]) take effect at the next start");
                 } else {
-                    tracing::info!(config = %path.display(), "configuration reloaded: users, password file and ACL");
+                    tracing::info!(config = %path.display(), "configuration reloaded: users, password file, ACL and [mqtt] limits");
                 }
                 running.auth = config.auth;
+                running.mqtt = config.mqtt;
             }
             Err(e) => {
                 tracing::error!(config = %path.display(), error = %e, "configuration not reloaded; the one in service stays");
@@ -219,7 +221,8 @@ async fn reload_config(
     }
 }
 
-/// Reads the config file again and puts its authentication and ACL in service, all or none.
+/// Reads the config file again and puts its authentication, ACL and `[mqtt]` limits in
+/// service, all or none.
 pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let authenticator = authenticator_from(&config.auth).map_err(|e| e.to_string())?;
@@ -232,6 +235,7 @@ pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
         .map_err(|e| format!("auth.acl_file: {e}"))?;
     broker.set_authenticator(authenticator);
     broker.set_acl(acl);
+    broker.set_limits(limits_from(&config.mqtt));
     Ok(config)
 }
 

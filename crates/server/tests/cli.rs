@@ -954,6 +954,9 @@ fn sighup_reloads_passwords_and_acl_and_refuses_a_broken_file() {
         "[[rules]]\neveryone = true\naccess = \"both\"\ntopics = [\"ok/#\"]\n",
     )
     .unwrap();
+    // And topics may have two levels at most now.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[mqtt]\nmax_topic_levels = 2\n")).unwrap();
     petrel.signal(libc::SIGHUP);
     assert!(
         petrel.wait_for_stderr("configuration reloaded", EXIT_TIMEOUT),
@@ -967,6 +970,9 @@ fn sighup_reloads_passwords_and_acl_and_refuses_a_broken_file() {
     // they allow.
     send(&mut stays, "82 09 00 01 00 04 6e 6f 2f 23 00");
     expect(&mut stays, "90 03 00 01 80");
+    // "ok/a/b" is allowed by the ACL but deeper than the new limit.
+    send(&mut stays, "82 0b 00 04 00 06 6f 6b 2f 61 2f 62 00");
+    expect(&mut stays, "90 03 00 04 80");
 
     // A broken ACL file: refused whole, the rules and users in service stay.
     std::fs::write(&acl, "[[rules]]\neveryone = true\naccess = \"sometimes\"\n").unwrap();
