@@ -4,7 +4,8 @@
 #   1. the mosquitto command-line clients (mosquitto_pub / mosquitto_sub), per protocol
 #      version: QoS 0/1/2, retained messages, wildcards, wills, persistent sessions, and one
 #      fan-out across versions;
-#   2. paho-mqtt for Python (tests/interop/test_paho.py, and test_paho_v5.py for MQTT 5 features).
+#   2. logins against a password file and topic rules (ACL), on a second broker;
+#   3. paho-mqtt for Python (tests/interop/test_paho.py, and test_paho_v5.py for MQTT 5 features).
 #
 # Usage: tests/interop/run.sh [--release] [--port N]
 #   (no option)  install missing clients, build petrel (debug), start it on a free loopback port
@@ -170,10 +171,55 @@ EOF
     RUST_LOG="${RUST_LOG:-info}" "$PETREL" --config "$WORK/petrel.toml" 2>"$WORK/petrel.log" &
     BROKER_PID=$!
     echo "petrel ($PROFILE) pid $BROKER_PID on $HOST:$PORT"
+
+    # A second broker with logins and topic rules: a password file made with `petrel passwd`
+    # and an ACL file.
+    AUTH_PORT="$(free_port)"
+    printf 'alice-pw\n' | "$PETREL" passwd "$WORK/passwords" alice --stdin 2>/dev/null
+    printf 'bob-pw\n' | "$PETREL" passwd "$WORK/passwords" bob --stdin 2>/dev/null
+    cat >"$WORK/acl.toml" <<EOF
+[[rules]]
+user = "alice"
+access = "both"
+topics = ["home/%u/#"]
+
+[[rules]]
+user = "bob"
+access = "publish"
+topics = ["home/alice/inbox"]
+EOF
+    cat >"$WORK/secure.toml" <<EOF
+[[listeners]]
+bind = "$HOST:$AUTH_PORT"
+
+[auth]
+allow_anonymous = false
+password_file = "$WORK/passwords"
+acl_file = "$WORK/acl.toml"
+
+[storage]
+mode = "memory"
+EOF
+    "$PETREL" --config "$WORK/secure.toml" 2>"$WORK/secure.log" &
+    AUTH_PID=$!
+    BG_PIDS+=("$AUTH_PID")
+    # Killed at exit with the other background processes; no "Killed" line for it.
+    disown "$AUTH_PID"
 else
     echo "using the broker on $HOST:$PORT"
 fi
 wait_listening
+if [[ -n ${AUTH_PORT:-} ]]; then
+    deadline=$((SECONDS + 10))
+    until (exec 3<>"/dev/tcp/$HOST/$AUTH_PORT") 2>/dev/null; do
+        if ! kill -0 "$AUTH_PID" 2>/dev/null || ((SECONDS >= deadline)); then
+            echo "run.sh: the broker with logins did not start:" >&2
+            cat "$WORK/secure.log" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+fi
 
 # --- client helpers ------------------------------------------------------------------------------
 # Each check is a function that returns non-zero on failure, printing why. Checks run in an `if`,
@@ -441,6 +487,47 @@ check_mtls() {
     fi
 }
 
+# Logins against the password file.
+check_login() {
+    local v=$1 t=home/alice/login
+    sub_start "login-$v" -V "$v" -p "$AUTH_PORT" -u alice -P alice-pw -q 1 -t "$t" -C 1 \
+        -W "$WAIT" || return 1
+    pub -V "$v" -p "$AUTH_PORT" -u alice -P alice-pw -q 1 -t "$t" -m "logged in" || return 1
+    sub_wait "login-$v"
+    expect_msgs "login-$v" "MSG $t 1 0 logged in" || return 1
+    local out
+    if out=$(timeout -k 1 "$WAIT" mosquitto_pub -h "$HOST" -p "$AUTH_PORT" -V "$v" -u alice \
+        -P wrong -t "$t" -m x 2>&1); then
+        echo "a wrong password was accepted"
+        return 1
+    fi
+    grep -qi -E 'not authori[sz]ed|bad user name or password' <<<"$out" || {
+        echo "unexpected refusal: $out"
+        return 1
+    }
+}
+
+# Topic rules: what alice may not read is refused at SUBSCRIBE; what bob may not publish does
+# not reach her; what he may publish does.
+check_acl() {
+    local v=$1 denied
+    [[ $v == mqttv5 ]] && denied=135 || denied=128
+    sub_start "acl-$v" -V "$v" -p "$AUTH_PORT" -u alice -P alice-pw -q 1 -t 'home/#' \
+        -t 'home/bob/#' -C 1 -W "$WAIT" || return 1
+    grep -q "Subscribed (mid: [0-9]*): 1, $denied" "$WORK/acl-$v.out" || {
+        echo "expected SUBACK 1, $denied:"
+        sed 's/^/  | /' "$WORK/acl-$v.out"
+        return 1
+    }
+    # bob may not publish to alice's light (3.1.1: acknowledged and dropped; 5: refused).
+    timeout -k 1 "$WAIT" mosquitto_pub -h "$HOST" -p "$AUTH_PORT" -V "$v" -u bob -P bob-pw \
+        -q 1 -t home/alice/light -m forged >/dev/null 2>&1 || true
+    pub -V "$v" -p "$AUTH_PORT" -u bob -P bob-pw -q 1 -t home/alice/inbox -m "hello alice" ||
+        return 1
+    sub_wait "acl-$v"
+    expect_msgs "acl-$v" "MSG home/alice/inbox 1 0 hello alice"
+}
+
 PASSED=0
 FAILED=0
 FAILED_NAMES=()
@@ -492,6 +579,12 @@ if [[ -n ${TLS_PORT:-} ]]; then
     done
     check "mutual TLS (--cert/--key), refused without a certificate" check_mtls
 fi
+if [[ -n ${AUTH_PORT:-} ]]; then
+    for v in mqttv311 mqttv5; do
+        check "$v password file login, wrong password refused" check_login "$v"
+        check "$v ACL: denied subscription, forged publish dropped" check_acl "$v"
+    done
+fi
 
 echo "== paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
 for script in test_paho.py test_paho_v5.py test_paho_transports.py; do
@@ -521,7 +614,7 @@ echo "== broker"
 if [[ -n $BROKER_PID ]]; then
     broker_alive() { kill -0 "$BROKER_PID" 2>/dev/null; }
     check "broker still running" broker_alive
-    no_panic() { ! grep -n -i -E 'panicked|thread .* panicked' "$WORK/petrel.log"; }
+    no_panic() { ! grep -n -i -E 'panicked|thread .* panicked' "$WORK/petrel.log" "$WORK"/secure.log; }
     check "no panic in the broker log" no_panic
     stop_broker() {
         kill -TERM "$BROKER_PID" || return 1
