@@ -881,3 +881,53 @@ async fn one_address_holds_at_most_max_connections_per_ip_open() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_identity_is_the_user_name_for_topic_rules() {
+    let dir = TempDir::new("mtls-acl");
+    let ca = Ca::new("test CA");
+    std::fs::write(dir.path("ca.pem"), &ca.pem).unwrap();
+    std::fs::write(
+        dir.path("acl.toml"),
+        "[[rules]]\ncertificate = \"device-7\"\naccess = \"both\"\ntopics = [\"devices/%u/#\"]\n",
+    )
+    .unwrap();
+    let listener = ListenerConfig {
+        client_ca: Some(dir.path("ca.pem")),
+        require_client_cert: true,
+        ..tls_listener(ListenerProtocol::Tls, &dir, &ca)
+    };
+    let broker = TestBroker::start_with(|c| {
+        c.listeners = vec![listener];
+        c.auth.allow_anonymous = false;
+        c.auth.acl_file = Some(dir.path("acl.toml"));
+    })
+    .await;
+    let device = ca.client("device-7");
+    let (client, mut rx) = rumqttc_client(
+        "any-id",
+        "localhost".into(),
+        broker.addr.port(),
+        Transport::Tls(tls_config(&ca, Some(&device))),
+    )
+    .await;
+    // Its own topics, named after the certificate, work.
+    round_trip(&client, &mut rx, "devices/device-7/echo").await;
+    // Another device's are refused.
+    client
+        .subscribe("devices/device-8/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(Incoming::SubAck(ack))) => {
+                assert_eq!(ack.return_codes, [rumqttc::SubscribeReasonCode::Failure]);
+                break;
+            }
+            Ok(Some(_)) => continue,
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+}
