@@ -232,8 +232,9 @@ struct Attached {
     /// one pointer.
     #[allow(clippy::box_collection)]
     pending_acks: Option<Box<std::collections::VecDeque<(u64, Packet)>>>,
-    /// The user name CONNECT gave, which the ACL's rules and `%u` refer to.
-    username: Option<MqttString>,
+    /// The user name CONNECT gave, which the ACL's rules and `%u` refer to. Boxed: an idle
+    /// connection without one pays a pointer, not a string.
+    username: Option<Box<MqttString>>,
     /// Inbound rate limits, when configured.
     allowance: Option<Box<Allowance>>,
     /// The broker's ACL generation `egress.acl` was compiled from.
@@ -321,7 +322,9 @@ pub struct Connection {
     client_max_packet: u32,
     /// The name a verified TLS client certificate gives the client, if the transport had
     /// one: the authenticator sees it with the CONNECT, and the ACL applies to it.
-    certificate: Option<Box<str>>,
+    /// Boxed: most clients have none, and every connection carries the field.
+    #[allow(clippy::box_collection)]
+    certificate: Option<Box<String>>,
 }
 
 /// The reason string of a v5 CONNACK refusal.
@@ -369,13 +372,13 @@ impl Connection {
     /// The authenticator sees it with the CONNECT.
     pub fn set_certificate_identity(&mut self, name: Option<String>) {
         if let State::AwaitingConnect { .. } = &self.state {
-            self.certificate = name.map(String::into_boxed_str);
+            self.certificate = name.map(Box::new);
         }
     }
 
     /// The client certificate's identity, if the transport verified one.
     pub fn certificate_identity(&self) -> Option<&str> {
-        self.certificate.as_deref()
+        self.certificate.as_deref().map(String::as_str)
     }
 
     /// The version packets are decoded with: the client's once CONNECT is in; before that only
@@ -1094,7 +1097,7 @@ impl Connection {
             will: connect.will.map(Box::new),
             pause: None,
             pending_acks: None,
-            username: connect.username.clone(),
+            username: connect.username.clone().map(Box::new),
             allowance: Allowance::new(&self.broker.limits(), now),
             acl_generation,
             enhanced: enhanced.map(|(method, _)| {
@@ -1353,7 +1356,7 @@ impl Connection {
             Arc::new(acl.for_client(Identity {
                 client_id: &a.session.client_id,
                 username: a.username.as_ref().map(|u| u.as_str()),
-                certificate: self.certificate.as_deref(),
+                certificate: self.certificate.as_deref().map(String::as_str),
             }))
         });
     }

@@ -243,7 +243,8 @@ impl Listener {
 struct Permit {
     _listener: OwnedSemaphorePermit,
     _server: OwnedSemaphorePermit,
-    address: Option<AddressSlot>,
+    /// Boxed: only with the limit set, and every connection's task carries the field.
+    address: Option<Box<AddressSlot>>,
 }
 
 /// Connections open per client address, for `max_connections_per_ip`.
@@ -341,10 +342,10 @@ impl Ctx {
                 return false;
             }
             *n += 1;
-            permit.address = Some(AddressSlot {
+            permit.address = Some(Box::new(AddressSlot {
                 counts: self.per_address.clone(),
                 ip,
-            });
+            }));
         }
         true
     }
