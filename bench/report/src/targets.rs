@@ -111,6 +111,16 @@ pub struct Target {
     pub text: &'static str,
 }
 
+/// Both durable scenarios are held to the same target.
+const DURABLE: &[Condition] = &[
+    Condition::AtLeast {
+        peer: "mosquitto",
+        factor: 3.0,
+    },
+    Condition::NoLoss,
+];
+const DURABLE_TEXT: &str = "≥ 3× Mosquitto (persistence on), no loss";
+
 /// The targets petrel is held to.
 pub const TARGETS: &[Target] = &[
     Target {
@@ -203,27 +213,15 @@ pub const TARGETS: &[Target] = &[
         row: "durable-always",
         scenario: "durable-always",
         metric: DELIVERED,
-        conditions: &[
-            Condition::AtLeast {
-                peer: "mosquitto",
-                factor: 3.0,
-            },
-            Condition::NoLoss,
-        ],
-        text: "≥ 3× Mosquitto (persistence on), no loss",
+        conditions: DURABLE,
+        text: DURABLE_TEXT,
     },
     Target {
         row: "durable-every-ms",
         scenario: "durable-every-ms",
         metric: DELIVERED,
-        conditions: &[
-            Condition::AtLeast {
-                peer: "mosquitto",
-                factor: 3.0,
-            },
-            Condition::NoLoss,
-        ],
-        text: "≥ 3× Mosquitto (persistence on), no loss",
+        conditions: DURABLE,
+        text: DURABLE_TEXT,
     },
 ];
 

@@ -1150,7 +1150,9 @@ impl Connection {
         if !publish.properties.subscription_identifiers.is_empty() {
             return Err(Violation::SubscriptionIdFromClient.into());
         }
-        let limits = &self.broker.limits();
+        // One load of the limits for the whole PUBLISH.
+        let limits = self.broker.limits();
+        let limits = &*limits;
         if publish.qos > limits.maximum_qos {
             return Err(Violation::QoSNotSupported(publish.qos as u8).into());
         }
@@ -1169,7 +1171,6 @@ impl Connection {
         } else {
             publish.topic.clone()
         };
-        let limits = &self.broker.limits();
         if limits.check_payload_format
             && publish.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&publish.payload).is_err()
@@ -1210,7 +1211,6 @@ impl Connection {
         }
         // The inbound allowance: past it QoS 0 is dropped; QoS 1/2 is taken and the client
         // is not read from until it is even again.
-        let limits = &self.broker.limits();
         if let State::Connected(a) = &mut self.state {
             if let Some(allowance) = &mut a.allowance {
                 allowance.refill(limits, now);
@@ -1229,7 +1229,7 @@ impl Connection {
             let Some(id) = packet_id else {
                 return Err(Violation::Malformed(DecodeError::ZeroPacketId).into());
             };
-            let receive_maximum = usize::from(self.broker.limits().receive_maximum);
+            let receive_maximum = usize::from(limits.receive_maximum);
             let mut st = session.lock();
             if st.owner != Owner::Connection(self.id) {
                 return Err(CloseReason::TakenOver);
@@ -1275,7 +1275,7 @@ impl Connection {
                 a.pause = Some(Pause {
                     subscriber,
                     progress,
-                    check_at: now + self.broker.limits().flow_control_timeout,
+                    check_at: now + limits.flow_control_timeout,
                 });
             }
         }

@@ -40,6 +40,16 @@ fn ack(kind: u8, id: u16) -> Vec<u8> {
 struct Rng(u64);
 
 impl Rng {
+    /// Seeded from the clock; the seed is printed so that a failing run can be replayed.
+    fn seeded() -> (u64, Rng) {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        println!("crash test seed {seed}");
+        (seed, Rng(seed))
+    }
+
     fn next(&mut self, below: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -129,12 +139,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let _machine = heavy().await;
     let dir = std::env::temp_dir().join(format!("petrel-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-        | 1;
-    println!("crash test seed {seed}");
-    let mut rng = Rng(seed);
+    let (seed, mut rng) = Rng::seeded();
 
     // Persistent subscribers, then offline; a retained message.
     let broker = Broker::start_with("", &storage(&dir));
@@ -272,12 +277,7 @@ async fn acknowledged_messages_survive_sigkill_with_the_subscriber_online() {
     let _machine = heavy().await;
     let dir = std::env::temp_dir().join(format!("petrel-crash-live-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-        | 1;
-    println!("crash test seed {seed}");
-    let mut rng = Rng(seed);
+    let (seed, mut rng) = Rng::seeded();
 
     let broker = Broker::start_with("", &storage(&dir));
     let mut s = RawClient::connect(broker.addr).await;
