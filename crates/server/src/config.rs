@@ -48,6 +48,48 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
     pub storage: StorageConfig,
+    /// The operations listener (metrics, admin API, dashboard). Absent: one
+    /// on 127.0.0.1:9183 if that port is free (a warning otherwise); present:
+    /// as configured, and a bind failure stops the start.
+    pub admin: Option<AdminConfig>,
+    /// How often the `$SYS/broker/...` topics are published; "0s" = never.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub sys_interval: Duration,
+    /// On SIGTERM/SIGINT: how long connected clients get to receive what is
+    /// queued for them before they are sent DISCONNECT and closed. The store
+    /// is flushed after. `--shutdown-grace` overrides it.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub shutdown_grace: Duration,
+}
+
+/// The `[admin]` table: the HTTP listener for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "an [admin] table")]
+pub struct AdminConfig {
+    /// Whether the listener runs at all.
+    pub enabled: bool,
+    /// Address of the HTTP listener: `/metrics` (Prometheus), `/healthz`,
+    /// `/readyz`, the JSON API under `/api/v1` and the dashboard at `/`.
+    pub bind: SocketAddr,
+    /// Bearer token the JSON API requires (`Authorization: Bearer ...`).
+    /// Empty, with no `token_file`: a random one is made at start and logged.
+    pub token: String,
+    /// A file whose first line is the token (keeps it out of the config).
+    pub token_file: Option<PathBuf>,
+    /// Whether `/metrics` also requires the token.
+    pub metrics_require_token: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            bind: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9183)),
+            token: String::new(),
+            token_file: None,
+            metrics_require_token: false,
+        }
+    }
 }
 
 /// The `[storage]` table: what survives a restart, and how.
@@ -441,6 +483,9 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),
+            admin: None,
+            sys_interval: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -679,6 +724,32 @@ impl Config {
             }
         }
         self.check_auth()?;
+        if let Some(admin) = self.admin.as_ref().filter(|a| a.enabled) {
+            let key = |name: &str| KeyPath::root().key("admin").key(name);
+            if let Some(i) = self
+                .listeners
+                .iter()
+                .position(|l| l.protocol != ListenerProtocol::Unix && l.bind == admin.bind)
+                .filter(|_| admin.bind.port() != 0)
+            {
+                return Err(Violation {
+                    key: key("bind"),
+                    message: format!("address {} is already used by listeners[{i}]", admin.bind),
+                });
+            }
+            if admin.token.chars().any(char::is_whitespace) {
+                return Err(Violation {
+                    key: key("token"),
+                    message: "may not contain white space".to_owned(),
+                });
+            }
+            if !admin.token.is_empty() && admin.token_file.is_some() {
+                return Err(Violation {
+                    key: key("token_file"),
+                    message: "give token or token_file, not both".to_owned(),
+                });
+            }
+        }
         if self.storage.fsync == FsyncPolicy::EveryMs && self.storage.fsync_interval.is_zero() {
             return Err(Violation {
                 key: KeyPath::root().key("storage").key("fsync_interval"),
@@ -897,11 +968,24 @@ pub fn default_config_toml() -> String {
          \n\
          # Open connections across all listeners.\n\
          max_connections = {max_connections}\n\
+         # How often the $SYS/broker/... topics are published; \"0s\" = never.\n\
+         sys_interval = \"{sys_interval}\"\n\
+         # On SIGTERM: time clients get to receive what is queued for them before\n\
+         # DISCONNECT (MQTT 5: 0x8B, server shutting down); the store is flushed after.\n\
+         shutdown_grace = \"{shutdown_grace}\"\n\
          \n\
          # One [[listeners]] table per socket that accepts clients. Without any,\n\
          # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n",
     )
-    .replace("{max_connections}", &defaults.max_connections.to_string());
+    .replace("{max_connections}", &defaults.max_connections.to_string())
+    .replace(
+        "{sys_interval}",
+        &humantime::format_duration(defaults.sys_interval).to_string(),
+    )
+    .replace(
+        "{shutdown_grace}",
+        &humantime::format_duration(defaults.shutdown_grace).to_string(),
+    );
     for listener in &defaults.listeners {
         out.push_str(&format!(
             "[[listeners]]\n\
@@ -1110,6 +1194,26 @@ pub fn default_config_toml() -> String {
             FsyncPolicy::Never => "never",
         },
         interval = humantime::format_duration(defaults.storage.fsync_interval),
+    ));
+    let admin = AdminConfig::default();
+    out.push_str(&format!(
+        "\n# The operations listener: /metrics (Prometheus), /healthz, /readyz, the\n\
+         # JSON API under /api/v1 and the dashboard at /. Without this table it runs\n\
+         # on 127.0.0.1:9183 when that port is free; with it, as set here, and a\n\
+         # failure to bind stops the start.\n\
+         [admin]\n\
+         enabled = {enabled}\n\
+         bind = \"{bind}\"\n\
+         # Bearer token the JSON API and dashboard require. Empty (and no\n\
+         # token_file): a random token is made at each start and logged.\n\
+         token = \"\"\n\
+         # Or read it from the first line of a file:\n\
+         # token_file = \"/etc/petrel/admin-token\"\n\
+         # Require the token on /metrics too.\n\
+         metrics_require_token = {metrics_require_token}\n",
+        enabled = admin.enabled,
+        bind = admin.bind,
+        metrics_require_token = admin.metrics_require_token,
     ));
     out
 }

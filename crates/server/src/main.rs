@@ -42,9 +42,10 @@ struct Cli {
     #[arg(long)]
     print_default_config: bool,
 
-    /// How long to wait for connections to close after SIGINT/SIGTERM.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
+    /// After SIGINT/SIGTERM: how long clients get to receive what is queued for them before
+    /// they are disconnected (overrides the config's `shutdown_grace`, default 10s).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    shutdown_grace: Option<Duration>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -127,7 +128,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, cli.config.clone(), cli.shutdown_grace)) {
+    let grace = cli.shutdown_grace.unwrap_or(config.shutdown_grace);
+    match runtime.block_on(run(config, cli.config.clone(), grace)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("petrel: {e:#}");

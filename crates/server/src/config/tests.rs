@@ -30,6 +30,9 @@ fn defaults_are_valid_and_as_documented() {
 #[test]
 fn full_example_parses() {
     let text = r#"
+sys_interval = "5s"
+shutdown_grace = "30s"
+
 [[listeners]]
 protocol = "tcp"
 bind = "0.0.0.0:1883"
@@ -89,12 +92,26 @@ url = "http://127.0.0.1:9/auth"
 timeout = "500ms"
 cache_ttl = "0s"
 cache_size = 5
+
+[admin]
+bind = "127.0.0.1:9200"
+token = "s3cret"
+metrics_require_token = true
 "#;
     let config = parse(text).unwrap();
     assert_eq!(
         config,
         Config {
             max_connections: 100_000,
+            sys_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+            admin: Some(AdminConfig {
+                enabled: true,
+                bind: "127.0.0.1:9200".parse().unwrap(),
+                token: "s3cret".into(),
+                token_file: None,
+                metrics_require_token: true,
+            }),
             storage: StorageConfig::default(),
             listeners: vec![
                 ListenerConfig {
@@ -509,7 +526,12 @@ fn every_numeric_setting_has_bounds_reachable_from_the_document() {
 #[test]
 fn default_config_toml_round_trips() {
     let text = default_config_toml();
-    assert_eq!(parse(&text).unwrap(), Config::default());
+    // The printed file spells out [admin], which makes it explicit.
+    let expected = Config {
+        admin: Some(AdminConfig::default()),
+        ..Config::default()
+    };
+    assert_eq!(parse(&text).unwrap(), expected);
     // Every key is spelled out, not left to its default.
     let root = DeTable::parse(&text).unwrap();
     let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
