@@ -21,18 +21,21 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use petrel_codec::{
-    LastWill, MqttString, PacketId, Publish, QoS, SubscriptionOptions, TopicFilter,
+    LastWill, MqttString, PacketId, Properties, Publish, QoS, SubscriptionOptions, TopicFilter,
+    TopicName,
 };
 
-use crate::acl::Acl;
+use crate::acl::{is_sys, Acl};
 use crate::auth::{AllowAll, Authenticator};
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
+use crate::activity::TopicActivity;
 use crate::session::{
-    Admitted, Delivery, DeliveryExtra, Dropped, Inflight, InflightStage, Owner, PendingWill,
-    QueueTotals, Session, SessionState, Subscription, NEVER_EXPIRES,
+    Admitted, ClientInfo, Delivery, DeliveryExtra, Dropped, Inflight, InflightStage, Owner,
+    PendingWill, QueueTotals, Session, SessionState, Subscription, NEVER_EXPIRES,
 };
 use crate::shared::{self, GroupKey, SharedGroup};
 use crate::stats::Stats;
@@ -83,6 +86,40 @@ pub struct Broker {
     /// Makes generated client ids unique across restarts as well as within one run.
     boot_nonce: u64,
     shutting_down: AtomicBool,
+    /// When the broker was made: uptime, and the clock of `ClientInfo::connected_at_ms`.
+    started: Instant,
+    /// Per-topic counts for operators, kept only while someone watches.
+    pub activity: TopicActivity,
+}
+
+/// What an operator's request to disconnect a client or delete a session found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kicked {
+    /// No session with that client id.
+    NotFound,
+    /// The session has no client connected (and was not to be deleted).
+    NotConnected,
+    /// The connected client is being disconnected (and its session ended, if asked).
+    Disconnected,
+    /// The offline session was deleted.
+    Deleted,
+}
+
+/// A session as operators see it: a copy taken under its lock.
+#[derive(Clone, Debug)]
+pub struct SessionSummary {
+    pub client_id: MqttString,
+    pub connected: bool,
+    /// The client connected now, or the last one.
+    pub client: Option<ClientInfo>,
+    /// Session Expiry Interval in seconds; `None`: never expires (3.x Clean Session 0).
+    pub expiry_interval: Option<u32>,
+    /// While offline: seconds until the session expires, if it does.
+    pub expires_in: Option<u64>,
+    pub inflight: usize,
+    /// Messages waiting (all QoS).
+    pub queued: usize,
+    pub subscriptions: usize,
 }
 
 /// Result of attaching a connection to a session.
@@ -214,6 +251,8 @@ impl Broker {
             next_group_key: AtomicU64::new(1),
             boot_nonce: RandomState::new().hash_one(std::time::SystemTime::now()),
             shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+            activity: TopicActivity::default(),
         }
     }
 
@@ -292,6 +331,139 @@ impl Broker {
 
     pub fn retained_count(&self) -> usize {
         read(&self.retained).len()
+    }
+
+    /// Milliseconds since the broker was made.
+    pub fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// QoS 1/2 messages and their payload bytes queued in all sessions together.
+    pub fn queued_totals(&self) -> (usize, usize) {
+        (self.queue_totals.messages(), self.queue_totals.bytes())
+    }
+
+    /// Sessions with a client connected, and without (offline, persistent). Reads no session
+    /// lock: ownership is mirrored in an atomic.
+    pub fn session_counts(&self) -> (usize, usize) {
+        let sessions = lock(&self.sessions);
+        let live = sessions.values().filter(|s| s.is_connected()).count();
+        (live, sessions.len() - live)
+    }
+
+    /// Every session, for operators: the registry lock is held only to copy the `Arc`s.
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        lock(&self.sessions).values().cloned().collect()
+    }
+
+    pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(client_id).cloned()
+    }
+
+    /// A copy of what operators see of `session`, at `now`.
+    pub fn summarize(&self, session: &Session, now: Instant) -> SessionSummary {
+        let st = session.lock();
+        SessionSummary {
+            client_id: session.client_id.clone(),
+            connected: matches!(st.owner, Owner::Connection(_)),
+            client: st.client.clone(),
+            expiry_interval: (st.expiry_interval != NEVER_EXPIRES).then_some(st.expiry_interval),
+            expires_in: st
+                .expires_at
+                .map(|at| at.saturating_duration_since(now).as_secs()),
+            inflight: st.inflight.len(),
+            queued: st.queue.len(),
+            subscriptions: st.subscriptions.len(),
+        }
+    }
+
+    /// Disconnects the client connected to `client_id`'s session (v5: DISCONNECT 0x98,
+    /// administrative action; its will is published as for any close it did not ask for).
+    /// With `end_session`, the session ends too: at once if offline, with the connection
+    /// otherwise (its subscriptions and queue go, and its store records).
+    pub fn kick(&self, client_id: &str, end_session: bool, now: Instant) -> Kicked {
+        let mut sessions = lock(&self.sessions);
+        let Some(session) = sessions.get(client_id).cloned() else {
+            return Kicked::NotFound;
+        };
+        let mut st = session.lock();
+        match st.owner {
+            Owner::Connection(_) => {
+                if end_session {
+                    // Detaching a session with no expiry interval ends it.
+                    st.expiry_interval = 0;
+                }
+                st.kick = true;
+                let waker = st.waker.take();
+                drop(st);
+                drop(sessions);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                Kicked::Disconnected
+            }
+            Owner::Offline if end_session => {
+                let will = self.end_session(&session, &mut st);
+                drop(st);
+                sessions.remove(client_id);
+                drop(sessions);
+                if let Some(will) = will {
+                    self.publish_will(*will, session.id, now);
+                }
+                Kicked::Deleted
+            }
+            Owner::Offline => Kicked::NotConnected,
+            Owner::Ended => Kicked::NotFound,
+        }
+    }
+
+    /// Retained messages whose topics match `filter` (all of them, expired or not, up to
+    /// `limit`), in no particular order.
+    pub fn retained_list(&self, filter: &str, limit: usize) -> Vec<Arc<Message>> {
+        let mut found = Vec::new();
+        read(&self.retained).for_each_match(filter, |_, m| {
+            if found.len() < limit {
+                found.push(m.clone())
+            }
+        });
+        found
+    }
+
+    /// Removes the retained messages whose topics match `filter`, from memory and the store;
+    /// returns how many.
+    pub fn retained_remove(&self, filter: &str) -> usize {
+        let mut topics = Vec::new();
+        read(&self.retained).for_each_match(filter, |topic, _| topics.push(topic.to_owned()));
+        let mut retained = write(&self.retained);
+        let mut removed = 0;
+        for topic in &topics {
+            if retained.remove(topic).is_some() {
+                removed += 1;
+                if !is_sys(topic) {
+                    self.store.retained_cleared(topic);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Publishes a broker status message (`$SYS/...`): retained, QoS 0, kept in memory only
+    /// (the figures are published again after a restart).
+    pub fn publish_sys(&self, topic: &str, payload: impl Into<Bytes>) {
+        let Ok(topic) = TopicName::new(topic) else {
+            return;
+        };
+        let message = Message::new(
+            topic,
+            payload.into(),
+            QoS::AtMostOnce,
+            true,
+            Properties::default(),
+            0,
+        );
+        let message = Arc::new(message);
+        write(&self.retained).insert(&message.topic, message.clone());
+        self.route(&message);
     }
 
     /// Binds connection `connection` to the session of `client_id` (§3.1.4 steps 3-4):
@@ -787,7 +959,11 @@ impl Broker {
             self.store.retained_cleared(&message.topic)
         } else {
             let stored = Arc::new(message.compacted());
-            let token = self.store.retained_set(&stored);
+            let token = if is_sys(&stored.topic) {
+                0
+            } else {
+                self.store.retained_set(&stored)
+            };
             let topic = stored.topic.clone();
             let expires_at = stored.expires_at;
             write(&self.retained).insert(&topic, stored);

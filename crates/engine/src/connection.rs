@@ -34,9 +34,11 @@ use crate::auth::{
 use crate::broker::Broker;
 use crate::limits::Limits;
 use crate::message::Message;
-use crate::session::{Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES};
+use crate::session::{
+    ClientInfo, Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES,
+};
 use crate::shared;
-use crate::stats::Stats;
+use crate::stats::{version_index, Stats};
 use crate::topic_index::filter_matches;
 
 /// Stop moving queued messages into the write buffer past this many bytes: the rest waits in
@@ -125,15 +127,20 @@ pub enum CloseReason {
     /// Reading or writing the socket failed.
     IoError,
     ServerShutdown,
+    /// An operator disconnected the client (admin API).
+    Administrative,
 }
 
 impl CloseReason {
     /// Whether the will message is published [MQTT-3.1.2-8]: on every end except a normal
-    /// DISCONNECT, a refused CONNECT and our own orderly shutdown.
+    /// DISCONNECT and a refused CONNECT. A server shutdown closes the connection without a
+    /// DISCONNECT from the client, so it publishes the will too: at once without a Will Delay
+    /// Interval, otherwise after it (the pending will is stored with the session, so the
+    /// delay runs on after a restart and a client that reconnects in time cancels it).
     fn publishes_will(&self) -> bool {
         match self {
             CloseReason::Disconnect { with_will } => *with_will,
-            CloseReason::Refused(_) | CloseReason::ServerShutdown => false,
+            CloseReason::Refused(_) => false,
             _ => true,
         }
     }
@@ -145,6 +152,7 @@ impl CloseReason {
             CloseReason::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
             CloseReason::TakenOver => Some(ReasonCode::SESSION_TAKEN_OVER),
             CloseReason::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            CloseReason::Administrative => Some(ReasonCode::ADMINISTRATIVE_ACTION),
             CloseReason::AuthenticationFailed => Some(ReasonCode::NOT_AUTHORIZED),
             _ => None,
         }
@@ -314,7 +322,8 @@ struct Pause {
 pub struct Connection {
     broker: Arc<Broker>,
     id: u64,
-    peer: Box<str>,
+    /// Shared with the session's `ClientInfo` once connected.
+    peer: Arc<str>,
     state: State,
     out: BytesMut,
     /// The Maximum Packet Size of the client's CONNECT, for what is written before the
@@ -360,7 +369,7 @@ impl Connection {
         Connection {
             id: broker.next_connection_id(),
             broker,
-            peer: peer.into_boxed_str(),
+            peer: Arc::from(peer),
             state: State::AwaitingConnect { deadline },
             out: BytesMut::new(),
             client_max_packet: u32::MAX,
@@ -564,6 +573,9 @@ impl Connection {
                 properties: Properties::default(),
             };
             self.write(&Packet::ConnAck(refusal), ProtocolVersion::V3_1_1);
+            self.broker
+                .stats
+                .count_refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
             return CloseReason::Refused(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
         }
         CloseReason::Violation(Violation::Malformed(error))
@@ -649,6 +661,7 @@ impl Connection {
     }
 
     fn refuse(&mut self, version: ProtocolVersion, reason: ReasonCode) -> Result<(), CloseReason> {
+        self.broker.stats.count_refusal(reason);
         let mut refusal = ConnAck {
             session_present: false,
             reason,
@@ -1068,22 +1081,31 @@ impl Connection {
             properties,
         };
         self.write(&Packet::ConnAck(connack), version);
-        if attach.session_present {
-            let journal = Journal {
-                store: self.broker.store(),
-                client_id: &attach.session.client_id,
-            };
-            let too_large =
-                attach
-                    .session
-                    .lock()
-                    .resend_inflight(&mut egress, now, &mut self.out, journal);
-            if too_large > 0 {
-                Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
+        {
+            let mut st = attach.session.lock();
+            st.client = Some(ClientInfo {
+                peer: self.peer.clone(),
+                version,
+                keep_alive,
+                connected_at_ms: self.broker.uptime_ms(),
+            });
+            if attach.session_present {
+                let journal = Journal {
+                    store: self.broker.store(),
+                    client_id: &attach.session.client_id,
+                };
+                let too_large = st.resend_inflight(&mut egress, now, &mut self.out, journal);
+                if too_large > 0 {
+                    Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
+                }
             }
         }
         Stats::add(&self.broker.stats.connections_current, 1);
         Stats::add(&self.broker.stats.connections_total, 1);
+        Stats::add(
+            &self.broker.stats.connections_by_version[version_index(version)],
+            1,
+        );
         tracing::debug!(client_id = %client_id, peer = %self.peer, %version, keep_alive, clean = connect.clean_start, session_expiry, "client connected");
         self.state = State::Connected(Box::new(Attached {
             session: attach.session,
@@ -1265,7 +1287,16 @@ impl Connection {
             0
         };
         let routed = self.broker.route(&message);
-        Stats::add(&self.broker.stats.messages_received, 1);
+        let stats = &self.broker.stats;
+        Stats::add(&stats.messages_received, 1);
+        Stats::add(&stats.publish_received[qos as usize], 1);
+        Stats::add(
+            &stats.payload_bytes_received[qos as usize],
+            message.payload.len() as u64,
+        );
+        self.broker
+            .activity
+            .record(&message.topic, message.payload.len());
         if let Some(subscriber) = routed.congested {
             // The message is queued (so it is acknowledged below), but this publisher reads
             // nothing more until the subscriber catches up.
@@ -1677,6 +1708,10 @@ impl Connection {
         if st.owner != Owner::Connection(self.id) {
             return Poll::Ready(Err(CloseReason::TakenOver));
         }
+        if st.kick {
+            st.kick = false;
+            return Poll::Ready(Err(CloseReason::Administrative));
+        }
         let mut wake = Vec::new();
         let journal = Journal {
             store: self.broker.store(),
@@ -1696,6 +1731,12 @@ impl Connection {
             wake.into_iter().for_each(std::task::Waker::wake);
             let stats = &self.broker.stats;
             Stats::add(&stats.messages_sent, done.sent as u64);
+            for q in 0..3 {
+                if done.sent_by_qos[q] > 0 {
+                    Stats::add(&stats.publish_sent[q], u64::from(done.sent_by_qos[q]));
+                    Stats::add(&stats.payload_bytes_sent[q], done.sent_payload_bytes[q]);
+                }
+            }
             if done.expired > 0 {
                 Stats::add(&stats.messages_expired, done.expired as u64);
             }
@@ -1776,10 +1817,16 @@ impl Connection {
             None
         };
         self.broker.detach(&a.session, self.id, will, now);
-        self.broker
-            .stats
+        let stats = &self.broker.stats;
+        stats
             .connections_current
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        stats.connections_by_version[version_index(a.egress.version)]
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if *reason == CloseReason::Administrative {
+            Stats::add(&stats.admin_disconnects, 1);
+            tracing::info!(client_id = %a.session.client_id, peer = %self.peer, "disconnected by an operator");
+        }
     }
 
     /// This connection's id: unique for the broker's lifetime, used as the session owner tag.

@@ -23,8 +23,10 @@
 //! * [`topic_index`], [`retained`]: the tries that match topics against filters.
 //! * [`auth`], [`store`]: the traits that authentication and durability plug into.
 //! * [`acl`]: topic authorization rules, compiled per client at CONNECT.
+//! * [`stats`], [`activity`]: lock-free counters, and per-topic counts while operators watch.
 
 pub mod acl;
+pub mod activity;
 pub mod auth;
 pub mod broker;
 pub mod connection;

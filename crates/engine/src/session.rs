@@ -218,6 +218,9 @@ pub struct Drained {
     pub too_large: usize,
     /// Messages on topics the client may not receive: not sent.
     pub denied: usize,
+    /// Of `sent`, how many at each QoS, and their payload bytes.
+    pub sent_by_qos: [u32; 3],
+    pub sent_payload_bytes: [u64; 3],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,6 +348,25 @@ pub struct SessionState {
     drop_logged: bool,
     /// The next delivery's place in the durable store (persistent sessions).
     pub next_seq: u64,
+    /// The client connected now, or last (kept while the session is offline), for operators.
+    pub client: Option<ClientInfo>,
+    /// An operator asked for the connected client to be disconnected: its connection ends
+    /// (v5: DISCONNECT 0x98, administrative action) the next time it looks at the session.
+    pub kick: bool,
+}
+
+/// Who drives a session, as operators see it (admin API, dashboard).
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    /// The client's address (`ip:port`, after a PROXY header or X-Forwarded-For).
+    pub peer: Arc<str>,
+    pub version: ProtocolVersion,
+    /// The keep alive in force, in seconds (0: none).
+    pub keep_alive: u16,
+    /// When it connected: milliseconds since the broker started ([`Broker::uptime_ms`]).
+    ///
+    /// [`Broker::uptime_ms`]: crate::Broker::uptime_ms
+    pub connected_at_ms: u64,
 }
 
 pub struct Session {
@@ -393,6 +415,8 @@ impl Session {
                 stalled: false,
                 drop_logged: false,
                 next_seq: 1,
+                client: None,
+                kick: false,
             }),
         }
     }
@@ -744,6 +768,7 @@ impl SessionState {
                 continue;
             }
             let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.peek_packet_id());
+            let (qos_index, payload_len) = (d.qos as usize, d.message.payload.len() as u64);
             let written = d.message.write_delivery(
                 egress,
                 d.qos,
@@ -775,6 +800,8 @@ impl SessionState {
                 });
             }
             done.sent += 1;
+            done.sent_by_qos[qos_index] += 1;
+            done.sent_payload_bytes[qos_index] += payload_len;
         }
         if moved && self.below_low_water(limits) {
             self.stalled = false;

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use petrel_codec::{ProtocolVersion, ReasonCode};
+
 #[derive(Default, Debug)]
 pub struct Stats {
     pub connections_current: AtomicU64,
@@ -54,6 +56,90 @@ pub struct Stats {
     /// Queued messages not sent because the ACL does not let the subscriber receive them
     /// (a guarded wildcard subscription, or rules changed since they were queued).
     pub dropped_not_authorized: AtomicU64,
+    /// Bytes read from and written to client sockets (MQTT bytes, after TLS and WebSocket
+    /// framing are removed), counted by the transport once per read or write.
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// PUBLISH packets received and sent, and their payload bytes, by QoS (index 0, 1, 2).
+    pub publish_received: [AtomicU64; 3],
+    pub publish_sent: [AtomicU64; 3],
+    pub payload_bytes_received: [AtomicU64; 3],
+    pub payload_bytes_sent: [AtomicU64; 3],
+    /// Clients connected now, by protocol version: 3.1, 3.1.1, 5.0.
+    pub connections_by_version: [AtomicU64; 3],
+    /// CONNECTs refused with a CONNACK, by reason ([`Refusal`]).
+    pub refused: [AtomicU64; Refusal::ALL.len()],
+    /// Connections closed by an operator (admin API).
+    pub admin_disconnects: AtomicU64,
+}
+
+/// Why a CONNECT was refused, for counting: the CONNACK reason codes the broker sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    UnsupportedProtocolVersion,
+    ClientIdNotValid,
+    BadCredentials,
+    NotAuthorized,
+    ServerUnavailable,
+    BadAuthenticationMethod,
+    /// The will asks for what the server does not offer (QoS, retain, payload format).
+    WillNotSupported,
+    ProtocolError,
+    Other,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 9] = [
+        Refusal::UnsupportedProtocolVersion,
+        Refusal::ClientIdNotValid,
+        Refusal::BadCredentials,
+        Refusal::NotAuthorized,
+        Refusal::ServerUnavailable,
+        Refusal::BadAuthenticationMethod,
+        Refusal::WillNotSupported,
+        Refusal::ProtocolError,
+        Refusal::Other,
+    ];
+
+    pub fn from_reason(code: ReasonCode) -> Refusal {
+        match code {
+            ReasonCode::UNSUPPORTED_PROTOCOL_VERSION => Refusal::UnsupportedProtocolVersion,
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID => Refusal::ClientIdNotValid,
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD => Refusal::BadCredentials,
+            ReasonCode::NOT_AUTHORIZED => Refusal::NotAuthorized,
+            ReasonCode::SERVER_UNAVAILABLE | ReasonCode::SERVER_BUSY => Refusal::ServerUnavailable,
+            ReasonCode::BAD_AUTHENTICATION_METHOD => Refusal::BadAuthenticationMethod,
+            ReasonCode::QOS_NOT_SUPPORTED
+            | ReasonCode::RETAIN_NOT_SUPPORTED
+            | ReasonCode::PAYLOAD_FORMAT_INVALID => Refusal::WillNotSupported,
+            ReasonCode::PROTOCOL_ERROR => Refusal::ProtocolError,
+            _ => Refusal::Other,
+        }
+    }
+
+    /// The label metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::UnsupportedProtocolVersion => "unsupported_protocol_version",
+            Refusal::ClientIdNotValid => "client_id_not_valid",
+            Refusal::BadCredentials => "bad_user_name_or_password",
+            Refusal::NotAuthorized => "not_authorized",
+            Refusal::ServerUnavailable => "server_unavailable",
+            Refusal::BadAuthenticationMethod => "bad_authentication_method",
+            Refusal::WillNotSupported => "will_not_supported",
+            Refusal::ProtocolError => "protocol_error",
+            Refusal::Other => "other",
+        }
+    }
+}
+
+/// The index of a protocol version in per-version counters.
+pub fn version_index(version: ProtocolVersion) -> usize {
+    match version {
+        ProtocolVersion::V3_1 => 0,
+        ProtocolVersion::V3_1_1 => 1,
+        ProtocolVersion::V5 => 2,
+    }
 }
 
 impl Stats {
@@ -67,5 +153,11 @@ impl Stats {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn count_refusal(&self, reason: ReasonCode) {
+        let kind = Refusal::from_reason(reason);
+        let i = Refusal::ALL.iter().position(|r| *r == kind).unwrap_or(0);
+        self.refused[i].fetch_add(1, Relaxed);
     }
 }
