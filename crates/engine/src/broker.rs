@@ -86,6 +86,7 @@ pub struct Broker {
     /// Makes generated client ids unique across restarts as well as within one run.
     boot_nonce: u64,
     shutting_down: AtomicBool,
+    drain_until: Mutex<Option<Instant>>,
     /// When the broker was made: uptime, and the clock of `ClientInfo::connected_at_ms`.
     started: Instant,
     /// Per-topic counts for operators, kept only while someone watches.
@@ -251,6 +252,7 @@ impl Broker {
             next_group_key: AtomicU64::new(1),
             boot_nonce: RandomState::new().hash_one(std::time::SystemTime::now()),
             shutting_down: AtomicBool::new(false),
+            drain_until: Mutex::new(None),
             started: Instant::now(),
             activity: TopicActivity::default(),
         }
@@ -312,6 +314,18 @@ impl Broker {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new connections, and gives connected clients until `until` to receive what is
+    /// queued for them (graceful drain); the server then closes them.
+    pub fn begin_drain(&self, until: Instant) {
+        *lock(&self.drain_until) = Some(until);
+        self.begin_shutdown();
+    }
+
+    /// When a drain under way must end.
+    pub fn drain_deadline(&self) -> Option<Instant> {
+        *lock(&self.drain_until)
     }
 
     pub fn session_count(&self) -> usize {

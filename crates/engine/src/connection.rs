@@ -416,6 +416,10 @@ impl Connection {
         &self.peer
     }
 
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
     pub fn is_connected(&self) -> bool {
         matches!(self.state, State::Connected(_))
     }

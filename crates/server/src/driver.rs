@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use petrel_engine::connection::OUT_HIGH_WATER;
+use petrel_engine::stats::Stats;
 use petrel_engine::{CloseReason, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
@@ -39,6 +40,8 @@ enum Event {
     Eof,
     IoError,
     Shutdown,
+    /// Draining for a shutdown: everything sendable is written.
+    Drained,
     Closed(CloseReason),
 }
 
@@ -60,8 +63,12 @@ pub(crate) async fn drive<S, G>(
         .map_or_else(far_future, tokio::time::Instant::from_std);
     let mut sleep = pin!(tokio::time::sleep_until(first));
     let mut cancelled = pin!(shutdown.cancelled());
+    // Set once the server shuts down: the connection keeps running until what is queued for
+    // the client is written, or until then at the latest.
+    let mut drain_until: Option<tokio::time::Instant> = None;
 
     let reason = 'conn: loop {
+        let draining = drain_until.is_some();
         let event = poll_fn(|cx| {
             poll_event(
                 cx,
@@ -70,6 +77,7 @@ pub(crate) async fn drive<S, G>(
                 &mut rbuf,
                 sleep.as_mut(),
                 cancelled.as_mut(),
+                draining,
             )
         })
         .await;
@@ -77,6 +85,9 @@ pub(crate) async fn drive<S, G>(
             Event::Read | Event::Resumed => {}
             Event::Delivered => continue,
             Event::Timer => {
+                if drain_until.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                    break CloseReason::ServerShutdown;
+                }
                 if let Err(reason) = conn.handle_timeout(Instant::now()) {
                     break reason;
                 }
@@ -84,11 +95,31 @@ pub(crate) async fn drive<S, G>(
                 let next = conn
                     .deadline()
                     .map_or_else(far_future, tokio::time::Instant::from_std);
-                sleep.as_mut().reset(next);
+                sleep
+                    .as_mut()
+                    .reset(drain_until.map_or(next, |t| t.min(next)));
             }
             Event::Eof => break CloseReason::PeerClosed,
             Event::IoError => break CloseReason::IoError,
-            Event::Shutdown => break CloseReason::ServerShutdown,
+            Event::Shutdown => {
+                // Only a client that is connected has anything to drain.
+                let until = conn
+                    .broker()
+                    .drain_deadline()
+                    .map(tokio::time::Instant::from_std)
+                    .filter(|t| *t > tokio::time::Instant::now());
+                match until {
+                    Some(until) if conn.is_connected() => {
+                        drain_until = Some(until);
+                        if until < sleep.deadline() {
+                            sleep.as_mut().reset(until);
+                        }
+                        continue;
+                    }
+                    _ => break CloseReason::ServerShutdown,
+                }
+            }
+            Event::Drained => break CloseReason::ServerShutdown,
             Event::Closed(reason) => break reason,
         }
         // Read, resumed after a flow-control pause, or a timer that may have ended one:
@@ -159,6 +190,7 @@ fn poll_event<S>(
     rbuf: &mut BytesMut,
     sleep: Pin<&mut Sleep>,
     cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    draining: bool,
 ) -> Poll<Event>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -171,6 +203,7 @@ where
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::IoError),
             Poll::Ready(Ok(n)) => {
                 conn.output().advance(n);
+                Stats::add(&conn.broker().stats.bytes_sent, n as u64);
                 wrote = true;
             }
             Poll::Pending => break,
@@ -184,7 +217,7 @@ where
     }
 
     // 2. Server shutdown.
-    if cancelled.poll(cx).is_ready() {
+    if !draining && cancelled.poll(cx).is_ready() {
         return Poll::Ready(Event::Shutdown);
     }
 
@@ -194,6 +227,9 @@ where
         match conn.poll_deliver(cx, Instant::now()) {
             Poll::Ready(Ok(())) => return Poll::Ready(Event::Delivered),
             Poll::Ready(Err(reason)) => return Poll::Ready(Event::Closed(reason)),
+            Poll::Pending if draining && conn.output().is_empty() => {
+                return Poll::Ready(Event::Drained)
+            }
             Poll::Pending => {}
         }
         // A client paused by flow control is not read: its data waits in its socket buffer
@@ -208,7 +244,10 @@ where
         }
         match poll_read(cx, stream, rbuf) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Event::Eof),
-            Poll::Ready(Ok(_)) => return Poll::Ready(Event::Read),
+            Poll::Ready(Ok(n)) => {
+                Stats::add(&conn.broker().stats.bytes_received, n as u64);
+                return Poll::Ready(Event::Read);
+            }
             Poll::Ready(Err(_)) => return Poll::Ready(Event::IoError),
             Poll::Pending => {}
         }

@@ -239,6 +239,10 @@ pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
     Ok(config)
 }
 
+/// After the drain: how long the last connections get to take their DISCONNECT and close
+/// (the driver bounds each close flush by as much).
+const CLOSE_LIMIT: Duration = Duration::from_millis(2500);
+
 /// How often certificate files are checked for changes.
 const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -405,8 +409,10 @@ impl Server {
             .collect()
     }
 
-    /// Serves until `shutdown` is cancelled; then stops accepting, closes every connection
-    /// (v5 clients get DISCONNECT 0x8B), and returns once they are gone or `grace` passed.
+    /// Serves until `shutdown` is cancelled; then drains: stops accepting, lets each connected
+    /// client receive what is queued for it for up to `grace`, closes every connection (v5
+    /// clients get DISCONNECT 0x8B; wills are published as for any close the client did not
+    /// ask for), flushes the store, and returns.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let tracker = TaskTracker::new();
         let mut accept_tasks = Vec::new();
@@ -438,7 +444,10 @@ impl Server {
             )));
         }
         shutdown.cancelled().await;
-        self.broker.begin_shutdown();
+        // Connected clients get until then to receive what is queued for them; the final
+        // DISCONNECT and close are bounded separately (the driver's close flush limit).
+        let drain_started = std::time::Instant::now();
+        self.broker.begin_drain(drain_started + grace);
         for task in accept_tasks {
             let _ = task.await;
         }
@@ -450,7 +459,9 @@ impl Server {
             let _ = reloader.await;
         }
         tracker.close();
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        let waited = drain_started.elapsed();
+        let limit = (grace + CLOSE_LIMIT).saturating_sub(waited);
+        if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
             tracing::warn!(
                 remaining = tracker.len(),
                 "connections still open after the shutdown grace period"
