@@ -66,6 +66,26 @@ pub trait Store: Send + Sync + 'static {
     /// Blocks until every change reported so far is on disk, whatever the fsync policy:
     /// called once the broker has stopped.
     fn flush(&self) {}
+    /// What the store has done so far, for metrics; `None` for a store that keeps nothing.
+    fn metrics(&self) -> Option<StoreMetrics> {
+        None
+    }
+}
+
+/// A durable store's figures, read for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct StoreMetrics {
+    /// Bytes the store takes on disk.
+    pub disk_bytes: u64,
+    /// Deliveries queued for persistent sessions, and how many of them were written (the
+    /// rest were acknowledged before their turn came).
+    pub enqueued: u64,
+    pub queue_writes: u64,
+    /// Write rounds (one batch, at most one sync each) and how long each took, write and
+    /// sync together, in seconds: cumulative counts per upper bound, as Prometheus wants.
+    pub rounds: u64,
+    pub round_seconds_sum: f64,
+    pub round_seconds_buckets: Vec<(f64, u64)>,
 }
 
 /// The in-memory mode: state lives only in the engine.

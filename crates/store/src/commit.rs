@@ -39,6 +39,56 @@ pub(crate) struct Counts {
     pub queue_writes: AtomicU64,
     /// Groups written.
     pub rounds: AtomicU64,
+    /// How long each round with something to write took (write and sync).
+    pub latency: Latency,
+}
+
+/// Upper bounds, in seconds, of the round-duration buckets.
+pub(crate) const LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A histogram of round durations in relaxed atomics: the commit thread records, a scrape
+/// reads. Counts are per bucket (not cumulative); the last slot is "above every bound".
+#[derive(Default)]
+pub(crate) struct Latency {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Latency {
+    fn record(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, cumulative counts per bound).
+    pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut running = 0;
+        let buckets = LATENCY_BOUNDS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(bound, n)| {
+                running += n.load(Ordering::Relaxed);
+                (*bound, running)
+            })
+            .collect();
+        (
+            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            self.count.load(Ordering::Relaxed),
+            buckets,
+        )
+    }
 }
 
 pub(crate) struct State {
@@ -133,6 +183,7 @@ pub(crate) fn run(shared: &Shared, keyspace: &Keyspace, parts: &Parts, fsync: Fs
             st.writing = Some(group.clone());
             (group, target, sync_requested, st.stop)
         };
+        let round_started = Instant::now();
         if !group.is_empty() {
             write(shared, keyspace, parts, &group, stop);
             unsynced = true;
@@ -169,6 +220,9 @@ pub(crate) fn run(shared: &Shared, keyspace: &Keyspace, parts: &Parts, fsync: Fs
         if sync {
             unsynced = false;
             last_sync = Instant::now();
+        }
+        if !group.is_empty() || sync {
+            shared.counts.latency.record(round_started.elapsed());
         }
         lock(&shared.state).writing = None;
         shared.durable.fetch_max(target, Ordering::AcqRel);

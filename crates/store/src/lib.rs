@@ -481,6 +481,19 @@ impl Store for DiskStore {
         })
     }
 
+    fn metrics(&self) -> Option<petrel_engine::store::StoreMetrics> {
+        let counts = &self.shared.counts;
+        let (sum, rounds, buckets) = counts.latency.snapshot();
+        Some(petrel_engine::store::StoreMetrics {
+            disk_bytes: self.disk_space(),
+            enqueued: counts.enqueued.load(std::sync::atomic::Ordering::Relaxed),
+            queue_writes: counts.queue_writes.load(std::sync::atomic::Ordering::Relaxed),
+            rounds,
+            round_seconds_sum: sum,
+            round_seconds_buckets: buckets,
+        })
+    }
+
     fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>) {
         let key = client_id.as_bytes().to_vec();
         let record = will.map(|(at, will)| will_record(at, will));
