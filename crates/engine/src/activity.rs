@@ -128,15 +128,31 @@ mod tests {
         assert_eq!(
             snap,
             vec![
-                ("x".into(), Counts { messages: 2, bytes: 15 }),
-                ("y".into(), Counts { messages: 1, bytes: 1 }),
+                (
+                    "x".into(),
+                    Counts {
+                        messages: 2,
+                        bytes: 15
+                    }
+                ),
+                (
+                    "y".into(),
+                    Counts {
+                        messages: 1,
+                        bytes: 1
+                    }
+                ),
             ]
         );
         for i in 0..MAX_TOPICS + 50 {
             a.record(&format!("t/{i}"), 1);
         }
         let snap = a.snapshot();
-        assert_eq!(snap.len(), MAX_TOPICS + 1, "named topics are capped, plus the rest");
+        assert_eq!(
+            snap.len(),
+            MAX_TOPICS + 1,
+            "named topics are capped, plus the rest"
+        );
         let other = snap.iter().find(|(k, _)| &**k == OTHER).unwrap().1;
         assert_eq!(other.messages, 52);
         a.unwatch();

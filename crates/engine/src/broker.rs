@@ -28,11 +28,11 @@ use petrel_codec::{
 };
 
 use crate::acl::{is_sys, Acl};
+use crate::activity::TopicActivity;
 use crate::auth::{AllowAll, Authenticator};
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
-use crate::activity::TopicActivity;
 use crate::session::{
     Admitted, ClientInfo, Delivery, DeliveryExtra, Dropped, Inflight, InflightStage, Owner,
     PendingWill, QueueTotals, Session, SessionState, Subscription, NEVER_EXPIRES,

@@ -82,7 +82,8 @@ pub struct StoreMetrics {
     pub enqueued: u64,
     pub queue_writes: u64,
     /// Write rounds (one batch, at most one sync each) and how long each took, write and
-    /// sync together, in seconds: cumulative counts per upper bound, as Prometheus wants.
+    /// sync together, in seconds: the count in each bucket by its upper bound (not
+    /// cumulative; the last bound is infinity).
     pub rounds: u64,
     pub round_seconds_sum: f64,
     pub round_seconds_buckets: Vec<(f64, u64)>,

@@ -11,15 +11,17 @@
 //! acl_file.rs ── topic authorization rules, read at start
 //! auth_hook.rs ── the HTTP authentication hook
 //! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
+//! admin/ ── the operations HTTP listener: /metrics, /healthz, /readyz, the JSON API, dashboard
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
 
 pub mod acl_file;
+pub mod admin;
 mod auth_hook;
 pub mod config;
 mod driver;
-mod listener;
+pub mod listener;
 pub mod passwords;
 mod proxy;
 pub mod server;

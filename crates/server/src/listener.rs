@@ -54,6 +54,25 @@ pub(crate) struct Listener {
     pub config: ListenerConfig,
     socket: Socket,
     pub tls: Option<Arc<TlsConfig>>,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// One listener's figures, for metrics.
+pub struct ListenerStats {
+    /// `protocol:address`, e.g. `tcp:127.0.0.1:1883`.
+    pub name: String,
+    /// The listener's connection slots: open connections are the ones taken.
+    slots: Arc<Semaphore>,
+    max: usize,
+    /// Connections accepted (before any PROXY header, TLS or WebSocket step).
+    pub accepted: std::sync::atomic::AtomicU64,
+}
+
+impl ListenerStats {
+    /// Connections open now (accepted and not yet closed, whether or not CONNECT completed).
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
 }
 
 /// Parses a chmod-style octal mode.
@@ -96,11 +115,22 @@ impl Listener {
                 Socket::Tcp(socket.listen(config.backlog)?)
             }
         };
-        Ok(Listener {
+        let mut listener = Listener {
             config: config.clone(),
             socket,
             tls,
-        })
+            stats: Arc::new(ListenerStats {
+                name: String::new(),
+                slots: Arc::new(Semaphore::new(config.max_connections)),
+                max: config.max_connections,
+                accepted: Default::default(),
+            }),
+        };
+        let name = format!("{}:{}", config.protocol, listener.describe());
+        if let Some(stats) = Arc::get_mut(&mut listener.stats) {
+            stats.name = name;
+        }
+        Ok(listener)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -132,7 +162,7 @@ impl Listener {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        let slots = self.stats.slots.clone();
         let ctx = Arc::new(Ctx {
             limiter: std::sync::Mutex::new(RateLimiter::new(
                 self.config.max_connection_rate_per_ip,
@@ -170,6 +200,7 @@ impl Listener {
                             continue;
                         }
                     };
+                    Stats::add(&self.stats.accepted, 1);
                     let Some(mut permit) = server_slot(own, &total, &shutdown).await else {
                         break;
                     };
@@ -209,6 +240,7 @@ impl Listener {
                             continue;
                         }
                     };
+                    Stats::add(&self.stats.accepted, 1);
                     let Some(permit) = server_slot(own, &total, &shutdown).await else {
                         break;
                     };

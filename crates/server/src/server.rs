@@ -46,6 +46,8 @@ pub enum ServerError {
     Passwords(#[from] crate::passwords::PasswordFileError),
     #[error("auth.acl_file: {0}")]
     Acl(#[from] crate::acl_file::AclFileError),
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
     #[error("listeners[{index}].{key}: {message}")]
     Listener {
         index: usize,
@@ -180,17 +182,66 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     )))
 }
 
-/// Reloads authentication, authorization and limits on SIGHUP: the config file's `[auth]`
-/// users, its password file, its ACL file and its `[mqtt]` limits. Connected clients stay connected (their ACL follows the
-/// new rules from their next packet). A configuration with an error is refused whole: the
-/// log says why and the one in service stays. Changes elsewhere in the file are reported as
-/// waiting for a restart.
-async fn reload_config(
+/// Reloads authentication, authorization and limits from the configuration file: the
+/// `[auth]` users, its password file, its ACL file and its `[mqtt]` limits. Connected clients
+/// stay connected (their ACL follows the new rules from their next packet). A configuration
+/// with an error is refused whole: the one in service stays. Changes elsewhere in the file
+/// are reported as waiting for a restart. SIGHUP and the admin API both use it.
+pub struct Reloader {
     broker: Arc<Broker>,
     path: PathBuf,
-    mut running: Config,
-    shutdown: CancellationToken,
-) {
+    /// The configuration in service, to tell what a reload changed.
+    running: std::sync::Mutex<Config>,
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The file also changed settings that only a restart applies (listeners, storage...).
+    pub restart_needed: bool,
+}
+
+impl Reloader {
+    pub fn new(broker: Arc<Broker>, path: PathBuf, running: Config) -> Reloader {
+        Reloader {
+            broker,
+            path,
+            running: std::sync::Mutex::new(running),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reloads now; `why` names the trigger in the log ("SIGHUP", "admin API").
+    pub fn reload(&self, why: &str) -> Result<Reloaded, String> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match reload_auth(&self.broker, &self.path) {
+            Ok(config) => {
+                let mut rest = config.clone();
+                rest.auth = running.auth.clone();
+                rest.mqtt = running.mqtt.clone();
+                let restart_needed = rest != *running;
+                if restart_needed {
+                    tracing::warn!(config = %self.path.display(), why, "configuration reloaded: users, password file, ACL and [mqtt] limits; other changes (listeners, [storage], [admin]) take effect at the next start");
+                } else {
+                    tracing::info!(config = %self.path.display(), why, "configuration reloaded: users, password file, ACL and [mqtt] limits");
+                }
+                running.auth = config.auth;
+                running.mqtt = config.mqtt;
+                Ok(Reloaded { restart_needed })
+            }
+            Err(e) => {
+                tracing::error!(config = %self.path.display(), why, error = %e, "configuration not reloaded; the one in service stays");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reloads the configuration on each SIGHUP until shutdown.
+async fn reload_on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; configuration reload is off");
@@ -201,23 +252,9 @@ async fn reload_config(
             _ = shutdown.cancelled() => return,
             _ = hangup.recv() => {}
         }
-        match reload_auth(&broker, &path) {
-            Ok(config) => {
-                let mut rest = config.clone();
-                rest.auth = running.auth.clone();
-                rest.mqtt = running.mqtt.clone();
-                if rest != running {
-                    tracing::warn!(config = %path.display(), "configuration reloaded: users, password file, ACL and [mqtt] limits; other changes (listeners, [storage]) take effect at the next start");
-                } else {
-                    tracing::info!(config = %path.display(), "configuration reloaded: users, password file, ACL and [mqtt] limits");
-                }
-                running.auth = config.auth;
-                running.mqtt = config.mqtt;
-            }
-            Err(e) => {
-                tracing::error!(config = %path.display(), error = %e, "configuration not reloaded; the one in service stays");
-            }
-        }
+        let reloader = reloader.clone();
+        // Reading password and ACL files is blocking work.
+        let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
     }
 }
 
@@ -294,6 +331,8 @@ pub struct Server {
     config_path: Option<PathBuf>,
     /// The configuration in service, to tell a reload what changed.
     config: Config,
+    /// The operations listener, if it runs.
+    admin: Option<crate::admin::AdminServer>,
 }
 
 impl Server {
@@ -381,12 +420,31 @@ impl Server {
                  login. Set allow_anonymous = false with [[auth.users]], or bind to 127.0.0.1"
             );
         }
+        let admin = {
+            let (admin_config, explicit) = crate::admin::effective(config.admin.as_ref());
+            if admin_config.enabled {
+                let stats = listeners.iter().map(|l| l.stats.clone()).collect();
+                match crate::admin::AdminServer::bind(&admin_config, broker.clone(), stats).await {
+                    Ok(a) => Some(a),
+                    // The default listener is a convenience: a second broker on the same
+                    // machine runs without it rather than not at all.
+                    Err(crate::admin::AdminError::Bind { addr, source }) if !explicit => {
+                        tracing::warn!(%addr, error = %source, "admin listener not started (the default address is taken); configure [admin] bind to have one");
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                None
+            }
+        };
         Ok(Server {
             broker,
             listeners,
             max_connections: config.max_connections,
             config_path: None,
             config: config.clone(),
+            admin,
         })
     }
 
@@ -399,6 +457,11 @@ impl Server {
     pub fn reload_from(mut self, path: PathBuf) -> Server {
         self.config_path = Some(path);
         self
+    }
+
+    /// The operations listener's address, if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
     /// The bound addresses, in configuration order (resolves port 0).
@@ -425,14 +488,21 @@ impl Server {
             .filter_map(|l| l.tls.clone())
             .collect();
         let reloader = (!tls.is_empty()).then(|| tokio::spawn(reload_tls(tls, shutdown.clone())));
-        let config_reloader = self.config_path.clone().map(|path| {
-            tokio::spawn(reload_config(
+        let config_reload = self.config_path.clone().map(|path| {
+            Arc::new(Reloader::new(
                 self.broker.clone(),
                 path,
                 self.config.clone(),
-                shutdown.clone(),
             ))
         });
+        let config_reloader = config_reload
+            .clone()
+            .map(|r| tokio::spawn(reload_on_sighup(r, shutdown.clone())));
+        // The admin listener outlives the drain (readyz says "draining"), and stops with it.
+        let admin_stop = CancellationToken::new();
+        let admin = self
+            .admin
+            .map(|a| tokio::spawn(a.run(config_reload.clone(), admin_stop.clone())));
         let total = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         for listener in self.listeners {
             tracing::info!(addr = %listener.describe(), protocol = %listener.config.protocol, "listening");
@@ -466,6 +536,17 @@ impl Server {
                 remaining = tracker.len(),
                 "connections still open after the shutdown grace period"
             );
+        }
+        admin_stop.cancel();
+        if let Some(admin) = admin {
+            // Open HTTP keep-alive connections (a dashboard) get a moment, not a veto.
+            let abort = admin.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), admin)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         // What the connections changed last (sessions gone offline, acknowledgements) is
         // on disk before the process exits.

@@ -72,16 +72,14 @@ impl Latency {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative counts per bound).
+    /// (sum in seconds, count, counts per bucket: one per bound, then the rest).
     pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut running = 0;
         let buckets = LATENCY_BOUNDS
             .iter()
+            .copied()
+            .chain([f64::INFINITY])
             .zip(&self.buckets)
-            .map(|(bound, n)| {
-                running += n.load(Ordering::Relaxed);
-                (*bound, running)
-            })
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
             .collect();
         (
             self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,

@@ -487,7 +487,9 @@ impl Store for DiskStore {
         Some(petrel_engine::store::StoreMetrics {
             disk_bytes: self.disk_space(),
             enqueued: counts.enqueued.load(std::sync::atomic::Ordering::Relaxed),
-            queue_writes: counts.queue_writes.load(std::sync::atomic::Ordering::Relaxed),
+            queue_writes: counts
+                .queue_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
             rounds,
             round_seconds_sum: sum,
             round_seconds_buckets: buckets,
