@@ -964,7 +964,10 @@ pub fn default_config_toml() -> String {
     let mut out = String::from(
         "# petrel configuration.\n\
          # Every key is optional: the values below are the built-in defaults.\n\
-         # Durations are written like \"500ms\", \"10s\" or \"1m\".\n\
+         # Durations are written like \"500ms\", \"10s\" or \"1m\"; sizes are bytes.\n\
+         # SIGHUP reloads [auth] (with its password and ACL files) and [mqtt];\n\
+         # everything else takes effect at the next start. `petrel --check-config\n\
+         # FILE` checks a file; docs/configuration.md describes every key.\n\
          \n\
          # Open connections across all listeners.\n\
          max_connections = {max_connections}\n\
@@ -975,7 +978,8 @@ pub fn default_config_toml() -> String {
          shutdown_grace = \"{shutdown_grace}\"\n\
          \n\
          # One [[listeners]] table per socket that accepts clients. Without any,\n\
-         # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n",
+         # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n\
+         # Certificate files reload on SIGHUP and when they change.\n",
     )
     .replace("{max_connections}", &defaults.max_connections.to_string())
     .replace(
@@ -1041,7 +1045,9 @@ pub fn default_config_toml() -> String {
         ));
     }
     out.push_str(&format!(
-        "[mqtt]\n\
+        "# Protocol limits. SIGHUP reloads them: new connections and messages\n\
+         # follow the new values.\n\
+         [mqtt]\n\
          # Largest inbound packet in bytes, header included ({MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}).\n\
          max_packet_size = {max_packet_size}\n\
          # Unacknowledged outbound QoS 1/2 messages per client (1 to 65535).\n\
@@ -1137,10 +1143,13 @@ pub fn default_config_toml() -> String {
             QueueOverflow::DropOldest => "drop_oldest",
         },
     ));
+    let http = HttpAuthConfig::default();
     out.push_str(&format!(
-        "\n[auth]\n\
-         # Let clients that send no user name connect. Set to false, with users\n\
-         # below, to require a login.\n\
+        "\n# Who may connect. SIGHUP reloads this table (with the password and ACL\n\
+         # files it names) without dropping connections.\n\
+         [auth]\n\
+         # Let clients that send no user name connect. Set to false, with users,\n\
+         # a password file, [auth.http] or client certificates, to require a login.\n\
          allow_anonymous = {allow_anonymous}\n\
          # Failed logins one client address may make in a minute before its\n\
          # logins are refused without checking a password.\n\
@@ -1148,29 +1157,36 @@ pub fn default_config_toml() -> String {
          # A file of user:hash lines (argon2id written by `petrel passwd FILE USER`;\n\
          # pbkdf2-sha512 and bcrypt hashes from other brokers are accepted too).\n\
          # password_file = \"passwords\"\n\
-         # An HTTP service for user names petrel does not know: CONNECT's\n\
-         # credentials are POSTed as JSON; 2xx admits, 401/403 refuse, and\n\
-         # anything else (or no answer within timeout) refuses.\n\
-         # [auth.http]\n\
-         # url = \"http://127.0.0.1:8080/mqtt/auth\"\n\
-         # timeout = \"2s\"\n\
-         # cache_ttl = \"60s\"\n\
-         # cache_size = 10000\n\
-         # Known users: a client that sends a user name must match one, by\n\
-         # CONNECT password or by the MQTT 5 SCRAM-SHA-256 exchange. Each has a\n\
-         # password (kept only as salted keys) or scram_sha256 keys made\n\
-         # elsewhere (\"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\").\n\
-         # [[auth.users]]\n\
-         # name = \"alice\"\n\
-         # password = \"change me\"\n\
          # Topic authorization: a TOML file of [[rules]], each naming one of\n\
          # user, client_id, certificate, anonymous = true or everyone = true,\n\
          # with access = \"publish\" | \"subscribe\" | \"both\" and topics = [filters]\n\
          # (%u: user name, %c: client id). What no rule allows is denied. Unset:\n\
          # everything is allowed but publishing to $SYS.\n\
-         # acl_file = \"acl.toml\"\n",
+         # acl_file = \"acl.toml\"\n\
+         # An HTTP service for user names petrel does not know: CONNECT's\n\
+         # credentials are POSTed as JSON; 2xx admits, 401/403 refuse, and\n\
+         # anything else (or no answer within timeout) refuses. Answers are\n\
+         # remembered for cache_ttl (\"0s\": not at all), cache_size at most.\n\
+         # [auth.http]\n\
+         # url = \"http://127.0.0.1:8080/mqtt/auth\"\n\
+         # timeout = \"{http_timeout}\"\n\
+         # cache_ttl = \"{http_cache_ttl}\"\n\
+         # cache_size = {http_cache_size}\n\
+         # Known users, one [[auth.users]] table each: a client that sends a user\n\
+         # name must match one, by CONNECT password or by the MQTT 5\n\
+         # SCRAM-SHA-256 exchange. Each has a password (kept only as salted keys)\n\
+         # or, so that this file holds no password, scram_sha256 keys made\n\
+         # elsewhere (\"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\").\n\
+         # [[auth.users]]\n\
+         # name = \"alice\"\n\
+         # password = \"change me\"\n\
+         # Or, instead of password:\n\
+         # scram_sha256 = \"SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>\"\n",
         allow_anonymous = defaults.auth.allow_anonymous,
         max_failed_logins = defaults.auth.max_failed_logins,
+        http_timeout = humantime::format_duration(http.timeout),
+        http_cache_ttl = humantime::format_duration(http.cache_ttl),
+        http_cache_size = http.cache_size,
     ));
     out.push_str(&format!(
         "\n[storage]\n\
