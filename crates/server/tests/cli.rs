@@ -663,6 +663,21 @@ fn printed_default_config_passes_check_config() {
     assert_eq!(checked.stdout, "configuration OK\n");
 }
 
+#[test]
+fn dist_example_config_passes_check_config() {
+    // dist/petrel.toml is what the systemd unit and the container image start with.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/petrel.toml");
+    let out = Petrel::run([OsString::from("--check-config"), path.clone().into()]);
+    assert!(
+        out.status.success(),
+        "{} fails --check-config: {}\n{}",
+        path.display(),
+        out.status,
+        out.stderr
+    );
+    assert_eq!(out.stdout, "configuration OK\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Start-up failures
 // ---------------------------------------------------------------------------------------------
