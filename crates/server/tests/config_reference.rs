@@ -358,11 +358,16 @@ fn accepted_values(path: &str) -> Vec<String> {
 /// The type column: what to write, with its range for integers.
 fn describe_type(key: &Key, ranges: &BTreeMap<String, (u64, Option<u64>)>) -> String {
     let (inner, array) = unwrap_type(&key.field.ty);
-    assert!(
-        !array,
-        "{}: arrays of values are not described yet",
-        key.path
-    );
+    if array {
+        return match inner {
+            "String" => "array of strings".to_owned(),
+            "PathBuf" => "array of paths".to_owned(),
+            _ => panic!(
+                "{}: describe arrays of {inner} in config_reference.rs's describe_type",
+                key.path
+            ),
+        };
+    }
     let integer_max = match inner {
         "u8" => Some(u64::from(u8::MAX)),
         "u16" => Some(u64::from(u16::MAX)),
@@ -544,7 +549,9 @@ fn toml_keys(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml:
         };
         match value {
             toml::Value::Table(inner) => toml_keys(&path, inner, out),
-            toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+            toml::Value::Array(items)
+                if !items.is_empty() && items.iter().all(toml::Value::is_table) =>
+            {
                 for item in items {
                     if let toml::Value::Table(inner) = item {
                         toml_keys(&format!("{path}[]"), inner, out);
