@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -34,49 +34,81 @@ const BUILT_IN_ORIGIN: &str = "<config>";
 
 /// The whole broker configuration. `Config::default()` is what petrel runs
 /// with when no file is given, and what every absent key falls back to.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+///
+/// The doc comments on these structs are written for operators: they are the
+/// descriptions in docs/configuration.md, which
+/// `crates/server/tests/config_reference.rs` generates from them (meaning,
+/// unit, what 0 or "" does; ranges and defaults it takes from the code).
+/// `Serialize` exists for that reference and writes the same spelling
+/// `Deserialize` reads (durations as "10s", addresses as "IP:port").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table of petrel settings")]
 pub struct Config {
-    /// Sockets that accept clients. When the key is absent: one TCP listener
-    /// on loopback, so a broker started without a config is not exposed to
-    /// the network. An explicit empty array is an error: a broker that
-    /// listens nowhere is a typo, not a wish.
+    /// Sockets that accept clients, one `[[listeners]]` table each. Without
+    /// any, petrel listens on 127.0.0.1:1883 (TCP), so a broker started
+    /// without a configuration is not exposed to the network. An explicit
+    /// `listeners = []` is an error: a broker that listens nowhere is a typo.
     pub listeners: Vec<ListenerConfig>,
-    /// Open connections across all listeners; past it, new clients wait in
-    /// the kernel's backlog as with a listener's own `max_connections`.
+    /// Open client connections across all listeners together. Past it, new
+    /// clients wait in the kernel's accept backlog until a connection closes,
+    /// as with a listener's own `max_connections`.
     pub max_connections: usize,
+    /// Protocol limits, each a bound on what one client (or all together)
+    /// may make the broker hold. SIGHUP puts a changed `[mqtt]` table in
+    /// service: new connections and new messages follow it.
     pub mqtt: MqttConfig,
+    /// Who may connect and what they may do. SIGHUP reloads the whole table,
+    /// the password file and the ACL file without dropping connections
+    /// (connected clients follow the new ACL from their next packet); a file
+    /// with an error is refused whole and the running configuration stays.
     pub auth: AuthConfig,
+    /// What survives a restart, and how.
     pub storage: StorageConfig,
-    /// The operations listener (metrics, admin API, dashboard). Absent: one
-    /// on 127.0.0.1:9183 if that port is free (a warning otherwise); present:
-    /// as configured, and a bind failure stops the start.
+    /// The operations listener (metrics, admin API, dashboard). Without an
+    /// `[admin]` table it runs on 127.0.0.1:9183 when that port is free (a
+    /// warning otherwise); with one, as configured, and a failure to bind
+    /// stops the start.
     pub admin: Option<AdminConfig>,
-    /// How often the `$SYS/broker/...` topics are published; "0s" = never.
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// How often the `$SYS/broker/...` statistics topics are published.
+    /// "0s" publishes none.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub sys_interval: Duration,
-    /// On SIGTERM/SIGINT: how long connected clients get to receive what is
-    /// queued for them before they are sent DISCONNECT and closed. The store
-    /// is flushed after. `--shutdown-grace` overrides it.
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// On SIGTERM or SIGINT: how long connected clients get to receive what
+    /// is queued for them before they are sent DISCONNECT (MQTT 5: 0x8B,
+    /// server shutting down) and closed; the store is flushed after. The
+    /// command line's `--shutdown-grace` overrides it. A service manager's
+    /// stop timeout must be longer (the systemd unit in dist/ allows 30s).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub shutdown_grace: Duration,
 }
 
 /// The `[admin]` table: the HTTP listener for operators.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [admin] table")]
 pub struct AdminConfig {
-    /// Whether the listener runs at all.
+    /// Whether the operations listener runs at all.
     pub enabled: bool,
-    /// Address of the HTTP listener: `/metrics` (Prometheus), `/healthz`,
+    /// `IP:port` of the HTTP listener: `/metrics` (Prometheus), `/healthz`,
     /// `/readyz`, the JSON API under `/api/v1` and the dashboard at `/`.
+    /// Loopback by default; in a container, bind "0.0.0.0:9183" and set a
+    /// token.
+    #[serde(serialize_with = "serialize_display")]
     pub bind: SocketAddr,
-    /// Bearer token the JSON API requires (`Authorization: Bearer ...`).
-    /// Empty, with no `token_file`: a random one is made at start and logged.
+    /// Bearer token the JSON API and the dashboard require
+    /// (`Authorization: Bearer ...`); no white space. Empty, with no
+    /// `token_file`: a random token is made at each start and logged.
     pub token: String,
-    /// A file whose first line is the token (keeps it out of the config).
+    /// A file whose first line is the token, to keep it out of the
+    /// configuration file. Give `token` or `token_file`, not both.
     pub token_file: Option<PathBuf>,
-    /// Whether `/metrics` also requires the token.
+    /// Whether `/metrics` requires the token too (Prometheus then needs it
+    /// as its bearer token).
     pub metrics_require_token: bool,
 }
 
@@ -93,26 +125,35 @@ impl Default for AdminConfig {
 }
 
 /// The `[storage]` table: what survives a restart, and how.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [storage] table")]
 pub struct StorageConfig {
-    /// "disk": persistent sessions, their subscriptions and retained messages
-    /// are kept in `dir` and restored at start. "memory": a restart starts empty.
+    /// "disk": persistent sessions (with their subscriptions, queued and
+    /// in-flight QoS 1/2 messages) and retained messages are kept in `dir`
+    /// and restored at start. "memory": nothing is kept; a restart starts
+    /// empty.
     pub mode: StorageMode,
-    /// Where the disk store lives; created if missing.
+    /// Directory of the disk store; created if missing. Relative paths are
+    /// relative to the working directory. A store that cannot be opened or
+    /// read stops the start; nothing in it is discarded.
     pub dir: PathBuf,
-    /// When writes reach the disk: "always" (after every change: nothing is
-    /// lost even if the machine fails, at the cost of a sync per change),
-    /// "every_ms" (at most `fsync_interval` later: a machine failure loses
-    /// that much), "never" (left to the OS: survives a crash of petrel, not
-    /// of the machine).
+    /// When writes reach the disk: "always" (synced after every group
+    /// commit: nothing acknowledged is lost even if the machine fails),
+    /// "every_ms" (synced at most `fsync_interval` later: a machine failure
+    /// loses that much) or "never" (left to the OS: survives a crash of
+    /// petrel, not of the machine). QoS 1/2 messages are acknowledged once
+    /// written, whatever the policy.
     pub fsync: FsyncPolicy,
     /// With `fsync = "every_ms"`: the longest a change waits for its sync.
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// Must be greater than zero.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub fsync_interval: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageMode {
     #[default]
@@ -120,7 +161,7 @@ pub enum StorageMode {
     Memory,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FsyncPolicy {
     Always,
@@ -141,40 +182,70 @@ impl Default for StorageConfig {
 }
 
 /// The `[auth]` table: who may connect.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [auth] table")]
 pub struct AuthConfig {
-    /// Whether a client that sends no user name may connect.
+    /// Whether a client that sends no user name may connect. With false,
+    /// configure `[[auth.users]]`, `password_file`, `[auth.http]` or client
+    /// certificates (`require_client_cert`), or no client could connect (an
+    /// error). A network listener open to anonymous clients is warned about
+    /// at start.
     pub allow_anonymous: bool,
-    /// Known users. A client that sends a user name must match one of them
-    /// (CONNECT password, or the MQTT 5 SCRAM-SHA-256 exchange).
+    /// Users known from this file, one `[[auth.users]]` table each. A client
+    /// that sends a user name must match one of them (or the password file,
+    /// or the HTTP hook): by CONNECT password or by the MQTT 5
+    /// SCRAM-SHA-256 exchange.
     pub users: Vec<UserConfig>,
-    /// Topic authorization rules (see `acl_file.rs` for the format). Unset:
-    /// every client may publish and subscribe to every topic but `$SYS`.
+    /// A TOML file of topic rules (`[[rules]]`, each naming `user`,
+    /// `client_id`, `certificate`, `anonymous = true` or `everyone = true`,
+    /// with `access` = "publish", "subscribe" or "both" and `topics`, filters
+    /// where `%u` is the user name and `%c` the client id). What no rule
+    /// allows is denied. Unset: every client may publish and subscribe to
+    /// every topic, except publishing under `$SYS`.
     pub acl_file: Option<PathBuf>,
-    /// A password file of `user:hash` lines (PHC strings: argon2, pbkdf2;
-    /// or bcrypt), kept with `petrel passwd`.
+    /// A file of `user:hash` lines, kept with `petrel passwd FILE USER`:
+    /// PHC strings, argon2id as petrel writes them, or pbkdf2-sha512 and
+    /// bcrypt hashes moved from other brokers.
     pub password_file: Option<PathBuf>,
-    /// Failed logins one client address may make in a minute; past it, its
-    /// logins are refused (not authorized) without checking a password.
+    /// Failed logins one client address may make in a minute; past it, that
+    /// address's logins are refused (not authorized) without checking a
+    /// password.
     pub max_failed_logins: u32,
-    /// An HTTP service that decides on user names petrel does not know.
+    /// An HTTP service that decides on user names petrel does not know
+    /// (neither in `[[auth.users]]` nor in the password file). A JSON object
+    /// with CONNECT's `client_id`, `username` and `password`, the client's
+    /// address (`peer`) and its `certificate_identity` (or null) is POSTed to
+    /// `url`; 2xx admits, 401/403 refuse, and any other answer, an error or
+    /// no answer within `timeout` refuses too (and is logged).
     pub http: Option<HttpAuthConfig>,
 }
 
-/// `[auth.http]`: the authentication hook (see `auth_hook.rs` for the exchange).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// `[auth.http]`: the authentication hook. CONNECT's credentials are POSTed
+/// as JSON; 2xx admits, 401/403 refuse, and any other answer, an error or
+/// no answer in time refuses too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [auth.http] table")]
 pub struct HttpAuthConfig {
-    /// Where CONNECT credentials are POSTed as JSON (http:// or https://).
+    /// Where credentials are POSTed: an http:// or https:// URL. Required
+    /// when the table is present (the empty default is refused).
     pub url: String,
-    /// How long an answer may take; past it the login is refused.
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// How long an answer may take; past it the login is refused. Greater
+    /// than zero; the client's connect deadline bounds it too.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub timeout: Duration,
-    /// How long an answer is remembered ("0s": not at all).
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// How long an answer is remembered, keyed by a digest of the
+    /// credentials; "0s" asks the service every time.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub cache_ttl: Duration,
-    /// Answers remembered at most.
+    /// Answers remembered at most. When it is full, expired answers are
+    /// dropped, and if none has expired the cache starts over. 0 remembers
+    /// none.
     pub cache_size: usize,
 }
 
@@ -190,14 +261,19 @@ impl Default for HttpAuthConfig {
 }
 
 /// One `[[auth.users]]` entry: a name and exactly one of `password` (kept only
-/// as SCRAM keys derived at start) or `scram_sha256` (keys derived elsewhere:
-/// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// as SCRAM keys derived at start) or `scram_sha256` (keys derived elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, expecting = "a [[auth.users]] table")]
 pub struct UserConfig {
+    /// The user name clients log in with; not empty, unique.
     pub name: String,
+    /// The password, in clear text in this file; petrel keeps only salted
+    /// SCRAM keys derived from it at start. Give this or `scram_sha256`.
     #[serde(default)]
     pub password: Option<String>,
+    /// SCRAM-SHA-256 keys derived elsewhere, so the file holds no password:
+    /// "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>", base64.
+    /// Give this or `password`.
     #[serde(default)]
     pub scram_sha256: Option<String>,
 }
@@ -216,66 +292,93 @@ impl Default for AuthConfig {
 }
 
 /// One `[[listeners]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "a [[listeners]] table")]
 pub struct ListenerConfig {
+    /// The transport: "tcp", "tls" (TLS 1.2/1.3, ALPN "mqtt"), "ws"
+    /// (WebSocket), "wss" (WebSocket over TLS) or "unix" (Unix domain
+    /// socket). Every listener serves MQTT 3.1, 3.1.1 and 5.0.
     pub protocol: ListenerProtocol,
-    /// `IP:port`. Host names are not resolved: binding is a local decision
-    /// and a name that resolves to several addresses would make it ambiguous.
-    #[serde(deserialize_with = "deserialize_socket_addr")]
+    /// `IP:port` to listen on: "0.0.0.0:1883" or "[::]:1883" for every
+    /// interface. Host names are not resolved. Port 0 picks a free port.
+    /// Ignored by unix listeners.
+    #[serde(
+        deserialize_with = "deserialize_socket_addr",
+        serialize_with = "serialize_display"
+    )]
     pub bind: SocketAddr,
-    /// From accept until a complete CONNECT has been read. Bounds how long a
-    /// silent or slow peer can hold a connection slot before it is known who
-    /// it is.
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// From accept until a complete CONNECT has been read (PROXY header, TLS
+    /// handshake and WebSocket upgrade included); past it the connection is
+    /// closed. Bounds how long a silent or slow peer holds a connection slot
+    /// before it is known who it is. Greater than zero. After CONNECT only
+    /// the keep alive (1.5 × the client's) applies.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub connect_timeout: Duration,
     /// Open connections on this listener. Past it, new clients wait in the
     /// kernel's accept backlog until a slot frees, so file descriptors and
     /// per-connection memory stay bounded.
     pub max_connections: usize,
-    /// Length of the kernel's queue of connections not yet accepted. A burst of
-    /// reconnects larger than this makes clients wait for a SYN retry (1 s).
+    /// Length of the kernel's queue of connections not yet accepted. A burst
+    /// of reconnects larger than this makes clients wait for a SYN retry
+    /// (about 1 s); the kernel may cap it (net.core.somaxconn).
     pub backlog: u32,
-    /// Optional, ≤ `connect_timeout`: from accept until the transport is ready
-    /// (PROXY header, TLS handshake, WebSocket upgrade). `connect_timeout`
-    /// still bounds everything up to a complete CONNECT.
-    #[serde(deserialize_with = "deserialize_optional_duration")]
+    /// Optional, greater than zero and at most `connect_timeout`: from accept
+    /// until the transport is ready (PROXY header, TLS handshake, WebSocket
+    /// upgrade). Unset: only `connect_timeout` applies.
+    #[serde(
+        deserialize_with = "deserialize_optional_duration",
+        serialize_with = "serialize_optional_duration"
+    )]
     pub handshake_timeout: Option<Duration>,
-    /// `ws`/`wss`: the HTTP path of the WebSocket upgrade.
+    /// ws and wss: the HTTP path of the WebSocket upgrade; starts with "/".
     pub path: String,
-    /// `tls`/`wss`: PEM certificate chain, leaf first.
+    /// tls and wss (required there): PEM certificate chain, leaf first. The
+    /// file is read again on SIGHUP and when it changes; a broken new one is
+    /// logged and the old one stays in service.
     pub cert: Option<PathBuf>,
-    /// `tls`/`wss`: PEM private key (PKCS#8, PKCS#1 or SEC1: RSA, ECDSA, Ed25519).
+    /// tls and wss (required there): PEM private key of `cert` (PKCS#8,
+    /// PKCS#1 or SEC1; RSA, ECDSA or Ed25519). Reloaded with `cert`.
     pub key: Option<PathBuf>,
-    /// `tls`/`wss`: PEM CA certificates that client certificates are checked
-    /// against (mutual TLS). Without it no client certificate is asked for.
+    /// tls and wss: PEM CA certificates that client certificates are checked
+    /// against (mutual TLS). Unset: no client certificate is asked for. A
+    /// verified certificate is a login, its identity (`cert_identity`) the
+    /// user name in topic rules.
     pub client_ca: Option<PathBuf>,
     /// With `client_ca`: refuse clients that present no certificate.
     pub require_client_cert: bool,
-    /// What of a verified client certificate names the client: "cn" (subject
-    /// common name), "san" (first DNS or e-mail subject alternative name) or
-    /// "none".
+    /// What names a client with a verified certificate: "cn" (subject common
+    /// name), "san" (first DNS or e-mail subject alternative name) or
+    /// "none" (the certificate is checked but names no one).
     pub cert_identity: CertIdentity,
-    /// PROXY protocol (v1 and v2) in front of the connection: "off",
-    /// "optional" (used when present) or "required" (refused without it).
+    /// PROXY protocol (v1 and v2) header in front of the connection, as load
+    /// balancers send it: "off", "optional" (used when present) or
+    /// "required" (connections without one are refused). Only enable it
+    /// behind a proxy you trust: the header sets the client address.
     pub proxy_protocol: ProxyProtocol,
-    /// `ws`/`wss`: take the client address from `X-Forwarded-For` (only behind
-    /// a reverse proxy you trust).
+    /// ws and wss: take the client address from `X-Forwarded-For` (only
+    /// behind a reverse proxy you trust).
     pub trust_x_forwarded_for: bool,
-    /// `unix`: the socket's path.
+    /// unix (required there): the socket's path. A socket file left by an
+    /// earlier run is replaced (never another kind of file); the file is
+    /// removed at stop.
     pub socket: Option<PathBuf>,
-    /// `unix`: the socket file's permissions, octal as in chmod ("0660").
+    /// unix: the socket file's permissions, octal as for chmod ("0660").
+    /// Unset: as the process umask leaves them.
     pub socket_mode: Option<String>,
-    /// New connections accepted per second from one source address (a short
-    /// burst of as many is allowed); 0 = no limit.
+    /// New connections accepted per second from one client address (a short
+    /// burst of as many is allowed); past it they are closed at once. 0 = no
+    /// limit.
     pub max_connection_rate_per_ip: u32,
-    /// Connections one client address may hold open on this listener at once;
-    /// 0 = no limit.
+    /// Connections one client address may hold open on this listener at
+    /// once; past it new ones are closed at once. 0 = no limit.
     pub max_connections_per_ip: u32,
 }
 
 /// What part of a verified client certificate names the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CertIdentity {
     #[default]
@@ -305,7 +408,7 @@ impl ProxyProtocol {
 }
 
 /// Whether a listener expects a PROXY protocol header before anything else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -317,7 +420,7 @@ pub enum ProxyProtocol {
 /// How a listener speaks to its clients. An enum rather than a string so that
 /// adding `tls`, `ws`, `wss` and `unix` later makes every `match` say where
 /// they need handling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
     /// MQTT over plain TCP.
@@ -335,90 +438,117 @@ pub enum ListenerProtocol {
 
 /// The `[mqtt]` table: protocol limits, every one a bound on memory that a
 /// client could otherwise grow without limit.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "an [mqtt] table")]
 pub struct MqttConfig {
-    /// Largest inbound packet in bytes, fixed header included. A larger one is
-    /// a protocol error and closes the connection before its body is
-    /// buffered.
+    /// Largest inbound packet in bytes, fixed header included. A larger one
+    /// is refused from its header alone (MQTT 5: DISCONNECT 0x95) before its
+    /// body is read. MQTT 5 clients are told it in CONNACK.
     pub max_packet_size: u32,
-    /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged.
-    /// Past it, further messages wait in the session queue.
+    /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged
+    /// (also capped by an MQTT 5 client's own Receive Maximum). Further
+    /// messages wait in the session queue.
     pub max_inflight: u16,
     /// QoS 1/2 messages one session may hold waiting, while its client is
-    /// offline or its in-flight window is full.
+    /// offline or its in-flight window is full. Past it, messages for an
+    /// offline or stalled session are dropped as `queue_overflow` says and
+    /// counted; a connected subscriber holds its publishers back instead
+    /// (see `flow_control_timeout`).
     pub max_queued_messages: usize,
-    /// Payload bytes one session may hold waiting; the byte bound matters as
-    /// much as the count because payloads range up to `max_packet_size`.
+    /// Payload bytes one session may hold waiting, same policy. The byte
+    /// bound matters as much as the count because payloads range up to
+    /// `max_packet_size`.
     pub max_queued_bytes: usize,
     /// QoS 1/2 messages all sessions together may hold waiting. Past it,
     /// messages for offline and stalled sessions are dropped (as
     /// `queue_overflow` says) and counted; connected subscribers keep their
     /// own bounds and flow control.
     pub max_queued_messages_total: usize,
-    /// Payload bytes all sessions together may hold waiting, same policy.
+    /// Payload bytes all sessions together may hold waiting, same policy
+    /// (default 4 GiB).
     pub max_queued_bytes_total: usize,
-    /// Longest topic name or filter accepted, in bytes.
+    /// Longest topic name or filter accepted, in bytes (MQTT 5: 0x90 for a
+    /// topic name, 0x8F for a filter).
     pub max_topic_length: usize,
-    /// Most levels in a topic name or filter.
+    /// Most levels (`/`-separated parts) in a topic name or filter.
     pub max_topic_levels: usize,
-    /// Subscriptions one client may hold.
+    /// Subscriptions one client may hold; a SUBSCRIBE past it is refused
+    /// (0x97 in MQTT 5, 0x80 in 3.1.1).
     pub max_subscriptions_per_client: usize,
-    /// PUBLISH packets one client may send per second; 0 = no limit. Past
-    /// it QoS 0 is dropped and QoS 1/2 slowed (the client is not read).
+    /// PUBLISH packets one client may send per second (a token bucket);
+    /// 0 = no limit. Past it QoS 0 messages are dropped and QoS 1/2 slowed
+    /// (the client is not read from until it is back under the rate).
     pub max_inbound_messages_per_second: u32,
-    /// Payload bytes one client may publish per second; 0 = no limit.
+    /// Payload bytes one client may publish per second, same policy; 0 = no
+    /// limit.
     pub max_inbound_bytes_per_second: u32,
-    /// Bytes of QoS 0 messages one connection may have waiting to be written.
-    /// Same flow-control policy as the queue bounds.
+    /// Bytes of QoS 0 messages one connection may have waiting to be
+    /// written. Same flow-control policy as the queue bounds.
     pub outbox_bytes: usize,
     /// Flow control: a publisher whose message fills a connected subscriber's
-    /// queue (`max_queued_messages`, `max_queued_bytes`, `outbox_bytes`) is not
-    /// read from until that queue drains to half, so nothing is dropped. A
-    /// subscriber that reads nothing at all for this long is stalled: it stops
-    /// holding publishers up, and messages for it past its bounds are dropped
-    /// and counted until it catches up. "0s" never pauses and drops at once.
-    #[serde(deserialize_with = "deserialize_duration")]
+    /// queue (`max_queued_messages`, `max_queued_bytes`, `outbox_bytes`) is
+    /// not read from until that queue drains to half, so nothing is dropped.
+    /// A subscriber that reads nothing at all for this long is stalled: it
+    /// stops holding publishers up, and messages for it past its bounds are
+    /// dropped and counted until it catches up. "0s" never pauses publishers
+    /// and drops at once.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
     pub flow_control_timeout: Duration,
-    /// Longest accepted client identifier in bytes (MQTT 3.1 limits it to 23).
+    /// Longest accepted client identifier in bytes (see also
+    /// `strict_v31_client_id`).
     pub max_client_id_len: u16,
-    /// Whether retained messages are stored and delivered.
+    /// Whether retained messages are stored and delivered. Advertised to
+    /// MQTT 5 clients (Retain Available). With false, an MQTT 5 client that
+    /// publishes a retained message is disconnected (0x9A); for 3.x clients
+    /// the retain flag is ignored.
     pub retain_available: bool,
-    /// Whether a client that connects with an empty client id and a clean
-    /// session gets a generated one, rather than being refused.
+    /// Whether a client that connects with an empty client id (and a clean
+    /// session) gets a generated one (MQTT 5: Assigned Client Identifier)
+    /// rather than being refused.
     pub allow_empty_client_id: bool,
-    /// Cap on the keep alive a client may ask for, in seconds; 0 means no cap.
+    /// Cap on the keep alive an MQTT 5 client may ask for, in seconds: one
+    /// asking for more, or for none (0), is told this one (Server Keep
+    /// Alive). MQTT 3.x has no way to say so. 0 = no cap.
     pub max_keepalive: u16,
     /// MQTT 5 Receive Maximum: QoS 2 messages a client may have in flight to
-    /// the broker. A v5 client past it is disconnected (0x93).
+    /// the broker, unreleased. A client past it is disconnected (0x93).
     pub receive_maximum: u16,
     /// MQTT 5 Topic Alias Maximum, both ways: aliases a client may set, and
     /// the most the broker uses towards a client. 0 turns aliases off.
     pub topic_alias_maximum: u16,
-    /// Highest QoS accepted from publishers and granted to subscribers (0-2).
+    /// Highest QoS accepted from publishers and granted to subscribers (0, 1
+    /// or 2); advertised to MQTT 5 clients.
     pub maximum_qos: u8,
     /// Whether filters with `+` or `#` are accepted.
     pub wildcard_subscriptions: bool,
     /// Whether MQTT 5 Subscription Identifiers are accepted.
     pub subscription_identifiers: bool,
-    /// Whether `$share/{group}/{filter}` subscriptions are served.
+    /// Whether `$share/{group}/{filter}` subscriptions are served (to MQTT 5
+    /// and 3.x clients alike).
     pub shared_subscriptions: bool,
-    /// Longest MQTT 5 Session Expiry Interval granted, in seconds.
-    /// 4294967295 means no cap (a session may be kept forever).
+    /// Longest MQTT 5 Session Expiry Interval granted, in seconds; a client
+    /// asking for more gets this. 4294967295 = no cap (a session may be
+    /// kept forever).
     pub max_session_expiry_interval: u32,
-    /// Refuse (0x99) a message marked as UTF-8 text whose payload is not.
+    /// Refuse (0x99) a message whose Payload Format Indicator says UTF-8 text
+    /// when its payload is not.
     pub check_payload_format: bool,
-    /// Response Information prefix for MQTT 5 clients that ask for it (the
-    /// client id is appended); "" sends none.
+    /// Response Information sent to MQTT 5 clients that ask for it: this
+    /// prefix with the client id appended. "" sends none.
     pub response_information: String,
-    /// MQTT 3.1 clients' ids at most 23 characters, as that version requires.
+    /// Hold MQTT 3.1 (not 3.1.1) clients to client ids of 1 to 23
+    /// characters, as that version requires.
     pub strict_v31_client_id: bool,
     /// What goes when an offline (or stalled) session's queue is full:
-    /// "drop_newest" (the message arriving) or "drop_oldest" (the oldest queued).
+    /// "drop_newest" (the message arriving) or "drop_oldest" (the oldest
+    /// queued).
     pub queue_overflow: QueueOverflow,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueOverflow {
     #[default]
@@ -837,6 +967,19 @@ impl Config {
         Ok(())
     }
 
+    /// Every integer setting's allowed range as `(key, min, max)`, array
+    /// indices written `[]` (`listeners[].backlog`); `max` is `None` where
+    /// only the field's type limits the value. The configuration reference
+    /// (docs/configuration.md) prints these, so the ranges it states are the
+    /// ones validation applies.
+    pub fn integer_ranges() -> Vec<(String, u64, Option<u64>)> {
+        Config::default()
+            .numeric_settings()
+            .into_iter()
+            .map(|(key, _, bounds)| (key.generic(), bounds.min, bounds.max))
+            .collect()
+    }
+
     /// Every integer setting with its allowed range. This list is the one
     /// place ranges are written down: validation walks it, and a parse error
     /// for an integer that does not even fit its field's type looks its key
@@ -964,7 +1107,10 @@ pub fn default_config_toml() -> String {
     let mut out = String::from(
         "# petrel configuration.\n\
          # Every key is optional: the values below are the built-in defaults.\n\
-         # Durations are written like \"500ms\", \"10s\" or \"1m\".\n\
+         # Durations are written like \"500ms\", \"10s\" or \"1m\"; sizes are bytes.\n\
+         # SIGHUP reloads [auth] (with its password and ACL files) and [mqtt];\n\
+         # everything else takes effect at the next start. `petrel --check-config\n\
+         # FILE` checks a file; docs/configuration.md describes every key.\n\
          \n\
          # Open connections across all listeners.\n\
          max_connections = {max_connections}\n\
@@ -975,7 +1121,8 @@ pub fn default_config_toml() -> String {
          shutdown_grace = \"{shutdown_grace}\"\n\
          \n\
          # One [[listeners]] table per socket that accepts clients. Without any,\n\
-         # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n",
+         # petrel listens on 127.0.0.1:1883; `listeners = []` is an error.\n\
+         # Certificate files reload on SIGHUP and when they change.\n",
     )
     .replace("{max_connections}", &defaults.max_connections.to_string())
     .replace(
@@ -1041,7 +1188,9 @@ pub fn default_config_toml() -> String {
         ));
     }
     out.push_str(&format!(
-        "[mqtt]\n\
+        "# Protocol limits. SIGHUP reloads them: new connections and messages\n\
+         # follow the new values.\n\
+         [mqtt]\n\
          # Largest inbound packet in bytes, header included ({MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}).\n\
          max_packet_size = {max_packet_size}\n\
          # Unacknowledged outbound QoS 1/2 messages per client (1 to 65535).\n\
@@ -1137,10 +1286,13 @@ pub fn default_config_toml() -> String {
             QueueOverflow::DropOldest => "drop_oldest",
         },
     ));
+    let http = HttpAuthConfig::default();
     out.push_str(&format!(
-        "\n[auth]\n\
-         # Let clients that send no user name connect. Set to false, with users\n\
-         # below, to require a login.\n\
+        "\n# Who may connect. SIGHUP reloads this table (with the password and ACL\n\
+         # files it names) without dropping connections.\n\
+         [auth]\n\
+         # Let clients that send no user name connect. Set to false, with users,\n\
+         # a password file, [auth.http] or client certificates, to require a login.\n\
          allow_anonymous = {allow_anonymous}\n\
          # Failed logins one client address may make in a minute before its\n\
          # logins are refused without checking a password.\n\
@@ -1148,29 +1300,36 @@ pub fn default_config_toml() -> String {
          # A file of user:hash lines (argon2id written by `petrel passwd FILE USER`;\n\
          # pbkdf2-sha512 and bcrypt hashes from other brokers are accepted too).\n\
          # password_file = \"passwords\"\n\
-         # An HTTP service for user names petrel does not know: CONNECT's\n\
-         # credentials are POSTed as JSON; 2xx admits, 401/403 refuse, and\n\
-         # anything else (or no answer within timeout) refuses.\n\
-         # [auth.http]\n\
-         # url = \"http://127.0.0.1:8080/mqtt/auth\"\n\
-         # timeout = \"2s\"\n\
-         # cache_ttl = \"60s\"\n\
-         # cache_size = 10000\n\
-         # Known users: a client that sends a user name must match one, by\n\
-         # CONNECT password or by the MQTT 5 SCRAM-SHA-256 exchange. Each has a\n\
-         # password (kept only as salted keys) or scram_sha256 keys made\n\
-         # elsewhere (\"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\").\n\
-         # [[auth.users]]\n\
-         # name = \"alice\"\n\
-         # password = \"change me\"\n\
          # Topic authorization: a TOML file of [[rules]], each naming one of\n\
          # user, client_id, certificate, anonymous = true or everyone = true,\n\
          # with access = \"publish\" | \"subscribe\" | \"both\" and topics = [filters]\n\
          # (%u: user name, %c: client id). What no rule allows is denied. Unset:\n\
          # everything is allowed but publishing to $SYS.\n\
-         # acl_file = \"acl.toml\"\n",
+         # acl_file = \"acl.toml\"\n\
+         # An HTTP service for user names petrel does not know: CONNECT's\n\
+         # credentials are POSTed as JSON; 2xx admits, 401/403 refuse, and\n\
+         # anything else (or no answer within timeout) refuses. Answers are\n\
+         # remembered for cache_ttl (\"0s\": not at all), cache_size at most.\n\
+         # [auth.http]\n\
+         # url = \"http://127.0.0.1:8080/mqtt/auth\"\n\
+         # timeout = \"{http_timeout}\"\n\
+         # cache_ttl = \"{http_cache_ttl}\"\n\
+         # cache_size = {http_cache_size}\n\
+         # Known users, one [[auth.users]] table each: a client that sends a user\n\
+         # name must match one, by CONNECT password or by the MQTT 5\n\
+         # SCRAM-SHA-256 exchange. Each has a password (kept only as salted keys)\n\
+         # or, so that this file holds no password, scram_sha256 keys made\n\
+         # elsewhere (\"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>\").\n\
+         # [[auth.users]]\n\
+         # name = \"alice\"\n\
+         # password = \"change me\"\n\
+         # Or, instead of password:\n\
+         # scram_sha256 = \"SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>\"\n",
         allow_anonymous = defaults.auth.allow_anonymous,
         max_failed_logins = defaults.auth.max_failed_logins,
+        http_timeout = humantime::format_duration(http.timeout),
+        http_cache_ttl = humantime::format_duration(http.cache_ttl),
+        http_cache_size = http.cache_size,
     ));
     out.push_str(&format!(
         "\n[storage]\n\
@@ -1316,6 +1475,22 @@ impl KeyPath {
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// The path with every array index written `[]`: `listeners[].backlog`.
+    fn generic(&self) -> String {
+        let mut out = String::new();
+        for segment in &self.0 {
+            match segment {
+                Segment::Key(key) if out.is_empty() => out.push_str(key),
+                Segment::Key(key) => {
+                    out.push('.');
+                    out.push_str(key);
+                }
+                Segment::Index(_) => out.push_str("[]"),
+            }
+        }
+        out
     }
 
     /// Where an unknown key sits, for `unknown key 'x' in [mqtt]`.
@@ -1587,6 +1762,35 @@ fn deserialize_socket_addr<'de, D: Deserializer<'de>>(
     }
 
     deserializer.deserialize_str(SocketAddrVisitor)
+}
+
+/// The inverse of [`deserialize_duration`]: "10s", "100ms", "1m".
+fn serialize_duration<S: Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_duration(*duration))
+}
+
+fn serialize_optional_duration<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => {
+            serializer.serialize_some(&humantime::format_duration(*duration).to_string())
+        }
+        None => serializer.serialize_none(),
+    }
+}
+
+/// An address as the text [`deserialize_socket_addr`] reads, whatever the
+/// format (serde's own impl writes a tuple for binary formats).
+fn serialize_display<T: fmt::Display, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 #[cfg(test)]

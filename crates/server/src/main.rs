@@ -34,12 +34,14 @@ struct Cli {
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Check the configuration file and exit: 0 if valid, 1 with the problem otherwise.
-    #[arg(long, requires = "config")]
-    check_config: bool,
+    /// Check a configuration file and exit: "configuration OK" and status 0 if it is valid,
+    /// otherwise the problem (file:line: key: what is wrong) and status 1. Without FILE, checks
+    /// the --config file. Starts nothing.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    check_config: Option<Option<PathBuf>>,
 
-    /// Print a configuration file with every key at its default value, then exit.
-    #[arg(long)]
+    /// The `print-default-config` command as a flag, kept for scripts written before it.
+    #[arg(long, hide = true)]
     print_default_config: bool,
 
     /// After SIGINT/SIGTERM: how long clients get to receive what is queued for them before
@@ -68,32 +70,58 @@ enum Command {
         #[arg(long, conflicts_with = "delete")]
         stdin: bool,
     },
+    /// Print a configuration file with every key, its default value and what it means, then
+    /// exit: `petrel print-default-config > petrel.toml` is a starting point to edit.
+    PrintDefaultConfig,
+}
+
+impl Cli {
+    /// The file `--check-config` is to check: its own value, else `--config`'s. Exits with a
+    /// usage error (status 2) when there is none, or when the two name different files.
+    fn file_to_check(&self) -> Option<PathBuf> {
+        use clap::CommandFactory;
+        let usage_error = |message: &str| -> ! {
+            Cli::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, message)
+                .exit()
+        };
+        match (self.check_config.as_ref()?, &self.config) {
+            (Some(file), Some(config)) if file != config => usage_error(&format!(
+                "--check-config {} and --config {} name different files; give one",
+                file.display(),
+                config.display()
+            )),
+            (Some(file), _) | (None, Some(file)) => Some(file.clone()),
+            (None, None) => usage_error("--check-config needs a FILE (or --config FILE)"),
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Passwd {
-        file,
-        user,
-        delete,
-        stdin,
-    }) = &cli.command
-    {
-        return match passwd(file, user, *delete, *stdin) {
-            Ok(message) => {
-                eprintln!("{message}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("petrel passwd: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    match &cli.command {
+        Some(Command::Passwd {
+            file,
+            user,
+            delete,
+            stdin,
+        }) => {
+            return match passwd(file, user, *delete, *stdin) {
+                Ok(message) => {
+                    eprintln!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("petrel passwd: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::PrintDefaultConfig) => return print_default_config(),
+        None if cli.print_default_config => return print_default_config(),
+        None => {}
     }
-    if cli.print_default_config {
-        print!("{}", petrel_server::config::default_config_toml());
-        return ExitCode::SUCCESS;
-    }
+    let check = cli.file_to_check();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -103,7 +131,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let config = match &cli.config {
+    let config = match check.as_ref().or(cli.config.as_ref()) {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
@@ -113,7 +141,7 @@ fn main() -> ExitCode {
         },
         None => Config::default(),
     };
-    if cli.check_config {
+    if check.is_some() {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
@@ -133,6 +161,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("petrel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `petrel print-default-config`. Written without `print!`, which panics when stdout is closed
+/// early (`petrel print-default-config | head`).
+fn print_default_config() -> ExitCode {
+    use std::io::Write;
+    let text = petrel_server::config::default_config_toml();
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("petrel: writing the default configuration: {e}");
             ExitCode::FAILURE
         }
     }

@@ -414,7 +414,8 @@ fn help_exits_zero_and_documents_config() {
     for flag in [
         "--config",
         "--check-config",
-        "--print-default-config",
+        "print-default-config",
+        "passwd",
         "--shutdown-grace",
     ] {
         assert!(
@@ -573,25 +574,108 @@ fn check_config_reports_ok_or_fails_with_one() {
 }
 
 #[test]
-fn default_config_passes_check_config() {
-    let out = Petrel::run(["--print-default-config"]);
+fn check_config_takes_the_file_as_its_value() {
+    let dir = TempDir::new("check-config-value");
+    let addr = free_addr();
+    let good = config_on(&dir, addr, "[mqtt]\nmax_inflight = 4\n");
+    let bad = dir.write(
+        "bad.toml",
+        "[mqtt]\nmax_inflight = 4\n\n[storage]\nfsync = \"sometimes\"\n",
+    );
+
+    // `--check-config FILE`, and the older `--config FILE --check-config` in either order.
+    for args in [
+        vec![OsString::from("--check-config"), good.clone().into()],
+        vec![
+            "--config".into(),
+            good.clone().into(),
+            "--check-config".into(),
+        ],
+        vec![
+            "--check-config".into(),
+            good.clone().into(),
+            "--config".into(),
+            good.clone().into(),
+        ],
+    ] {
+        let out = Petrel::run(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", out.stderr);
+        assert_eq!(out.stdout, "configuration OK\n", "{args:?}");
+    }
+    assert!(
+        TcpListener::bind(addr).is_ok(),
+        "--check-config bound {addr}"
+    );
+
+    for args in [
+        vec![OsString::from("--check-config"), bad.clone().into()],
+        vec![
+            "--config".into(),
+            bad.clone().into(),
+            "--check-config".into(),
+        ],
+    ] {
+        let out = Petrel::run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", out.stderr);
+        let expected = format!("{}:5: storage.fsync: unknown value", bad.display());
+        assert!(out.stderr.contains(&expected), "{args:?}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{args:?}: stdout {:?}", out.stdout);
+    }
+
+    // Usage errors (status 2): no file at all, or two different ones.
+    let out = Petrel::run(["--check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--check-config needs a FILE"),
+        "{}",
+        out.stderr
+    );
+    let out = Petrel::run([
+        OsString::from("--check-config"),
+        good.clone().into(),
+        "--config".into(),
+        bad.clone().into(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("different files"), "{}", out.stderr);
+}
+
+#[test]
+fn printed_default_config_passes_check_config() {
+    let out = Petrel::run(["print-default-config"]);
     assert!(out.status.success(), "{}\n{}", out.status, out.stderr);
     assert!(out.stdout.contains("[[listeners]]"), "{}", out.stdout);
     assert!(out.stdout.contains("[mqtt]"), "{}", out.stdout);
+    // The flag of earlier versions still works, hidden from --help, and prints the same.
+    let flag = Petrel::run(["--print-default-config"]);
+    assert!(flag.status.success(), "{}\n{}", flag.status, flag.stderr);
+    assert_eq!(flag.stdout, out.stdout);
 
     let dir = TempDir::new("default-config");
     let path = dir.write("default.toml", &out.stdout);
-    let checked = Petrel::run([
-        OsString::from("--check-config"),
-        "--config".into(),
-        path.into(),
-    ]);
+    let checked = Petrel::run([OsString::from("--check-config"), path.into()]);
     assert!(
         checked.status.success(),
         "printed default config fails --check-config: {}\n{}",
         checked.status,
         checked.stderr
     );
+    assert_eq!(checked.stdout, "configuration OK\n");
+}
+
+#[test]
+fn dist_example_config_passes_check_config() {
+    // dist/petrel.toml is what the systemd unit and the container image start with.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/petrel.toml");
+    let out = Petrel::run([OsString::from("--check-config"), path.clone().into()]);
+    assert!(
+        out.status.success(),
+        "{} fails --check-config: {}\n{}",
+        path.display(),
+        out.status,
+        out.stderr
+    );
+    assert_eq!(out.stdout, "configuration OK\n");
 }
 
 // ---------------------------------------------------------------------------------------------
