@@ -248,3 +248,131 @@ pub fn effective(config: Option<&AdminConfig>) -> (AdminConfig, bool) {
         None => (AdminConfig::default(), false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn admin() -> Arc<Admin> {
+        let broker = Arc::new(Broker::new(petrel_engine::Limits::default()));
+        let admin = Admin {
+            registry: metrics::registry(broker.clone(), Vec::new()),
+            broker,
+            token: "t0k".into(),
+            metrics_require_token: false,
+            reloader: std::sync::OnceLock::new(),
+            rates: std::sync::Mutex::new(api::Rates::default()),
+        };
+        let _ = admin.reloader.set(None);
+        Arc::new(admin)
+    }
+
+    /// (method, path) of every operation the OpenAPI document describes.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut ops = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in ["get", "post", "put", "delete", "patch"] {
+                if item.get(method).is_some() {
+                    ops.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        ops
+    }
+
+    /// Asks the router itself which methods each documented path (and a few undocumented
+    /// guesses) answers, so a route added without its description fails here.
+    #[tokio::test]
+    async fn every_route_is_described_in_the_openapi_document_and_nothing_else_is() {
+        let app = router(admin());
+        let mut paths: BTreeSet<String> = documented().into_iter().map(|(_, p)| p).collect();
+        for guess in [
+            "/api/v1/sessions",
+            "/api/v1/clients/{client_id}/kick",
+            "/api/v1/topics",
+            "/api/v1/config",
+            "/api/v1/subscriptions",
+            "/api",
+        ] {
+            paths.insert(guess.to_owned());
+        }
+        let mut served = BTreeSet::new();
+        for path in &paths {
+            let uri = path.replace("{client_id}", "some%2Fclient");
+            for method in [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::PATCH,
+            ] {
+                let request = Request::builder()
+                    .method(method.clone())
+                    .uri(format!("{uri}?filter=a/b"))
+                    .header("authorization", "Bearer t0k")
+                    .body(Body::empty())
+                    .unwrap();
+                let response = app.clone().oneshot(request).await.unwrap();
+                let status = response.status();
+                // 404 from the router has no body; a handler's 404 explains itself.
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                let routed = status != StatusCode::METHOD_NOT_ALLOWED
+                    && !(status == StatusCode::NOT_FOUND && body.is_empty());
+                if routed {
+                    served.insert((method.as_str().to_owned(), path.clone()));
+                }
+            }
+        }
+        assert_eq!(served, documented());
+    }
+
+    #[tokio::test]
+    async fn the_api_refuses_requests_without_the_token() {
+        let app = router(admin());
+        for (auth, expected) in [
+            (None, StatusCode::UNAUTHORIZED),
+            (Some("Bearer wrong"), StatusCode::UNAUTHORIZED),
+            (Some("Bearer t0"), StatusCode::UNAUTHORIZED),
+            (Some("Basic t0k"), StatusCode::UNAUTHORIZED),
+            (Some("Bearer t0k"), StatusCode::OK),
+        ] {
+            let mut request = Request::builder().uri("/api/v1/overview");
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            let response = app
+                .clone()
+                .oneshot(request.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), expected, "{auth:?}");
+        }
+        // Health, readiness, metrics and the description are open (metrics by default).
+        for path in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json", "/"] {
+            let response = app
+                .clone()
+                .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+        }
+    }
+
+    #[test]
+    fn an_empty_token_admits_nobody() {
+        let mut a = Arc::try_unwrap(admin()).ok().unwrap();
+        a.token = String::new();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert!(!a.authorized(&headers));
+    }
+}
