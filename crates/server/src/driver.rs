@@ -31,6 +31,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// is dropped anyway: a peer that stopped reading must not hold the task.
 const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
+/// In a drain, how long after the delivery deadline the DISCONNECT and close may take: the
+/// server has budgeted this much of the grace period for it.
+pub(crate) const DRAIN_CLOSE: Duration = Duration::from_millis(500);
+
 enum Event {
     Read,
     /// A flow-control pause ended.
@@ -168,9 +172,11 @@ pub(crate) async fn drive<S, G>(
     // Final flush (a CONNACK refusal, a v5 DISCONNECT), bounded by the same timer so the task
     // carries no second one: a peer that stopped reading must not hold it.
     let out = std::mem::take(conn.output());
-    sleep
-        .as_mut()
-        .reset(tokio::time::Instant::now() + CLOSE_FLUSH_LIMIT);
+    let mut flush_by = tokio::time::Instant::now() + CLOSE_FLUSH_LIMIT;
+    if let Some(until) = drain_until {
+        flush_by = flush_by.min(until + DRAIN_CLOSE);
+    }
+    sleep.as_mut().reset(flush_by);
     tokio::select! {
         _ = async {
             if !out.is_empty() {

@@ -276,9 +276,8 @@ pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
     Ok(config)
 }
 
-/// After the drain: how long the last connections get to take their DISCONNECT and close
-/// (the driver bounds each close flush by as much).
-const CLOSE_LIMIT: Duration = Duration::from_millis(2500);
+/// The part of the grace period kept for connection tasks to end after their close.
+const DRAIN_SLACK: Duration = Duration::from_millis(250);
 
 /// How often certificate files are checked for changes.
 const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(2);
@@ -517,7 +516,10 @@ impl Server {
         // Connected clients get until then to receive what is queued for them; the final
         // DISCONNECT and close are bounded separately (the driver's close flush limit).
         let drain_started = std::time::Instant::now();
-        self.broker.begin_drain(drain_started + grace);
+        // The whole drain fits the grace period: delivery, then the closes, then a moment for
+        // the tasks to end.
+        let deliver_for = grace.saturating_sub(crate::driver::DRAIN_CLOSE + DRAIN_SLACK);
+        self.broker.begin_drain(drain_started + deliver_for);
         for task in accept_tasks {
             let _ = task.await;
         }
@@ -529,8 +531,7 @@ impl Server {
             let _ = reloader.await;
         }
         tracker.close();
-        let waited = drain_started.elapsed();
-        let limit = (grace + CLOSE_LIMIT).saturating_sub(waited);
+        let limit = grace.saturating_sub(drain_started.elapsed());
         if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
             tracing::warn!(
                 remaining = tracker.len(),

@@ -357,7 +357,13 @@ mod tests {
             assert_eq!(response.status(), expected, "{auth:?}");
         }
         // Health, readiness, metrics and the description are open (metrics by default).
-        for path in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json", "/"] {
+        for path in [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/api/v1/openapi.json",
+            "/",
+        ] {
             let response = app
                 .clone()
                 .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
