@@ -54,6 +54,9 @@ fn version_name(v: ProtocolVersion) -> &'static str {
     }
 }
 
+/// Per-topic counts as read at one moment.
+type TopicCounts = Vec<(Box<str>, petrel_engine::activity::Counts)>;
+
 /// The samples rates are computed from: the last two readings of the counters.
 #[derive(Default)]
 pub(super) struct Rates {
@@ -61,7 +64,7 @@ pub(super) struct Rates {
     /// The rates from the last two samples at least `MIN_SPAN` apart.
     current: Option<(Sample, Sample)>,
     /// Topic counts at the last two topic samples.
-    topics: Option<(Instant, Vec<(Box<str>, petrel_engine::activity::Counts)>)>,
+    topics: Option<(Instant, TopicCounts)>,
     topic_rates: Vec<TopicRate>,
     last_topic_request: Option<Instant>,
 }
@@ -468,7 +471,7 @@ struct RetainedJson {
     payload_base64: Option<String>,
 }
 
-fn checked_filter(filter: Option<String>) -> Result<String, Response> {
+fn checked_filter(filter: Option<String>) -> Result<String, Box<Response>> {
     let Some(filter) = filter else {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -487,7 +490,7 @@ fn checked_filter(filter: Option<String>) -> Result<String, Response> {
 async fn retained(State(admin): State<Arc<Admin>>, Query(q): Query<RetainedQuery>) -> Response {
     let filter = match checked_filter(Some(q.filter.unwrap_or_else(|| "#".into()))) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let limit = q.limit.unwrap_or(100).min(MAX_LIMIT);
     let mut list: Vec<RetainedJson> = admin
@@ -518,7 +521,7 @@ async fn delete_retained(
 ) -> Response {
     let filter = match checked_filter(q.filter) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let removed = admin.broker.retained_remove(&filter);
     tracing::info!(filter, removed, "retained messages deleted by an operator");
