@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Browser test: MQTT.js (npm `mqtt`) in headless Chromium against petrel over ws:// and wss://,
-# MQTT 3.1.1 and 5.0, plus a refused wrong path. See run.mjs for what each case checks.
+# Browser tests in headless Chromium: MQTT.js (npm `mqtt`) against petrel over ws:// and wss://,
+# MQTT 3.1.1 and 5.0, plus a refused wrong path (run.mjs); then the operator dashboard on the
+# admin listener, driven by MQTT clients from Node (dashboard.mjs). See each file for its cases.
 #
 # Usage: tests/browser/run.sh
 #   Installs what is missing (Debian's chromium, the npm packages in tests/browser), builds the
-#   petrel binary (debug), then runs `node tests/browser/run.mjs`, which prints one PASS/FAIL
-#   line per case and "N passed, M failed", and exits non-zero if anything failed.
-#   PETREL_BIN=/path/to/petrel skips the build; CHROMIUM=/path/to/chromium picks the browser.
-# Every step is bounded with `timeout`; the test itself takes well under 90 s.
+#   petrel binary (debug), then runs `node tests/browser/run.mjs` and `node
+#   tests/browser/dashboard.mjs`, each printing one PASS/FAIL line per case and "N passed, M
+#   failed"; the second runs even if the first failed, and the script exits non-zero if either
+#   did. PETREL_BIN=/path/to/petrel skips the build; CHROMIUM=/path/to/chromium picks the browser;
+#   ARTIFACTS_DIR (default target/test-artifacts) receives the dashboard's screenshots.
+# Every step is bounded with `timeout`; each test takes well under 90 s.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -48,6 +51,9 @@ if [[ -z ${PETREL_BIN:-} ]]; then
     export PETREL_BIN="$target_dir/debug/petrel"
 fi
 
-# run.mjs bounds itself at 85 s; this is the backstop. `timeout` signals the whole process group,
-# so the broker and Chromium go too.
-timeout -k 5 120 node "$DIR/run.mjs"
+# run.mjs bounds itself at 85 s and dashboard.mjs at 60 s; these are the backstops. `timeout`
+# signals the whole process group, so the broker and Chromium go too.
+status=0
+timeout -k 5 120 node "$DIR/run.mjs" || status=$?
+timeout -k 5 90 node "$DIR/dashboard.mjs" || { rc=$?; ((status)) || status=$rc; }
+exit "$status"
