@@ -473,16 +473,16 @@ struct RetainedJson {
 
 fn checked_filter(filter: Option<String>) -> Result<String, Box<Response>> {
     let Some(filter) = filter else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "filter is required (e.g. filter=%23 for every topic)",
-        ));
+        )));
     };
     if petrel_codec::TopicFilter::new(&filter).is_err() {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "filter is not a valid MQTT topic filter",
-        ));
+        )));
     }
     Ok(filter)
 }
