@@ -11,6 +11,7 @@
 //! acl_file.rs ── topic authorization rules, read at start
 //! auth_hook.rs ── the HTTP authentication hook
 //! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
+//! sys_topics.rs ── the $SYS/broker/... figures, published every sys_interval
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
@@ -23,6 +24,7 @@ mod listener;
 pub mod passwords;
 mod proxy;
 pub mod server;
+pub mod sys_topics;
 pub mod tls;
 mod ws;
 
