@@ -45,6 +45,8 @@ impl TestBroker {
         let mut config = Config::default();
         // In-process brokers keep nothing on disk unless a test asks for it.
         config.storage.mode = petrel_server::config::StorageMode::Memory;
+        // No $SYS figures unless a test asks for them.
+        config.sys_interval = Duration::ZERO;
         adjust(&mut config);
         for l in &mut config.listeners {
             l.bind = "127.0.0.1:0".parse().expect("literal address");
@@ -59,6 +61,9 @@ impl TestBroker {
         let mut config = Config::from_toml_str(toml, "test.toml").expect("valid test config");
         if !toml.contains("[storage]") {
             config.storage.mode = petrel_server::config::StorageMode::Memory;
+        }
+        if !toml.contains("sys_interval") {
+            config.sys_interval = Duration::ZERO;
         }
         TestBroker::start_with(|c| *c = config).await
     }

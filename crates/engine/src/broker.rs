@@ -91,6 +91,8 @@ pub struct Broker {
     started: Instant,
     /// Per-topic counts for operators, kept only while someone watches.
     pub activity: TopicActivity,
+    /// `$SYS` topics among the retained messages.
+    sys_retained: std::sync::atomic::AtomicUsize,
 }
 
 /// What an operator's request to disconnect a client or delete a session found.
@@ -255,6 +257,7 @@ impl Broker {
             drain_until: Mutex::new(None),
             started: Instant::now(),
             activity: TopicActivity::default(),
+            sys_retained: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -343,8 +346,11 @@ impl Broker {
         lock(&self.timers).heap.len()
     }
 
+    /// Retained messages clients published (the broker's own `$SYS` figures not counted).
     pub fn retained_count(&self) -> usize {
-        read(&self.retained).len()
+        read(&self.retained)
+            .len()
+            .saturating_sub(self.sys_retained.load(Ordering::Relaxed))
     }
 
     /// Milliseconds since the broker was made.
@@ -453,7 +459,9 @@ impl Broker {
         for topic in &topics {
             if retained.remove(topic).is_some() {
                 removed += 1;
-                if !is_sys(topic) {
+                if is_sys(topic) {
+                    self.sys_retained.fetch_sub(1, Ordering::Relaxed);
+                } else {
                     self.store.retained_cleared(topic);
                 }
             }
@@ -476,7 +484,12 @@ impl Broker {
             0,
         );
         let message = Arc::new(message);
-        write(&self.retained).insert(&message.topic, message.clone());
+        if write(&self.retained)
+            .insert(&message.topic, message.clone())
+            .is_none()
+        {
+            self.sys_retained.fetch_add(1, Ordering::Relaxed);
+        }
         self.route(&message);
     }
 

@@ -12,6 +12,7 @@
 //! auth_hook.rs ── the HTTP authentication hook
 //! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
 //! admin/ ── the operations HTTP listener: /metrics, /healthz, /readyz, the JSON API, dashboard
+//! sys_topics.rs ── the $SYS/broker/... figures, published every sys_interval
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
@@ -25,6 +26,7 @@ pub mod listener;
 pub mod passwords;
 mod proxy;
 pub mod server;
+pub mod sys_topics;
 pub mod tls;
 mod ws;
 

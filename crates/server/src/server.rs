@@ -481,6 +481,11 @@ impl Server {
         // Session expiry and delayed wills run on the broker's own clock, also while no
         // client is active.
         let housekeeping = tokio::spawn(housekeeping(self.broker.clone(), shutdown.clone()));
+        let sys_topics = tokio::spawn(crate::sys_topics::run(
+            self.broker.clone(),
+            self.config.sys_interval,
+            shutdown.clone(),
+        ));
         let tls: Vec<Arc<TlsConfig>> = self
             .listeners
             .iter()
@@ -524,6 +529,7 @@ impl Server {
             let _ = task.await;
         }
         let _ = housekeeping.await;
+        let _ = sys_topics.await;
         if let Some(reloader) = reloader {
             let _ = reloader.await;
         }
