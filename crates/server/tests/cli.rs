@@ -1077,3 +1077,39 @@ fn sighup_reloads_passwords_and_acl_and_refuses_a_broken_file() {
     send(&mut stays, "82 08 00 03 00 03 6f 6b 2f 00");
     expect(&mut stays, "90 03 00 03 00");
 }
+
+/// An `[admin]` table in the file is a promise: an admin listener that cannot start stops the
+/// broker, naming the key. Without the table the default admin address is best-effort.
+#[test]
+fn an_admin_listener_that_cannot_start_stops_the_broker_when_configured() {
+    let dir = TempDir::new("admin-start");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port to take");
+    let taken_addr = taken.local_addr().unwrap();
+    let mqtt = free_addr();
+    let cases = [
+        (
+            format!("[[listeners]]\nbind = \"{mqtt}\"\n\n[admin]\nbind = \"{taken_addr}\"\n"),
+            vec!["admin.bind".to_owned(), taken_addr.to_string()],
+        ),
+        (
+            format!(
+                "[[listeners]]\nbind = \"{mqtt}\"\n\n[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+                dir.0.join("no-such-token").display()
+            ),
+            vec!["admin.token_file".to_owned(), "no-such-token".to_owned()],
+        ),
+    ];
+    for (i, (text, fragments)) in cases.iter().enumerate() {
+        let path = dir.write(&format!("admin{i}.toml"), text);
+        let out = Petrel::run([OsString::from("--config"), path.into()]);
+        assert!(!out.status.success(), "case {i}: petrel started");
+        for fragment in fragments {
+            assert!(
+                out.stderr.contains(fragment.as_str()),
+                "case {i}: stderr lacks {fragment:?}:\n{}",
+                out.stderr
+            );
+        }
+    }
+    drop(taken);
+}

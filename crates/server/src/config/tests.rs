@@ -254,6 +254,31 @@ fn invalid_documents_name_file_line_and_key() {
             &["petrel.toml:2: listeners[0].connect_timeout: ", "expected a duration"],
         ),
         (
+            "admin listener on an MQTT listener's address",
+            "[[listeners]]\nbind = \"127.0.0.1:1883\"\n\n[admin]\nbind = \"127.0.0.1:1883\"\n",
+            &["petrel.toml:5: admin.bind: address 127.0.0.1:1883 is already used by listeners[0]"],
+        ),
+        (
+            "admin token with white space",
+            "[admin]\ntoken = \"two words\"\n",
+            &["petrel.toml:2: admin.token: may not contain white space"],
+        ),
+        (
+            "admin token and token file",
+            "[admin]\ntoken = \"t\"\ntoken_file = \"/etc/petrel/token\"\n",
+            &["petrel.toml:3: admin.token_file: give token or token_file, not both"],
+        ),
+        (
+            "unknown key in [admin]",
+            "[admin]\nport = 9183\n",
+            &["petrel.toml:2: ", "unknown key 'port' in [admin]"],
+        ),
+        (
+            "bad sys_interval",
+            "sys_interval = \"often\"\n",
+            &["petrel.toml:1: sys_interval: ", "invalid duration"],
+        ),
+        (
             "zero timeout",
             "[[listeners]]\nbind = \"127.0.0.1:1883\"\nconnect_timeout = \"0s\"\n",
             &["petrel.toml:3: listeners[0].connect_timeout: must be greater than zero"],
