@@ -1155,3 +1155,92 @@ fn v5_session_without_expiry_interval_ends_with_the_connection_mqtt_3_1_2_23() {
         .unwrap();
     assert!(!only_connack(&mut again).session_present, "[MQTT-3.2.2-3]");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Operators and shutdown
+
+/// A v5 client "c" with a persistent session (expiry 300 s) and a QoS 0 will on "will/c".
+fn v5_client_with_will(broker: &Arc<Broker>, now: Instant) -> Peer {
+    let mut connect = connect_v5("c", true, 0);
+    connect.properties.session_expiry_interval = Some(300);
+    connect.will = Some(will("will/c", "gone", QoS::AtMostOnce, false));
+    let mut c = Peer::connect(broker, now, connect);
+    c.subscribe(now, 1, "c/inbox", QoS::AtLeastOnce);
+    c
+}
+
+#[test]
+fn an_operator_disconnect_sends_0x98_publishes_the_will_and_keeps_the_session() {
+    use petrel_engine::broker::Kicked;
+    let t0 = Instant::now();
+    let broker = default_broker();
+    let mut w = watcher(&broker, t0);
+    let mut c = v5_client_with_will(&broker, t0);
+
+    c.deliver().unwrap();
+    let wakes = c.wakes();
+    assert_eq!(broker.kick("c", false, t0 + secs(1)), Kicked::Disconnected);
+    assert_eq!(c.wakes(), wakes + 1, "the connection's task is woken");
+    let reason = c.deliver().unwrap_err();
+    assert_eq!(reason, CloseReason::Administrative);
+    assert_eq!(
+        c.close(&reason),
+        [Packet::Disconnect(Disconnect::with_reason(
+            ReasonCode::ADMINISTRATIVE_ACTION
+        ))]
+    );
+    assert_eq!(
+        w.recv(),
+        [will_message()],
+        "the client did not ask to leave"
+    );
+    assert_eq!(Stats::get(&broker.stats.admin_disconnects), 1);
+    // The persistent session stays, offline, with its subscription.
+    let session = broker.session("c").expect("the session stays");
+    assert!(!session.is_connected());
+    assert_eq!(broker.subscription_count(), 2, "c/inbox and the watcher's");
+    assert_eq!(broker.kick("c", false, t0 + secs(2)), Kicked::NotConnected);
+    assert_eq!(broker.kick("nobody", false, t0 + secs(2)), Kicked::NotFound);
+}
+
+#[test]
+fn deleting_a_session_ends_it_offline_or_with_its_connection() {
+    use petrel_engine::broker::Kicked;
+    let t0 = Instant::now();
+    let broker = default_broker();
+    let _w = watcher(&broker, t0);
+
+    // Offline: ended at once.
+    let mut c = v5_client_with_will(&broker, t0);
+    let reason = c
+        .send(t0 + secs(1), Packet::Disconnect(Disconnect::default()))
+        .unwrap_err();
+    c.close(&reason);
+    assert!(broker.session("c").is_some());
+    assert_eq!(broker.kick("c", true, t0 + secs(2)), Kicked::Deleted);
+    assert!(broker.session("c").is_none());
+    assert_eq!(broker.subscription_count(), 1, "only the watcher's is left");
+
+    // Connected: disconnected, and the session ends with the connection.
+    let mut c = v5_client_with_will(&broker, t0 + secs(3));
+    assert_eq!(broker.kick("c", true, t0 + secs(4)), Kicked::Disconnected);
+    let reason = c.deliver().unwrap_err();
+    c.close(&reason);
+    assert!(broker.session("c").is_none());
+    assert_eq!(broker.subscription_count(), 1);
+}
+
+#[test]
+fn a_server_shutdown_sends_0x8b_and_publishes_the_will_mqtt_3_1_2_8() {
+    let t0 = Instant::now();
+    let broker = default_broker();
+    let mut w = watcher(&broker, t0);
+    let mut c = v5_client_with_will(&broker, t0);
+    assert_eq!(
+        c.close(&CloseReason::ServerShutdown),
+        [Packet::Disconnect(Disconnect::with_reason(
+            ReasonCode::SERVER_SHUTTING_DOWN
+        ))]
+    );
+    assert_eq!(w.recv(), [will_message()]);
+}
