@@ -1087,6 +1087,8 @@ impl Connection {
         self.write(&Packet::ConnAck(connack), version);
         {
             let mut st = attach.session.lock();
+            // A disconnect an operator asked of an earlier connection is not this one's.
+            st.kick = false;
             st.client = Some(ClientInfo {
                 peer: self.peer.clone(),
                 version,
