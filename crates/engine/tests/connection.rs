@@ -1244,3 +1244,21 @@ fn a_server_shutdown_sends_0x8b_and_publishes_the_will_mqtt_3_1_2_8() {
     );
     assert_eq!(w.recv(), [will_message()]);
 }
+
+#[test]
+fn an_operator_disconnect_does_not_carry_over_to_the_next_connection() {
+    use petrel_engine::broker::Kicked;
+    let t0 = Instant::now();
+    let broker = default_broker();
+    let mut c = v5_client_with_will(&broker, t0);
+    assert_eq!(broker.kick("c", false, t0 + secs(1)), Kicked::Disconnected);
+    // The client leaves on its own before its connection looks at the session.
+    let reason = c
+        .send(t0 + secs(1), Packet::Disconnect(Disconnect::default()))
+        .unwrap_err();
+    c.close(&reason);
+    let mut connect = connect_v5("c", false, 0);
+    connect.properties.session_expiry_interval = Some(300);
+    let mut again = Peer::connect(&broker, t0 + secs(2), connect);
+    assert_eq!(again.deliver(), Ok(()), "the new connection stays");
+}
