@@ -141,7 +141,12 @@ fn main() -> ExitCode {
         },
         None => Config::default(),
     };
-    if check.is_some() {
+    if let Some(path) = &check {
+        // The files the configuration names are read as a start would read them.
+        if let Err(e) = petrel_server::server::check_files(&config) {
+            eprintln!("petrel: configuration error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

@@ -182,6 +182,19 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     )))
 }
 
+/// Loads the files a configuration names (password file, ACL file, the admin token file), as
+/// a start would, without starting anything: what `--check-config` adds to parsing.
+pub fn check_files(config: &Config) -> Result<(), ServerError> {
+    authenticator_from(&config.auth)?;
+    if let Some(path) = &config.auth.acl_file {
+        crate::acl_file::load(path)?;
+    }
+    if let Some(admin) = config.admin.as_ref().filter(|a| a.enabled) {
+        crate::admin::token_from(admin)?;
+    }
+    Ok(())
+}
+
 /// Reloads authentication, authorization and limits from the configuration file: the
 /// `[auth]` users, its password file, its ACL file and its `[mqtt]` limits. Connected clients
 /// stay connected (their ACL follows the new rules from their next packet). A configuration

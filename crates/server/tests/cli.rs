@@ -665,8 +665,17 @@ fn printed_default_config_passes_check_config() {
 
 #[test]
 fn dist_example_config_passes_check_config() {
-    // dist/petrel.toml is what the systemd unit and the container image start with.
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/petrel.toml");
+    // dist/petrel.toml is what the systemd unit and the container image start with. The
+    // check reads the files it names, so they are made here (an empty password file is a
+    // valid one), in a copy whose /etc/petrel paths point at them.
+    let dir = TempDir::new("dist-config");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/petrel.toml"),
+    )
+    .expect("dist/petrel.toml");
+    dir.write("passwords", "");
+    let text = text.replace("/etc/petrel/", &format!("{}/", dir.0.display()));
+    let path = dir.write("petrel.toml", &text);
     let out = Petrel::run([OsString::from("--check-config"), path.clone().into()]);
     assert!(
         out.status.success(),
@@ -1112,4 +1121,44 @@ fn an_admin_listener_that_cannot_start_stops_the_broker_when_configured() {
         }
     }
     drop(taken);
+}
+
+/// `--check-config` reads the files the configuration names, as a start would: a broken
+/// password file, ACL file or admin token file fails the check, naming the key.
+#[test]
+fn check_config_reads_the_files_the_configuration_names() {
+    let dir = TempDir::new("check-config-files");
+    let passwords = dir.write("passwords", "alice:not-a-hash\n");
+    let acl = dir.write(
+        "acl.toml",
+        "[[rules]]\nuser = \"a\"\naccess = \"sideways\"\ntopics = [\"x\"]\n",
+    );
+    let cases = [
+        (
+            format!("[auth]\npassword_file = \"{}\"\n", passwords.display()),
+            "auth.password_file",
+        ),
+        (
+            format!("[auth]\nacl_file = \"{}\"\n", acl.display()),
+            "auth.acl_file",
+        ),
+        (
+            format!(
+                "[admin]\ntoken_file = \"{}\"\n",
+                dir.0.join("missing-token").display()
+            ),
+            "admin.token_file",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.write(&format!("c{i}.toml"), text);
+        let out = Petrel::run([OsString::from("--check-config"), path.into()]);
+        assert_eq!(out.status.code(), Some(1), "{key}: {}", out.stderr);
+        assert!(out.stderr.contains(key), "{key}: stderr: {}", out.stderr);
+        assert!(
+            !out.stdout.contains("OK"),
+            "{key}: stdout: {:?}",
+            out.stdout
+        );
+    }
 }

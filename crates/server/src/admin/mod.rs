@@ -74,7 +74,7 @@ pub struct AdminServer {
 }
 
 /// The token from the configuration: given, read from a file, or made up (and logged).
-fn token_from(config: &AdminConfig) -> Result<(String, bool), AdminError> {
+pub(crate) fn token_from(config: &AdminConfig) -> Result<(String, bool), AdminError> {
     if let Some(path) = &config.token_file {
         let text = std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile {
             path: path.display().to_string(),
