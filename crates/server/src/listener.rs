@@ -66,12 +66,22 @@ pub struct ListenerStats {
     max: usize,
     /// Connections accepted (before any PROXY header, TLS or WebSocket step).
     pub accepted: std::sync::atomic::AtomicU64,
+    /// 1 while the accept loop holds a slot for the connection it waits for.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl ListenerStats {
-    /// Connections open now (accepted and not yet closed, whether or not CONNECT completed).
+    /// Connections open now (accepted and not yet closed, whether or not CONNECT completed):
+    /// the slots taken, less the one the accept loop holds while it waits.
     pub fn open(&self) -> usize {
-        self.max.saturating_sub(self.slots.available_permits())
+        self.max
+            .saturating_sub(self.slots.available_permits())
+            .saturating_sub(self.waiting.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        self.waiting
+            .store(usize::from(waiting), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -124,6 +134,7 @@ impl Listener {
                 slots: Arc::new(Semaphore::new(config.max_connections)),
                 max: config.max_connections,
                 accepted: Default::default(),
+                waiting: Default::default(),
             }),
         };
         let name = format!("{}:{}", config.protocol, listener.describe());
@@ -187,6 +198,7 @@ impl Listener {
                 },
                 _ = shutdown.cancelled() => break,
             };
+            self.stats.set_waiting(true);
             match &self.socket {
                 Socket::Tcp(listener) => {
                     let accepted = tokio::select! {
@@ -201,6 +213,7 @@ impl Listener {
                         }
                     };
                     Stats::add(&self.stats.accepted, 1);
+                    self.stats.set_waiting(false);
                     let Some(mut permit) = server_slot(own, &total, &shutdown).await else {
                         break;
                     };
@@ -241,6 +254,7 @@ impl Listener {
                         }
                     };
                     Stats::add(&self.stats.accepted, 1);
+                    self.stats.set_waiting(false);
                     let Some(permit) = server_slot(own, &total, &shutdown).await else {
                         break;
                     };

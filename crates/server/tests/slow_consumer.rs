@@ -137,7 +137,11 @@ async fn stalled_subscribers_stay_within_bounds_and_do_not_slow_the_others() {
                     let mut payload = vec![0u8; PAYLOAD];
                     payload[..8].copy_from_slice(&stamp(base).to_be_bytes());
                     let id = (n % 60_000 + 1) as u16;
-                    let topic = if n.is_multiple_of(2) { "load/a" } else { "load/b" };
+                    let topic = if n.is_multiple_of(2) {
+                        "load/a"
+                    } else {
+                        "load/b"
+                    };
                     if wr
                         .write_all(&publish(topic, 1, id, &payload))
                         .await
