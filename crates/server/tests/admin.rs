@@ -270,7 +270,10 @@ async fn metrics_follow_what_clients_do() {
         broker.addr
     );
     assert_eq!(metric(&m, &listener) - metric(&before, &listener), 3.0);
-    let open = format!("petrel_listener_connections{{listener=\"tcp:{}\"}}", broker.addr);
+    let open = format!(
+        "petrel_listener_connections{{listener=\"tcp:{}\"}}",
+        broker.addr
+    );
     assert_eq!(metric(&m, &open), 2.0, "the two clients still connected");
     assert!(metric(&m, "petrel_store_disk_bytes") > 0.0);
     assert!(
