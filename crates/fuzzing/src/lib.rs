@@ -19,6 +19,9 @@ pub use decode::decode;
 pub use session::session;
 pub use topics::topics;
 
+/// A check: panics if petrel misbehaves on the input.
+pub type Check = fn(&[u8]);
+
 /// The targets by name, for replaying a corpus directory named after each.
-pub const TARGETS: &[(&str, fn(&[u8]))] =
+pub const TARGETS: &[(&str, Check)] =
     &[("decode", decode), ("topics", topics), ("session", session)];
