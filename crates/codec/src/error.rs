@@ -9,6 +9,8 @@ use crate::reason::ReasonCode;
 pub enum DecodeError {
     #[error("remaining length is longer than 4 bytes [MQTT-1.5.5-1]")]
     MalformedVarInt,
+    #[error("variable byte integer not in the fewest bytes [MQTT-1.5.5-1]")]
+    NonMinimalVarInt,
     #[error("packet of {size} bytes exceeds the maximum packet size of {max} [MQTT-3.2.2-15]")]
     PacketTooLarge { size: usize, max: u32 },
     #[error("reserved packet type {0} [MQTT-2.1.2]")]
@@ -19,6 +21,8 @@ pub enum DecodeError {
     InvalidHeaderFlags { packet: &'static str, flags: u8 },
     #[error("QoS 3 is not a valid QoS [MQTT-3.3.1-4]")]
     InvalidQoS,
+    #[error("subscription option Maximum QoS 3 [MQTT-3.8.3.1]")]
+    InvalidSubscriptionQoS,
     #[error("DUP flag set on a QoS 0 PUBLISH [MQTT-3.3.1-2]")]
     DupOnQoS0,
     #[error("packet ends before its fields do [MQTT-1.5.5]")]
@@ -43,6 +47,8 @@ pub enum DecodeError {
     WildcardInTopicName,
     #[error("topic name is empty [MQTT-4.7.3-1]")]
     EmptyTopicName,
+    #[error("PUBLISH with an empty topic name and no Topic Alias [MQTT-3.3.2-1] [MQTT-4.7.3-1]")]
+    EmptyTopicWithoutAlias,
     #[error("topic filter is empty [MQTT-4.7.3-1]")]
     EmptyTopicFilter,
     #[error("wildcard not on a whole level, or '#' not last [MQTT-4.7.1-2] [MQTT-4.7.1-3]")]
@@ -84,11 +90,23 @@ impl DecodeError {
                 ReasonCode::UNSUPPORTED_PROTOCOL_VERSION
             }
             WildcardInTopicName | EmptyTopicName => ReasonCode::TOPIC_NAME_INVALID,
+            // A Topic Alias of 0 [MQTT-3.3.2-8].
+            InvalidPropertyValue(0x23) => ReasonCode::TOPIC_ALIAS_INVALID,
+            // What §2.2.2.2, §3.3.2.3 and §3.8 call a Protocol Error: a property twice, a
+            // value out of its range (Receive Maximum 0, Subscription Identifier 0, ...), a
+            // SUBSCRIBE or UNSUBSCRIBE with no filter, Maximum QoS or Retain Handling 3, an
+            // empty topic without an alias.
             DuplicateProperty(_)
-            | PropertyNotAllowed { .. }
+            | InvalidPropertyValue(_)
             | ZeroPacketId
             | SharedNoLocal
+            | NoTopicFilters
+            | InvalidSubscriptionQoS
+            | InvalidRetainHandling
+            | EmptyTopicWithoutAlias
             | PacketTypeNotInVersion(_) => ReasonCode::PROTOCOL_ERROR,
+            // A property not valid for its packet type, an unknown one, a value not of its
+            // data type, anything else in the wrong shape: Malformed Packet (§2.2.2.2).
             _ => ReasonCode::MALFORMED_PACKET,
         }
     }

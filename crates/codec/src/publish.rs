@@ -75,7 +75,7 @@ impl Publish {
             Properties::default()
         };
         if topic.is_empty() && properties.topic_alias.is_none() {
-            return Err(DecodeError::EmptyTopicName);
+            return Err(DecodeError::EmptyTopicWithoutAlias);
         }
         let payload = buf.split_to(buf.remaining());
         Ok(Publish {

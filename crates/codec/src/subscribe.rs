@@ -37,7 +37,7 @@ impl SubscriptionOptions {
     }
 
     fn decode(byte: u8, version: ProtocolVersion) -> Result<SubscriptionOptions, DecodeError> {
-        let qos = QoS::from_u8(byte & 0x03).ok_or(DecodeError::InvalidQoS)?;
+        let qos = QoS::from_u8(byte & 0x03).ok_or(DecodeError::InvalidSubscriptionQoS)?;
         if !version.is_v5() {
             // [MQTT-3-8.3-4] in 3.1.1: the upper six bits are reserved.
             if byte & 0xfc != 0 {

@@ -50,6 +50,10 @@ pub fn parse_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
         };
         value |= u32::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
+            // A last byte of 0 after others: the value fits in fewer bytes.
+            if i > 0 && b == 0 {
+                return Err(DecodeError::NonMinimalVarInt);
+            }
             return Ok(Some((value, i + 1)));
         }
     }
