@@ -228,12 +228,14 @@ async fn stalled_subscribers_stay_within_bounds_and_do_not_slow_the_others() {
 
     // Bounded memory. The stalled sessions may hold their bounds: a QoS 1 queue of 4 MiB
     // (twice that with the flow-control band), 1 MiB of QoS 0 outbox, the in-flight window and
-    // write buffers: 16 MiB is ample. The allocator keeps freed pages for about a second
-    // (`dirty_decay_ms`), so a second of the traffic flowing through comes on top.
+    // write buffers: 24 MiB is ample. The allocator keeps freed pages for about a second
+    // (`dirty_decay_ms`), so a second of the traffic flowing through comes on top, twice the
+    // average second because traffic comes in bursts. Without the bounds, memory grows by
+    // about what is published (checked: +486 MiB), far past this.
     let per_second_mib = published_b as f64 / 1048576.0 / 7.0;
-    let limit_mib = 16.0 + per_second_mib;
+    let limit_mib = 24.0 + 2.0 * per_second_mib;
     assert!(
-        published_b as f64 / 1048576.0 > 3.0 * limit_mib,
+        published_b as f64 / 1048576.0 > 1.5 * limit_mib,
         "too little was published ({published_b} bytes) for the memory check to mean anything"
     );
     assert!(
