@@ -521,12 +521,16 @@ impl Server {
             .admin
             .map(|a| tokio::spawn(a.run(config_reload.clone(), admin_stop.clone())));
         let total = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        // Listeners and connections stop on their own token, cancelled only once the drain
+        // deadline is set: a connection that saw the shutdown first would find no deadline
+        // and close without draining.
+        let connections = CancellationToken::new();
         for listener in self.listeners {
             tracing::info!(addr = %listener.describe(), protocol = %listener.config.protocol, "listening");
             accept_tasks.push(tokio::spawn(listener.run(
                 self.broker.clone(),
                 total.clone(),
-                shutdown.clone(),
+                connections.clone(),
                 tracker.clone(),
             )));
         }
@@ -538,6 +542,7 @@ impl Server {
         // the tasks to end.
         let deliver_for = grace.saturating_sub(crate::driver::DRAIN_CLOSE + DRAIN_SLACK);
         self.broker.begin_drain(drain_started + deliver_for);
+        connections.cancel();
         for task in accept_tasks {
             let _ = task.await;
         }
