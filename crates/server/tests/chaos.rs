@@ -11,30 +11,10 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tables(admin: u16) -> String {
     format!(
         "[storage]\nmode = \"memory\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\ntoken = \"t\"\n"
     )
-}
-
-async fn metric(admin: u16, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
 /// Waits until `name` reads `want`.

@@ -32,14 +32,6 @@ fn tables(admin_port: u16) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Nanoseconds since `base`, written at the front of each payload for latency.
 fn stamp(base: Instant) -> u64 {
     base.elapsed().as_nanos() as u64
@@ -95,18 +87,6 @@ fn p99(mut values: Vec<u64>) -> Duration {
     assert!(!values.is_empty(), "no latency samples");
     values.sort_unstable();
     Duration::from_nanos(values[(values.len() * 99 / 100).min(values.len() - 1)])
-}
-
-async fn metric(admin: u16, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
 #[tokio::test]

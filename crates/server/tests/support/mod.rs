@@ -190,7 +190,7 @@ impl Drop for Broker {
 }
 
 /// A port nobody listens on right now (the OS picks it; we release it for the broker).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let probe = StdListener::bind("127.0.0.1:0").expect("bind a probe listener");
     probe.local_addr().expect("probe address").port()
 }
@@ -490,4 +490,18 @@ pub fn assert_close_time(
         elapsed <= expected + late,
         "{what}: closed after {elapsed:?}, later than {expected:?} + {late:?}"
     );
+}
+
+/// One series of the broker's `/metrics` on admin port `admin`: `name` is the whole series
+/// name with labels and a trailing space (e.g. `petrel_connections `).
+pub async fn metric(admin: u16, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
