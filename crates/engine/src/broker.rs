@@ -633,6 +633,7 @@ impl Broker {
                         packet_id,
                         delivery: delivery.clone(),
                         stage,
+                        hold: 0,
                     })
                 };
                 let restored = match d.stage {

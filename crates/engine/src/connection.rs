@@ -35,7 +35,7 @@ use crate::broker::Broker;
 use crate::limits::Limits;
 use crate::message::Message;
 use crate::session::{
-    ClientInfo, Delivery, Egress, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES,
+    ClientInfo, Delivery, Egress, Held, Journal, Owner, Session, TopicAliases, NEVER_EXPIRES,
 };
 use crate::shared;
 use crate::stats::{version_index, Stats};
@@ -234,12 +234,12 @@ struct Attached {
     pause: Option<Pause>,
     /// The enhanced authentication method CONNECT used, if any.
     enhanced: Option<Box<Enhanced>>,
-    /// PUBACK/PUBREC packets waiting for the store to make their message durable, with the
-    /// durability token each waits for.
-    /// Boxed: allocated only while an acknowledgement waits, so an idle connection carries
-    /// one pointer.
+    /// What waits for the store, in the order it is to be written, with the durability token
+    /// each waits for: PUBACK/PUBREC packets until their message is durable, and held
+    /// deliveries ([`Held`]).
+    /// Boxed: allocated only while something waits, so an idle connection carries one pointer.
     #[allow(clippy::box_collection)]
-    pending_acks: Option<Box<std::collections::VecDeque<(u64, Packet)>>>,
+    pending_acks: Option<Box<std::collections::VecDeque<(u64, Pending)>>>,
     /// The user name CONNECT gave, which the ACL's rules and `%u` refer to. Boxed: an idle
     /// connection without one pays a pointer, not a string.
     username: Option<Box<MqttString>>,
@@ -247,6 +247,15 @@ struct Attached {
     allowance: Option<Box<Allowance>>,
     /// The broker's ACL generation `egress.acl` was compiled from.
     acl_generation: u64,
+}
+
+/// Output waiting for a durability token.
+#[derive(Debug)]
+enum Pending {
+    /// A PUBACK or PUBREC, encoded when it goes out.
+    Ack(Packet),
+    /// PUBLISH (and PUBREL) packets a drain held, already encoded.
+    Frames(bytes::Bytes),
 }
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
@@ -448,6 +457,12 @@ impl Connection {
             },
             State::Closed => None,
         }
+    }
+
+    /// Whether output waits for the store (acknowledgements, held deliveries): written by
+    /// `poll_deliver` once durable. A draining server waits for it.
+    pub fn holds_output(&self) -> bool {
+        matches!(&self.state, State::Connected(a) if a.pending_acks.is_some())
     }
 
     /// Whether reading from the client is paused by flow control. The driver then reads
@@ -1085,6 +1100,7 @@ impl Connection {
             properties,
         };
         self.write(&Packet::ConnAck(connack), version);
+        let mut pending_acks = None;
         {
             let mut st = attach.session.lock();
             // A disconnect an operator asked of an earlier connection is not this one's.
@@ -1100,9 +1116,17 @@ impl Connection {
                     store: self.broker.store(),
                     client_id: &attach.session.client_id,
                 };
-                let too_large = st.resend_inflight(&mut egress, now, &mut self.out, journal);
+                let mut held = Held::new(self.broker.store().durable(), false);
+                let too_large =
+                    st.resend_inflight(&mut egress, now, &mut self.out, &mut held, journal);
                 if too_large > 0 {
                     Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
+                }
+                if !held.frames.is_empty() {
+                    pending_acks = Some(Box::new(std::collections::VecDeque::from([(
+                        held.until,
+                        Pending::Frames(held.frames.freeze()),
+                    )])));
                 }
             }
         }
@@ -1124,7 +1148,7 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             pause: None,
-            pending_acks: None,
+            pending_acks,
             username: connect.username.clone().map(Box::new),
             allowance: Allowance::new(&self.broker.limits(), now),
             acl_generation,
@@ -1253,6 +1277,7 @@ impl Connection {
             }
         }
         let mut inbound_token = 0;
+        let mut persistent_qos2 = None;
         if qos == QoS::ExactlyOnce {
             let Some(id) = packet_id else {
                 return Err(Violation::Malformed(DecodeError::ZeroPacketId).into());
@@ -1275,24 +1300,39 @@ impl Connection {
                 return Err(Violation::ReceiveMaximumExceeded.into());
             }
             st.inbound_qos2.insert(id.get());
-            // Durable before PUBREC: after a restart the repeat is still recognised.
-            if st.persistent() {
-                inbound_token =
-                    self.broker
-                        .store()
-                        .inbound_qos2(&session.client_id, id.get(), true);
-            }
+            persistent_qos2 = st.persistent().then_some(id);
         }
         let mut message = Message::from_publish(publish, topic, session.id, now);
         message.retain = retain;
-        let message = Arc::new(message);
-        // Acknowledged once the retained change, too, is durable.
-        let retain_token = if retain {
-            self.broker.retain(&message)
-        } else {
-            0
+        let broker = self.broker.clone();
+        let publish_message = |inbound_token: u64, mut message: Message| {
+            // Delivered to nobody before its packet id is durable.
+            message.hold = inbound_token;
+            let message = Arc::new(message);
+            // Acknowledged once the retained change, too, is durable.
+            let retain_token = if retain { broker.retain(&message) } else { 0 };
+            let routed = broker.route(&message);
+            (message, retain_token, routed)
         };
-        let routed = self.broker.route(&message);
+        let (message, retain_token, routed) = match persistent_qos2 {
+            // The packet id is durable before PUBREC, so that after a restart the repeat is
+            // still recognised; and it lands with the message's queue entries (one group), so
+            // a crash keeps both or neither: nothing acknowledged is lost, nothing sent twice.
+            Some(id) => {
+                let store = broker.store();
+                let mut message = Some(message);
+                let mut result = None;
+                store.together(&mut || {
+                    let Some(message) = message.take() else {
+                        return;
+                    };
+                    inbound_token = store.inbound_qos2(&session.client_id, id.get(), true);
+                    result = Some(publish_message(inbound_token, message));
+                });
+                result.expect("together runs its closure")
+            }
+            None => publish_message(0, message),
+        };
         let stats = &self.broker.stats;
         Stats::add(&stats.messages_received, 1);
         Stats::add(&stats.publish_received[qos as usize], 1);
@@ -1411,12 +1451,12 @@ impl Connection {
         } else {
             a.pending_acks
                 .get_or_insert_with(Default::default)
-                .push_back((token, ack));
+                .push_back((token, Pending::Ack(ack)));
         }
     }
 
-    /// Writes the held acknowledgements that became durable. Returns whether it wrote any;
-    /// registers `cx` with the store while some still wait.
+    /// Writes the held acknowledgements and deliveries that became durable. Returns whether
+    /// it wrote any; registers `cx` with the store while some still wait.
     fn flush_acks(&mut self, cx: &mut Context<'_>) -> bool {
         let broker = self.broker.clone();
         let store = broker.store();
@@ -1431,10 +1471,14 @@ impl Connection {
         loop {
             let durable = store.durable();
             while pending.front().is_some_and(|(t, _)| *t <= durable) {
-                if let Some((_, ack)) = pending.pop_front() {
-                    write_within(&mut self.out, &ack, version, max_packet_size);
-                    wrote = true;
+                match pending.pop_front() {
+                    Some((_, Pending::Ack(ack))) => {
+                        write_within(&mut self.out, &ack, version, max_packet_size);
+                    }
+                    Some((_, Pending::Frames(frames))) => self.out.extend_from_slice(&frames),
+                    None => {}
                 }
+                wrote = true;
             }
             match pending.front() {
                 None => {
@@ -1473,20 +1517,20 @@ impl Connection {
             return Ok(());
         }
         let known = self.with_session(|st, journal| match st.received(id) {
-            Some(d) => {
-                if d.seq != 0 {
-                    journal.store.released(journal.client_id, d.seq, id.get());
-                }
-                true
+            Some(d) if d.seq != 0 => {
+                Some(journal.store.released(journal.client_id, d.seq, id.get()))
             }
-            None => false,
+            Some(_) => Some(0),
+            None => None,
         })?;
-        let reply = if known {
-            PubAck::new(id)
-        } else {
-            PubAck::with_reason(id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)
+        let (token, reply) = match known {
+            Some(token) => (token, PubAck::new(id)),
+            None => (
+                0,
+                PubAck::with_reason(id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND),
+            ),
         };
-        self.send(&Packet::PubRel(reply));
+        self.ack_when_durable(token, Packet::PubRel(reply));
         Ok(())
     }
 
@@ -1494,21 +1538,25 @@ impl Connection {
         let id = ack.packet_id;
         let known = self.with_session(|st, journal| {
             let known = st.inbound_qos2.remove(&id.get());
-            if known && st.persistent() {
+            let token = if known && st.persistent() {
                 journal
                     .store
-                    .inbound_qos2(journal.client_id, id.get(), false);
-            }
-            known
+                    .inbound_qos2(journal.client_id, id.get(), false)
+            } else {
+                0
+            };
+            known.then_some(token)
         })?;
         // PUBCOMP even for an unknown id: the client may be repeating PUBREL after we already
         // completed [MQTT-4.3.3-11].
-        let reply = if known {
-            PubAck::new(id)
-        } else {
-            PubAck::with_reason(id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)
+        let (token, reply) = match known {
+            Some(token) => (token, PubAck::new(id)),
+            None => (
+                0,
+                PubAck::with_reason(id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND),
+            ),
         };
-        self.send(&Packet::PubComp(reply));
+        self.ack_when_durable(token, Packet::PubComp(reply));
         Ok(())
     }
 
@@ -1723,15 +1771,28 @@ impl Connection {
             store: self.broker.store(),
             client_id: &a.session.client_id,
         };
+        // Deliveries already held keep the ones after them behind them.
+        let holding = a
+            .pending_acks
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|(_, p)| matches!(p, Pending::Frames(_))));
+        let mut held = Held::new(self.broker.store().durable(), holding);
         let done = st.drain(
             &mut a.egress,
             now,
             &mut self.out,
+            &mut held,
             OUT_HIGH_WATER,
             &self.broker.limits(),
             &mut wake,
             journal,
         );
+        if !held.frames.is_empty() {
+            // Written by `flush_acks` once durable: the caller polls again after a Ready.
+            a.pending_acks
+                .get_or_insert_with(Default::default)
+                .push_back((held.until, Pending::Frames(held.frames.freeze())));
+        }
         if done.sent + done.expired + done.too_large + done.denied > 0 {
             drop(st);
             wake.into_iter().for_each(std::task::Waker::wake);

@@ -39,6 +39,11 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The durable store's id for this message, once a persistent session queued it.
     pub store_id: OnceLock<u64>,
+    /// No delivery of it is written to a client before this durability token is durable
+    /// (0: none to wait for). A QoS 2 message from a persistent session waits for its packet
+    /// id record: delivered earlier, a crash would let the unacknowledged publisher send it
+    /// again as a new message.
+    pub hold: u64,
     /// Encoded QoS 0 PUBLISH frames: [3.x retain=0, 3.x retain=1, 5.0 retain=0, 5.0 retain=1].
     qos0_frames: [OnceLock<Bytes>; 4],
 }
@@ -72,6 +77,7 @@ impl Message {
             origin,
             expires_at: None,
             store_id: OnceLock::new(),
+            hold: 0,
             qos0_frames: Default::default(),
         }
     }
@@ -140,6 +146,7 @@ impl Message {
             self.origin,
         );
         copy.expires_at = self.expires_at;
+        copy.hold = self.hold;
         copy
     }
 

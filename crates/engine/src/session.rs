@@ -236,6 +236,46 @@ pub struct Inflight {
     pub packet_id: PacketId,
     pub delivery: Delivery,
     pub stage: InflightStage,
+    /// The durability token its PUBLISH waited for (see [`Held`]); a resend waits for it too.
+    pub hold: u64,
+}
+
+/// Where `drain` writes PUBLISH packets that may not reach the client yet: a QoS 2 message
+/// from a persistent publisher before its packet id is durable ([`Message::hold`]), and a
+/// QoS 2 delivery to a persistent session before the packet id it goes out with is. Once one
+/// is held, every later packet of the pass is held behind it, so the client still receives
+/// them in order; the connection writes `frames` when `until` is durable.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// The store's durable token when the pass began.
+    pub durable: u64,
+    /// Earlier frames of this connection still wait: everything waits behind them.
+    pub active: bool,
+    pub frames: BytesMut,
+    /// The token `frames` wait for.
+    pub until: u64,
+}
+
+impl Held {
+    pub fn new(durable: u64, active: bool) -> Held {
+        Held {
+            durable,
+            active,
+            frames: BytesMut::new(),
+            until: 0,
+        }
+    }
+
+    /// The buffer a packet that needs token `need` durable goes to.
+    fn buffer<'a>(&'a mut self, out: &'a mut BytesMut, need: u64) -> &'a mut BytesMut {
+        if self.active || need > self.durable {
+            self.active = true;
+            self.until = self.until.max(need);
+            &mut self.frames
+        } else {
+            out
+        }
+    }
 }
 
 /// What became of an offered message that was queued.
@@ -743,6 +783,7 @@ impl SessionState {
         egress: &mut Egress,
         now: Instant,
         out: &mut BytesMut,
+        held: &mut Held,
         max_out: usize,
         limits: &Limits,
         wake: &mut Vec<Waker>,
@@ -750,7 +791,7 @@ impl SessionState {
     ) -> Drained {
         let mut done = Drained::default();
         let mut moved = false;
-        while out.len() < max_out && self.has_sendable(egress.window) {
+        while out.len() + held.frames.len() < max_out && self.has_sendable(egress.window) {
             let Some(d) = self.pop() else { break };
             moved = true;
             if d.message.is_expired(now) {
@@ -769,6 +810,16 @@ impl SessionState {
             }
             let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.peek_packet_id());
             let (qos_index, payload_len) = (d.qos as usize, d.message.payload.len() as u64);
+            let mut need = d.message.hold;
+            // Only QoS 2 needs its packet id back after a restart (the client de-duplicates
+            // by it); a QoS 1 message is simply sent again.
+            if let Some(packet_id) = packet_id.filter(|_| d.seq != 0 && d.qos == QoS::ExactlyOnce) {
+                need = need.max(
+                    journal
+                        .store
+                        .sent(journal.client_id, d.seq, packet_id.get()),
+                );
+            }
             let written = d.message.write_delivery(
                 egress,
                 d.qos,
@@ -777,7 +828,7 @@ impl SessionState {
                 false,
                 d.subscription_ids(),
                 now,
-                out,
+                held.buffer(out, need),
             );
             if written.is_err() {
                 journal.dequeued(&d);
@@ -786,17 +837,11 @@ impl SessionState {
             }
             if let Some(packet_id) = packet_id {
                 self.next_packet_id = packet_id.get().checked_add(1).unwrap_or(1);
-                // Only QoS 2 needs its packet id back after a restart (the client
-                // de-duplicates by it); a QoS 1 message is simply sent again.
-                if d.seq != 0 && d.qos == QoS::ExactlyOnce {
-                    journal
-                        .store
-                        .sent(journal.client_id, d.seq, packet_id.get());
-                }
                 self.inflight.push_back(Inflight {
                     packet_id,
                     delivery: d,
                     stage: InflightStage::Published,
+                    hold: need,
                 });
             }
             done.sent += 1;
@@ -813,7 +858,8 @@ impl SessionState {
 
     /// Writes every unacknowledged outbound message again, in order, for a resumed session:
     /// PUBLISH with DUP set, or PUBREL where PUBREC already arrived [MQTT-4.4.0-1]. A PUBLISH
-    /// whose delivery has started is sent even if its message expired since. One that the new
+    /// whose delivery has started is sent even if its message expired since; one whose first
+    /// sending still waited for the store waits again (into `held`). One that the new
     /// connection's Maximum Packet Size no longer admits is dropped as delivered
     /// [MQTT-3.1.2-25], so it does not hold a window slot; the count of those is returned.
     pub fn resend_inflight(
@@ -821,6 +867,7 @@ impl SessionState {
         egress: &mut Egress,
         now: Instant,
         out: &mut BytesMut,
+        held: &mut Held,
         journal: Journal<'_>,
     ) -> usize {
         let mut too_large = 0;
@@ -835,7 +882,7 @@ impl SessionState {
                     true,
                     d.subscription_ids(),
                     now,
-                    out,
+                    held.buffer(out, f.hold),
                 );
                 if written.is_err() {
                     journal.dequeued(d);
@@ -847,7 +894,7 @@ impl SessionState {
                 let _ = petrel_codec::encode(
                     &Packet::PubRel(PubAck::new(f.packet_id)),
                     egress.version,
-                    out,
+                    held.buffer(out, 0),
                 );
                 true
             }

@@ -45,20 +45,32 @@ pub trait Store: Send + Sync + 'static {
     /// A QoS 1/2 message was queued for a persistent session at `seq` (its place in that
     /// session's queue). Returns the write's durability token.
     fn enqueued(&self, client_id: &str, seq: u64, delivery: &Delivery) -> u64;
-    /// It was sent to the client with `packet_id`.
-    fn sent(&self, client_id: &str, seq: u64, packet_id: u16);
+    /// It is being sent to the client with `packet_id` (only QoS 2 deliveries report this).
+    /// Returns the write's durability token: the PUBLISH is written to the client only once
+    /// it is durable, so that after a crash the message goes out again with the same packet
+    /// id, which the client recognises, and not as a new message.
+    fn sent(&self, client_id: &str, seq: u64, packet_id: u16) -> u64;
     /// PUBREC arrived for it (sent with `packet_id`): only the PUBREL/PUBCOMP exchange
-    /// remains.
-    fn released(&self, client_id: &str, seq: u64, packet_id: u16);
+    /// remains. Returns the write's durability token: PUBREL waits for it, so that a crash
+    /// cannot bring back a PUBLISH the client has already released and forgotten.
+    fn released(&self, client_id: &str, seq: u64, packet_id: u16) -> u64;
     /// It left the session: delivered (PUBACK, PUBCOMP), dropped or given to another member.
     /// `qos` is the delivery's (only QoS 2 deliveries report `sent`).
     fn dequeued(&self, client_id: &str, seq: u64, message: &Message, qos: QoS);
     /// An inbound QoS 2 packet id awaiting PUBREL was recorded (`present`) or released.
-    /// Returns the write's durability token.
+    /// Returns the write's durability token: PUBREC waits for the record, PUBCOMP for its
+    /// removal (after PUBCOMP the client may use the id for a new message, which a record
+    /// brought back by a crash would take for a repeat).
     fn inbound_qos2(&self, client_id: &str, packet_id: u16, present: bool) -> u64;
     /// A will waiting for its Will Delay Interval (`Some`: until the instant given), or no
     /// longer waiting (`None`: sent, cancelled by a reconnect).
     fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>);
+    /// Runs `f` so that the changes it reports become durable together (one group): a QoS 2
+    /// PUBLISH records its packet id and routes in one, so a crash keeps both or neither.
+    /// Runs `f` exactly once; `f` must not call `together` again.
+    fn together(&self, f: &mut dyn FnMut()) {
+        f();
+    }
     /// The highest durability token whose write is durable under the store's policy.
     fn durable(&self) -> u64;
     /// Asks for `waker` to be woken once `token` is durable; false if it already is.
@@ -109,8 +121,12 @@ impl Store for Volatile {
     fn enqueued(&self, _: &str, _: u64, _: &Delivery) -> u64 {
         0
     }
-    fn sent(&self, _: &str, _: u64, _: u16) {}
-    fn released(&self, _: &str, _: u64, _: u16) {}
+    fn sent(&self, _: &str, _: u64, _: u16) -> u64 {
+        0
+    }
+    fn released(&self, _: &str, _: u64, _: u16) -> u64 {
+        0
+    }
     fn dequeued(&self, _: &str, _: u64, _: &Message, _: QoS) {}
     fn inbound_qos2(&self, _: &str, _: u16, _: bool) -> u64 {
         0

@@ -233,7 +233,8 @@ where
         match conn.poll_deliver(cx, Instant::now()) {
             Poll::Ready(Ok(())) => return Poll::Ready(Event::Delivered),
             Poll::Ready(Err(reason)) => return Poll::Ready(Event::Closed(reason)),
-            Poll::Pending if draining && conn.output().is_empty() => {
+            // Drained once nothing is left to write, nor waits for the store to be written.
+            Poll::Pending if draining && conn.output().is_empty() && !conn.holds_output() => {
                 return Poll::Ready(Event::Drained)
             }
             Poll::Pending => {}

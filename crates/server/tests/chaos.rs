@@ -190,3 +190,173 @@ async fn a_takeover_storm_on_one_client_id_ends_with_one_session() {
     still_serves(broker.addr).await;
     assert!(!broker.log().contains("panicked"));
 }
+
+fn connect_persistent(client_id: &str) -> Vec<u8> {
+    let mut c = connect_v311(client_id, 120);
+    c[9] = 0x00; // Clean Session 0
+    c
+}
+
+/// Connects `client_id` with its session kept; `Err` with why, instead of failing, so a storm
+/// task can report it. SYNs dropped by a full accept backlog are retried by the kernel.
+async fn storm_connect(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    session_present: u8,
+) -> Result<RawClient, String> {
+    let mut c = RawClient::try_connect(addr)
+        .await
+        .map_err(|e| format!("{client_id}: connect: {e}"))?;
+    c.try_send(&connect_persistent(client_id))
+        .await
+        .map_err(|e| format!("{client_id}: send CONNECT: {e}"))?;
+    let connack = c
+        .packet(STORM_WAIT)
+        .await
+        .map_err(|e| format!("{client_id}: no CONNACK: {e:?}"))?;
+    if connack != [0x20, 0x02, session_present, 0x00] {
+        return Err(format!("{client_id}: CONNACK {connack:02x?}"));
+    }
+    Ok(c)
+}
+
+const STORM_CLIENTS: usize = 10_000;
+const STORM_WAIT: Duration = Duration::from_secs(60);
+const STORM_MESSAGES: usize = 3;
+
+/// A reconnect storm: 10,000 persistent subscribers lose their connections at once (no
+/// DISCONNECT, as when a network link drops) while messages are published for them, then all
+/// come back at the same moment. Every one is accepted with its session, receives every
+/// message queued for it, and once they all leave the broker holds no connection state and no
+/// more descriptors than before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_of_ten_thousand_clients() {
+    let _machine = heavy().await;
+    // Both processes hold one descriptor per client, plus a few of their own.
+    if let Err(why) = raise_open_files_limit(STORM_CLIENTS as u64 + 200) {
+        panic!("cannot open {STORM_CLIENTS} sockets: {why}");
+    }
+    let admin = free_port();
+    let broker = Broker::start_with("", &tables(admin));
+    let addr = broker.addr;
+    let fds_before = broker.open_fds();
+
+    // 10,000 persistent sessions subscribed to one topic, connected in batches.
+    let mut clients = Vec::with_capacity(STORM_CLIENTS);
+    for batch in 0..STORM_CLIENTS / 200 {
+        let mut tasks = Vec::new();
+        for i in batch * 200..(batch + 1) * 200 {
+            tasks.push(tokio::spawn(async move {
+                let mut c = storm_connect(addr, &format!("storm-{i:05}"), 0).await?;
+                c.try_send(&subscribe(1, "storm/all", 1))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match c.packet(STORM_WAIT).await {
+                    Ok(p) if p == suback(1, 1) => Ok(c),
+                    other => Err(format!("storm-{i:05}: SUBACK {other:02x?}")),
+                }
+            }));
+        }
+        for t in tasks {
+            clients.push(
+                t.await
+                    .expect("client task")
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+    }
+    settles(admin, "petrel_connections ", STORM_CLIENTS as f64).await;
+
+    // The link drops: every socket closes at once, without DISCONNECT.
+    drop(clients);
+    settles(admin, "petrel_connections ", 0.0).await;
+    settles(
+        admin,
+        "petrel_sessions{state=\"offline\"} ",
+        STORM_CLIENTS as f64,
+    )
+    .await;
+    let mut publ = RawClient::connected(addr, "storm-pub", 60).await;
+    for n in 0..STORM_MESSAGES {
+        let id = n as u16 + 1;
+        publ.send(&publish("storm/all", 1, id, format!("m{n}").as_bytes()))
+            .await;
+        publ.expect(&puback(id), WAIT).await;
+    }
+    drop(publ);
+    settles(
+        admin,
+        "petrel_queued_messages ",
+        (STORM_CLIENTS * STORM_MESSAGES) as f64,
+    )
+    .await;
+
+    // ...and comes back: all 10,000 reconnect at the same moment.
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(STORM_CLIENTS);
+    for i in 0..STORM_CLIENTS {
+        tasks.push(tokio::spawn(async move {
+            let id = format!("storm-{i:05}");
+            let mut c = storm_connect(addr, &id, 1).await?;
+            let mut got = std::collections::BTreeSet::new();
+            while got.len() < STORM_MESSAGES {
+                let p = c
+                    .packet(STORM_WAIT)
+                    .await
+                    .map_err(|e| format!("{id}: after {got:?}: {e:?}"))?;
+                if p[0] & 0xf0 != 0x30 {
+                    return Err(format!("{id}: unexpected {p:02x?}"));
+                }
+                got.insert(String::from_utf8_lossy(publish_payload(&p)).into_owned());
+                c.try_send(&puback(publish_packet_id(&p)))
+                    .await
+                    .map_err(|e| format!("{id}: PUBACK: {e}"))?;
+            }
+            Ok::<_, String>(c)
+        }));
+    }
+    let mut back = Vec::with_capacity(STORM_CLIENTS);
+    let mut failures = Vec::new();
+    for t in tasks {
+        match t.await.expect("storm task") {
+            Ok(c) => back.push(c),
+            Err(e) => failures.push(e),
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{} of {STORM_CLIENTS} clients failed the storm, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    println!(
+        "{STORM_CLIENTS} clients reconnected and received {STORM_MESSAGES} queued messages each in {took:?}; broker RSS {} KiB",
+        broker.rss_kib()
+    );
+    settles(admin, "petrel_connections ", STORM_CLIENTS as f64).await;
+    settles(admin, "petrel_queued_messages ", 0.0).await;
+    assert_eq!(
+        metric(admin, "petrel_connects_total ").await,
+        (2 * STORM_CLIENTS + 1) as f64,
+        "every CONNECT accepted, none refused"
+    );
+
+    // They leave properly this time; nothing stays behind.
+    for c in back.iter_mut() {
+        c.send(&[0xe0, 0x00]).await;
+    }
+    drop(back);
+    settles(admin, "petrel_connections ", 0.0).await;
+    let deadline = Instant::now() + WAIT;
+    while broker.open_fds() > fds_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the broker holds {} descriptors, {fds_before} before the storm",
+            broker.open_fds()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    still_serves(addr).await;
+    assert!(!broker.log().contains("panicked"), "{}", broker.log());
+}

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,12 @@ use crate::{lock, Fsync, Parts};
 /// What hooks and the commit thread share; hooks hold `state` only to record a change.
 pub(crate) struct Shared {
     pub state: Mutex<State>,
+    /// Held shared while a group of changes that must land together is recorded
+    /// ([`petrel_engine::store::Store::together`]), and exclusively by the commit thread
+    /// while it rotates the buffer, so such a group never straddles two generations. Lock
+    /// order: `groups`, then `state`. (std's RwLock on Linux prefers a waiting writer, so a
+    /// stream of groups cannot starve the rotation.)
+    pub groups: RwLock<()>,
     /// Wakes the commit thread when it is idle.
     pub kick: Condvar,
     /// The highest token whose change is durable under the policy.
@@ -121,6 +127,7 @@ impl Shared {
                 sync_requested: false,
                 stop: false,
             }),
+            groups: RwLock::new(()),
             kick: Condvar::new(),
             durable: AtomicU64::new(0),
             synced: AtomicU64::new(0),
@@ -170,6 +177,13 @@ pub(crate) fn run(shared: &Shared, keyspace: &Keyspace, parts: &Parts, fsync: Fs
                     .0;
                 st.idle = false;
             }
+            // Rotate only between groups: wait for those being recorded, hold new ones off.
+            drop(st);
+            let _groups = shared
+                .groups
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut st = lock(&shared.state);
             let sync_requested = std::mem::take(&mut st.sync_requested);
             let (group, target) = if sync_requested || st.stop {
                 (st.pending.take_all(), st.written)

@@ -436,22 +436,31 @@ impl Store for DiskStore {
         })
     }
 
-    fn sent(&self, client_id: &str, seq: u64, packet_id: u16) {
+    fn sent(&self, client_id: &str, seq: u64, packet_id: u16) -> u64 {
         let key = client_key(client_id, &seq.to_be_bytes());
         let stage = stage_record(1, packet_id).to_vec();
         self.change(|st| {
             st.pending
                 .put(Part::Inflight, key, Value::Bytes(stage), true)
-        });
+        })
     }
 
-    fn released(&self, client_id: &str, seq: u64, packet_id: u16) {
+    fn together(&self, f: &mut dyn FnMut()) {
+        let _group = self
+            .shared
+            .groups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f();
+    }
+
+    fn released(&self, client_id: &str, seq: u64, packet_id: u16) -> u64 {
         let key = client_key(client_id, &seq.to_be_bytes());
         let stage = stage_record(2, packet_id).to_vec();
         self.change(|st| {
             st.pending
                 .put(Part::Inflight, key, Value::Bytes(stage), false)
-        });
+        })
     }
 
     fn dequeued(&self, client_id: &str, seq: u64, message: &Message, qos: QoS) {

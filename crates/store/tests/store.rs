@@ -409,3 +409,36 @@ fn churning_sessions_leave_nothing_behind() {
         "{space} bytes on disk after churn"
     );
 }
+
+/// A group (`Store::together`) lands whole: while one is being recorded the commit thread
+/// does not rotate the buffer, so nothing recorded in it becomes durable before the group's
+/// last change can. Without that, a QoS 2 packet id could land without the queue entries of
+/// its message (lost after a crash) or they without it (delivered twice).
+#[test]
+fn a_group_of_changes_lands_together() {
+    let dir = Dir::new("together");
+    let (store, _) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
+    store.session_opened("g", 60);
+    for round in 0..5u16 {
+        let mut tokens = (0, 0);
+        store.together(&mut || {
+            let first = store.inbound_qos2("g", round * 2 + 1, true);
+            // Rounds go on meanwhile: other clients' changes keep the commit thread busy.
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(30) {
+                store.session_opened("other", 60);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                store.durable() < first,
+                "round {round}: part of a group became durable while it was being recorded"
+            );
+            tokens = (first, store.inbound_qos2("g", round * 2 + 2, true));
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.durable() < tokens.1 {
+            assert!(Instant::now() < deadline, "the group never became durable");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}

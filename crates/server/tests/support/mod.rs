@@ -391,6 +391,19 @@ impl RawClient {
         }
     }
 
+    /// As `connect`, reporting a refused connection instead of failing the test (for tests
+    /// that kill the broker on purpose).
+    pub async fn try_connect(addr: SocketAddr) -> std::io::Result<RawClient> {
+        let opened = Instant::now();
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient {
+            stream,
+            buf: Vec::new(),
+            opened,
+        })
+    }
+
     /// Opens a connection and completes a 3.1.1 CONNECT with `keep_alive`.
     pub async fn connected(addr: SocketAddr, client_id: &str, keep_alive: u16) -> RawClient {
         let mut client = RawClient::connect(addr).await;
