@@ -3,7 +3,9 @@
 //! subscribers. After a restart the subscribers come back: every message the broker
 //! acknowledged (PUBACK, PUBREC) is delivered — QoS 2 exactly once, QoS 1 at least once — and
 //! the retained message is intact. The second test does the same with the subscriber online
-//! and acknowledging, where the store skips writing what is acknowledged in time.
+//! and acknowledging, where the store skips writing what is acknowledged in time. The third
+//! kills it during QoS 2 flows with a persistent publisher and subscriber both online and
+//! resuming their exchanges after each restart: every message exactly once.
 
 mod support;
 
