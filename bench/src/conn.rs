@@ -78,6 +78,7 @@ impl Conn {
             will: None,
             username: None,
             password: None,
+            bridge: false,
         };
         let bytes = encode_once(&Packet::Connect(Box::new(connect)), ctx.version)?;
         conn.send(ctx, &bytes).await?;

@@ -45,6 +45,10 @@ pub struct Connect {
     pub will: Option<LastWill>,
     pub username: Option<MqttString>,
     pub password: Option<Bytes>,
+    /// MQTT 3.1/3.1.1 only: the protocol level carried bit 0x80, as the bridges of Mosquitto
+    /// (and petrel) send it, asking the server not to send the client back what it publishes
+    /// (a bridge's loop guard; MQTT 5 has No Local per subscription instead).
+    pub bridge: bool,
 }
 
 impl std::fmt::Debug for Connect {
@@ -74,7 +78,9 @@ impl Connect {
     pub(crate) fn decode(mut buf: Bytes) -> Result<Connect, DecodeError> {
         let name = read_binary(&mut buf)?;
         let level = read_u8(&mut buf)?;
-        let protocol = match (&name[..], level) {
+        // Bit 0x80 marks a 3.x bridge; MQTT 5 has no such thing.
+        let bridge = level & 0x80 != 0 && matches!(level & 0x7f, 3 | 4);
+        let protocol = match (&name[..], level & if bridge { 0x7f } else { 0xff }) {
             (b"MQTT", 4) => ProtocolVersion::V3_1_1,
             (b"MQTT", 5) => ProtocolVersion::V5,
             (b"MQIsdp", 3) => ProtocolVersion::V3_1,
@@ -153,6 +159,7 @@ impl Connect {
             will,
             username,
             password,
+            bridge,
         })
     }
 
@@ -181,7 +188,8 @@ impl Connect {
     pub(crate) fn encode_body(&self, buf: &mut BytesMut) {
         let v5 = self.protocol.is_v5();
         wire::write_binary(buf, self.protocol.protocol_name().as_bytes());
-        buf.put_u8(self.protocol.level());
+        let bridge = if self.bridge && !v5 { 0x80 } else { 0 };
+        buf.put_u8(self.protocol.level() | bridge);
         let mut flags = 0u8;
         if self.clean_start {
             flags |= FLAG_CLEAN;

@@ -340,6 +340,8 @@ fn connect(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                     will,
                     username,
                     password,
+                    // The bridge bit exists before 5.0 only.
+                    bridge: !v.is_v5() && keep_alive % 2 == 1,
                 }))
             },
         )

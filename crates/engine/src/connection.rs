@@ -221,6 +221,9 @@ struct Attached {
     /// v5 Request Problem Information: reason strings and user properties may be sent on
     /// packets other than PUBLISH, CONNACK and DISCONNECT [MQTT-3.1.2-29].
     problem_info: bool,
+    /// A 3.x bridge (CONNECT's protocol level with bit 0x80): its subscriptions are No Local,
+    /// so what it publishes here is not sent back to it.
+    bridge: bool,
     /// Topics the client named by alias (v5 inbound topic aliases), indexed by alias - 1.
     inbound_aliases: Vec<Option<TopicName>>,
     /// 1.5 × keepalive; `None` when the client chose 0.
@@ -257,6 +260,10 @@ enum Pending {
     /// PUBLISH (and PUBREL) packets a drain held, already encoded.
     Frames(bytes::Bytes),
 }
+
+/// Client ids that start with this belong to the broker's own connections (bridges); a
+/// client's CONNECT with one is refused as an invalid client id.
+pub const INTERNAL_CLIENT_PREFIX: &str = "$bridge/";
 
 /// A publisher paused by flow control: nothing more is read from it until `subscriber`'s
 /// queue drains to half, the subscriber is found stalled, or goes away.
@@ -343,6 +350,8 @@ pub struct Connection {
     /// Boxed: most clients have none, and every connection carries the field.
     #[allow(clippy::box_collection)]
     certificate: Option<Box<String>>,
+    /// Made by the broker itself (a bridge's local side): see [`Connection::set_internal`].
+    internal: bool,
 }
 
 /// The reason string of a v5 CONNACK refusal.
@@ -383,6 +392,17 @@ impl Connection {
             out: BytesMut::new(),
             client_max_packet: u32::MAX,
             certificate: None,
+            internal: false,
+        }
+    }
+
+    /// Marks a connection the broker makes itself (a bridge's local side, over an in-memory
+    /// stream): its CONNECT is accepted without the authenticator and no ACL applies (the
+    /// operator's configuration decided what it carries). Only such a connection may use a
+    /// client id that starts with [`INTERNAL_CLIENT_PREFIX`].
+    pub fn set_internal(&mut self) {
+        if let State::AwaitingConnect { .. } = &self.state {
+            self.internal = true;
         }
     }
 
@@ -745,6 +765,13 @@ impl Connection {
             connect.client_id.clone()
         };
 
+        // Reserved for the broker's own connections: a client must not take over a bridge's
+        // session.
+        if !self.internal && client_id.starts_with(INTERNAL_CLIENT_PREFIX) {
+            tracing::debug!(peer = %self.peer, client_id = %client_id, "client id reserved for bridges");
+            return self.refuse(version, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+
         // The will must be one the server can honour [MQTT-3.2.2-12] [MQTT-3.2.2-13].
         if let Some(will) = &connect.will {
             if version.is_v5() && will.qos > limits.maximum_qos {
@@ -766,6 +793,10 @@ impl Connection {
             && connect.properties.authentication_method.is_none()
         {
             return self.refuse(version, ReasonCode::PROTOCOL_ERROR);
+        }
+
+        if self.internal {
+            return self.accept(now, connect, client_id, assigned, None);
         }
 
         // Enhanced authentication (§4.12): the method's exchange decides, through AUTH
@@ -994,7 +1025,7 @@ impl Connection {
         // Topic authorization, compiled for this client. Its will is a message it publishes,
         // checked now rather than dropped silently when the connection ends.
         let acl_generation = self.broker.acl_generation();
-        let acl = self.broker.acl().map(|acl| {
+        let acl = self.broker.acl().filter(|_| !self.internal).map(|acl| {
             Arc::new(acl.for_client(Identity {
                 client_id: &client_id,
                 username: connect.username.as_ref().map(|u| u.as_str()),
@@ -1142,6 +1173,7 @@ impl Connection {
             egress,
             session_expiry,
             problem_info: connect.properties.request_problem_information != Some(0),
+            bridge: connect.bridge,
             inbound_aliases: Vec::new(),
             idle_limit: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
@@ -1425,6 +1457,9 @@ impl Connection {
         let State::Connected(a) = &mut self.state else {
             return;
         };
+        if self.internal {
+            return;
+        }
         if a.acl_generation == generation {
             return;
         }
@@ -1572,8 +1607,12 @@ impl Connection {
     fn handle_subscribe(&mut self, now: Instant, subscribe: Subscribe) -> Result<(), CloseReason> {
         self.refresh_acl();
         let a = self.attached()?;
-        let (version, session, problem_info) =
-            (a.egress.version, a.session.clone(), a.problem_info);
+        let (version, session, problem_info, bridge) = (
+            a.egress.version,
+            a.session.clone(),
+            a.problem_info,
+            a.bridge,
+        );
         let acl = a.egress.acl.clone();
         let limits = &self.broker.limits();
         let subscription_id = match subscribe.properties.subscription_identifiers.first() {
@@ -1612,7 +1651,12 @@ impl Connection {
                 problem.get_or_insert("shared subscriptions are disabled");
                 continue;
             }
-            // No Local on a shared subscription [MQTT-3.8.3-4] is refused by the decoder.
+            // No Local on a shared subscription [MQTT-3.8.3-4] is refused by the decoder. A 3.x
+            // bridge's own subscriptions are No Local (a shared one cannot loop back to it
+            // alone, and stays as it is).
+            if bridge && !shared {
+                options.no_local = true;
+            }
             if !limits.wildcard_subscriptions && filter.has_wildcards() {
                 reasons.push(failure(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED));
                 problem.get_or_insert("wildcard subscriptions are disabled");

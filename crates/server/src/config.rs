@@ -86,6 +86,394 @@ pub struct Config {
         serialize_with = "serialize_duration"
     )]
     pub shutdown_grace: Duration,
+    /// Connections from this broker to other MQTT brokers, one `[[bridges]]`
+    /// table each, with the topics they carry each way.
+    pub bridges: Vec<BridgeConfig>,
+}
+
+/// One `[[bridges]]` entry: this broker connects to another one as a client
+/// and carries the messages of its `topics` each way. Messages going out wait
+/// in a persistent local session ("$bridge/<name>", bounded like any session
+/// by `[mqtt]`) while the remote is unreachable.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [[bridges]] table")]
+pub struct BridgeConfig {
+    /// Required: names the bridge in logs, metrics and the admin API, and its
+    /// local session; letters, digits, "-" and "_", unique.
+    pub name: String,
+    /// Required: the remote broker, "host:port" ("[::1]:1883" for an IPv6
+    /// address). The host name is resolved at each connection attempt.
+    pub address: String,
+    /// "tcp", "tls", "ws" (WebSocket) or "wss" (WebSocket over TLS).
+    pub transport: BridgeTransport,
+    /// ws and wss: the HTTP path of the WebSocket upgrade.
+    pub path: String,
+    /// tls and wss: PEM CA certificates the remote's certificate must chain
+    /// to. Unset: the Mozilla root certificates built into petrel.
+    pub ca_file: Option<PathBuf>,
+    /// tls and wss: a PEM client certificate chain for mutual TLS, with
+    /// `key`.
+    pub cert: Option<PathBuf>,
+    /// tls and wss: the PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// tls and wss: the name the remote's certificate must carry (and SNI).
+    /// Unset: the host of `address`.
+    pub server_name: Option<String>,
+    /// MQTT version spoken to the remote: "5.0" or "3.1.1". With 5.0 the
+    /// remote subscriptions are No Local; with 3.1.1 the CONNECT carries the
+    /// bridge bit that Mosquitto and petrel honour the same way (loop guard).
+    pub version: BridgeVersion,
+    /// The client id at the remote. Empty: "petrel-" and the bridge's name.
+    pub client_id: String,
+    /// The user name at the remote, if it asks for one.
+    pub username: Option<String>,
+    /// The password at the remote. Give this or `password_file`, not both.
+    pub password: Option<String>,
+    /// A file whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// Start a new session at the remote on every connection. false: the
+    /// remote keeps the bridge's subscriptions and what it queued for it
+    /// while the link was down.
+    pub clean_start: bool,
+    /// 5.0: how long the remote keeps the bridge's session after the link
+    /// drops (Session Expiry Interval, whole seconds).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub session_expiry: Duration,
+    /// The keep alive asked of the remote (whole seconds, at most 65535s);
+    /// "0s" turns it off.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub keepalive: Duration,
+    /// From the start of a connection attempt until the remote's CONNACK
+    /// (name resolution, TCP, TLS and WebSocket included).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The wait before the first reconnect attempt; it doubles after each
+    /// failure up to `reconnect_delay_max`, each wait drawn at random between
+    /// half of it and all of it (jitter), and starts over once a link held.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub reconnect_delay: Duration,
+    /// The longest wait between reconnect attempts.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub reconnect_delay_max: Duration,
+    /// Unacknowledged QoS 1/2 messages in each direction (1 to 65535); the
+    /// remote's own Receive Maximum may lower it.
+    pub max_inflight: u16,
+    /// Required, at least one: the topics carried, one `[[bridges.topics]]`
+    /// table each.
+    pub topics: Vec<BridgeTopic>,
+}
+
+/// One `[[bridges.topics]]` entry: which messages a bridge carries, which
+/// way, and under what name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [[bridges.topics]] table")]
+pub struct BridgeTopic {
+    /// "out": messages published here that match `filter` go to the remote;
+    /// "in": messages published at the remote that match `filter` come here.
+    pub direction: BridgeDirection,
+    /// Required: a topic filter ("+" and "#" allowed, no "$share/"), on this
+    /// broker for "out", on the remote for "in".
+    pub filter: String,
+    /// Put in front of the topic on the other side: at the remote for "out",
+    /// here for "in" (e.g. "site1/"). A message matching several rules of a
+    /// direction goes once, under the first rule's prefix.
+    pub prefix: String,
+    /// The highest QoS the messages are carried with (0, 1 or 2).
+    pub qos: u8,
+}
+
+/// How a bridge reaches the remote broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeTransport {
+    #[default]
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+/// The MQTT version a bridge speaks to the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum BridgeVersion {
+    #[serde(rename = "3.1.1")]
+    V3_1_1,
+    #[default]
+    #[serde(rename = "5.0")]
+    V5,
+}
+
+/// Which way a bridge topic rule carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeDirection {
+    /// From this broker to the remote.
+    #[default]
+    Out,
+    /// From the remote to this broker.
+    In,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            name: String::new(),
+            address: String::new(),
+            transport: BridgeTransport::Tcp,
+            path: "/mqtt".to_owned(),
+            ca_file: None,
+            cert: None,
+            key: None,
+            server_name: None,
+            version: BridgeVersion::V5,
+            client_id: String::new(),
+            username: None,
+            password: None,
+            password_file: None,
+            clean_start: false,
+            session_expiry: Duration::from_secs(3600),
+            keepalive: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            reconnect_delay: Duration::from_secs(1),
+            reconnect_delay_max: Duration::from_secs(60),
+            max_inflight: 32,
+            topics: Vec::new(),
+        }
+    }
+}
+
+impl Default for BridgeTopic {
+    fn default() -> Self {
+        BridgeTopic {
+            direction: BridgeDirection::Out,
+            filter: String::new(),
+            prefix: String::new(),
+            qos: 1,
+        }
+    }
+}
+
+impl BridgeTransport {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeTransport::Tcp => "tcp",
+            BridgeTransport::Tls => "tls",
+            BridgeTransport::Ws => "ws",
+            BridgeTransport::Wss => "wss",
+        }
+    }
+
+    /// Whether the transport runs over TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, BridgeTransport::Tls | BridgeTransport::Wss)
+    }
+}
+
+impl BridgeVersion {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeVersion::V3_1_1 => "3.1.1",
+            BridgeVersion::V5 => "5.0",
+        }
+    }
+}
+
+impl BridgeDirection {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeDirection::Out => "out",
+            BridgeDirection::In => "in",
+        }
+    }
+}
+
+impl BridgeConfig {
+    /// The client id used at the remote.
+    pub fn remote_client_id(&self) -> String {
+        if self.client_id.is_empty() {
+            format!("petrel-{}", self.name)
+        } else {
+            self.client_id.clone()
+        }
+    }
+
+    /// The host and port of `address` (brackets of an IPv6 address removed).
+    pub fn host_port(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.address.rsplit_once(':')?;
+        let port = port.parse().ok()?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        (!host.is_empty() && !host.contains(['[', ']', '/', ' '])).then_some((host, port))
+    }
+
+    fn check(&self, i: usize, earlier: &[BridgeConfig]) -> Result<(), Violation> {
+        let key = |name: &str| KeyPath::root().key("bridges").index(i).key(name);
+        let fail = |name: &str, message: String| {
+            Err(Violation {
+                key: key(name),
+                message,
+            })
+        };
+        if self.name.is_empty() {
+            return fail("name", "is required".to_owned());
+        }
+        if !self
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return fail(
+                "name",
+                format!("{:?}: only letters, digits, \"-\" and \"_\"", self.name),
+            );
+        }
+        if let Some(first) = earlier.iter().position(|b| b.name == self.name) {
+            return fail(
+                "name",
+                format!("{:?} is already the name of bridges[{first}]", self.name),
+            );
+        }
+        if self.address.is_empty() {
+            return fail("address", "is required".to_owned());
+        }
+        if self.host_port().is_none() {
+            return fail(
+                "address",
+                format!("{:?} is not \"host:port\"", self.address),
+            );
+        }
+        if matches!(self.transport, BridgeTransport::Ws | BridgeTransport::Wss)
+            && !self.path.starts_with('/')
+        {
+            return fail("path", "must start with \"/\"".to_owned());
+        }
+        if !self.transport.is_tls() {
+            for (name, set) in [
+                ("ca_file", self.ca_file.is_some()),
+                ("cert", self.cert.is_some()),
+                ("key", self.key.is_some()),
+                ("server_name", self.server_name.is_some()),
+            ] {
+                if set {
+                    return fail(
+                        name,
+                        format!(
+                            "only for the tls and wss transports, not {}",
+                            self.transport.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            let missing = if self.cert.is_some() { "key" } else { "cert" };
+            return fail(missing, "cert and key go together".to_owned());
+        }
+        if let Some(name) = &self.server_name {
+            if tokio_rustls::rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return fail(
+                    "server_name",
+                    format!("{name:?} is not a DNS name or IP address"),
+                );
+            }
+        }
+        if self.remote_client_id().len() > usize::from(u16::MAX) {
+            return fail("client_id", "longer than 65535 bytes".to_owned());
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return fail(
+                "password_file",
+                "give password or password_file, not both".to_owned(),
+            );
+        }
+        let has_password = self.password.is_some() || self.password_file.is_some();
+        if has_password && self.username.is_none() && self.version == BridgeVersion::V3_1_1 {
+            return fail(
+                "username",
+                "MQTT 3.1.1 sends a password only with a user name".to_owned(),
+            );
+        }
+        if self.keepalive.as_secs() > u64::from(u16::MAX) || self.keepalive.subsec_nanos() != 0 {
+            return fail("keepalive", "whole seconds, at most 65535s".to_owned());
+        }
+        if self.session_expiry.as_secs() > u64::from(u32::MAX) {
+            return fail("session_expiry", "at most 4294967295s".to_owned());
+        }
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("reconnect_delay", self.reconnect_delay),
+        ] {
+            if value.is_zero() {
+                return fail(name, "must be greater than zero".to_owned());
+            }
+        }
+        if self.reconnect_delay_max < self.reconnect_delay {
+            return fail(
+                "reconnect_delay_max",
+                "must be at least reconnect_delay".to_owned(),
+            );
+        }
+        if self.max_inflight == 0 {
+            return fail("max_inflight", "must be 1 to 65535".to_owned());
+        }
+        if self.topics.is_empty() {
+            return fail(
+                "topics",
+                "at least one [[bridges.topics]] table is required".to_owned(),
+            );
+        }
+        for (t, topic) in self.topics.iter().enumerate() {
+            let key = |name: &str| key("topics").index(t).key(name);
+            let fail = |name: &str, message: String| {
+                Err(Violation {
+                    key: key(name),
+                    message,
+                })
+            };
+            if topic.filter.is_empty() {
+                return fail("filter", "is required".to_owned());
+            }
+            if topic.filter.starts_with("$share/") {
+                return fail(
+                    "filter",
+                    "a bridge cannot take a shared subscription".to_owned(),
+                );
+            }
+            if let Err(e) = petrel_codec::TopicFilter::new(&topic.filter) {
+                return fail("filter", format!("{:?}: {e}", topic.filter));
+            }
+            if topic.prefix.contains(['+', '#', '\0']) {
+                return fail(
+                    "prefix",
+                    format!("{:?}: no wildcards in a topic prefix", topic.prefix),
+                );
+            }
+            if topic.qos > 2 {
+                return fail("qos", format!("{} is not 0, 1 or 2", topic.qos));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[admin]` table: the HTTP listener for operators.
@@ -616,6 +1004,7 @@ impl Default for Config {
             admin: None,
             sys_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            bridges: Vec::new(),
         }
     }
 }
@@ -825,6 +1214,9 @@ impl Config {
                 key: KeyPath::root().key("listeners"),
                 message: "at least one listener is required".to_owned(),
             });
+        }
+        for (i, bridge) in self.bridges.iter().enumerate() {
+            bridge.check(i, &self.bridges[..i])?;
         }
         for (i, listener) in self.listeners.iter().enumerate() {
             if listener.connect_timeout.is_zero() {
@@ -1373,6 +1765,61 @@ pub fn default_config_toml() -> String {
         enabled = admin.enabled,
         bind = admin.bind,
         metrics_require_token = admin.metrics_require_token,
+    ));
+    let bridge = BridgeConfig::default();
+    let topic = BridgeTopic::default();
+    out.push_str(&format!(
+        "\n# Bridges to other MQTT brokers, one [[bridges]] table each (none by\n\
+         # default). Messages going out wait in the local session \"$bridge/<name>\"\n\
+         # while the remote is unreachable.\n\
+         # [[bridges]]\n\
+         # name = \"cloud\"\n\
+         # address = \"broker.example.com:8883\"\n\
+         # \"tcp\", \"tls\", \"ws\" or \"wss\"; ws and wss use path.\n\
+         # transport = \"{transport}\"\n\
+         # path = \"{path}\"\n\
+         # tls and wss: CA certificates (default: the built-in Mozilla roots), a\n\
+         # client certificate, and the name the remote's certificate carries.\n\
+         # ca_file = \"certs/ca.pem\"\n\
+         # cert = \"certs/bridge.pem\"\n\
+         # key = \"certs/bridge.key\"\n\
+         # server_name = \"broker.example.com\"\n\
+         # \"5.0\" or \"3.1.1\".\n\
+         # version = \"{version}\"\n\
+         # The client id at the remote; empty: \"petrel-<name>\".\n\
+         # client_id = \"\"\n\
+         # username = \"edge1\"\n\
+         # password = \"secret\"\n\
+         # password_file = \"/etc/petrel/bridge-password\"\n\
+         # clean_start = {clean_start}\n\
+         # session_expiry = \"{session_expiry}\"\n\
+         # keepalive = \"{keepalive}\"\n\
+         # connect_timeout = \"{connect_timeout}\"\n\
+         # Backoff between attempts: doubles from reconnect_delay up to\n\
+         # reconnect_delay_max, with jitter.\n\
+         # reconnect_delay = \"{reconnect_delay}\"\n\
+         # reconnect_delay_max = \"{reconnect_delay_max}\"\n\
+         # Unacknowledged QoS 1/2 messages each way.\n\
+         # max_inflight = {max_inflight}\n\
+         # One [[bridges.topics]] table per rule. \"out\": local filter, remote\n\
+         # prefix; \"in\": remote filter, local prefix.\n\
+         # [[bridges.topics]]\n\
+         # direction = \"{direction}\"\n\
+         # filter = \"sensors/#\"\n\
+         # prefix = \"\"\n\
+         # qos = {qos}\n",
+        transport = bridge.transport.as_str(),
+        path = bridge.path.escape_default(),
+        version = bridge.version.as_str(),
+        clean_start = bridge.clean_start,
+        session_expiry = humantime::format_duration(bridge.session_expiry),
+        keepalive = humantime::format_duration(bridge.keepalive),
+        connect_timeout = humantime::format_duration(bridge.connect_timeout),
+        reconnect_delay = humantime::format_duration(bridge.reconnect_delay),
+        reconnect_delay_max = humantime::format_duration(bridge.reconnect_delay_max),
+        max_inflight = bridge.max_inflight,
+        direction = topic.direction.as_str(),
+        qos = topic.qos,
     ));
     out
 }

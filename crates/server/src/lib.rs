@@ -20,6 +20,7 @@
 pub mod acl_file;
 pub mod admin;
 mod auth_hook;
+pub mod bridge;
 pub mod config;
 mod driver;
 pub mod listener;

@@ -48,6 +48,8 @@ pub enum ServerError {
     Acl(#[from] crate::acl_file::AclFileError),
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("{0}")]
+    Bridge(#[from] crate::bridge::BridgeError),
     #[error("listeners[{index}].{key}: {message}")]
     Listener {
         index: usize,
@@ -191,6 +193,9 @@ pub fn check_files(config: &Config) -> Result<(), ServerError> {
     }
     if let Some(admin) = config.admin.as_ref().filter(|a| a.enabled) {
         crate::admin::token_from(admin)?;
+    }
+    for (i, bridge) in config.bridges.iter().enumerate() {
+        crate::bridge::Bridge::prepare(i, bridge)?;
     }
     Ok(())
 }
@@ -345,6 +350,8 @@ pub struct Server {
     config: Config,
     /// The operations listener, if it runs.
     admin: Option<crate::admin::AdminServer>,
+    /// The bridges to other brokers, started by `run`.
+    bridges: Vec<crate::bridge::Bridge>,
 }
 
 impl Server {
@@ -432,11 +439,25 @@ impl Server {
                  login. Set allow_anonymous = false with [[auth.users]], or bind to 127.0.0.1"
             );
         }
+        let bridges = config
+            .bridges
+            .iter()
+            .enumerate()
+            .map(|(i, b)| crate::bridge::Bridge::prepare(i, b))
+            .collect::<Result<Vec<_>, _>>()?;
         let admin = {
             let (admin_config, explicit) = crate::admin::effective(config.admin.as_ref());
             if admin_config.enabled {
                 let stats = listeners.iter().map(|l| l.stats.clone()).collect();
-                match crate::admin::AdminServer::bind(&admin_config, broker.clone(), stats).await {
+                let bridge_status = bridges.iter().map(|b| b.status.clone()).collect();
+                match crate::admin::AdminServer::bind(
+                    &admin_config,
+                    broker.clone(),
+                    stats,
+                    bridge_status,
+                )
+                .await
+                {
                     Ok(a) => Some(a),
                     // The default listener is a convenience: a second broker on the same
                     // machine runs without it rather than not at all.
@@ -457,6 +478,7 @@ impl Server {
             config_path: None,
             config: config.clone(),
             admin,
+            bridges,
         })
     }
 
@@ -533,6 +555,10 @@ impl Server {
                 connections.clone(),
                 tracker.clone(),
             )));
+        }
+        for bridge in self.bridges {
+            tracing::info!(bridge = %bridge.status.name, remote = %bridge.status.address, "bridge starting");
+            tracker.spawn(bridge.run(self.broker.clone(), connections.clone(), tracker.clone()));
         }
         shutdown.cancelled().await;
         // Connected clients get until then to receive what is queued for them; the final

@@ -242,3 +242,56 @@ pub fn certificate_identity(cert: &CertificateDer<'_>, identity: CertIdentity) -
         }
     }
 }
+
+/// A client's TLS settings (a bridge dialling a remote broker): the remote's certificate must
+/// chain to `ca_file`'s certificates, or with none to the Mozilla roots built in
+/// (`webpki-roots`); `cert` and `key` are a client certificate for mutual TLS.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    cert_key: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, TlsFileError> {
+    let provider = Arc::new(default_provider());
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in certificates(path, "ca_file")? {
+                roots.add(cert).map_err(|e| TlsFileError {
+                    key: "ca_file",
+                    message: format!("{}: unusable CA certificate: {e}", path.display()),
+                })?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsFileError {
+            key: "ca_file",
+            message: format!("TLS setup: {e}"),
+        })?
+        .with_root_certificates(roots);
+    match cert_key {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key_path)) => {
+            let chain = certificates(cert, "cert")?;
+            let key_pem = read(key_path, "key")?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsFileError {
+                key: "key",
+                message: format!(
+                    "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+                    key_path.display()
+                ),
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsFileError {
+                    key: "key",
+                    message: format!(
+                        "{} does not go with {}: {e}",
+                        key_path.display(),
+                        cert.display()
+                    ),
+                })
+        }
+    }
+}

@@ -163,3 +163,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             .map_err(io::Error::other)
     }
 }
+
+/// The client side (a bridge): the upgrade to `url` (ws:// or wss://, for the Host header and
+/// path) over `stream`, offering the `mqtt` subprotocol, then the same byte stream.
+pub(crate) async fn connect<S>(stream: S, url: &str) -> io::Result<WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().map_err(io::Error::other)?;
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+    let mut config = WebSocketConfig::default();
+    config.write_buffer_size = 0;
+    let (ws, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(io::Error::other)?;
+    let chosen = response.headers().get("sec-websocket-protocol");
+    if chosen.is_some_and(|p| p != "mqtt") {
+        return Err(io::Error::other(format!(
+            "the server chose the WebSocket subprotocol {chosen:?}, not mqtt"
+        )));
+    }
+    Ok(WsStream {
+        inner: ws,
+        pending: Bytes::new(),
+    })
+}

@@ -20,7 +20,9 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use petrel_server::config::{default_config_toml, AdminConfig, Config, HttpAuthConfig, UserConfig};
+use petrel_server::config::{
+    default_config_toml, AdminConfig, BridgeConfig, BridgeTopic, Config, HttpAuthConfig, UserConfig,
+};
 
 /// The file the structs are declared in, read for doc comments and field types.
 const CONFIG_SOURCE: &str = include_str!("../src/config.rs");
@@ -86,6 +88,10 @@ fn reference_config() -> Config {
         name: String::new(),
         password: None,
         scram_sha256: None,
+    }];
+    config.bridges = vec![BridgeConfig {
+        topics: vec![BridgeTopic::default()],
+        ..BridgeConfig::default()
     }];
     config
 }
@@ -327,13 +333,30 @@ fn expected_defaults() -> BTreeMap<String, DefaultValue> {
 /// A document that sets `path` to `value`, e.g. `[[listeners]]\nprotocol = "?"`.
 fn document_setting(path: &str, value: &str) -> String {
     let (table, key) = path.rsplit_once('.').unwrap_or(("", path));
-    match table {
-        "" => format!("{key} = {value}\n"),
-        _ => match table.strip_suffix("[]") {
-            Some(array) => format!("[[{array}]]\n{key} = {value}\n"),
-            None => format!("[{table}]\n{key} = {value}\n"),
-        },
+    if table.is_empty() {
+        return format!("{key} = {value}\n");
     }
+    // Each array on the way gets its table header (`[[bridges]]`, then `[[bridges.topics]]`).
+    let segments: Vec<&str> = table.split('.').collect();
+    let mut doc = String::new();
+    let mut prefix = String::new();
+    for (i, segment) in segments.iter().enumerate() {
+        let (name, array) = match segment.strip_suffix("[]") {
+            Some(name) => (name, true),
+            None => (*segment, false),
+        };
+        if !prefix.is_empty() {
+            prefix.push('.');
+        }
+        prefix.push_str(name);
+        if array {
+            doc.push_str(&format!("[[{prefix}]]\n"));
+        } else if i == segments.len() - 1 {
+            doc.push_str(&format!("[{prefix}]\n"));
+        }
+    }
+    doc.push_str(&format!("{key} = {value}\n"));
+    doc
 }
 
 /// The values an enum-typed key accepts, in the deserializer's own words: a value it does not
@@ -720,6 +743,9 @@ fn serialized_config_reads_back_as_itself() {
         scram_sha256: None,
     }];
     config.listeners[0].handshake_timeout = Some(std::time::Duration::from_millis(1500));
+    config.bridges[0].name = "b".into();
+    config.bridges[0].address = "127.0.0.1:1883".into();
+    config.bridges[0].topics[0].filter = "a/#".into();
     let text = toml::to_string(&config).expect("Config serializes to TOML");
     let back = Config::from_toml_str(&text, "serialized").unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(back, config, "{text}");

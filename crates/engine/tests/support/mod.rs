@@ -266,6 +266,7 @@ pub fn connect_version(
         will: None,
         username: None,
         password: None,
+        bridge: false,
     }
 }
 

@@ -40,6 +40,60 @@ pub(super) fn routes() -> Router<Arc<Admin>> {
         .route("/api/v1/sessions/{client_id}", delete(delete_session))
         .route("/api/v1/retained", get(retained).delete(delete_retained))
         .route("/api/v1/reload", post(reload))
+        .route("/api/v1/bridges", get(bridges))
+}
+
+#[derive(Serialize)]
+struct BridgeView {
+    name: String,
+    address: String,
+    transport: &'static str,
+    version: &'static str,
+    remote_client_id: String,
+    local_client_id: String,
+    state: &'static str,
+    connected_since_ms: Option<u64>,
+    connects: u64,
+    failures: u64,
+    messages_out: u64,
+    messages_in: u64,
+    dropped: u64,
+    queued: usize,
+    last_error: Option<String>,
+}
+
+/// Every configured bridge, with its link state and what it carried.
+async fn bridges(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+    let now = Instant::now();
+    let list: Vec<BridgeView> = admin
+        .bridges
+        .iter()
+        .map(|b| {
+            let local_client_id = b.local_client_id();
+            let queued = admin
+                .broker
+                .session(&local_client_id)
+                .map_or(0, |s| admin.broker.summarize(&s, now).queued);
+            BridgeView {
+                name: b.name.clone(),
+                address: b.address.clone(),
+                transport: b.transport,
+                version: b.version,
+                remote_client_id: b.remote_client_id.clone(),
+                local_client_id,
+                state: b.state().as_str(),
+                connected_since_ms: b.connected_at_ms(),
+                connects: Stats::get(&b.connects),
+                failures: Stats::get(&b.failures),
+                messages_out: Stats::get(&b.forwarded_out),
+                messages_in: Stats::get(&b.forwarded_in),
+                dropped: Stats::get(&b.dropped),
+                queued,
+                last_error: b.last_error(),
+            }
+        })
+        .collect();
+    Json(json!({ "bridges": list }))
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

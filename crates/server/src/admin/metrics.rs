@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::bridge::{BridgeStatus, LinkState};
 use crate::listener::ListenerStats;
 
 /// The labels of per-QoS and per-version series.
@@ -26,6 +27,7 @@ const VERSIONS: [&str; 3] = ["3.1", "3.1.1", "5.0"];
 struct BrokerCollector {
     broker: Arc<Broker>,
     listeners: Vec<Arc<ListenerStats>>,
+    bridges: Vec<Arc<BridgeStatus>>,
 }
 
 impl std::fmt::Debug for BrokerCollector {
@@ -212,6 +214,7 @@ impl Collector for BrokerCollector {
                 ConstCounter::new(get(&l.accepted)).encode(accepted.encode_family(&labels)?)?;
             }
         }
+        self.encode_bridges(e)?;
 
         // Messages and bytes.
         counters(
@@ -489,10 +492,94 @@ fn process() -> Option<Process> {
 }
 
 /// A registry with the broker's collector; encoded on every scrape.
-pub(crate) fn registry(broker: Arc<Broker>, listeners: Vec<Arc<ListenerStats>>) -> Registry {
+pub(crate) fn registry(
+    broker: Arc<Broker>,
+    listeners: Vec<Arc<ListenerStats>>,
+    bridges: Vec<Arc<BridgeStatus>>,
+) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(BrokerCollector { broker, listeners }));
+    registry.register_collector(Box::new(BrokerCollector {
+        broker,
+        listeners,
+        bridges,
+    }));
     registry
+}
+
+impl BrokerCollector {
+    /// One series per bridge of each family.
+    fn encode_bridges(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.bridges.is_empty() {
+            return Ok(());
+        }
+        type Family = (&'static str, &'static str, MetricType, fn(&BridgeStatus) -> u64);
+        let families: [Family; 4] = [
+            (
+                "petrel_bridge_up",
+                "Whether a bridge's link to its remote broker is up (1) or not (0)",
+                MetricType::Gauge,
+                |b| u64::from(b.state() == LinkState::Up),
+            ),
+            (
+                "petrel_bridge_connects",
+                "Links a bridge established (CONNACK accepted)",
+                MetricType::Counter,
+                |b| get(&b.connects),
+            ),
+            (
+                "petrel_bridge_failures",
+                "Connection attempts of a bridge that failed and links that broke",
+                MetricType::Counter,
+                |b| get(&b.failures),
+            ),
+            (
+                "petrel_bridge_dropped",
+                "Messages a bridge dropped (QoS 0 past its buffer, no matching rule, too large)",
+                MetricType::Counter,
+                |b| get(&b.dropped),
+            ),
+        ];
+        for (name, help, kind, value) in families {
+            let mut family = e.encode_descriptor(name, help, None, kind)?;
+            for b in &self.bridges {
+                let labels = [("bridge", b.name.as_str())];
+                let v = value(b);
+                if kind == MetricType::Counter {
+                    ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+                } else {
+                    ConstGauge::new(signed(v as usize)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "petrel_bridge_messages",
+            "Messages a bridge carried, by direction (out: to the remote)",
+            None,
+            MetricType::Counter,
+        )?;
+        for b in &self.bridges {
+            for (direction, v) in [("out", &b.forwarded_out), ("in", &b.forwarded_in)] {
+                let labels = [("bridge", b.name.as_str()), ("direction", direction)];
+                ConstCounter::new(get(v)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "petrel_bridge_queued_messages",
+            "Messages waiting in a bridge's local session to go to the remote",
+            None,
+            MetricType::Gauge,
+        )?;
+        let now = std::time::Instant::now();
+        for b in &self.bridges {
+            let queued = self
+                .broker
+                .session(&b.local_client_id())
+                .map_or(0, |s| self.broker.summarize(&s, now).queued);
+            let labels = [("bridge", b.name.as_str())];
+            ConstGauge::new(signed(queued)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The text exposition of `registry`.

@@ -58,6 +58,7 @@ pub enum AdminError {
 /// What the handlers share.
 pub(crate) struct Admin {
     broker: Arc<Broker>,
+    pub(crate) bridges: Vec<Arc<crate::bridge::BridgeStatus>>,
     token: String,
     metrics_require_token: bool,
     registry: Registry,
@@ -103,6 +104,7 @@ impl AdminServer {
         config: &AdminConfig,
         broker: Arc<Broker>,
         listeners: Vec<Arc<ListenerStats>>,
+        bridges: Vec<Arc<crate::bridge::BridgeStatus>>,
     ) -> Result<AdminServer, AdminError> {
         let (token, generated) = token_from(config)?;
         let listener = TcpListener::bind(config.bind)
@@ -118,7 +120,8 @@ impl AdminServer {
             tracing::info!(%addr, "admin listener: metrics, API and dashboard");
         }
         let admin = Arc::new(Admin {
-            registry: metrics::registry(broker.clone(), listeners),
+            registry: metrics::registry(broker.clone(), listeners, bridges.clone()),
+            bridges,
             broker,
             token,
             metrics_require_token: config.metrics_require_token,
@@ -262,8 +265,9 @@ mod tests {
     fn admin() -> Arc<Admin> {
         let broker = Arc::new(Broker::new(petrel_engine::Limits::default()));
         let admin = Admin {
-            registry: metrics::registry(broker.clone(), Vec::new()),
+            registry: metrics::registry(broker.clone(), Vec::new(), Vec::new()),
             broker,
+            bridges: Vec::new(),
             token: "t0k".into(),
             metrics_require_token: false,
             reloader: std::sync::OnceLock::new(),

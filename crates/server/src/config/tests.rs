@@ -105,6 +105,7 @@ metrics_require_token = true
             max_connections: 100_000,
             sys_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            bridges: Vec::new(),
             admin: Some(AdminConfig {
                 enabled: true,
                 bind: "127.0.0.1:9200".parse().unwrap(),
@@ -591,4 +592,76 @@ fn load_reads_a_file_and_reports_a_missing_one() {
     assert!(matches!(err, ConfigError::Io { .. }));
     assert!(err.to_string().contains("missing.toml"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A bridge's mistakes stop the start naming the key.
+#[test]
+fn invalid_bridges_name_the_key() {
+    let bridge = |body: &str| {
+        format!("[[bridges]]\nname = \"b\"\naddress = \"127.0.0.1:1883\"\n{body}")
+    };
+    let topic = "[[bridges.topics]]\nfilter = \"a/#\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("[[bridges]]\naddress = \"h:1\"\n{topic}"), "bridges[0].name: is required"),
+        (
+            format!("[[bridges]]\nname = \"a b\"\naddress = \"h:1\"\n{topic}"),
+            "bridges[0].name: \"a b\": only letters",
+        ),
+        (
+            format!("{}\n{}", bridge(topic), bridge(topic)),
+            "bridges[1].name: \"b\" is already the name of bridges[0]",
+        ),
+        (
+            format!("[[bridges]]\nname = \"b\"\naddress = \"nohost\"\n{topic}"),
+            "bridges[0].address: \"nohost\" is not \"host:port\"",
+        ),
+        (bridge(""), "bridges[0].topics: at least one"),
+        (
+            bridge("[[bridges.topics]]\nfilter = \"a/#/b\"\n"),
+            "bridges[0].topics[0].filter: \"a/#/b\"",
+        ),
+        (
+            bridge("[[bridges.topics]]\nfilter = \"$share/g/a\"\n"),
+            "bridges[0].topics[0].filter: a bridge cannot take a shared subscription",
+        ),
+        (
+            bridge("[[bridges.topics]]\nfilter = \"a\"\nprefix = \"x/+/\"\n"),
+            "bridges[0].topics[0].prefix: \"x/+/\": no wildcards",
+        ),
+        (
+            bridge("[[bridges.topics]]\nfilter = \"a\"\nqos = 3\n"),
+            "bridges[0].topics[0].qos: 3 is not 0, 1 or 2",
+        ),
+        (
+            bridge(&format!("ca_file = \"ca.pem\"\n{topic}")),
+            "bridges[0].ca_file: only for the tls and wss transports, not tcp",
+        ),
+        (
+            bridge(&format!("transport = \"tls\"\ncert = \"c.pem\"\n{topic}")),
+            "bridges[0].key: cert and key go together",
+        ),
+        (
+            bridge(&format!("reconnect_delay = \"5s\"\nreconnect_delay_max = \"1s\"\n{topic}")),
+            "bridges[0].reconnect_delay_max: must be at least reconnect_delay",
+        ),
+        (
+            bridge(&format!("keepalive = \"1500ms\"\n{topic}")),
+            "bridges[0].keepalive: whole seconds",
+        ),
+        (
+            bridge(&format!("version = \"3.1.1\"\npassword = \"p\"\n{topic}")),
+            "bridges[0].username: MQTT 3.1.1 sends a password only with a user name",
+        ),
+        (
+            bridge(&format!("transport = \"udp\"\n{topic}")),
+            "bridges[0].transport: unknown value `udp`, expected one of `tcp`, `tls`, `ws`, `wss`",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = parse(&text).expect_err(&text).to_string();
+        assert!(err.contains(expected), "{text}\n--> {err}\nexpected: {expected}");
+    }
+    let ok = parse(&bridge(topic)).expect("a minimal bridge");
+    assert_eq!(ok.bridges[0].remote_client_id(), "petrel-b");
+    assert_eq!(ok.bridges[0].topics[0].qos, 1);
 }

@@ -68,9 +68,18 @@ impl Broker {
         );
     }
 
+    /// As `start_with`, on `port` (a restart where its clients expect it).
+    pub fn start_at(port: u16, listener_keys: &str, tables: &str) -> Broker {
+        Broker::try_start_at(port, listener_keys, tables)
+            .unwrap_or_else(|log| panic!("petrel did not start on port {port}; its log:\n{log}"))
+    }
+
     fn try_start(listener_keys: &str, tables: &str) -> Result<Broker, String> {
+        Broker::try_start_at(free_port(), listener_keys, tables)
+    }
+
+    fn try_start_at(port: u16, listener_keys: &str, tables: &str) -> Result<Broker, String> {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
-        let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let dir = std::env::temp_dir().join(format!(
             "petrel-timeouts-{}-{}",
