@@ -381,3 +381,40 @@ fn v3_connack_return_codes() {
         assert_eq!(&again[..], &[0x20, 0x02, 0x00, code], "return code {code}");
     }
 }
+
+/// Bit 0x80 of a 3.x protocol level marks a bridge (as Mosquitto's bridges send it); it is
+/// not a version of its own, and MQTT 5 has no such bit.
+#[test]
+fn the_bridge_bit_of_a_3x_protocol_level() {
+    // 3.1.1, level 0x84, clean session, keep alive 60, client id "b".
+    let mut buf = hex("10 0d 00 04 4d 51 54 54 84 02 00 3c 00 01 62");
+    let Ok(Some(Packet::Connect(c))) = decode(&mut buf, ProtocolVersion::V3_1_1, 1024) else {
+        panic!("a 3.1.1 bridge CONNECT decodes");
+    };
+    assert!(c.bridge);
+    assert_eq!(c.protocol, ProtocolVersion::V3_1_1);
+    let mut out = BytesMut::new();
+    encode(
+        &Packet::Connect(c.clone()),
+        ProtocolVersion::V3_1_1,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(
+        out,
+        hex("10 0d 00 04 4d 51 54 54 84 02 00 3c 00 01 62"),
+        "encodes back"
+    );
+    // 3.1 (MQIsdp, level 0x83) likewise.
+    let mut buf = hex("10 0f 00 06 4d 51 49 73 64 70 83 02 00 3c 00 01 62");
+    let Ok(Some(Packet::Connect(c))) = decode(&mut buf, ProtocolVersion::V3_1, 1024) else {
+        panic!("a 3.1 bridge CONNECT decodes");
+    };
+    assert!(c.bridge && c.protocol == ProtocolVersion::V3_1);
+    // 0x85 is not a version.
+    let mut buf = hex("10 0e 00 04 4d 51 54 54 85 02 00 3c 00 00 00 01 62");
+    assert!(matches!(
+        decode(&mut buf, ProtocolVersion::V5, 1024),
+        Err(DecodeError::UnsupportedProtocolLevel(0x85))
+    ));
+}

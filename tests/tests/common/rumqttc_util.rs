@@ -117,6 +117,23 @@ impl Peer {
         }
     }
 
+    /// A PUBLISH already received, if any, without waiting (other events are dropped).
+    pub fn try_publish(&mut self) -> Option<Publish> {
+        while let Some(e) = self.stash.pop_front() {
+            if let Event::Incoming(Incoming::Publish(p)) = e {
+                return Some(p);
+            }
+        }
+        while let Ok(polled) = self.events.try_recv() {
+            match polled {
+                Ok(Event::Incoming(Incoming::Publish(p))) => return Some(p),
+                Ok(_) => {}
+                Err(e) => panic!("{}: connection error: {e}", self.name),
+            }
+        }
+        None
+    }
+
     /// The next event, or `Err` with the connection error that ended the loop.
     async fn next_event_within(&mut self, wait: Duration) -> Option<Polled> {
         if let Some(e) = self.stash.pop_front() {

@@ -512,7 +512,12 @@ impl BrokerCollector {
         if self.bridges.is_empty() {
             return Ok(());
         }
-        type Family = (&'static str, &'static str, MetricType, fn(&BridgeStatus) -> u64);
+        type Family = (
+            &'static str,
+            &'static str,
+            MetricType,
+            fn(&BridgeStatus) -> u64,
+        );
         let families: [Family; 4] = [
             (
                 "petrel_bridge_up",

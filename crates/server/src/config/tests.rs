@@ -597,11 +597,11 @@ fn load_reads_a_file_and_reports_a_missing_one() {
 /// A bridge's mistakes stop the start naming the key.
 #[test]
 fn invalid_bridges_name_the_key() {
-    let bridge = |body: &str| {
-        format!("[[bridges]]\nname = \"b\"\naddress = \"127.0.0.1:1883\"\n{body}")
-    };
+    let bridge =
+        |body: &str| format!("[[bridges]]\nname = \"b\"\naddress = \"127.0.0.1:1883\"\n{body}");
     let topic = "[[bridges.topics]]\nfilter = \"a/#\"\n";
-    let cases: Vec<(String, &str)> = vec![
+    let cases: Vec<(String, &str)> =
+        vec![
         (format!("[[bridges]]\naddress = \"h:1\"\n{topic}"), "bridges[0].name: is required"),
         (
             format!("[[bridges]]\nname = \"a b\"\naddress = \"h:1\"\n{topic}"),
@@ -659,7 +659,10 @@ fn invalid_bridges_name_the_key() {
     ];
     for (text, expected) in cases {
         let err = parse(&text).expect_err(&text).to_string();
-        assert!(err.contains(expected), "{text}\n--> {err}\nexpected: {expected}");
+        assert!(
+            err.contains(expected),
+            "{text}\n--> {err}\nexpected: {expected}"
+        );
     }
     let ok = parse(&bridge(topic)).expect("a minimal bridge");
     assert_eq!(ok.bridges[0].remote_client_id(), "petrel-b");
