@@ -514,10 +514,9 @@ async fn petrel_to_mosquitto(version: &str) {
     let port = free_port();
     let mosquitto = Mosquitto::start(port, &dir);
     let admin = free_port();
-    let local = Broker::start_with(
-        "",
-        &bridge_tables(mosquitto.addr, version, admin, &memory()),
-    );
+    let local_dir = temp_dir(&format!("mosquitto-local-{version}"));
+    let tables = bridge_tables(mosquitto.addr, version, admin, &disk(&local_dir));
+    let local = Broker::start_with("", &tables);
     both_ways_without_loops(local.addr, mosquitto.addr).await;
 
     // Mosquitto stops and comes back: what was published here meanwhile waits in the
@@ -546,7 +545,28 @@ async fn petrel_to_mosquitto(version: &str) {
     // And the bridge carries both ways again.
     wait_for_bridge(local.addr, mosquitto.addr).await;
     assert!(metric(admin, "petrel_bridge_connects_total{bridge=\"b\"} ").await >= 2.0);
+
+    // Now petrel dies: what is published at mosquitto meanwhile waits there in the bridge's
+    // session and arrives once petrel is back.
+    drop(Sub::new(local.addr, "keep-l", true, &["remote/cmd/#"]).await);
+    drop(local); // SIGKILL
+    let mut p = RawClient::connected(mosquitto.addr, "pub-m", 60).await;
+    publish_acked(&mut p, "cmd/down", (0..50).map(|i| format!("c{i}"))).await;
+    let local = Broker::start_with("", &tables);
+    let mut at_local = Sub::new(local.addr, "keep-l", true, &[]).await;
+    let got_all = at_local
+        .read_until(WAIT, |g| {
+            g.iter().map(|(_, p)| p).collect::<BTreeSet<_>>().len() >= 50
+        })
+        .await;
+    assert!(
+        got_all,
+        "after petrel's restart it got {} of 50",
+        at_local.got.len()
+    );
+    drop(local);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&local_dir);
 }
 
 #[tokio::test]
@@ -557,4 +577,43 @@ async fn petrel_to_mosquitto_v5() {
 #[tokio::test]
 async fn petrel_to_mosquitto_v311() {
     petrel_to_mosquitto("3.1.1").await;
+}
+
+/// The bridging broker itself is SIGKILLed while its remote is down: what it acknowledged
+/// for the remote waits on its disk, and goes out once both are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_queue_survives_a_restart_of_the_bridging_broker() {
+    let _machine = heavy().await;
+    let (local_dir, remote_dir) = (temp_dir("queue-local"), temp_dir("queue-remote"));
+    let port = free_port();
+    let remote = Broker::start_at(port, "", &disk(&remote_dir));
+    let remote_addr = remote.addr;
+    let admin = free_port();
+    let tables = bridge_tables(remote_addr, "5.0", admin, &disk(&local_dir));
+    let local = Broker::start_with("", &tables);
+    wait_for_bridge(local.addr, remote_addr).await;
+    drop(Sub::new(remote_addr, "keep-r", true, &["site1/edge/#"]).await);
+    drop(remote); // the link is down
+
+    let mut p = RawClient::connected(local.addr, "pub-l", 60).await;
+    publish_acked(&mut p, "edge/q", (0..100).map(|i| format!("q{i}"))).await;
+    drop(p);
+    drop(local); // SIGKILL with 100 messages queued for the remote
+
+    let local = Broker::start_with("", &tables);
+    let remote = Broker::start_at(port, "", &disk(&remote_dir));
+    let mut at_remote = Sub::new(remote.addr, "keep-r", true, &[]).await;
+    let all =
+        |g: &[(String, String)]| g.iter().map(|(_, p)| p).collect::<BTreeSet<_>>().len() >= 100;
+    let done = at_remote.read_until(WAIT, all).await;
+    let got: BTreeSet<&str> = at_remote.got.iter().map(|(_, p)| p.as_str()).collect();
+    assert!(
+        done,
+        "the remote got {} of the 100 queued messages",
+        got.len()
+    );
+    drop(local);
+    drop(remote);
+    let _ = std::fs::remove_dir_all(&local_dir);
+    let _ = std::fs::remove_dir_all(&remote_dir);
 }
