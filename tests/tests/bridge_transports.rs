@@ -145,3 +145,51 @@ async fn bridges_over_tls_with_a_client_certificate_ws_and_wss() {
     drop(remote);
     drop(local);
 }
+
+/// Against a port where nothing listens, attempts back off: 100 ms doubling to 400 ms, each
+/// wait drawn between half and all of it, makes 6 to 13 failures in 2 s (1 s of waits would
+/// be 20 without backoff; without jitter the count would not vary between runs either).
+#[tokio::test]
+async fn reconnects_back_off_exponentially_with_jitter() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap();
+    drop(closed);
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let local = TestBroker::start_toml(&format!(
+        "[[listeners]]\nprotocol = \"tcp\"\n\
+         [admin]\nbind = \"127.0.0.1:{admin}\"\ntoken = \"t\"\n\n\
+         [[bridges]]\nname = \"down\"\naddress = \"{nowhere}\"\n\
+         reconnect_delay = \"100ms\"\nreconnect_delay_max = \"400ms\"\n\
+         [[bridges.topics]]\nfilter = \"x/#\"\n"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{admin}/api/v1/bridges"))
+        .bearer_auth("t")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = &body["bridges"][0];
+    let failures = b["failures"].as_u64().unwrap();
+    assert!(
+        (6..=13).contains(&failures),
+        "{failures} failures in 2 s: {b}"
+    );
+    assert_eq!(b["state"], "connecting");
+    assert!(
+        b["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&nowhere.to_string()),
+        "{b}"
+    );
+    drop(local);
+}
