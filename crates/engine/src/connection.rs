@@ -1794,8 +1794,18 @@ impl Connection {
         let State::Connected(a) = &mut self.state else {
             return Poll::Pending;
         };
-        if self.out.len() >= OUT_HIGH_WATER {
-            // The driver polls again once the socket has taken some of the output.
+        // Deliveries held for the store count against the output's bound (a QoS 0 stream
+        // behind a held QoS 2 message is not bounded by the in-flight window), and keep the
+        // ones after them behind them.
+        let (holding, held_bytes) = a.pending_acks.as_ref().map_or((false, 0), |p| {
+            p.iter().fold((false, 0), |(any, bytes), (_, p)| match p {
+                Pending::Frames(f) => (true, bytes + f.len()),
+                Pending::Ack(_) => (any, bytes),
+            })
+        });
+        if self.out.len() + held_bytes >= OUT_HIGH_WATER {
+            // The driver polls again once the socket has taken some of the output, or the
+            // store woke us for the held deliveries (`flush_acks` registered).
             return if acked {
                 Poll::Ready(Ok(()))
             } else {
@@ -1815,18 +1825,13 @@ impl Connection {
             store: self.broker.store(),
             client_id: &a.session.client_id,
         };
-        // Deliveries already held keep the ones after them behind them.
-        let holding = a
-            .pending_acks
-            .as_ref()
-            .is_some_and(|p| p.iter().any(|(_, p)| matches!(p, Pending::Frames(_))));
         let mut held = Held::new(self.broker.store().durable(), holding);
         let done = st.drain(
             &mut a.egress,
             now,
             &mut self.out,
             &mut held,
-            OUT_HIGH_WATER,
+            OUT_HIGH_WATER - held_bytes,
             &self.broker.limits(),
             &mut wake,
             journal,
