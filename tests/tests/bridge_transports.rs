@@ -16,6 +16,19 @@ use rumqttc_util::Peer;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// `GET /api/v1/bridges` on the admin listener at `admin` (token "t").
+async fn bridges_api(admin: u16) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{admin}/api/v1/bridges"))
+        .bearer_auth("t")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn bridges_over_tls_with_a_client_certificate_ws_and_wss() {
     let dir = TempDir::new("bridge-transports");
@@ -123,15 +136,7 @@ async fn bridges_over_tls_with_a_client_certificate_ws_and_wss() {
     }
     assert!(!got_out.contains("bad/x/1") && !got_in.contains("back/bad-in/a"));
 
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{admin}/api/v1/bridges"))
-        .bearer_auth("t")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = bridges_api(admin).await;
     let bridges = body["bridges"].as_array().expect("bridges");
     let by_name = |n: &str| bridges.iter().find(|b| b["name"] == n).expect(n).clone();
     for name in ["t", "w", "s"] {
@@ -168,15 +173,7 @@ async fn reconnects_back_off_exponentially_with_jitter() {
     ))
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{admin}/api/v1/bridges"))
-        .bearer_auth("t")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = bridges_api(admin).await;
     let b = &body["bridges"][0];
     let failures = b["failures"].as_u64().unwrap();
     assert!(

@@ -7,7 +7,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,14 +57,7 @@ impl Petrel {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours. The kernel kills
-        // the broker should the test process die without running Drop.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        dies_with_test(&mut command);
         let child = command.spawn().expect("spawn petrel");
         let mut petrel = Petrel {
             child,

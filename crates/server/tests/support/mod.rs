@@ -101,14 +101,7 @@ impl Broker {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours. It makes the kernel
-        // kill the broker should the test process die without running the Drop guard.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        dies_with_test(&mut command);
         let child = command.spawn().expect("spawn petrel");
         let broker = Broker { child, addr, dir };
 
@@ -195,6 +188,18 @@ impl Drop for Broker {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes the kernel kill the child `command` starts should the test process die without
+/// running its Drop guard (a broker must never outlive its test).
+pub fn dies_with_test(command: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
     }
 }
 
