@@ -17,7 +17,7 @@ use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use petrel_codec::{
 use crate::acl::{is_sys, Acl};
 use crate::activity::TopicActivity;
 use crate::auth::{AllowAll, Authenticator};
+use crate::fabric::Fabric;
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::retained::RetainedTrie;
@@ -93,6 +94,8 @@ pub struct Broker {
     pub activity: TopicActivity,
     /// `$SYS` topics among the retained messages.
     sys_retained: std::sync::atomic::AtomicUsize,
+    /// Other nodes of a cluster, when there are any.
+    fabric: OnceLock<Arc<dyn Fabric>>,
 }
 
 /// What an operator's request to disconnect a client or delete a session found.
@@ -144,6 +147,9 @@ pub struct Routed {
     /// The durability token of the writes the message caused (0: none): the publisher's
     /// acknowledgement waits until the store says it is durable.
     pub token: u64,
+    /// In cluster mode, the fabric's token for the copies sent to other nodes (0: none):
+    /// the acknowledgement waits for it too.
+    pub forwarded: u64,
 }
 
 /// One delivery about to be offered: the session (its id first, for de-duplication), the
@@ -258,7 +264,36 @@ impl Broker {
             started: Instant::now(),
             activity: TopicActivity::default(),
             sys_retained: std::sync::atomic::AtomicUsize::new(0),
+            fabric: OnceLock::new(),
         }
+    }
+
+    /// Makes this broker one node of a cluster: from now on messages, subscription interest
+    /// and retained changes also go to `fabric`. The subscriptions already in place (restored
+    /// from the store) are announced to it. Called once, before clients are served; false if
+    /// a fabric was already set.
+    pub fn set_fabric(&self, fabric: Arc<dyn Fabric>) -> bool {
+        if self.fabric.set(fabric.clone()).is_err() {
+            return false;
+        }
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        for session in sessions {
+            let st = session.lock();
+            for filter in st.subscriptions.keys() {
+                if !matches!(shared::parse(filter), Ok(Some(_))) {
+                    fabric.interest(filter, true);
+                }
+            }
+        }
+        for (name, filter) in lock(&self.shared_groups).keys() {
+            fabric.group(name, filter, true);
+        }
+        true
+    }
+
+    /// The cluster fabric, in cluster mode.
+    pub fn fabric(&self) -> Option<&Arc<dyn Fabric>> {
+        self.fabric.get()
     }
 
     /// The limits in service.
@@ -463,6 +498,17 @@ impl Broker {
                     self.sys_retained.fetch_sub(1, Ordering::Relaxed);
                 } else {
                     self.store.retained_cleared(topic);
+                    if let (Some(fabric), Ok(topic)) = (self.fabric.get(), TopicName::new(topic)) {
+                        let clear = Message::new(
+                            topic,
+                            Bytes::new(),
+                            QoS::AtMostOnce,
+                            true,
+                            Properties::default(),
+                            0,
+                        );
+                        fabric.retain(&Arc::new(clear));
+                    }
                 }
             }
         }
@@ -715,13 +761,19 @@ impl Broker {
                         write(&self.shared_index).insert(&group.filter, group.key, group.clone());
                         groups.insert(key, group.clone());
                         self.shared_group_count.fetch_add(1, Ordering::Release);
+                        if let Some(fabric) = self.fabric.get() {
+                            fabric.group(&group.name, &group.filter, true);
+                        }
                         group
                     }
                 };
                 group.join(subscriber);
             }
             _ => {
-                write(&self.index).insert(filter, session.id, subscriber);
+                let replaced = write(&self.index).insert(filter, session.id, subscriber);
+                if let (None, Some(fabric)) = (replaced, self.fabric.get()) {
+                    fabric.interest(filter, true);
+                }
             }
         }
     }
@@ -760,10 +812,19 @@ impl Broker {
                     groups.remove(&key);
                     write(&self.shared_index).remove(&group.filter, group.key);
                     self.shared_group_count.fetch_sub(1, Ordering::Release);
+                    if let Some(fabric) = self.fabric.get() {
+                        fabric.group(&group.name, &group.filter, false);
+                    }
                 }
                 was_member
             }
-            _ => write(&self.index).remove(filter, session).is_some(),
+            _ => {
+                let removed = write(&self.index).remove(filter, session).is_some();
+                if let (true, Some(fabric)) = (removed, self.fabric.get()) {
+                    fabric.interest(filter, false);
+                }
+                removed
+            }
         }
     }
 
@@ -978,10 +1039,21 @@ impl Broker {
     }
 
     /// Stores, replaces or (empty payload) clears the retained message of its topic
-    /// [MQTT-3.3.1-5] [MQTT-3.3.1-10] [MQTT-3.3.1-11].
-    /// Returns the store's durability token for the change: a QoS 1/2 publisher's
-    /// acknowledgement waits for it.
-    pub fn retain(&self, message: &Arc<Message>) -> u64 {
+    /// [MQTT-3.3.1-5] [MQTT-3.3.1-10] [MQTT-3.3.1-11], on this node and, in cluster mode,
+    /// on every node. Returns the store's durability token and the fabric's token for the
+    /// change: a QoS 1/2 publisher's acknowledgement waits for both.
+    pub fn retain(&self, message: &Arc<Message>) -> (u64, u64) {
+        let token = self.retain_remote(message);
+        let forwarded = match self.fabric.get() {
+            Some(fabric) if !is_sys(&message.topic) => fabric.retain(message),
+            _ => 0,
+        };
+        (token, forwarded)
+    }
+
+    /// Applies a retained change on this node only: one made on another node, which the
+    /// fabric passes on. Returns the store's durability token.
+    pub fn retain_remote(&self, message: &Arc<Message>) -> u64 {
         if message.payload.is_empty() {
             write(&self.retained).remove(&message.topic);
             self.store.retained_cleared(&message.topic)
@@ -1022,7 +1094,79 @@ impl Broker {
     ///
     /// The publisher's own session never counts as congested: a client cannot both be paused
     /// and read the acknowledgements that would drain its own queue.
+    ///
+    /// In cluster mode the message also goes to the fabric, which takes it to the other
+    /// nodes with interest and balances shared groups across the cluster (`$SYS` topics stay
+    /// on their node).
     pub fn route(&self, message: &Arc<Message>) -> Routed {
+        let Some(fabric) = self.fabric.get() else {
+            return self.route_local(message, true);
+        };
+        let mut routed = self.route_local(message, false);
+        if !is_sys(&message.topic) {
+            let forwarded = fabric.publish(message);
+            routed.matched += forwarded.targets;
+            routed.forwarded = forwarded.token;
+        }
+        routed
+    }
+
+    /// Routes a message another node forwarded to this node's ordinary subscribers (shared
+    /// groups receive theirs through [`Broker::route_group`]).
+    pub fn route_remote(&self, message: &Arc<Message>) -> Routed {
+        self.route_local(message, false)
+    }
+
+    /// Gives a message the fabric chose this node for to one member of its shared group
+    /// `share` on `filter`. `None` if this node has no such group (its last member left).
+    pub fn route_group(
+        &self,
+        share: &str,
+        filter: &TopicFilter,
+        message: &Arc<Message>,
+    ) -> Option<Routed> {
+        let key: GroupKey = (share.into(), filter.clone());
+        let group = lock(&self.shared_groups).get(&key).cloned()?;
+        let sub = group.pick(None)?;
+        let weight = u32::try_from(message.weight()).unwrap_or(u32::MAX);
+        let mut delivery = Delivery::new(
+            message.clone(),
+            sub.options.qos.min(message.qos),
+            sub.options.retain_as_published && message.retain,
+            weight,
+        );
+        delivery.extra = Some(Box::new(DeliveryExtra {
+            subscription_ids: if sub.subscription_id != 0 {
+                vec![sub.subscription_id]
+            } else {
+                Vec::new()
+            },
+            group: Some(group.clone()),
+        }));
+        let limits = self.limits();
+        let mut routed = Routed {
+            matched: 1,
+            congested: None,
+            token: 0,
+            forwarded: 0,
+        };
+        match sub
+            .session
+            .offer(delivery, &limits, &self.stats, &*self.store)
+        {
+            Ok((admitted, written)) => {
+                routed.token = written;
+                if admitted == Admitted::Congested {
+                    routed.congested = Some(sub.session);
+                }
+            }
+            Err(reason) => self.count_drop(reason),
+        }
+        Some(routed)
+    }
+
+    /// Routes to this node's subscribers, and to its shared groups when `groups`.
+    fn route_local(&self, message: &Arc<Message>, groups: bool) -> Routed {
         TARGETS.with(|cell| {
             let mut targets = cell.borrow_mut();
             targets.clear();
@@ -1047,7 +1191,7 @@ impl Broker {
             let ordinary = targets.len();
             let limits = self.limits();
             let mut groups_matched = 0;
-            if self.shared_group_count.load(Ordering::Acquire) > 0 {
+            if groups && self.shared_group_count.load(Ordering::Acquire) > 0 {
                 let shared = read(&self.shared_index);
                 {
                     shared.for_each_match(&message.topic, |_, group| {
@@ -1128,6 +1272,7 @@ impl Broker {
                 matched,
                 congested,
                 token,
+                forwarded: 0,
             }
         })
     }
@@ -1164,7 +1309,7 @@ impl Broker {
         let message = Arc::new(message);
         if retain {
             // A will has no acknowledgement to hold back.
-            self.retain(&message);
+            let _ = self.retain(&message);
         }
         self.route(&message);
         Stats::add(&self.stats.wills_published, 1);

@@ -259,6 +259,9 @@ enum Pending {
     Ack(Packet),
     /// PUBLISH (and PUBREL) packets a drain held, already encoded.
     Frames(bytes::Bytes),
+    /// In cluster mode: what follows also waits until the fabric has acknowledged this
+    /// token (the copies of a message sent to other nodes).
+    Forwarded(u64),
 }
 
 /// Client ids that start with this belong to the broker's own connections (bridges); a
@@ -1342,8 +1345,13 @@ impl Connection {
             message.hold = inbound_token;
             let message = Arc::new(message);
             // Acknowledged once the retained change, too, is durable.
-            let retain_token = if retain { broker.retain(&message) } else { 0 };
-            let routed = broker.route(&message);
+            let (retain_token, retain_forwarded) = if retain {
+                broker.retain(&message)
+            } else {
+                (0, 0)
+            };
+            let mut routed = broker.route(&message);
+            routed.forwarded = routed.forwarded.max(retain_forwarded);
             (message, retain_token, routed)
         };
         let (message, retain_token, routed) = match persistent_qos2 {
@@ -1395,12 +1403,14 @@ impl Connection {
         };
         match (qos, packet_id) {
             // Acknowledged only once what it wrote to the store is durable.
-            (QoS::AtLeastOnce, Some(id)) => self.ack_when_durable(
+            (QoS::AtLeastOnce, Some(id)) => self.ack_when_forwarded(
                 routed.token.max(retain_token),
+                routed.forwarded,
                 Packet::PubAck(PubAck::with_reason(id, reason)),
             ),
-            (QoS::ExactlyOnce, Some(id)) => self.ack_when_durable(
+            (QoS::ExactlyOnce, Some(id)) => self.ack_when_forwarded(
                 routed.token.max(inbound_token).max(retain_token),
+                routed.forwarded,
                 Packet::PubRec(PubAck::with_reason(id, reason)),
             ),
             _ => {}
@@ -1490,11 +1500,26 @@ impl Connection {
         }
     }
 
+    /// In cluster mode: like [`Self::ack_when_durable`], and the acknowledgement also waits
+    /// for the fabric to acknowledge `forwarded` (the message's copies on other nodes).
+    fn ack_when_forwarded(&mut self, token: u64, forwarded: u64, ack: Packet) {
+        if forwarded == 0 {
+            return self.ack_when_durable(token, ack);
+        }
+        let State::Connected(a) = &mut self.state else {
+            return;
+        };
+        let pending = a.pending_acks.get_or_insert_with(Default::default);
+        pending.push_back((token, Pending::Forwarded(forwarded)));
+        pending.push_back((0, Pending::Ack(ack)));
+    }
+
     /// Writes the held acknowledgements and deliveries that became durable. Returns whether
-    /// it wrote any; registers `cx` with the store while some still wait.
+    /// it wrote any; registers `cx` with the store (or the fabric) while some still wait.
     fn flush_acks(&mut self, cx: &mut Context<'_>) -> bool {
         let broker = self.broker.clone();
         let store = broker.store();
+        let fabric = broker.fabric();
         let State::Connected(a) = &mut self.state else {
             return false;
         };
@@ -1505,15 +1530,22 @@ impl Connection {
         let mut wrote = false;
         loop {
             let durable = store.durable();
-            while pending.front().is_some_and(|(t, _)| *t <= durable) {
+            let forwarded = fabric.map_or(u64::MAX, |f| f.forwarded());
+            while let Some((t, p)) = pending.front() {
+                if *t > durable || matches!(p, Pending::Forwarded(f) if *f > forwarded) {
+                    break;
+                }
                 match pending.pop_front() {
                     Some((_, Pending::Ack(ack))) => {
                         write_within(&mut self.out, &ack, version, max_packet_size);
+                        wrote = true;
                     }
-                    Some((_, Pending::Frames(frames))) => self.out.extend_from_slice(&frames),
-                    None => {}
+                    Some((_, Pending::Frames(frames))) => {
+                        self.out.extend_from_slice(&frames);
+                        wrote = true;
+                    }
+                    Some((_, Pending::Forwarded(_))) | None => {}
                 }
-                wrote = true;
             }
             match pending.front() {
                 None => {
@@ -1521,7 +1553,17 @@ impl Connection {
                     return wrote;
                 }
                 // Registered: the store wakes us once it is durable.
-                Some((token, _)) if store.wait_durable(*token, cx.waker()) => return wrote,
+                Some((token, _)) if *token > durable => {
+                    if store.wait_durable(*token, cx.waker()) {
+                        return wrote;
+                    }
+                }
+                // Registered: the fabric wakes us once the copies are acknowledged.
+                Some((_, Pending::Forwarded(f))) => {
+                    if fabric.is_some_and(|fabric| fabric.wait_forwarded(*f, cx.waker())) {
+                        return wrote;
+                    }
+                }
                 // Became durable meanwhile: go round again.
                 Some(_) => {}
             }
@@ -1800,7 +1842,7 @@ impl Connection {
         let (holding, held_bytes) = a.pending_acks.as_ref().map_or((false, 0), |p| {
             p.iter().fold((false, 0), |(any, bytes), (_, p)| match p {
                 Pending::Frames(f) => (true, bytes + f.len()),
-                Pending::Ack(_) => (any, bytes),
+                Pending::Ack(_) | Pending::Forwarded(_) => (any, bytes),
             })
         });
         if self.out.len() + held_bytes >= OUT_HIGH_WATER {

@@ -21,7 +21,8 @@
 //!   outbox.
 //! * [`broker`]: the shared registry, subscription index and retained store; the lock order.
 //! * [`topic_index`], [`retained`]: the tries that match topics against filters.
-//! * [`auth`], [`store`]: the traits that authentication and durability plug into.
+//! * [`auth`], [`store`], [`fabric`]: the traits that authentication, durability and other
+//!   cluster nodes plug into.
 //! * [`acl`]: topic authorization rules, compiled per client at CONNECT.
 //! * [`stats`], [`activity`]: lock-free counters, and per-topic counts while operators watch.
 
@@ -30,8 +31,10 @@ pub mod activity;
 pub mod auth;
 pub mod broker;
 pub mod connection;
+pub mod fabric;
 pub mod limits;
 pub mod message;
+pub mod record;
 pub mod retained;
 pub mod scram;
 pub mod session;

@@ -1,0 +1,52 @@
+//! The seam where other broker nodes attach: a [`Fabric`] carries this node's messages, its
+//! subscription interest and its retained changes to the rest of a cluster, and gives
+//! messages from other nodes back through [`crate::Broker::route_remote`],
+//! [`crate::Broker::route_group`] and [`crate::Broker::retain_remote`].
+//!
+//! The engine knows nothing of how the fabric works (the server's cluster mode puts NATS
+//! behind it); without one, a broker is a single node and nothing here is called.
+//!
+//! Like the [`crate::store::Store`] hooks, fabric calls are made from publishers' and
+//! subscribers' threads, some under broker locks: an implementation queues the work and
+//! returns at once, and never calls back into the broker from them.
+
+use std::sync::Arc;
+use std::task::Waker;
+
+use petrel_codec::TopicFilter;
+
+use crate::message::Message;
+
+/// What forwarding a message to other nodes did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Nodes and shared groups elsewhere the message was sent to (0: none had interest).
+    pub targets: usize,
+    /// The fabric's acknowledgement token (0: nothing to wait for): a QoS 1/2 publisher's
+    /// PUBACK/PUBREC waits until [`Fabric::forwarded`] reaches it, so that an acknowledged
+    /// message survives this node.
+    pub token: u64,
+}
+
+pub trait Fabric: Send + Sync + 'static {
+    /// A message published on this node (by a client, a bridge or a will), already routed to
+    /// this node's ordinary subscribers. The fabric sends it to every other node with a
+    /// matching ordinary subscription and to one member of each matching shared group
+    /// anywhere, this node's groups included: in cluster mode shared groups are the
+    /// fabric's to balance.
+    fn publish(&self, message: &Arc<Message>) -> Forwarded;
+    /// A retained message was set (or, with an empty payload, cleared) on this node. Returns
+    /// the token its acknowledgement waits for.
+    fn retain(&self, message: &Arc<Message>) -> u64;
+    /// A local ordinary subscription with `filter` was added (`true`) or removed. Called once
+    /// per subscription: the fabric counts them, and its interest in a filter lasts while
+    /// the count is above zero.
+    fn interest(&self, filter: &TopicFilter, added: bool);
+    /// This node's shared group `share` on `filter` came into being (its first member here)
+    /// or ended (its last member here left).
+    fn group(&self, share: &str, filter: &TopicFilter, present: bool);
+    /// The highest token such that it and every token before it are acknowledged.
+    fn forwarded(&self) -> u64;
+    /// Asks for `waker` to be woken once `token` is acknowledged; false if it already is.
+    fn wait_forwarded(&self, token: u64, waker: &Waker) -> bool;
+}
