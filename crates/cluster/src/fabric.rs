@@ -1,0 +1,224 @@
+//! The engine's side of the fabric: [`NatsFabric`] implements `petrel_engine::fabric::Fabric`.
+//! Its calls come from publishers' and subscribers' threads and must not wait, so each one
+//! decides what to send (from the interest table), queues a [`Command`] for the cluster task
+//! and returns; tokens for QoS 1/2 copies and retained changes come back acknowledged through
+//! [`Acks`].
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::Waker;
+
+use petrel_codec::{QoS, TopicFilter};
+use petrel_engine::fabric::{Fabric, Forwarded};
+use petrel_engine::message::Message;
+use tokio::sync::mpsc;
+
+use crate::interest::{RemoteInterest, Targets};
+
+/// Work for the cluster task, in the order the engine asked for it.
+pub(crate) enum Command {
+    /// A QoS 0 message for NATS subject interest (ordinary subscribers elsewhere, and
+    /// shared groups through their queue groups).
+    Core(Arc<Message>),
+    /// A QoS 1/2 message for JetStream: one copy per node and per group; `token` is
+    /// acknowledged once every copy is stored.
+    Durable {
+        token: u64,
+        targets: Targets,
+        message: Arc<Message>,
+    },
+    /// A retained message set or (empty payload) cleared.
+    Retain { token: u64, message: Arc<Message> },
+    /// A local ordinary subscription added or removed.
+    Interest { filter: TopicFilter, added: bool },
+    /// A local shared group began or ended.
+    Group {
+        share: Box<str>,
+        filter: TopicFilter,
+        present: bool,
+    },
+}
+
+/// Counters for metrics and the admin API.
+#[derive(Default)]
+pub struct FabricStats {
+    /// Messages sent to other nodes: QoS 0 on NATS, QoS 1/2 copies in JetStream.
+    pub sent_core: AtomicU64,
+    pub sent_durable: AtomicU64,
+    /// Messages received from other nodes.
+    pub received_core: AtomicU64,
+    pub received_durable: AtomicU64,
+    /// QoS 0 messages not sent: NATS was not keeping up (the queue to it was full).
+    pub dropped_core: AtomicU64,
+    /// Publishes to NATS that failed and were tried again.
+    pub retries: AtomicU64,
+    /// Retained changes sent and received.
+    pub retained_sent: AtomicU64,
+    pub retained_received: AtomicU64,
+}
+
+/// Acknowledged tokens: the watermark is the highest token with all before it acknowledged.
+#[derive(Default)]
+pub(crate) struct Acks {
+    watermark: AtomicU64,
+    inner: Mutex<AcksInner>,
+}
+
+#[derive(Default)]
+struct AcksInner {
+    done: BTreeSet<u64>,
+    waiters: Vec<(u64, Waker)>,
+}
+
+impl Acks {
+    pub fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+
+    pub fn complete(&self, token: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mark = self.watermark.load(Ordering::Acquire);
+        inner.done.insert(token);
+        while inner.done.remove(&(mark + 1)) {
+            mark += 1;
+        }
+        self.watermark.store(mark, Ordering::Release);
+        let mut woken = Vec::new();
+        inner.waiters.retain(|(t, w)| {
+            if *t <= mark {
+                woken.push(w.clone());
+                false
+            } else {
+                true
+            }
+        });
+        drop(inner);
+        woken.into_iter().for_each(Waker::wake);
+    }
+
+    fn wait(&self, token: u64, waker: &Waker) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if token <= self.watermark.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Some(w) = inner.waiters.iter_mut().find(|(_, w)| w.will_wake(waker)) {
+            w.0 = w.0.max(token);
+        } else {
+            inner.waiters.push((token, waker.clone()));
+        }
+        true
+    }
+}
+
+/// QoS 0 messages allowed to wait for NATS at once; past this they are dropped (counted).
+const CORE_QUEUE_LIMIT: usize = 65_536;
+
+pub struct NatsFabric {
+    pub(crate) node: Box<str>,
+    pub(crate) interest: Arc<RwLock<RemoteInterest>>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) next_token: AtomicU64,
+    pub(crate) acks: Arc<Acks>,
+    pub(crate) core_queued: Arc<AtomicUsize>,
+    pub stats: Arc<FabricStats>,
+}
+
+impl NatsFabric {
+    fn token(&self) -> u64 {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, command: Command) {
+        // The task outlives the broker's clients; a send fails only during shutdown, when a
+        // lost message is one its publisher was not acknowledged for.
+        let _ = self.commands.send(command);
+    }
+}
+
+impl Fabric for NatsFabric {
+    fn publish(&self, message: &Arc<Message>) -> Forwarded {
+        let targets = self
+            .interest
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .targets(&message.topic, &self.node);
+        let count = targets.nodes.len() + targets.groups.len();
+        if count == 0 {
+            return Forwarded::default();
+        }
+        if message.qos == QoS::AtMostOnce {
+            if self.core_queued.fetch_add(1, Ordering::AcqRel) >= CORE_QUEUE_LIMIT {
+                self.core_queued.fetch_sub(1, Ordering::AcqRel);
+                self.stats.dropped_core.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.send(Command::Core(message.clone()));
+            }
+            return Forwarded {
+                targets: count,
+                token: 0,
+            };
+        }
+        let token = self.token();
+        self.send(Command::Durable {
+            token,
+            targets,
+            message: message.clone(),
+        });
+        Forwarded {
+            targets: count,
+            token,
+        }
+    }
+
+    fn retain(&self, message: &Arc<Message>) -> u64 {
+        let token = self.token();
+        self.send(Command::Retain {
+            token,
+            message: message.clone(),
+        });
+        token
+    }
+
+    fn interest(&self, filter: &TopicFilter, added: bool) {
+        self.send(Command::Interest {
+            filter: filter.clone(),
+            added,
+        });
+    }
+
+    fn group(&self, share: &str, filter: &TopicFilter, present: bool) {
+        self.send(Command::Group {
+            share: share.into(),
+            filter: filter.clone(),
+            present,
+        });
+    }
+
+    fn forwarded(&self) -> u64 {
+        self.acks.watermark()
+    }
+
+    fn wait_forwarded(&self, token: u64, waker: &Waker) -> bool {
+        self.acks.wait(token, waker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_waits_for_every_earlier_token() {
+        let acks = Acks::default();
+        acks.complete(2);
+        acks.complete(3);
+        assert_eq!(acks.watermark(), 0);
+        acks.complete(1);
+        assert_eq!(acks.watermark(), 3);
+        acks.complete(5);
+        assert_eq!(acks.watermark(), 3);
+        acks.complete(4);
+        assert_eq!(acks.watermark(), 5);
+    }
+}

@@ -1,0 +1,953 @@
+//! One petrel node's membership of a cluster: the NATS connection, the JetStream stream and
+//! buckets it shares with the other nodes, and the tasks that move messages both ways.
+//!
+//! ```text
+//!  engine ──Fabric calls──▶ NatsFabric ──Command──▶ forwarder task
+//!                                                     ├─ QoS 0: publish petrel.m.<topic>
+//!                                                     ├─ QoS 1/2: JetStream petrel.n.<node> /
+//!                                                     │           petrel.g.<group>, token acked
+//!                                                     ├─ interest: NATS subscriptions here,
+//!                                                     │            bucket keys (kv task)
+//!                                                     └─ retained: bucket (kv task), token acked
+//!  NATS ──▶ subscription tasks ──▶ Broker::route_remote / route_group
+//!  JetStream ──▶ node and group consumers ──▶ route, ack once the local store has it
+//!  buckets ──▶ watches ──▶ interest table, retained messages, members
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use petrel_codec::{Properties, QoS, TopicFilter, TopicName};
+use petrel_engine::message::Message;
+use petrel_engine::record::decode_message;
+use petrel_engine::Broker;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::fabric::{Acks, Command, FabricStats, NatsFabric};
+use crate::interest::RemoteInterest;
+use crate::{names, subject, wire};
+
+/// How a node joins its cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (`nats://host:port`); any one is enough to join.
+    pub servers: Vec<String>,
+    /// This node's id: unique in the cluster and the same across its restarts (its durable
+    /// consumer and its keys carry it).
+    pub node_id: String,
+    /// JetStream replicas for the stream and buckets (1 for a single NATS server, 3 for a
+    /// three-server NATS cluster).
+    pub replicas: usize,
+    /// How long to try to reach NATS at start before giving up.
+    pub connect_timeout: Duration,
+    /// How often the node writes its heartbeat, and after how long without one another
+    /// node counts it as gone.
+    pub heartbeat: Duration,
+    pub node_timeout: Duration,
+    /// Bound on the bytes the message stream keeps (QoS 1/2 copies waiting for a node).
+    pub stream_max_bytes: i64,
+}
+
+/// A node as the membership bucket shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: String,
+    /// Wall-clock milliseconds when written, and when the node started.
+    pub at_ms: u64,
+    pub started_ms: u64,
+    pub connections: u64,
+    pub sessions: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    /// Messages sent to and received from other nodes, per second over the last beat.
+    pub cross_out_per_second: f64,
+    pub cross_in_per_second: f64,
+    /// Totals since start.
+    pub cross_out: u64,
+    pub cross_in: u64,
+}
+
+/// A member and whether it is alive (heartbeat within the node timeout).
+#[derive(Clone, Debug, Serialize)]
+pub struct Member {
+    #[serde(flatten)]
+    pub heartbeat: Heartbeat,
+    pub alive: bool,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// The cluster as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub nats_connected: bool,
+    pub nats_server: String,
+    pub members: Vec<Member>,
+    /// Other nodes' ordinary filters and the shared groups known cluster-wide.
+    pub remote_filters: usize,
+    pub groups: Vec<SharedGroupStatus>,
+}
+
+/// A shared group and how many nodes have members of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SharedGroupStatus {
+    pub share: String,
+    pub filter: String,
+    pub nodes: usize,
+}
+
+pub struct Cluster {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    broker: Arc<Broker>,
+    client: Client,
+    js: jetstream::Context,
+    fabric: Arc<NatsFabric>,
+    interest: Arc<RwLock<RemoteInterest>>,
+    members: Mutex<HashMap<String, Heartbeat>>,
+    /// Recently routed core messages by origin, to route one that arrives through several
+    /// overlapping subscriptions once.
+    seen: Mutex<Seen>,
+    core_seq: AtomicU64,
+    boot: u64,
+    started_ms: u64,
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Which (origin, number) pairs were routed lately: a bounded window.
+#[derive(Default)]
+struct Seen {
+    set: HashSet<(Box<str>, u64)>,
+    order: VecDeque<(Box<str>, u64)>,
+}
+
+const SEEN_WINDOW: usize = 65_536;
+
+impl Seen {
+    /// True the first time a pair is seen (within the window).
+    fn first(&mut self, origin: &str, seq: u64) -> bool {
+        let key: (Box<str>, u64) = (origin.into(), seq);
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > SEEN_WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// What the node's key-value writer does, in order.
+enum KvOp {
+    Interest {
+        key: String,
+        value: Option<Bytes>,
+    },
+    Retain {
+        token: u64,
+        message: Arc<Message>,
+    },
+    /// Deletes the keys this node left from an earlier run that it has not written since.
+    Reconcile(Vec<String>),
+}
+
+impl Cluster {
+    /// Connects to NATS, makes sure the stream and buckets exist, loads the interest table
+    /// and the retained messages, and makes `broker` a node of the cluster. Clients should
+    /// be served only after this returns.
+    pub async fn start(config: ClusterConfig, broker: Arc<Broker>) -> Result<Cluster, String> {
+        if !names::valid_node_id(&config.node_id) {
+            return Err(format!(
+                "cluster.node_id {:?}: use 1 to 64 of A-Z a-z 0-9 - _",
+                config.node_id
+            ));
+        }
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("petrel {}", config.node_id))
+            .connection_timeout(config.connect_timeout)
+            .max_reconnects(None);
+        let client = tokio::time::timeout(
+            config.connect_timeout,
+            async_nats::connect_with_options(config.servers.clone(), options),
+        )
+        .await
+        .map_err(|_| format!("cluster.nats: no server of {:?} answered", config.servers))?
+        .map_err(|e| format!("cluster.nats {:?}: {e}", config.servers))?;
+        let js = jetstream::new(client.clone());
+        let replicas = config.replicas.max(1);
+        let stream = get_or_create_stream(
+            &js,
+            stream::Config {
+                name: names::STREAM.to_owned(),
+                subjects: names::STREAM_SUBJECTS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                max_bytes: config.stream_max_bytes,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let interest_kv = bucket(&js, names::INTEREST_BUCKET, replicas, Duration::ZERO).await?;
+        let retained_kv = bucket(&js, names::RETAINED_BUCKET, replicas, Duration::ZERO).await?;
+        let nodes_kv = bucket(&js, names::NODES_BUCKET, replicas, config.node_timeout * 20).await?;
+
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let interest = Arc::new(RwLock::new(RemoteInterest::default()));
+        let stats = Arc::new(FabricStats::default());
+        let fabric = Arc::new(NatsFabric {
+            node: config.node_id.clone().into(),
+            interest: interest.clone(),
+            commands,
+            next_token: AtomicU64::new(1),
+            acks: Arc::new(Acks::default()),
+            core_queued: Arc::new(AtomicUsize::new(0)),
+            stats,
+        });
+        let inner = Arc::new(Inner {
+            config: config.clone(),
+            broker: broker.clone(),
+            client,
+            js,
+            fabric: fabric.clone(),
+            interest: interest.clone(),
+            members: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen::default()),
+            core_seq: AtomicU64::new(1),
+            boot: broker_nonce(),
+            started_ms: wall_ms(),
+        });
+
+        let mut tasks = Vec::new();
+        // The interest table and the retained messages are loaded before clients come.
+        let (loaded, interest_task) = watch(interest_kv.clone(), {
+            let interest = interest.clone();
+            move |entry: kv::Entry| {
+                let value = matches!(entry.operation, kv::Operation::Put).then_some(&entry.value);
+                interest
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .apply(&entry.key, value.map(|v| &v[..]));
+            }
+        })
+        .await?;
+        tasks.push(interest_task);
+        let _ = loaded.await;
+        let (loaded, retained_task) = watch(retained_kv.clone(), {
+            let inner = inner.clone();
+            move |entry: kv::Entry| inner.retained_changed(entry)
+        })
+        .await?;
+        tasks.push(retained_task);
+        let _ = loaded.await;
+        let (_, nodes_task) = watch(nodes_kv.clone(), {
+            let inner = inner.clone();
+            move |entry: kv::Entry| {
+                if let (kv::Operation::Put, Ok(beat)) = (
+                    entry.operation,
+                    serde_json::from_slice::<Heartbeat>(&entry.value),
+                ) {
+                    inner.lock_members().insert(entry.key, beat);
+                } else {
+                    inner.lock_members().remove(&entry.key);
+                }
+            }
+        })
+        .await?;
+        tasks.push(nodes_task);
+
+        // Keys this node wrote in an earlier run: what the restored sessions still want is
+        // written again below, the rest is deleted.
+        let stale = interest
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys_of(&config.node_id);
+        let (kv_tx, kv_rx) = mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(inner.clone().kv_writer(
+            kv_rx,
+            interest_kv,
+            retained_kv,
+        )));
+        broker.set_fabric(fabric.clone());
+        tasks.push(tokio::spawn(inner.clone().forwarder(
+            command_rx,
+            kv_tx.clone(),
+            stream.clone(),
+        )));
+        let _ = kv_tx.send(KvOp::Reconcile(stale));
+        let consumer = durable_consumer(
+            &stream,
+            &names::node_consumer(&config.node_id),
+            &names::node_subject(&config.node_id),
+        )
+        .await?;
+        tasks.push(tokio::spawn(inner.clone().consume(consumer, None)));
+        tasks.push(tokio::spawn(inner.clone().heartbeat(nodes_kv)));
+        tracing::info!(node = %config.node_id, servers = ?config.servers, "joined the cluster");
+        Ok(Cluster { inner, tasks })
+    }
+
+    pub fn stats(&self) -> &FabricStats {
+        &self.inner.fabric.stats
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let now = wall_ms();
+        let timeout = self.inner.config.node_timeout.as_millis() as u64;
+        let mut members: Vec<Member> = self
+            .inner
+            .lock_members()
+            .values()
+            .map(|beat| {
+                let last_seen_ms = now.saturating_sub(beat.at_ms);
+                Member {
+                    heartbeat: beat.clone(),
+                    alive: last_seen_ms <= timeout,
+                    last_seen_ms,
+                }
+            })
+            .collect();
+        members.sort_by(|a, b| a.heartbeat.node.cmp(&b.heartbeat.node));
+        let interest = self
+            .inner
+            .interest
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let (remote_filters, _) = interest.counts();
+        let groups = interest
+            .groups()
+            .into_iter()
+            .map(|(share, filter, nodes)| SharedGroupStatus {
+                share,
+                filter,
+                nodes,
+            })
+            .collect();
+        drop(interest);
+        ClusterStatus {
+            node: self.inner.config.node_id.clone(),
+            nats_connected: matches!(
+                self.inner.client.connection_state(),
+                async_nats::connection::State::Connected
+            ),
+            nats_server: self.inner.client.server_info().host,
+            members,
+            remote_filters,
+            groups,
+        }
+    }
+
+    /// Sends what is queued for NATS and stops (the broker has stopped serving).
+    pub async fn shutdown(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await;
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn broker_nonce() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(SystemTime::now())
+}
+
+async fn get_or_create_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, String> {
+    let name = config.name.clone();
+    js.get_or_create_stream(config).await.map_err(|e| {
+        format!("JetStream stream {name}: {e} (is JetStream enabled on the NATS server?)")
+    })
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: name.to_owned(),
+            history: 1,
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            max_age,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another node made it meanwhile.
+        Err(e) => js
+            .get_key_value(name)
+            .await
+            .map_err(|_| format!("JetStream bucket {name}: {e}")),
+    }
+}
+
+async fn durable_consumer(
+    stream: &stream::Stream,
+    name: &str,
+    subject: &str,
+) -> Result<consumer::Consumer<consumer::pull::Config>, String> {
+    stream
+        .get_or_create_consumer(
+            name,
+            consumer::pull::Config {
+                durable_name: Some(name.to_owned()),
+                filter_subject: subject.to_owned(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("JetStream consumer {name}: {e}"))
+}
+
+/// Watches every key of `kv` from its current values on, calling `apply` for each entry.
+/// The receiver is told once the current values are all applied.
+async fn watch(
+    kv: kv::Store,
+    mut apply: impl FnMut(kv::Entry) + Send + 'static,
+) -> Result<(tokio::sync::oneshot::Receiver<()>, JoinHandle<()>), String> {
+    let empty = kv
+        .status()
+        .await
+        .map_err(|e| format!("bucket status: {e}"))?
+        .values()
+        == 0;
+    let mut entries = kv
+        .watch_with_history(">")
+        .await
+        .map_err(|e| format!("bucket watch: {e}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut tx = Some(tx);
+    if empty {
+        let _ = tx.take().map(|tx| tx.send(()));
+    }
+    let task = tokio::spawn(async move {
+        while let Some(entry) = entries.next().await {
+            match entry {
+                Ok(entry) => {
+                    let caught_up = entry.delta == 0;
+                    apply(entry);
+                    if caught_up {
+                        let _ = tx.take().map(|tx| tx.send(()));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster bucket watch"),
+            }
+        }
+        tracing::warn!("cluster bucket watch ended");
+    });
+    Ok((rx, task))
+}
+
+/// A local filter's NATS subscriptions and how many local subscriptions use it.
+struct LocalFilter {
+    count: usize,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for LocalFilter {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+impl Inner {
+    fn lock_members(&self) -> std::sync::MutexGuard<'_, HashMap<String, Heartbeat>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn retained_changed(&self, entry: kv::Entry) {
+        let Some(topic) = names::retained_topic(&entry.key) else {
+            return;
+        };
+        let message = match entry.operation {
+            kv::Operation::Put => match decode_message(&entry.value) {
+                Ok(m) => m,
+                Err(why) => {
+                    tracing::warn!(
+                        topic,
+                        why,
+                        "a retained message in the cluster bucket does not decode"
+                    );
+                    return;
+                }
+            },
+            _ => {
+                let Ok(topic) = TopicName::new(&topic) else {
+                    return;
+                };
+                Message::new(
+                    topic,
+                    Bytes::new(),
+                    QoS::AtMostOnce,
+                    true,
+                    Properties::default(),
+                    0,
+                )
+            }
+        };
+        self.fabric
+            .stats
+            .retained_received
+            .fetch_add(1, Ordering::Relaxed);
+        self.broker.retain_remote(&Arc::new(message));
+    }
+
+    /// Takes the engine's commands in order: sends messages, and keeps this node's NATS
+    /// subscriptions and consumers in step with its local interest.
+    async fn forwarder(
+        self: Arc<Self>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        kv: mpsc::UnboundedSender<KvOp>,
+        stream: stream::Stream,
+    ) {
+        let mut filters: HashMap<TopicFilter, LocalFilter> = HashMap::new();
+        let mut groups: HashMap<u64, LocalFilter> = HashMap::new();
+        // Copies whose JetStream acknowledgement is awaited: (token, copies left).
+        let mut copies_left: HashMap<u64, usize> = HashMap::new();
+        let mut acks = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    match command {
+                        Command::Core(message) => {
+                            self.fabric.core_queued.fetch_sub(1, Ordering::AcqRel);
+                            let seq = self.core_seq.fetch_add(1, Ordering::Relaxed);
+                            let subject = subject::topic_subject(names::CORE_PREFIX, &message.topic);
+                            let frame = wire::encode(&self.config.node_id, seq, &message);
+                            if self.client.publish(subject, frame).await.is_ok() {
+                                self.fabric.stats.sent_core.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Command::Durable { token, targets, message } => {
+                            let frame = wire::encode(&self.config.node_id, token, &message);
+                            let subjects: Vec<String> = targets
+                                .nodes
+                                .iter()
+                                .map(|n| names::node_subject(n))
+                                .chain(targets.groups.iter().map(|g| names::group_subject(*g)))
+                                .collect();
+                            copies_left.insert(token, subjects.len());
+                            for (i, subject) in subjects.into_iter().enumerate() {
+                                let id = format!("{}-{:x}-{token}-{i}", self.config.node_id, self.boot);
+                                acks.push(self.clone().store_copy(token, subject, id, frame.clone()));
+                            }
+                        }
+                        Command::Retain { token, message } => {
+                            let _ = kv.send(KvOp::Retain { token, message });
+                        }
+                        Command::Interest { filter, added } => {
+                            self.local_interest(&mut filters, &kv, filter, added).await;
+                        }
+                        Command::Group { share, filter, present } => {
+                            self.local_group(&mut groups, &kv, &stream, share, filter, present).await;
+                        }
+                    }
+                }
+                Some(token) = acks.next(), if !acks.is_empty() => {
+                    if let Some(left) = copies_left.get_mut(&token) {
+                        *left -= 1;
+                        if *left == 0 {
+                            copies_left.remove(&token);
+                            self.fabric.acks.complete(token);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores one copy of a QoS 1/2 message in JetStream, trying again until it is stored
+    /// (the same message id each time, so JetStream keeps one). Returns its token.
+    async fn store_copy(
+        self: Arc<Self>,
+        token: u64,
+        subject: String,
+        id: String,
+        frame: Bytes,
+    ) -> u64 {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let result = match self
+                .js
+                .publish_with_headers(subject.clone(), headers, frame.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => {
+                    self.fabric
+                        .stats
+                        .sent_durable
+                        .fetch_add(1, Ordering::Relaxed);
+                    return token;
+                }
+                Err(e) => {
+                    self.fabric.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject, error = %e, "storing a message in JetStream failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn local_interest(
+        self: &Arc<Self>,
+        filters: &mut HashMap<TopicFilter, LocalFilter>,
+        kv: &mpsc::UnboundedSender<KvOp>,
+        filter: TopicFilter,
+        added: bool,
+    ) {
+        if added {
+            if let Some(local) = filters.get_mut(&filter) {
+                local.count += 1;
+                return;
+            }
+            let mut tasks = Vec::new();
+            for subject in subject::filter_subjects(names::CORE_PREFIX, &filter) {
+                match self.client.subscribe(subject.clone()).await {
+                    Ok(sub) => tasks.push(tokio::spawn(self.clone().receive_core(sub, None))),
+                    Err(e) => tracing::warn!(subject, error = %e, "cluster subscription failed"),
+                }
+            }
+            let _ = kv.send(KvOp::Interest {
+                key: names::ordinary_key(&self.config.node_id, &filter),
+                value: Some(Bytes::new()),
+            });
+            filters.insert(filter, LocalFilter { count: 1, tasks });
+        } else if let Some(local) = filters.get_mut(&filter) {
+            local.count -= 1;
+            if local.count == 0 {
+                let _ = kv.send(KvOp::Interest {
+                    key: names::ordinary_key(&self.config.node_id, &filter),
+                    value: None,
+                });
+                filters.remove(&filter);
+            }
+        }
+    }
+
+    async fn local_group(
+        self: &Arc<Self>,
+        groups: &mut HashMap<u64, LocalFilter>,
+        kv: &mpsc::UnboundedSender<KvOp>,
+        stream: &stream::Stream,
+        share: Box<str>,
+        filter: TopicFilter,
+        present: bool,
+    ) {
+        let hash = names::group_hash(&share, &filter);
+        let key = names::group_key(hash, &self.config.node_id);
+        if !present {
+            if groups.remove(&hash).is_some() {
+                let _ = kv.send(KvOp::Interest { key, value: None });
+            }
+            return;
+        }
+        if groups.contains_key(&hash) {
+            return;
+        }
+        let mut tasks = Vec::new();
+        let route = Some((share.clone(), filter.clone()));
+        for subject in subject::filter_subjects(names::CORE_PREFIX, &filter) {
+            match self
+                .client
+                .queue_subscribe(subject.clone(), names::group_queue(hash))
+                .await
+            {
+                Ok(sub) => tasks.push(tokio::spawn(self.clone().receive_core(sub, route.clone()))),
+                Err(e) => tracing::warn!(subject, error = %e, "cluster subscription failed"),
+            }
+        }
+        match durable_consumer(
+            stream,
+            &names::group_consumer(hash),
+            &names::group_subject(hash),
+        )
+        .await
+        {
+            Ok(consumer) => tasks.push(tokio::spawn(self.clone().consume(consumer, route))),
+            Err(e) => tracing::warn!(error = %e, "shared group consumer"),
+        }
+        let _ = kv.send(KvOp::Interest {
+            key,
+            value: Some(Bytes::from(names::group_value(&share, &filter))),
+        });
+        groups.insert(hash, LocalFilter { count: 1, tasks });
+    }
+
+    /// QoS 0 messages from a NATS subscription: for this node's ordinary subscribers, or
+    /// (`group`) for one member of a local shared group.
+    async fn receive_core(
+        self: Arc<Self>,
+        mut sub: async_nats::Subscriber,
+        group: Option<(Box<str>, TopicFilter)>,
+    ) {
+        while let Some(msg) = sub.next().await {
+            let frame = match wire::decode(&msg.payload) {
+                Ok(frame) => frame,
+                Err(why) => {
+                    tracing::warn!(subject = %msg.subject, why, "a cluster message does not decode");
+                    continue;
+                }
+            };
+            match &group {
+                None => {
+                    // Our own publishes come back to us (shared groups need the echo): the
+                    // local subscribers already have them.
+                    if frame.origin == self.config.node_id
+                        || !self
+                            .seen
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .first(&frame.origin, frame.seq)
+                    {
+                        continue;
+                    }
+                    self.fabric
+                        .stats
+                        .received_core
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.broker.route_remote(&Arc::new(frame.message));
+                }
+                Some((share, filter)) => {
+                    if frame.origin != self.config.node_id {
+                        self.fabric
+                            .stats
+                            .received_core
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.broker
+                        .route_group(share, filter, &Arc::new(frame.message));
+                }
+            }
+        }
+    }
+
+    /// QoS 1/2 messages from a durable consumer (this node's, or a shared group's): routed,
+    /// then acknowledged to JetStream once the local store has the deliveries, so a node that
+    /// dies before that gets them again.
+    async fn consume(
+        self: Arc<Self>,
+        consumer: consumer::Consumer<consumer::pull::Config>,
+        group: Option<(Box<str>, TopicFilter)>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut messages = match consumer.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster consumer");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            while let Some(message) = messages.next().await {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cluster consumer");
+                        continue;
+                    }
+                };
+                let frame = match wire::decode(&message.payload) {
+                    Ok(frame) => frame,
+                    Err(why) => {
+                        tracing::warn!(why, "a cluster message does not decode; dropped");
+                        let _ = message.ack().await;
+                        continue;
+                    }
+                };
+                let routed = match &group {
+                    None => Some(self.broker.route_remote(&Arc::new(frame.message))),
+                    Some((share, filter)) => {
+                        self.broker
+                            .route_group(share, filter, &Arc::new(frame.message))
+                    }
+                };
+                let Some(routed) = routed else {
+                    // No member here any more: another node's turn.
+                    let _ = message
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(100))))
+                        .await;
+                    continue;
+                };
+                self.fabric
+                    .stats
+                    .received_durable
+                    .fetch_add(1, Ordering::Relaxed);
+                let store = self.broker.store();
+                std::future::poll_fn(|cx| {
+                    if store.wait_durable(routed.token, cx.waker()) {
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(())
+                    }
+                })
+                .await;
+                let _ = message.ack().await;
+            }
+            tracing::warn!("cluster consumer stream ended; reopening");
+        }
+    }
+
+    /// Writes interest keys and retained messages in the order asked.
+    async fn kv_writer(
+        self: Arc<Self>,
+        mut ops: mpsc::UnboundedReceiver<KvOp>,
+        interest: kv::Store,
+        retained: kv::Store,
+    ) {
+        let mut written: HashSet<String> = HashSet::new();
+        while let Some(op) = ops.recv().await {
+            match op {
+                KvOp::Interest { key, value } => {
+                    let mut backoff = Duration::from_millis(50);
+                    loop {
+                        let result = match &value {
+                            Some(v) => interest
+                                .put(&key, v.clone())
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string()),
+                            None => interest.delete(&key).await.map_err(|e| e.to_string()),
+                        };
+                        match result {
+                            Ok(()) => break,
+                            Err(e) => {
+                                tracing::warn!(key, error = %e, "cluster interest write failed; trying again");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(2));
+                            }
+                        }
+                    }
+                    if value.is_some() {
+                        written.insert(key);
+                    } else {
+                        written.remove(&key);
+                    }
+                }
+                KvOp::Reconcile(stale) => {
+                    for key in stale.into_iter().filter(|k| !written.contains(k)) {
+                        if let Err(e) = interest.delete(&key).await {
+                            tracing::warn!(key, error = %e, "removing stale cluster interest");
+                        }
+                    }
+                }
+                KvOp::Retain { token, message } => {
+                    let key = names::retained_key(&message.topic);
+                    let mut backoff = Duration::from_millis(50);
+                    loop {
+                        let result = if message.payload.is_empty() {
+                            retained.delete(&key).await.map_err(|e| e.to_string())
+                        } else {
+                            retained
+                                .put(
+                                    &key,
+                                    Bytes::from(petrel_engine::record::message_record(&message)),
+                                )
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        };
+                        match result {
+                            Ok(()) => break,
+                            Err(e) => {
+                                tracing::warn!(key, error = %e, "cluster retained write failed; trying again");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(2));
+                            }
+                        }
+                    }
+                    self.fabric
+                        .stats
+                        .retained_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.fabric.acks.complete(token);
+                }
+            }
+        }
+    }
+
+    /// Writes this node's heartbeat (membership and its figures) every beat.
+    async fn heartbeat(self: Arc<Self>, nodes: kv::Store) {
+        let mut last = (Instant::now(), 0u64, 0u64);
+        let mut interval = tokio::time::interval(self.config.heartbeat);
+        loop {
+            interval.tick().await;
+            let s = &self.fabric.stats;
+            let out = s.sent_core.load(Ordering::Relaxed) + s.sent_durable.load(Ordering::Relaxed);
+            let inn = s.received_core.load(Ordering::Relaxed)
+                + s.received_durable.load(Ordering::Relaxed);
+            let secs = last.0.elapsed().as_secs_f64().max(0.001);
+            let stats = &self.broker.stats;
+            let beat = Heartbeat {
+                node: self.config.node_id.clone(),
+                at_ms: wall_ms(),
+                started_ms: self.started_ms,
+                connections: stats.connections_current.load(Ordering::Relaxed),
+                sessions: self.broker.session_count() as u64,
+                messages_received: stats.messages_received.load(Ordering::Relaxed),
+                messages_sent: stats.messages_sent.load(Ordering::Relaxed),
+                cross_out_per_second: (out - last.1) as f64 / secs,
+                cross_in_per_second: (inn - last.2) as f64 / secs,
+                cross_out: out,
+                cross_in: inn,
+            };
+            last = (Instant::now(), out, inn);
+            if let Ok(value) = serde_json::to_vec(&beat) {
+                if let Err(e) = nodes.put(&self.config.node_id, Bytes::from(value)).await {
+                    tracing::debug!(error = %e, "cluster heartbeat");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! What travels between nodes: a message in the engine's record form
+//! (`petrel_engine::record`) behind a short header naming the node it came from and its
+//! number there. The number lets a node that receives one message through several of its
+//! NATS subscriptions (overlapping filters) route it once.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use petrel_engine::message::Message;
+use petrel_engine::record::{decode_message, message_record};
+
+const FRAME_VERSION: u8 = 1;
+
+/// A message as sent to other nodes.
+pub(crate) fn encode(origin: &str, seq: u64, message: &Message) -> Bytes {
+    let record = message_record(message);
+    let origin = &origin.as_bytes()[..origin.len().min(255)];
+    let mut out = BytesMut::with_capacity(2 + origin.len() + 8 + record.len());
+    out.put_u8(FRAME_VERSION);
+    out.put_u8(origin.len() as u8);
+    out.put_slice(origin);
+    out.put_u64(seq);
+    out.put_slice(&record);
+    out.freeze()
+}
+
+/// A received frame: the origin node, its number there, and the message.
+pub(crate) struct Frame {
+    pub origin: String,
+    pub seq: u64,
+    pub message: Message,
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
+    let (&version, rest) = bytes.split_first().ok_or("empty frame")?;
+    if version != FRAME_VERSION {
+        return Err(format!("unknown frame version {version}"));
+    }
+    let (&len, rest) = rest.split_first().ok_or("short frame")?;
+    let len = usize::from(len);
+    if rest.len() < len + 8 {
+        return Err("short frame".to_owned());
+    }
+    let origin = std::str::from_utf8(&rest[..len])
+        .map_err(|_| "origin is not UTF-8")?
+        .to_owned();
+    let seq = u64::from_be_bytes(rest[len..len + 8].try_into().map_err(|_| "short frame")?);
+    let message = decode_message(&rest[len + 8..])?;
+    Ok(Frame {
+        origin,
+        seq,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use petrel_codec::{Properties, QoS, TopicName};
+
+    #[test]
+    fn a_message_crosses_with_its_properties_and_origin() {
+        let mut properties = Properties::default();
+        properties.content_type = Some(petrel_codec::MqttString::new("text/plain").unwrap());
+        properties.message_expiry_interval = Some(60);
+        let message = Message::new(
+            TopicName::new("a/b").unwrap(),
+            Bytes::from_static(b"hello"),
+            QoS::ExactlyOnce,
+            true,
+            properties,
+            7,
+        )
+        .with_expiry_from(std::time::Instant::now());
+        let frame = decode(&encode("node-1", 42, &message)).unwrap();
+        assert_eq!(frame.origin, "node-1");
+        assert_eq!(frame.seq, 42);
+        assert_eq!(&*frame.message.topic, "a/b");
+        assert_eq!(&frame.message.payload[..], b"hello");
+        assert_eq!(frame.message.qos, QoS::ExactlyOnce);
+        assert!(frame.message.retain);
+        assert_eq!(
+            frame.message.properties.content_type.as_deref(),
+            Some("text/plain")
+        );
+        let left = frame.message.expires_at.unwrap() - std::time::Instant::now();
+        assert!(left.as_secs() >= 58 && left.as_secs() <= 60, "{left:?}");
+    }
+
+    #[test]
+    fn truncated_or_foreign_frames_are_refused() {
+        let message = Message::new(
+            TopicName::new("t").unwrap(),
+            Bytes::from_static(b"x"),
+            QoS::AtMostOnce,
+            false,
+            Properties::default(),
+            0,
+        );
+        let good = encode("n", 1, &message);
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut other = good.to_vec();
+        other[0] = 9;
+        assert!(decode(&other).is_err());
+    }
+}
