@@ -368,7 +368,7 @@ impl Cluster {
     }
 
     /// Sends what is queued for NATS and stops (the broker has stopped serving).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await;
         for task in &self.tasks {
             task.abort();
@@ -391,6 +391,10 @@ async fn get_or_create_stream(
     })
 }
 
+/// A key-value bucket, made if missing. The bucket's stream is made here with the key-value
+/// conventions (`KV_<bucket>` on `$KV.<bucket>.>`, one value per key, rollups, no deletes of
+/// single messages, direct gets): the client library's own call first asks for account
+/// details in a form NATS 2.9 does not answer with.
 async fn bucket(
     js: &jetstream::Context,
     name: &str,
@@ -401,23 +405,26 @@ async fn bucket(
         return Ok(store);
     }
     let created = js
-        .create_key_value(kv::Config {
-            bucket: name.to_owned(),
-            history: 1,
-            num_replicas: replicas,
-            storage: stream::StorageType::File,
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
             max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
         })
         .await;
-    match created {
-        Ok(store) => Ok(store),
-        // Another node made it meanwhile.
-        Err(e) => js
-            .get_key_value(name)
-            .await
-            .map_err(|_| format!("JetStream bucket {name}: {e}")),
+    if let Err(e) = created {
+        return Err(format!("JetStream bucket {name}: {e}"));
     }
+    js.get_key_value(name)
+        .await
+        .map_err(|e| format!("JetStream bucket {name}: {e}"))
 }
 
 async fn durable_consumer(

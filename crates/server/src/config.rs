@@ -89,6 +89,144 @@ pub struct Config {
     /// Connections from this broker to other MQTT brokers, one `[[bridges]]`
     /// table each, with the topics they carry each way.
     pub bridges: Vec<BridgeConfig>,
+    /// Cluster mode: several petrel nodes act as one broker, sharing a NATS
+    /// cluster (with JetStream) as their fabric. Off while `nats` is empty.
+    pub cluster: ClusterConfig,
+}
+
+/// The `[cluster]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [cluster] table")]
+pub struct ClusterConfig {
+    /// NATS servers of the shared NATS cluster ("nats://host:4222"); any one
+    /// reachable is enough. Empty: a single node, no NATS. JetStream must be
+    /// enabled on the servers.
+    pub nats: Vec<String>,
+    /// This node's name in the cluster: unique, kept across restarts (its
+    /// durable consumer and its keys in NATS carry it); 1 to 64 of A-Z a-z
+    /// 0-9 - _. Empty: the host name.
+    pub node_id: String,
+    /// JetStream replicas of the message stream and the buckets: 1 for one
+    /// NATS server, 3 for a three-server NATS cluster (survives the loss of
+    /// one). Used when they are first created.
+    pub replicas: usize,
+    /// How long the start waits for a NATS server before it fails.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub connect_timeout: Duration,
+    /// How often this node writes its heartbeat to the membership bucket.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub heartbeat: Duration,
+    /// After how long without a heartbeat a node counts as gone. At least
+    /// twice `heartbeat`.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub node_timeout: Duration,
+    /// Bound on the bytes of QoS 1/2 messages the stream holds for nodes and
+    /// shared groups that have not taken them yet (a stopped node's, say).
+    pub stream_max_bytes: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: Vec::new(),
+            node_id: String::new(),
+            replicas: 1,
+            connect_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            node_timeout: Duration::from_secs(5),
+            stream_max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
+
+    /// The node id in service: the configured one, or one made from the host name.
+    pub fn effective_node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let id: String = host
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect();
+        if id.is_empty() {
+            "petrel".to_owned()
+        } else {
+            id
+        }
+    }
+
+    fn check(&self) -> Result<(), Violation> {
+        let key = |name: &str| KeyPath::root().key("cluster").key(name);
+        let bad = |name: &str, message: String| {
+            Err(Violation {
+                key: key(name),
+                message,
+            })
+        };
+        for (i, url) in self.nats.iter().enumerate() {
+            if url.trim().is_empty() || url.contains(char::is_whitespace) {
+                return Err(Violation {
+                    key: key("nats").index(i),
+                    message: format!(
+                        "{url:?} is not a NATS server address such as \"nats://127.0.0.1:4222\""
+                    ),
+                });
+            }
+        }
+        if !self.node_id.is_empty() && !petrel_cluster::names::valid_node_id(&self.node_id) {
+            return bad(
+                "node_id",
+                format!("{:?}: use 1 to 64 of A-Z a-z 0-9 - _", self.node_id),
+            );
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return bad("replicas", "must be 1 to 5".to_owned());
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout", "must be greater than zero".to_owned());
+        }
+        if self.heartbeat.is_zero() {
+            return bad("heartbeat", "must be greater than zero".to_owned());
+        }
+        if self.node_timeout < self.heartbeat * 2 {
+            return bad(
+                "node_timeout",
+                "must be at least twice heartbeat".to_owned(),
+            );
+        }
+        if self.stream_max_bytes < 1 << 20 {
+            return bad(
+                "stream_max_bytes",
+                "must be at least 1 MiB (1048576)".to_owned(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One `[[bridges]]` entry: this broker connects to another one as a client
@@ -1005,6 +1143,7 @@ impl Default for Config {
             sys_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             bridges: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -1218,6 +1357,7 @@ impl Config {
         for (i, bridge) in self.bridges.iter().enumerate() {
             bridge.check(i, &self.bridges[..i])?;
         }
+        self.cluster.check()?;
         for (i, listener) in self.listeners.iter().enumerate() {
             if listener.connect_timeout.is_zero() {
                 return Err(Violation {
@@ -1820,6 +1960,27 @@ pub fn default_config_toml() -> String {
         max_inflight = bridge.max_inflight,
         direction = topic.direction.as_str(),
         qos = topic.qos,
+    ));
+    let cluster = ClusterConfig::default();
+    out.push_str(&format!(
+        "\n# Cluster mode: petrel nodes sharing a NATS cluster (JetStream on) act as\n\
+         # one broker. Off while nats is empty.\n\
+         [cluster]\n\
+         nats = []\n\
+         # nats = [\"nats://10.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\n\
+         # Unique per node and kept across restarts; empty: the host name.\n\
+         node_id = \"\"\n\
+         # JetStream replicas (3 with a three-server NATS cluster).\n\
+         replicas = {replicas}\n\
+         connect_timeout = \"{connect_timeout}\"\n\
+         heartbeat = \"{heartbeat}\"\n\
+         node_timeout = \"{node_timeout}\"\n\
+         stream_max_bytes = {stream_max_bytes}\n",
+        replicas = cluster.replicas,
+        connect_timeout = humantime::format_duration(cluster.connect_timeout),
+        heartbeat = humantime::format_duration(cluster.heartbeat),
+        node_timeout = humantime::format_duration(cluster.node_timeout),
+        stream_max_bytes = cluster.stream_max_bytes,
     ));
     out
 }

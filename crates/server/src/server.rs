@@ -50,6 +50,8 @@ pub enum ServerError {
     Admin(#[from] crate::admin::AdminError),
     #[error("{0}")]
     Bridge(#[from] crate::bridge::BridgeError),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("listeners[{index}].{key}: {message}")]
     Listener {
         index: usize,
@@ -352,6 +354,8 @@ pub struct Server {
     admin: Option<crate::admin::AdminServer>,
     /// The bridges to other brokers, started by `run`.
     bridges: Vec<crate::bridge::Bridge>,
+    /// Cluster mode: this node's membership of the cluster.
+    cluster: Option<Arc<petrel_cluster::Cluster>>,
 }
 
 impl Server {
@@ -396,6 +400,28 @@ impl Server {
             broker.restore(loaded.sessions, loaded.retained, std::time::Instant::now());
             tracing::info!(dir = %config.storage.dir.display(), sessions, retained, "store opened; persistent sessions and retained messages restored");
         }
+        // Joined before any client is served: the restored subscriptions are announced, and
+        // the cluster's retained messages and interest are loaded.
+        let cluster = if config.cluster.enabled() {
+            let c = &config.cluster;
+            let cluster = petrel_cluster::Cluster::start(
+                petrel_cluster::ClusterConfig {
+                    servers: c.nats.clone(),
+                    node_id: c.effective_node_id(),
+                    replicas: c.replicas,
+                    connect_timeout: c.connect_timeout,
+                    heartbeat: c.heartbeat,
+                    node_timeout: c.node_timeout,
+                    stream_max_bytes: i64::try_from(c.stream_max_bytes).unwrap_or(i64::MAX),
+                },
+                broker.clone(),
+            )
+            .await
+            .map_err(ServerError::Cluster)?;
+            Some(Arc::new(cluster))
+        } else {
+            None
+        };
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, lc) in config.listeners.iter().enumerate() {
             let listener = Listener::bind(lc).await.map_err(|e| match e {
@@ -455,6 +481,7 @@ impl Server {
                     broker.clone(),
                     stats,
                     bridge_status,
+                    cluster.clone(),
                 )
                 .await
                 {
@@ -479,6 +506,7 @@ impl Server {
             config: config.clone(),
             admin,
             bridges,
+            cluster,
         })
     }
 
@@ -603,6 +631,9 @@ impl Server {
         // on disk before the process exits.
         let broker = self.broker.clone();
         let _ = tokio::task::spawn_blocking(move || broker.store().flush()).await;
+        if let Some(cluster) = self.cluster {
+            cluster.shutdown().await;
+        }
     }
 }
 

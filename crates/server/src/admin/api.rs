@@ -41,6 +41,35 @@ pub(super) fn routes() -> Router<Arc<Admin>> {
         .route("/api/v1/retained", get(retained).delete(delete_retained))
         .route("/api/v1/reload", post(reload))
         .route("/api/v1/bridges", get(bridges))
+        .route("/api/v1/cluster", get(cluster))
+}
+
+/// Cluster mode: membership, per-node figures and this node's traffic with the others.
+async fn cluster(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+    let Some(cluster) = &admin.cluster else {
+        return Json(json!({ "enabled": false }));
+    };
+    let status = cluster.status();
+    let s = cluster.stats();
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut view = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
+    if let Some(map) = view.as_object_mut() {
+        map.insert("enabled".into(), json!(true));
+        map.insert(
+            "messages".into(),
+            json!({
+                "sent_core": get(&s.sent_core),
+                "sent_durable": get(&s.sent_durable),
+                "received_core": get(&s.received_core),
+                "received_durable": get(&s.received_durable),
+                "dropped": get(&s.dropped_core),
+                "retries": get(&s.retries),
+                "retained_sent": get(&s.retained_sent),
+                "retained_received": get(&s.retained_received),
+            }),
+        );
+    }
+    Json(view)
 }
 
 #[derive(Serialize)]

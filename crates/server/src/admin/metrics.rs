@@ -28,6 +28,7 @@ struct BrokerCollector {
     broker: Arc<Broker>,
     listeners: Vec<Arc<ListenerStats>>,
     bridges: Vec<Arc<BridgeStatus>>,
+    cluster: Option<Arc<petrel_cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for BrokerCollector {
@@ -215,6 +216,7 @@ impl Collector for BrokerCollector {
             }
         }
         self.encode_bridges(e)?;
+        self.encode_cluster(e)?;
 
         // Messages and bytes.
         counters(
@@ -496,17 +498,80 @@ pub(crate) fn registry(
     broker: Arc<Broker>,
     listeners: Vec<Arc<ListenerStats>>,
     bridges: Vec<Arc<BridgeStatus>>,
+    cluster: Option<Arc<petrel_cluster::Cluster>>,
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(BrokerCollector {
         broker,
         listeners,
         bridges,
+        cluster,
     }));
     registry
 }
 
 impl BrokerCollector {
+    /// Cluster mode: this node's traffic with the others, and membership.
+    fn encode_cluster(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let s = cluster.stats();
+        let status = cluster.status();
+        gauge(
+            e,
+            "petrel_cluster_nats_connected",
+            "Whether this node's NATS connection is up (1) or not (0)",
+            i64::from(status.nats_connected),
+        )?;
+        gauge(
+            e,
+            "petrel_cluster_nodes",
+            "Nodes whose heartbeat is current, this one included",
+            signed(status.members.iter().filter(|m| m.alive).count()),
+        )?;
+        counters(
+            e,
+            "petrel_cluster_messages_sent",
+            "Messages sent to other nodes: QoS 0 on NATS (path=core), QoS 1/2 copies stored in JetStream (path=durable)",
+            "path",
+            [("core", get(&s.sent_core)), ("durable", get(&s.sent_durable))],
+        )?;
+        counters(
+            e,
+            "petrel_cluster_messages_received",
+            "Messages received from other nodes, by path",
+            "path",
+            [
+                ("core", get(&s.received_core)),
+                ("durable", get(&s.received_durable)),
+            ],
+        )?;
+        counter(
+            e,
+            "petrel_cluster_messages_dropped",
+            "QoS 0 messages not sent to other nodes because NATS was not keeping up",
+            get(&s.dropped_core),
+        )?;
+        counter(
+            e,
+            "petrel_cluster_retries",
+            "Writes to NATS that failed and were tried again",
+            get(&s.retries),
+        )?;
+        counters(
+            e,
+            "petrel_cluster_retained_changes",
+            "Retained messages set or cleared, sent to the cluster bucket and received from it",
+            "direction",
+            [
+                ("out", get(&s.retained_sent)),
+                ("in", get(&s.retained_received)),
+            ],
+        )?;
+        Ok(())
+    }
+
     /// One series per bridge of each family.
     fn encode_bridges(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if self.bridges.is_empty() {

@@ -59,6 +59,8 @@ pub enum AdminError {
 pub(crate) struct Admin {
     broker: Arc<Broker>,
     pub(crate) bridges: Vec<Arc<crate::bridge::BridgeStatus>>,
+    /// Cluster mode: membership and the fabric's figures.
+    pub(crate) cluster: Option<Arc<petrel_cluster::Cluster>>,
     token: String,
     metrics_require_token: bool,
     registry: Registry,
@@ -105,6 +107,7 @@ impl AdminServer {
         broker: Arc<Broker>,
         listeners: Vec<Arc<ListenerStats>>,
         bridges: Vec<Arc<crate::bridge::BridgeStatus>>,
+        cluster: Option<Arc<petrel_cluster::Cluster>>,
     ) -> Result<AdminServer, AdminError> {
         let (token, generated) = token_from(config)?;
         let listener = TcpListener::bind(config.bind)
@@ -120,8 +123,14 @@ impl AdminServer {
             tracing::info!(%addr, "admin listener: metrics, API and dashboard");
         }
         let admin = Arc::new(Admin {
-            registry: metrics::registry(broker.clone(), listeners, bridges.clone()),
+            registry: metrics::registry(
+                broker.clone(),
+                listeners,
+                bridges.clone(),
+                cluster.clone(),
+            ),
             bridges,
+            cluster,
             broker,
             token,
             metrics_require_token: config.metrics_require_token,
@@ -265,9 +274,10 @@ mod tests {
     fn admin() -> Arc<Admin> {
         let broker = Arc::new(Broker::new(petrel_engine::Limits::default()));
         let admin = Admin {
-            registry: metrics::registry(broker.clone(), Vec::new(), Vec::new()),
+            registry: metrics::registry(broker.clone(), Vec::new(), Vec::new(), None),
             broker,
             bridges: Vec::new(),
+            cluster: None,
             token: "t0k".into(),
             metrics_require_token: false,
             reloader: std::sync::OnceLock::new(),
