@@ -427,6 +427,8 @@ async fn bucket(
         .map_err(|e| format!("JetStream bucket {name}: {e}"))
 }
 
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
 async fn durable_consumer(
     stream: &stream::Stream,
     name: &str,
@@ -439,7 +441,9 @@ async fn durable_consumer(
                 durable_name: Some(name.to_owned()),
                 filter_subject: subject.to_owned(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                // A node that dies holding messages it has not stored gets them again this
+                // long after (acknowledged as soon as the local store has them).
+                ack_wait: ACK_WAIT,
                 max_ack_pending: 20_000,
                 ..Default::default()
             },
@@ -788,7 +792,16 @@ impl Inner {
     ) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut messages = match consumer.messages().await {
+            // Short pulls with heartbeats: after a NATS server or stream leader is lost, a
+            // stalled pull is noticed within seconds and a new one is made.
+            let pull = consumer
+                .stream()
+                .max_messages_per_batch(500)
+                .expires(Duration::from_secs(5))
+                .heartbeat(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut messages = match pull {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "cluster consumer");
@@ -801,8 +814,9 @@ impl Inner {
                 let message = match message {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::debug!(error = %e, "cluster consumer");
-                        continue;
+                        // Missed heartbeats, a lost leader: pull anew.
+                        tracing::debug!(error = %e, "cluster consumer; pulling again");
+                        break;
                     }
                 };
                 let frame = match wire::decode(&message.payload) {

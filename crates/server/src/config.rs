@@ -1966,8 +1966,8 @@ pub fn default_config_toml() -> String {
         "\n# Cluster mode: petrel nodes sharing a NATS cluster (JetStream on) act as\n\
          # one broker. Off while nats is empty.\n\
          [cluster]\n\
+         # The NATS servers, for example \"nats://10.0.0.1:4222\"; empty: one node.\n\
          nats = []\n\
-         # nats = [\"nats://10.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\n\
          # Unique per node and kept across restarts; empty: the host name.\n\
          node_id = \"\"\n\
          # JetStream replicas (3 with a three-server NATS cluster).\n\

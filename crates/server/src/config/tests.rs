@@ -106,6 +106,7 @@ metrics_require_token = true
             sys_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             bridges: Vec::new(),
+            cluster: ClusterConfig::default(),
             admin: Some(AdminConfig {
                 enabled: true,
                 bind: "127.0.0.1:9200".parse().unwrap(),
@@ -667,4 +668,52 @@ fn invalid_bridges_name_the_key() {
     let ok = parse(&bridge(topic)).expect("a minimal bridge");
     assert_eq!(ok.bridges[0].remote_client_id(), "petrel-b");
     assert_eq!(ok.bridges[0].topics[0].qos, 1);
+}
+
+/// The `[cluster]` table's mistakes stop the start naming the key; without `nats` the
+/// broker is a single node.
+#[test]
+fn invalid_cluster_settings_name_the_key() {
+    let cluster = |body: &str| format!("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n{body}");
+    let cases = [
+        (
+            cluster("node_id = \"a.b\""),
+            "cluster.node_id: \"a.b\": use 1 to 64",
+        ),
+        (cluster("replicas = 0"), "cluster.replicas: must be 1 to 5"),
+        (
+            cluster("heartbeat = \"1s\"\nnode_timeout = \"1500ms\""),
+            "cluster.node_timeout: must be at least twice heartbeat",
+        ),
+        (
+            cluster("heartbeat = \"0s\""),
+            "cluster.heartbeat: must be greater than zero",
+        ),
+        (
+            "[cluster]\nnats = [\"nats://a:1\", \"nats:// b\"]\n".to_owned(),
+            "cluster.nats[1]: \"nats:// b\" is not a NATS server address",
+        ),
+        (
+            cluster("stream_max_bytes = 1000"),
+            "cluster.stream_max_bytes: must be at least 1 MiB",
+        ),
+        (cluster("nodes = 3"), "unknown key 'nodes' in [cluster]"),
+    ];
+    for (text, expected) in cases {
+        let err = parse(&text).expect_err(&text).to_string();
+        assert!(
+            err.contains(expected),
+            "{text}\n--> {err}\nexpected: {expected}"
+        );
+    }
+    let single = parse("").unwrap();
+    assert!(!single.cluster.enabled());
+    let on = parse(&cluster("node_id = \"edge-1\"")).unwrap();
+    assert!(on.cluster.enabled());
+    assert_eq!(on.cluster.effective_node_id(), "edge-1");
+    let default_id = parse(&cluster("")).unwrap().cluster.effective_node_id();
+    assert!(
+        petrel_cluster::names::valid_node_id(&default_id),
+        "{default_id:?}"
+    );
 }

@@ -532,3 +532,52 @@ pub async fn metric(admin: u16, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
+
+/// The admin API's OpenAPI document, which the answers are checked against.
+pub const OPENAPI: &str = include_str!("../../src/admin/openapi.json");
+
+/// Asserts `value` is what the OpenAPI document says `method path` answers with `status`.
+pub fn conforms(method: &str, path: &str, status: u16, value: &serde_json::Value) {
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    let path_only = path.split('?').next().unwrap();
+    // The document's template for this path.
+    let (template, item) = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(template, _)| {
+            let t: Vec<&str> = template.split('/').collect();
+            let p: Vec<&str> = path_only.split('/').collect();
+            t.len() == p.len() && t.iter().zip(&p).all(|(t, p)| t.starts_with('{') || t == p)
+        })
+        .unwrap_or_else(|| panic!("{path_only} is not in the OpenAPI document"));
+    let operation = &item[method.to_lowercase()];
+    assert!(
+        operation.is_object(),
+        "{method} {template} is not described"
+    );
+    let mut response = operation["responses"][status.to_string()].clone();
+    assert!(
+        response.is_object(),
+        "{method} {template} answered {status}, which the document does not list: {value}"
+    );
+    if let Some(reference) = response.get("$ref").and_then(serde_json::Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap();
+        response = doc["components"]["responses"][name].clone();
+    }
+    let schema = &response["content"]["application/json"]["schema"];
+    let wrapped = serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "allOf": [schema],
+        "components": doc["components"],
+    });
+    let validator = jsonschema::validator_for(&wrapped).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} ({status}) does not match the OpenAPI document: {errors:?}\n{value}"
+    );
+}

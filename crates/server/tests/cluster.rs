@@ -1,0 +1,682 @@
+//! Cluster mode against real NATS: `nats-server` (Debian package, JetStream on, loopback
+//! ports) and three petrel nodes, each its own process, with clients on different nodes.
+//! Messages at every QoS cross nodes and reach only nodes with interest; overlapping filters
+//! deliver once; retained messages are cluster-wide (also for a node that joins later);
+//! shared groups balance across nodes; an acknowledged QoS 1 message survives the SIGKILL of
+//! the node it was published on and of the node its subscriber's session lives on; and with
+//! a three-server NATS cluster, killing the NATS server a node uses does not stop service.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The cluster tests start several processes each; one at a time keeps their timing sane on
+/// a shared two-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("petrel-cluster-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The Debian package puts it in /usr/sbin, which a user's PATH may not hold.
+fn nats_server() -> &'static str {
+    if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
+
+/// NATS servers with JetStream, killed when dropped.
+struct Nats {
+    servers: Vec<Option<Child>>,
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl Nats {
+    /// One server.
+    fn single(label: &str) -> Nats {
+        Nats::start(label, 1)
+    }
+
+    /// `n` servers in one NATS cluster (JetStream clustered: replicas up to `n`).
+    fn start(label: &str, n: usize) -> Nats {
+        let dir = temp_dir(&format!("nats-{label}"));
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let mut command = Command::new(nats_server());
+            command
+                .args(["-js", "-a", "127.0.0.1", "-p", &ports[i].to_string()])
+                .args([
+                    "--store_dir",
+                    &dir.join(format!("s{i}")).display().to_string(),
+                ])
+                .args(["--server_name", &format!("s{i}")]);
+            if n > 1 {
+                let others: Vec<String> = (0..n)
+                    .filter(|&j| j != i)
+                    .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                    .collect();
+                command
+                    .args(["--cluster_name", "petrel-test"])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                    .args(["--routes", &others.join(",")]);
+            }
+            let log = std::fs::File::create(dir.join(format!("s{i}.log"))).expect("nats log");
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            dies_with_test(&mut command);
+            let child = command.spawn().unwrap_or_else(|e| {
+                panic!("cannot start nats-server (Debian package nats-server): {e}")
+            });
+            servers.push(Some(child));
+        }
+        let nats = Nats {
+            servers,
+            ports,
+            dir,
+        };
+        let started = Instant::now();
+        for i in 0..n {
+            while !nats.log(i).contains("Server is ready") {
+                assert!(
+                    started.elapsed() < WAIT,
+                    "nats-server s{i} not ready:\n{}",
+                    nats.log(i)
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if n > 1 {
+            // JetStream in a cluster serves once its meta group has a leader.
+            while !(0..n).any(|i| {
+                nats.log(i)
+                    .contains("JetStream cluster new metadata leader")
+            }) {
+                assert!(
+                    started.elapsed() < WAIT,
+                    "no JetStream leader:\n{}",
+                    nats.log(0)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        nats
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("s{i}.log"))).unwrap_or_default()
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A petrel node: its broker process, admin port and settings to restart it with.
+struct Node {
+    broker: Broker,
+    admin: u16,
+    id: String,
+    tables: String,
+}
+
+impl Node {
+    /// Node `id` on the NATS servers `nats` (its first is the one it tries first); `storage`
+    /// is a whole `[storage]` table.
+    fn start(id: &str, nats: &[String], storage: &str, replicas: usize) -> Node {
+        let admin = free_port();
+        let urls: Vec<String> = nats.iter().map(|u| format!("\"{u}\"")).collect();
+        let tables = format!(
+            "{storage}\n[admin]\nbind = \"127.0.0.1:{admin}\"\ntoken = \"t\"\n\n\
+             [cluster]\nnats = [{}]\nnode_id = \"{id}\"\nreplicas = {replicas}\n\
+             heartbeat = \"200ms\"\nnode_timeout = \"1s\"\n",
+            urls.join(", ")
+        );
+        let broker = Broker::start_with("", &tables);
+        Node {
+            broker,
+            admin,
+            id: id.to_owned(),
+            tables,
+        }
+    }
+
+    fn memory(id: &str, nats: &Nats) -> Node {
+        Node::start(id, &nats.urls(), "[storage]\nmode = \"memory\"\n", 1)
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.broker.pid() as i32, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    fn restart(&mut self) {
+        self.broker = Broker::start_at(self.broker.addr.port(), "", &self.tables);
+    }
+
+    /// `GET /api/v1/cluster`, checked against the OpenAPI document.
+    async fn cluster(&self) -> serde_json::Value {
+        let value = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/cluster", self.admin))
+            .bearer_auth("t")
+            .send()
+            .await
+            .expect("GET /api/v1/cluster")
+            .json()
+            .await
+            .expect("cluster JSON");
+        conforms("GET", "/api/v1/cluster", 200, &value);
+        value
+    }
+
+    /// Messages this node received from other nodes, both paths.
+    async fn received(&self) -> u64 {
+        let c = self.cluster().await;
+        c["messages"]["received_core"].as_u64().unwrap()
+            + c["messages"]["received_durable"].as_u64().unwrap()
+    }
+
+    /// Waits until this node knows of at least `filters` ordinary filters on other nodes
+    /// and `groups` shared groups (interest travels through NATS, not instantly).
+    async fn sees_interest(&self, filters: u64, groups: usize) {
+        let started = Instant::now();
+        loop {
+            let c = self.cluster().await;
+            if c["remote_filters"].as_u64().unwrap_or(0) >= filters
+                && c["groups"].as_array().map_or(0, Vec::len) >= groups
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "node {} never saw {filters} remote filters and {groups} groups: {c}",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn client(node: &Node, id: &str) -> RawClient {
+    RawClient::connected(node.broker.addr, id, 60).await
+}
+
+async fn subscribed(node: &Node, id: &str, filters: &[(&str, u8)]) -> RawClient {
+    let mut c = client(node, id).await;
+    for (i, (filter, qos)) in filters.iter().enumerate() {
+        c.send(&subscribe(i as u16 + 1, filter, *qos)).await;
+        c.expect(&suback(i as u16 + 1, *qos), WAIT).await;
+    }
+    c
+}
+
+/// Publishes and, for QoS 1, waits for the PUBACK.
+async fn publish_acked(c: &mut RawClient, topic: &str, qos: u8, id: u16, payload: &[u8]) {
+    c.send(&publish(topic, qos, id, payload)).await;
+    if qos == 1 {
+        c.expect(&puback(id), WAIT).await;
+    }
+}
+
+/// The next PUBLISH a client receives (acknowledging QoS 1/2 ones), as (topic, payload).
+async fn next_message(c: &mut RawClient, wait: Duration) -> Option<(String, Vec<u8>)> {
+    loop {
+        let packet = c.packet(wait).await.ok()?;
+        match packet[0] >> 4 {
+            3 => {
+                let qos = (packet[0] >> 1) & 3;
+                if qos == 1 {
+                    c.send(&puback(publish_packet_id(&packet))).await;
+                } else if qos == 2 {
+                    let id = publish_packet_id(&packet).to_be_bytes();
+                    c.send(&[0x50, 0x02, id[0], id[1]]).await;
+                }
+                return Some((topic_of(&packet), publish_payload(&packet).to_vec()));
+            }
+            // PUBREL: complete the QoS 2 exchange.
+            6 => c.send(&[0x70, 0x02, packet[2], packet[3]]).await,
+            _ => {}
+        }
+    }
+}
+
+fn topic_of(packet: &[u8]) -> String {
+    let mut i = 1;
+    while packet[i] & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let len = usize::from(u16::from_be_bytes([packet[i], packet[i + 1]]));
+    String::from_utf8(packet[i + 2..i + 2 + len].to_vec()).unwrap()
+}
+
+/// Everything a client receives until `quiet` passes without a message.
+async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    while let Some(m) = next_message(c, quiet).await {
+        got.push(m);
+    }
+    got
+}
+
+#[tokio::test]
+async fn messages_cross_nodes_at_every_qos_once_and_only_to_interested_nodes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("cross");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let c = Node::memory("c", &nats);
+    // Overlapping filters on one node: each message still arrives once.
+    let mut sub = subscribed(&b, "sub-b", &[("t/#", 2), ("t/+", 1), ("t/x", 0)]).await;
+    a.sees_interest(3, 0).await;
+    c.sees_interest(3, 0).await;
+    let mut publisher = client(&a, "pub-a").await;
+    let mut sent = Vec::new();
+    for i in 0..30u16 {
+        let qos = (i % 3) as u8;
+        let payload = format!("m{i}");
+        if qos == 2 {
+            publisher
+                .send(&publish("t/x", 2, i + 1, payload.as_bytes()))
+                .await;
+            let id = (i + 1).to_be_bytes();
+            publisher.expect(&[0x50, 0x02, id[0], id[1]], WAIT).await;
+            publisher.send(&[0x62, 0x02, id[0], id[1]]).await;
+            publisher.expect(&[0x70, 0x02, id[0], id[1]], WAIT).await;
+        } else {
+            publish_acked(&mut publisher, "t/x", qos, i + 1, payload.as_bytes()).await;
+        }
+        sent.push(payload.into_bytes());
+    }
+    let got: Vec<Vec<u8>> = drain(&mut sub, Duration::from_secs(2))
+        .await
+        .into_iter()
+        .map(|(topic, payload)| {
+            assert_eq!(topic, "t/x");
+            payload
+        })
+        .collect();
+    // Once each; within one QoS, in order (QoS 0 and 1/2 take different paths).
+    let mut sorted = got.clone();
+    sorted.sort();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(sorted, want, "every message exactly once across nodes");
+    for qos in 0..3 {
+        let order: Vec<&Vec<u8>> = got
+            .iter()
+            .filter(|p| {
+                let n: usize = std::str::from_utf8(&p[1..]).unwrap().parse().unwrap();
+                n % 3 == qos
+            })
+            .collect();
+        let expected: Vec<&Vec<u8>> = sent.iter().skip(qos).step_by(3).collect();
+        assert_eq!(order, expected, "QoS {qos} messages in publish order");
+    }
+    // Node c has no subscriber: nothing was sent to it.
+    assert_eq!(
+        c.received().await,
+        0,
+        "a node without interest receives nothing"
+    );
+    assert_eq!(b.received().await, 30);
+    // A topic nobody subscribes to stays on its node.
+    publish_acked(&mut publisher, "other/topic", 1, 100, b"x").await;
+    let c_status = a.cluster().await;
+    let sent_total = c_status["messages"]["sent_core"].as_u64().unwrap()
+        + c_status["messages"]["sent_durable"].as_u64().unwrap();
+    assert_eq!(
+        sent_total, 30,
+        "nothing forwarded without interest: {c_status}"
+    );
+    // Membership: all three alive, as seen from any node.
+    let members: BTreeSet<String> = c.cluster().await["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["alive"] == true)
+        .map(|m| m["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(members, ["a", "b", "c"].map(String::from).into());
+    // Unsubscribing withdraws the interest: the other nodes forget it.
+    let mut unsubscribe = vec![0xa2, 0x00, 0x00, 0x07];
+    for f in ["t/#", "t/+", "t/x"] {
+        unsubscribe.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        unsubscribe.extend_from_slice(f.as_bytes());
+    }
+    unsubscribe[1] = (unsubscribe.len() - 2) as u8;
+    sub.send(&unsubscribe).await;
+    sub.expect(&[0xb0, 0x02, 0x00, 0x07], WAIT).await;
+    let started = Instant::now();
+    while a.cluster().await["remote_filters"] != 0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "the interest stayed: {}",
+            a.cluster().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn retained_messages_are_cluster_wide_also_for_a_node_that_joins_later() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("retained");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let mut publisher = client(&a, "pub").await;
+    let mut retained = publish("r/1", 1, 1, b"one");
+    retained[0] |= 0x01;
+    publisher.send(&retained).await;
+    publisher.expect(&puback(1), WAIT).await;
+    let mut retained2 = publish("r/2", 1, 2, b"two");
+    retained2[0] |= 0x01;
+    publisher.send(&retained2).await;
+    publisher.expect(&puback(2), WAIT).await;
+    // Acknowledged means stored cluster-wide: a subscriber on b gets it at once.
+    let started = Instant::now();
+    let got = loop {
+        let mut s = subscribed(&b, "sub-b", &[("r/#", 1)]).await;
+        let got = drain(&mut s, Duration::from_millis(500)).await;
+        if got.len() == 2 || started.elapsed() > WAIT {
+            break got;
+        }
+    };
+    let got: BTreeMap<String, Vec<u8>> = got.into_iter().collect();
+    assert_eq!(got.get("r/1").map(Vec::as_slice), Some(&b"one"[..]));
+    assert_eq!(got.get("r/2").map(Vec::as_slice), Some(&b"two"[..]));
+    // Cleared on b: gone on a too.
+    let mut clearer = client(&b, "clear").await;
+    let mut clear = publish("r/1", 1, 3, b"");
+    clear[0] |= 0x01;
+    clearer.send(&clear).await;
+    clearer.expect(&puback(3), WAIT).await;
+    // A node that joins later loads them from the bucket before it serves.
+    let c = Node::memory("c", &nats);
+    let mut s = subscribed(&c, "sub-c", &[("r/#", 1)]).await;
+    let got = drain(&mut s, Duration::from_millis(500)).await;
+    assert_eq!(got, vec![("r/2".to_owned(), b"two".to_vec())]);
+    let started = Instant::now();
+    loop {
+        let mut s = subscribed(&a, "sub-a", &[("r/#", 1)]).await;
+        let got = drain(&mut s, Duration::from_millis(300)).await;
+        if got == vec![("r/2".to_owned(), b"two".to_vec())] {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "a still has {got:?}");
+    }
+}
+
+#[tokio::test]
+async fn shared_groups_balance_across_nodes_and_deliver_each_message_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("shared");
+    let nodes = [
+        Node::memory("a", &nats),
+        Node::memory("b", &nats),
+        Node::memory("c", &nats),
+    ];
+    let mut members = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        members.push(subscribed(node, &format!("m{i}"), &[("$share/g/s/#", 1)]).await);
+    }
+    // A second group gets its own copy of every message.
+    let mut other = subscribed(&nodes[2], "other", &[("$share/h/s/#", 1)]).await;
+    for node in &nodes {
+        let started = Instant::now();
+        loop {
+            let groups = node.cluster().await["groups"].clone();
+            let g = groups
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["share"] == "g")
+                .map_or(0, |g| g["nodes"].as_u64().unwrap());
+            if g == 3 && groups.as_array().unwrap().len() == 2 {
+                break;
+            }
+            assert!(started.elapsed() < WAIT, "groups on {}: {groups}", node.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut publisher = client(&nodes[0], "pub").await;
+    let n = 60u16;
+    for i in 0..n {
+        publish_acked(
+            &mut publisher,
+            &format!("s/{i}"),
+            (i % 2) as u8,
+            i + 1,
+            b"x",
+        )
+        .await;
+    }
+    let mut per_member = Vec::new();
+    let mut all = Vec::new();
+    for m in &mut members {
+        let got = drain(m, Duration::from_secs(1)).await;
+        per_member.push(got.len());
+        all.extend(got.into_iter().map(|(t, _)| t));
+    }
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        all.len(),
+        usize::from(n),
+        "each message once in group g: {per_member:?}"
+    );
+    assert_eq!(unique.len(), usize::from(n));
+    for (i, count) in per_member.iter().enumerate() {
+        assert!(*count > 0, "member on node {i} got nothing: {per_member:?}");
+    }
+    let other_got = drain(&mut other, Duration::from_millis(500)).await;
+    assert_eq!(
+        other_got.len(),
+        usize::from(n),
+        "group h gets its own copy of each"
+    );
+}
+
+/// Publishes QoS 1 messages `prefix-0..` on `c` until `stop`, returning those acknowledged.
+async fn publish_until(
+    mut c: RawClient,
+    topic: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> BTreeSet<u32> {
+    let mut acked = BTreeSet::new();
+    let mut n: u32 = 0;
+    while !*stop.borrow() {
+        let id = (n % 60_000) as u16 + 1;
+        if c.try_send(&publish(topic, 1, id, &n.to_be_bytes()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match c.packet(Duration::from_secs(5)).await {
+            Ok(p) if p == puback(id) => {
+                acked.insert(n);
+            }
+            _ => break,
+        }
+        n += 1;
+    }
+    acked
+}
+
+fn numbers(got: &[(String, Vec<u8>)]) -> BTreeSet<u32> {
+    got.iter()
+        .map(|(_, p)| u32::from_be_bytes(p[..4].try_into().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn no_acknowledged_qos1_message_is_lost_when_a_node_is_sigkilled() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("kill");
+    let dir = temp_dir("kill");
+    let disk = |n: &str| {
+        format!(
+            "[storage]\ndir = \"{}\"\nfsync = \"always\"\n\n[mqtt]\nmax_queued_messages = 100000\n",
+            dir.join(n).display()
+        )
+    };
+    let mut a = Node::start("a", &nats.urls(), &disk("a"), 1);
+    let mut b = Node::start("b", &nats.urls(), &disk("b"), 1);
+
+    // 1. The publisher's node dies mid-load: every message it acknowledged reaches b.
+    let mut sub = subscribed(&b, "sub", &[("load/#", 1)]).await;
+    a.sees_interest(1, 0).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(publish_until(client(&a, "pub").await, "load/a", stopped));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    a.kill();
+    let acked = publisher.await.unwrap();
+    let _ = stop.send(true);
+    assert!(
+        acked.len() > 20,
+        "the load ran: {} acknowledged",
+        acked.len()
+    );
+    let got = numbers(&drain(&mut sub, Duration::from_secs(2)).await);
+    let lost: Vec<_> = acked.difference(&got).collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    drop(sub);
+
+    // 2. The subscriber's node dies: its persistent session's messages wait in JetStream
+    //    and in its store, and come after the restart.
+    a.restart();
+    let mut persistent = RawClient::connect(b.broker.addr).await;
+    persistent.send(&connect_persistent("keeper")).await;
+    let _ = persistent.packet(WAIT).await.expect("CONNACK");
+    persistent.send(&subscribe(1, "keep/#", 1)).await;
+    persistent.expect(&suback(1, 1), WAIT).await;
+    a.sees_interest(1, 0).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(publish_until(client(&a, "pub2").await, "keep/x", stopped));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    drop(persistent);
+    // Publishing goes on while b is down: JetStream keeps b's messages.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = stop.send(true);
+    let acked = publisher.await.unwrap();
+    b.restart();
+    let mut back = RawClient::connect(b.broker.addr).await;
+    back.send(&connect_persistent("keeper")).await;
+    let _ = back.packet(WAIT).await.expect("CONNACK");
+    let mut got = BTreeSet::new();
+    let started = Instant::now();
+    while !acked.is_subset(&got) && started.elapsed() < WAIT {
+        got.extend(numbers(&drain(&mut back, Duration::from_millis(500)).await));
+    }
+    let lost: Vec<_> = acked.difference(&got).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost across b's SIGKILL: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CONNECT 3.1.1, Clean Session 0.
+fn connect_persistent(client_id: &str) -> Vec<u8> {
+    let mut p = connect_v311(client_id, 60);
+    assert!(p.len() < 128, "one-byte remaining length");
+    // Fixed header (2 bytes), protocol name (6), level (1), then the connect flags.
+    assert_eq!(p[9], 0x02);
+    p[9] = 0x00;
+    p
+}
+
+#[tokio::test]
+async fn service_continues_when_the_nats_server_of_a_node_is_killed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut nats = Nats::start("three", 3);
+    let urls = nats.urls();
+    let rotate = |i: usize| -> Vec<String> { (0..3).map(|j| urls[(i + j) % 3].clone()).collect() };
+    let memory = "[storage]\nmode = \"memory\"\n";
+    let a = Node::start("a", &rotate(0), memory, 3);
+    let b = Node::start("b", &rotate(1), memory, 3);
+    let mut sub = subscribed(&b, "sub", &[("ha/#", 1)]).await;
+    a.sees_interest(1, 0).await;
+    let mut publisher = client(&a, "pub").await;
+    for i in 0..20u16 {
+        publish_acked(
+            &mut publisher,
+            "ha/x",
+            1,
+            i + 1,
+            &u32::from(i).to_be_bytes(),
+        )
+        .await;
+    }
+    // a's NATS server goes away; a reconnects to another, and messages keep flowing.
+    nats.kill(0);
+    let mut acked = BTreeSet::new();
+    let started = Instant::now();
+    for i in 20u32..60 {
+        let id = i as u16 + 1;
+        publisher
+            .send(&publish("ha/x", 1, id, &i.to_be_bytes()))
+            .await;
+        match publisher.packet(WAIT).await {
+            Ok(p) if p == puback(id) => {
+                acked.insert(i);
+            }
+            other => panic!("no PUBACK for {i} after the NATS server died: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() < WAIT);
+    // b's pulls were served by a stream leader that may have been on the dead server: it
+    // notices the missed heartbeats and pulls anew.
+    let mut got = BTreeSet::new();
+    while !acked.is_subset(&got) && started.elapsed() < WAIT * 2 {
+        got.extend(numbers(&drain(&mut sub, Duration::from_millis(500)).await));
+    }
+    eprintln!(
+        "all acknowledged messages arrived {:?} after the kill",
+        started.elapsed()
+    );
+    assert!(acked.is_subset(&got), "lost: {:?}", acked.difference(&got));
+    assert!((0..20).all(|i| got.contains(&i)));
+    assert_eq!(a.cluster().await["nats_connected"], true);
+}
