@@ -4,13 +4,13 @@
 //! and returns; tokens for QoS 1/2 copies and retained changes come back acknowledged through
 //! [`Acks`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Waker;
 
 use petrel_codec::{QoS, TopicFilter};
-use petrel_engine::fabric::{Fabric, Forwarded};
+use petrel_engine::fabric::{Fabric, Forwarded, PendingClaim};
 use petrel_engine::message::Message;
 use tokio::sync::mpsc;
 
@@ -122,6 +122,11 @@ pub struct NatsFabric {
     pub(crate) acks: Arc<Acks>,
     pub(crate) core_queued: Arc<AtomicUsize>,
     pub stats: Arc<FabricStats>,
+    /// Client ids whose session this node owns (it claimed them, and no other node took them
+    /// since): a client reconnecting to the same node costs no round trip.
+    pub(crate) owned: Mutex<HashSet<String>>,
+    /// The node's NATS side, which makes claims; set once it runs.
+    pub(crate) runner: std::sync::OnceLock<std::sync::Weak<crate::node::Inner>>,
 }
 
 impl NatsFabric {
@@ -201,6 +206,22 @@ impl Fabric for NatsFabric {
 
     fn wait_forwarded(&self, token: u64, waker: &Waker) -> bool {
         self.acks.wait(token, waker)
+    }
+
+    fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim> {
+        if self
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(client_id)
+        {
+            return None;
+        }
+        let node = self.runner.get()?.upgrade()?;
+        let client_id = client_id.to_owned();
+        Some(Box::pin(
+            async move { node.claim(client_id, clean_start).await },
+        ))
     }
 }
 

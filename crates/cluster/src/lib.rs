@@ -12,6 +12,7 @@
 //! * `wire`: what a message looks like between nodes.
 
 mod fabric;
+mod handover;
 mod interest;
 pub mod names;
 mod node;

@@ -17,6 +17,17 @@ pub const INTEREST_BUCKET: &str = "PETREL_INTEREST";
 pub const RETAINED_BUCKET: &str = "PETREL_RETAINED";
 /// Membership: key the node id, value its heartbeat.
 pub const NODES_BUCKET: &str = "PETREL_NODES";
+/// Which node holds each client id's session: key [`session_key`], value the node id.
+pub const SESSIONS_BUCKET: &str = "PETREL_SESSIONS";
+
+pub fn session_key(client_id: &str) -> String {
+    format!("s.{}", URL_SAFE_NO_PAD.encode(client_id.as_bytes()))
+}
+
+/// Where a node takes requests to give up a client id's session.
+pub fn takeover_subject(node: &str) -> String {
+    format!("petrel.node.{node}.takeover")
+}
 
 /// Whether `id` can name a node.
 pub fn valid_node_id(id: &str) -> bool {

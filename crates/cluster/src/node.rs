@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::fabric::{Acks, Command, FabricStats, NatsFabric};
 use crate::interest::RemoteInterest;
-use crate::{names, subject, wire};
+use crate::{handover, names, subject, wire};
 
 /// How a node joins its cluster.
 #[derive(Clone, Debug)]
@@ -111,7 +111,7 @@ pub struct Cluster {
     tasks: Vec<JoinHandle<()>>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: ClusterConfig,
     broker: Arc<Broker>,
     client: Client,
@@ -119,6 +119,7 @@ struct Inner {
     fabric: Arc<NatsFabric>,
     interest: Arc<RwLock<RemoteInterest>>,
     members: Mutex<HashMap<String, Heartbeat>>,
+    sessions: kv::Store,
     /// Recently routed core messages by origin, to route one that arrives through several
     /// overlapping subscriptions once.
     seen: Mutex<Seen>,
@@ -216,6 +217,7 @@ impl Cluster {
         .await?;
         let interest_kv = bucket(&js, names::INTEREST_BUCKET, replicas, Duration::ZERO).await?;
         let retained_kv = bucket(&js, names::RETAINED_BUCKET, replicas, Duration::ZERO).await?;
+        let sessions_kv = bucket(&js, names::SESSIONS_BUCKET, replicas, Duration::ZERO).await?;
         let nodes_kv = bucket(&js, names::NODES_BUCKET, replicas, config.node_timeout * 20).await?;
 
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -229,6 +231,8 @@ impl Cluster {
             acks: Arc::new(Acks::default()),
             core_queued: Arc::new(AtomicUsize::new(0)),
             stats,
+            owned: Mutex::new(HashSet::new()),
+            runner: std::sync::OnceLock::new(),
         });
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -238,13 +242,21 @@ impl Cluster {
             fabric: fabric.clone(),
             interest: interest.clone(),
             members: Mutex::new(HashMap::new()),
+            sessions: sessions_kv,
             seen: Mutex::new(Seen::default()),
             core_seq: AtomicU64::new(1),
             boot: broker_nonce(),
             started_ms: wall_ms(),
         });
 
+        let _ = fabric.runner.set(Arc::downgrade(&inner));
         let mut tasks = Vec::new();
+        let takeovers = inner
+            .client
+            .subscribe(names::takeover_subject(&config.node_id))
+            .await
+            .map_err(|e| format!("cluster takeover subscription: {e}"))?;
+        tasks.push(tokio::spawn(inner.clone().serve_takeovers(takeovers)));
         // The interest table and the retained messages are loaded before clients come.
         let (loaded, interest_task) = watch(interest_kv.clone(), {
             let interest = interest.clone();
@@ -504,6 +516,149 @@ impl Drop for LocalFilter {
 }
 
 impl Inner {
+    /// Makes this node the owner of `client_id`'s session in the sessions bucket (compare and
+    /// set on the key's revision, so of two nodes claiming at once one wins and the other
+    /// takes it from the winner), then has the previous owner close its client and hand the
+    /// session over. Bounded in time: if NATS or the old node does not answer, the client
+    /// goes on here without the old state (logged).
+    pub(crate) async fn claim(self: Arc<Self>, client_id: String, clean_start: bool) {
+        let key = names::session_key(&client_id);
+        let me = self.config.node_id.clone();
+        let work = async {
+            for _ in 0..8 {
+                let entry = self.sessions.entry(&key).await.map_err(|e| e.to_string())?;
+                let (owner, revision) = match &entry {
+                    Some(e) if e.operation == kv::Operation::Put => (
+                        Some(String::from_utf8_lossy(&e.value).into_owned()),
+                        Some(e.revision),
+                    ),
+                    _ => (None, None),
+                };
+                if owner.as_deref() == Some(me.as_str()) {
+                    return Ok(());
+                }
+                let value = Bytes::from(me.clone().into_bytes());
+                let written = match revision {
+                    Some(revision) => self
+                        .sessions
+                        .update(&key, value, revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => self
+                        .sessions
+                        .create(&key, value)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                };
+                if written.is_err() {
+                    // Another node changed the key meanwhile: look again.
+                    continue;
+                }
+                let Some(owner) = owner else {
+                    return Ok(());
+                };
+                let request = serde_json::to_vec(&handover::TakeoverRequest {
+                    client_id: client_id.clone(),
+                    clean_start,
+                    node: me.clone(),
+                })
+                .unwrap_or_default();
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    self.client
+                        .request(names::takeover_subject(&owner), Bytes::from(request)),
+                )
+                .await;
+                match reply {
+                    Ok(Ok(reply)) if reply.payload.is_empty() => {}
+                    Ok(Ok(reply)) => match handover::decode(&reply.payload) {
+                        Ok(stored) => {
+                            tracing::debug!(
+                                client_id,
+                                from = owner,
+                                deliveries = stored.deliveries.len(),
+                                "session taken over from another node"
+                            );
+                            self.broker.adopt(stored, Instant::now());
+                        }
+                        Err(why) => {
+                            tracing::warn!(
+                                client_id,
+                                from = owner,
+                                why,
+                                "a handed-over session does not decode; it starts anew here"
+                            )
+                        }
+                    },
+                    Ok(Err(e)) => {
+                        tracing::info!(client_id, from = owner, error = %e, "the node that held the session did not answer; it starts anew here")
+                    }
+                    Err(_) => {
+                        tracing::warn!(client_id, from = owner, "the node that held the session did not answer in time; it starts anew here")
+                    }
+                }
+                return Ok(());
+            }
+            Err("the session key kept changing".to_owned())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), work).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(client_id, error = %e, "claiming a client id in the cluster failed; serving it here")
+            }
+            Err(_) => tracing::warn!(
+                client_id,
+                "claiming a client id in the cluster timed out; serving it here"
+            ),
+        }
+        self.fabric
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client_id);
+    }
+
+    /// Requests from other nodes for a session this node holds: its client is closed as
+    /// taken over and the session goes to the asking node.
+    async fn serve_takeovers(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        let max_payload = self.client.server_info().max_payload.max(64 * 1024);
+        while let Some(msg) = requests.next().await {
+            let Ok(request) = serde_json::from_slice::<handover::TakeoverRequest>(&msg.payload)
+            else {
+                continue;
+            };
+            self.fabric
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&request.client_id);
+            let state =
+                self.broker
+                    .hand_over(&request.client_id, request.clean_start, Instant::now());
+            let payload = match &state {
+                Some(state) => {
+                    let (bytes, left_out) = handover::encode(state, max_payload - 1024);
+                    if left_out > 0 {
+                        tracing::warn!(client_id = request.client_id, to = request.node, left_out, "a handed-over session's queue does not fit one NATS message; its oldest messages that do not fit were dropped");
+                    }
+                    bytes
+                }
+                None => Vec::new(),
+            };
+            tracing::debug!(
+                client_id = request.client_id,
+                to = request.node,
+                moved = state.is_some(),
+                "client id taken over by another node"
+            );
+            if let Some(reply) = msg.reply {
+                let _ = self.client.publish(reply, Bytes::from(payload)).await;
+            }
+        }
+    }
+
     fn lock_members(&self) -> std::sync::MutexGuard<'_, HashMap<String, Heartbeat>> {
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -624,92 +624,7 @@ impl Broker {
     ) {
         let mut dropped_at_restore = 0u64;
         for stored in sessions {
-            if stored.expires_at.is_some_and(|at| at <= now) {
-                self.store.session_removed(&stored.client_id);
-                continue;
-            }
-            let Ok(client_id) = MqttString::new(&stored.client_id) else {
-                continue;
-            };
-            let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
-            let session = Arc::new(Session::new(
-                id,
-                client_id.clone(),
-                Owner::Offline,
-                stored.expiry_interval,
-                self.queue_totals.clone(),
-            ));
-            let mut sessions = lock(&self.sessions);
-            let mut st = session.lock();
-            // A session whose client was connected when the broker stopped starts its
-            // interval now.
-            st.expires_at = match stored.expires_at {
-                Some(at) => Some(at),
-                None if stored.expiry_interval != NEVER_EXPIRES => {
-                    Some(now + Duration::from_secs(u64::from(stored.expiry_interval)))
-                }
-                None => None,
-            };
-            for (filter, sub) in stored.subscriptions {
-                st.subscriptions.insert(filter.clone(), sub);
-                // Guards are the client's, set again when it subscribes; until then every
-                // delivery is still checked against its ACL as it is written.
-                self.add_to_index(&session, &filter, sub, None);
-            }
-            st.inbound_qos2.extend(stored.inbound_qos2);
-            if let Some((at, will)) = stored.pending_will {
-                st.pending_will = Some(PendingWill {
-                    at,
-                    will: Box::new(will),
-                });
-            }
-            for d in stored.deliveries {
-                st.next_seq = st.next_seq.max(d.seq + 1);
-                let weight = u32::try_from(d.message.weight()).unwrap_or(u32::MAX);
-                let mut delivery = Delivery::new(d.message, d.qos, d.retain, weight);
-                delivery.seq = d.seq;
-                if !d.subscription_ids.is_empty() {
-                    delivery.extra = Some(Box::new(DeliveryExtra {
-                        subscription_ids: d.subscription_ids,
-                        group: None,
-                    }));
-                }
-                let inflight = |packet_id: u16, stage| {
-                    PacketId::new(packet_id).map(|packet_id| Inflight {
-                        packet_id,
-                        delivery: delivery.clone(),
-                        stage,
-                        hold: 0,
-                    })
-                };
-                let restored = match d.stage {
-                    StoredStage::Queued => None,
-                    StoredStage::Published(pid) => inflight(pid, InflightStage::Published),
-                    StoredStage::Released(pid) => inflight(pid, InflightStage::Released),
-                };
-                match restored {
-                    Some(f) => st.inflight.push_back(f),
-                    None => {
-                        let (seq, qos) = (delivery.seq, delivery.qos);
-                        let message = delivery.message.clone();
-                        if let Err(reason) = st.push(delivery, &self.limits()) {
-                            // The bounds were lowered since the message was stored.
-                            self.count_drop(reason);
-                            dropped_at_restore += 1;
-                            self.store.dequeued(&stored.client_id, seq, &message, qos);
-                        }
-                    }
-                }
-            }
-            let next = [st.expires_at, st.pending_will.as_ref().map(|p| p.at)]
-                .into_iter()
-                .flatten()
-                .min();
-            if let Some(at) = next {
-                self.schedule(&mut st, at, &session);
-            }
-            drop(st);
-            sessions.insert(client_id, session);
+            dropped_at_restore += self.restore_session(stored, now, false);
         }
         if dropped_at_restore > 0 {
             tracing::warn!(
@@ -728,6 +643,218 @@ impl Broker {
             if let Some(at) = expires_at {
                 self.schedule_retained_sweep(at);
             }
+        }
+    }
+
+    /// Puts back one stored session, offline (see [`Broker::restore`]); with `record`, the
+    /// store is told about all of it (a session that came from another node, not from this
+    /// store). Returns how many of its messages no longer fit the queue bounds.
+    fn restore_session(
+        &self,
+        stored: crate::store::StoredSession,
+        now: Instant,
+        record: bool,
+    ) -> u64 {
+        let mut dropped = 0u64;
+        if stored.expires_at.is_some_and(|at| at <= now) {
+            self.store.session_removed(&stored.client_id);
+            return 0;
+        }
+        let Ok(client_id) = MqttString::new(&stored.client_id) else {
+            return 0;
+        };
+        let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(Session::new(
+            id,
+            client_id.clone(),
+            Owner::Offline,
+            stored.expiry_interval,
+            self.queue_totals.clone(),
+        ));
+        let mut sessions = lock(&self.sessions);
+        let mut st = session.lock();
+        // A session whose client was connected when the broker stopped starts its
+        // interval now.
+        st.expires_at = match stored.expires_at {
+            Some(at) => Some(at),
+            None if stored.expiry_interval != NEVER_EXPIRES => {
+                Some(now + Duration::from_secs(u64::from(stored.expiry_interval)))
+            }
+            None => None,
+        };
+        let store = &*self.store;
+        if record {
+            store.session_opened(&stored.client_id, stored.expiry_interval);
+            store.session_offline(&stored.client_id, stored.expiry_interval, st.expires_at);
+            for id in &stored.inbound_qos2 {
+                store.inbound_qos2(&stored.client_id, *id, true);
+            }
+        }
+        for (filter, sub) in stored.subscriptions {
+            if record {
+                store.subscription_added(&stored.client_id, &filter, sub);
+            }
+            st.subscriptions.insert(filter.clone(), sub);
+            // Guards are the client's, set again when it subscribes; until then every
+            // delivery is still checked against its ACL as it is written.
+            self.add_to_index(&session, &filter, sub, None);
+        }
+        st.inbound_qos2.extend(stored.inbound_qos2);
+        if let Some((at, will)) = stored.pending_will {
+            st.pending_will = Some(PendingWill {
+                at,
+                will: Box::new(will),
+            });
+        }
+        for d in stored.deliveries {
+            st.next_seq = st.next_seq.max(d.seq + 1);
+            let weight = u32::try_from(d.message.weight()).unwrap_or(u32::MAX);
+            let mut delivery = Delivery::new(d.message, d.qos, d.retain, weight);
+            delivery.seq = d.seq;
+            if !d.subscription_ids.is_empty() {
+                delivery.extra = Some(Box::new(DeliveryExtra {
+                    subscription_ids: d.subscription_ids,
+                    group: None,
+                }));
+            }
+            if record && delivery.qos != QoS::AtMostOnce {
+                store.enqueued(&stored.client_id, delivery.seq, &delivery);
+                match d.stage {
+                    StoredStage::Published(pid) if delivery.qos == QoS::ExactlyOnce => {
+                        store.sent(&stored.client_id, delivery.seq, pid);
+                    }
+                    StoredStage::Released(pid) => {
+                        store.released(&stored.client_id, delivery.seq, pid);
+                    }
+                    _ => {}
+                }
+            }
+            let inflight = |packet_id: u16, stage| {
+                PacketId::new(packet_id).map(|packet_id| Inflight {
+                    packet_id,
+                    delivery: delivery.clone(),
+                    stage,
+                    hold: 0,
+                })
+            };
+            let restored = match d.stage {
+                StoredStage::Queued => None,
+                StoredStage::Published(pid) => inflight(pid, InflightStage::Published),
+                StoredStage::Released(pid) => inflight(pid, InflightStage::Released),
+            };
+            match restored {
+                Some(f) => st.inflight.push_back(f),
+                None => {
+                    let (seq, qos) = (delivery.seq, delivery.qos);
+                    let message = delivery.message.clone();
+                    if let Err(reason) = st.push(delivery, &self.limits()) {
+                        // The bounds were lowered since the message was stored.
+                        self.count_drop(reason);
+                        dropped += 1;
+                        self.store.dequeued(&stored.client_id, seq, &message, qos);
+                    }
+                }
+            }
+        }
+        let next = [st.expires_at, st.pending_will.as_ref().map(|p| p.at)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = next {
+            self.schedule(&mut st, at, &session);
+        }
+        drop(st);
+        sessions.insert(client_id, session);
+        dropped
+    }
+
+    /// Cluster mode: gives this node's session of `client_id` to the node its client now
+    /// connects to. A connected client is closed as taken over (v5: DISCONNECT 0x8E) and the
+    /// session leaves this node. Returns what the other node continues the session with,
+    /// unless `clean_start` or the session does not outlive its connection; `None` too when
+    /// there is no such session here. The will of a connected client goes out as on a
+    /// takeover; a delayed will of an offline session is cancelled when the session goes on,
+    /// and published when it ends.
+    pub fn hand_over(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        now: Instant,
+    ) -> Option<crate::store::StoredSession> {
+        let mut sessions = lock(&self.sessions);
+        let existing = sessions.get(client_id).cloned()?;
+        let mut st = existing.lock();
+        let displaced = match st.owner {
+            Owner::Connection(_) => st.waker.take(),
+            _ => None,
+        };
+        let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
+        let state = (!clean_start && st.persistent() && !expired).then(|| {
+            let mut deliveries = Vec::new();
+            let stored = |d: &Delivery, stage| crate::store::StoredDelivery {
+                seq: d.seq,
+                message: d.message.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids().to_vec(),
+                stage,
+            };
+            for f in &st.inflight {
+                let stage = match f.stage {
+                    InflightStage::Published => StoredStage::Published(f.packet_id.get()),
+                    InflightStage::Released => StoredStage::Released(f.packet_id.get()),
+                };
+                deliveries.push(stored(&f.delivery, stage));
+            }
+            for d in &st.queue {
+                deliveries.push(stored(d, StoredStage::Queued));
+            }
+            crate::store::StoredSession {
+                client_id: client_id.to_owned(),
+                expiry_interval: st.expiry_interval,
+                expires_at: None,
+                subscriptions: st
+                    .subscriptions
+                    .iter()
+                    .map(|(f, s)| (f.clone(), *s))
+                    .collect(),
+                deliveries,
+                inbound_qos2: st.inbound_qos2.iter().copied().collect(),
+                pending_will: None,
+            }
+        });
+        st.moved = state.is_some();
+        let pending_will = self.end_session(&existing, &mut st);
+        drop(st);
+        sessions.remove(client_id);
+        drop(sessions);
+        if let Some(waker) = displaced {
+            Stats::add(&self.stats.takeovers, 1);
+            waker.wake();
+        }
+        if let (Some(will), None) = (pending_will, &state) {
+            self.publish_will(*will, existing.id, now);
+        }
+        state
+    }
+
+    /// Cluster mode: continues a session another node handed over (see
+    /// [`Broker::hand_over`]). It replaces any session of that client id here, starts
+    /// offline, and is written to the store as if it had always been here.
+    pub fn adopt(&self, stored: crate::store::StoredSession, now: Instant) {
+        {
+            let mut sessions = lock(&self.sessions);
+            if let Some(existing) = sessions.remove(stored.client_id.as_str()) {
+                let mut st = existing.lock();
+                let _ = self.end_session(&existing, &mut st);
+            }
+        }
+        let dropped = self.restore_session(stored, now, true);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "messages of a session from another node did not fit the queue bounds"
+            );
         }
     }
 
@@ -849,7 +976,7 @@ impl Broker {
             // Taken over. A new connection to the session within the will delay cancels the
             // will; with no delay, or when the new connection discarded the session, it goes
             // out now [MQTT-3.1.4-3].
-            let ended = st.owner == Owner::Ended;
+            let ended = st.owner == Owner::Ended && !st.moved;
             drop(st);
             drop(sessions);
             if let Some(will) = will {

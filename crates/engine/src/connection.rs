@@ -186,13 +186,22 @@ enum State {
     Closed,
 }
 
-/// A CONNECT waiting for the authenticator's decision.
+/// A CONNECT waiting for the authenticator's decision, or (cluster mode) for its session to
+/// be taken over from another node.
 struct Deciding {
     connect: Connect,
     client_id: MqttString,
     assigned: Option<MqttString>,
     decision: PendingDecision,
+    /// The enhanced authentication method CONNECT used and its final data, if any.
+    enhanced: Option<(MqttString, Option<Vec<u8>>)>,
+    /// The cluster's claim on the client id is settled.
+    claimed: bool,
 }
+
+/// How long a CONNECT may wait for its session to come from another node; the claim itself
+/// gives up sooner.
+const CLAIM_LIMIT: Duration = Duration::from_secs(15);
 
 /// A CONNECT waiting for its AUTH exchange to finish.
 struct PendingConnect {
@@ -527,9 +536,14 @@ impl Connection {
                 connect,
                 client_id,
                 assigned,
+                enhanced,
+                claimed,
                 ..
             } = *pending;
-            return Poll::Ready(self.decided(now, connect, client_id, assigned, decision));
+            if decision != AuthDecision::Allow {
+                return Poll::Ready(self.decided(now, connect, client_id, assigned, decision));
+            }
+            return Poll::Ready(self.accept(now, connect, client_id, assigned, enhanced, claimed));
         }
         let State::Connected(a) = &mut self.state else {
             return Poll::Ready(Ok(()));
@@ -799,7 +813,7 @@ impl Connection {
         }
 
         if self.internal {
-            return self.accept(now, connect, client_id, assigned, None);
+            return self.accept(now, connect, client_id, assigned, None, false);
         }
 
         // Enhanced authentication (§4.12): the method's exchange decides, through AUTH
@@ -857,6 +871,8 @@ impl Connection {
                         client_id,
                         assigned,
                         decision,
+                        enhanced: None,
+                        claimed: false,
                     }),
                 };
                 Ok(())
@@ -877,7 +893,7 @@ impl Connection {
             tracing::info!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
             return self.refuse(connect.protocol, decision.reason_code());
         }
-        self.accept(now, connect, client_id, assigned, None)
+        self.accept(now, connect, client_id, assigned, None, false)
     }
 
     /// Where a CONNECT's enhanced authentication stands after one step of its exchange.
@@ -909,7 +925,14 @@ impl Connection {
                     ..
                 } = *pending;
                 tracing::debug!(peer = %self.peer, client_id = %client_id, %method, "enhanced authentication succeeded");
-                self.accept(now, connect, client_id, assigned, Some((method, data)))
+                self.accept(
+                    now,
+                    connect,
+                    client_id,
+                    assigned,
+                    Some((method, data)),
+                    false,
+                )
             }
             AuthStep::Failure(code) => {
                 tracing::info!(peer = %self.peer, client_id = %pending.client_id, method = %pending.method, reason = ?code, "connection refused by enhanced authentication");
@@ -1013,7 +1036,9 @@ impl Connection {
     }
 
     /// The client is authenticated: attach its session and send CONNACK (with the enhanced
-    /// method's final data, if one was used).
+    /// method's final data, if one was used). In cluster mode the client id is first
+    /// `claimed` from the other nodes, which may take a while (the state waits in
+    /// `Deciding`).
     fn accept(
         &mut self,
         now: Instant,
@@ -1021,7 +1046,31 @@ impl Connection {
         client_id: MqttString,
         assigned: Option<MqttString>,
         enhanced: Option<(MqttString, Option<Vec<u8>>)>,
+        claimed: bool,
     ) -> Result<(), CloseReason> {
+        if !claimed && !self.internal {
+            let claim = self
+                .broker
+                .fabric()
+                .and_then(|f| f.claim(&client_id, connect.clean_start));
+            if let Some(claim) = claim {
+                self.state = State::Deciding {
+                    deadline: now + CLAIM_LIMIT,
+                    pending: Box::new(Deciding {
+                        connect,
+                        client_id,
+                        assigned,
+                        decision: Box::pin(async move {
+                            claim.await;
+                            AuthDecision::Allow
+                        }),
+                        enhanced,
+                        claimed: true,
+                    }),
+                };
+                return Ok(());
+            }
+        }
         let version = connect.protocol;
         let limits = &self.broker.limits();
 

@@ -10,12 +10,18 @@
 //! subscribers' threads, some under broker locks: an implementation queues the work and
 //! returns at once, and never calls back into the broker from them.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Waker;
 
 use petrel_codec::TopicFilter;
 
 use crate::message::Message;
+
+/// Taking a client id's session over from another node: done when the other node has closed
+/// its client and, where the session goes on, this node holds it ([`crate::Broker::adopt`]).
+pub type PendingClaim = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What forwarding a message to other nodes did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,4 +55,9 @@ pub trait Fabric: Send + Sync + 'static {
     fn forwarded(&self) -> u64;
     /// Asks for `waker` to be woken once `token` is acknowledged; false if it already is.
     fn wait_forwarded(&self, token: u64, waker: &Waker) -> bool;
+    /// A client authenticated with `client_id` and is about to attach to its session here.
+    /// Client ids are unique cluster-wide: if another node may hold the session or a
+    /// connection with that id, returns the claim to wait for before attaching. `None`: this
+    /// node already owns it.
+    fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim>;
 }

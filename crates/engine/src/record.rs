@@ -6,7 +6,10 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use petrel_codec::{Packet, PacketId, Properties, ProtocolVersion, PublishExtra, PublishRef, QoS};
+use petrel_codec::{
+    Packet, PacketId, Properties, ProtocolVersion, PublishExtra, PublishRef, QoS, RetainHandling,
+    SubscriptionOptions,
+};
 
 use crate::message::Message;
 
@@ -114,4 +117,25 @@ pub fn decode_message(value: &[u8]) -> Result<Message, String> {
     );
     m.expires_at = from_wall(expires);
     Ok(m)
+}
+
+/// Subscription options as one byte (the SUBSCRIBE options byte's layout).
+pub fn options_byte(o: SubscriptionOptions) -> u8 {
+    (o.qos as u8)
+        | (u8::from(o.no_local) << 2)
+        | (u8::from(o.retain_as_published) << 3)
+        | ((o.retain_handling as u8) << 4)
+}
+
+pub fn options_from(byte: u8) -> Option<SubscriptionOptions> {
+    let mut o = SubscriptionOptions::new(QoS::from_u8(byte & 0x03)?);
+    o.no_local = byte & 0x04 != 0;
+    o.retain_as_published = byte & 0x08 != 0;
+    o.retain_handling = match (byte >> 4) & 0x03 {
+        0 => RetainHandling::OnSubscribe,
+        1 => RetainHandling::OnNewSubscription,
+        2 => RetainHandling::Never,
+        _ => return None,
+    };
+    Some(o)
 }

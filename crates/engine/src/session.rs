@@ -393,6 +393,9 @@ pub struct SessionState {
     /// An operator asked for the connected client to be disconnected: its connection ends
     /// (v5: DISCONNECT 0x98, administrative action) the next time it looks at the session.
     pub kick: bool,
+    /// Cluster mode: the session went on to another node (its client connected there). The
+    /// connection it leaves behind treats that as a takeover by a new connection.
+    pub moved: bool,
 }
 
 /// Who drives a session, as operators see it (admin API, dashboard).
@@ -457,6 +460,7 @@ impl Session {
                 next_seq: 1,
                 client: None,
                 kick: false,
+                moved: false,
             }),
         }
     }

@@ -680,3 +680,127 @@ async fn service_continues_when_the_nats_server_of_a_node_is_killed() {
     assert!((0..20).all(|i| got.contains(&i)));
     assert_eq!(a.cluster().await["nats_connected"], true);
 }
+
+#[tokio::test]
+async fn a_client_id_is_unique_cluster_wide_and_its_session_moves_with_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("takeover");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let c = Node::memory("c", &nats);
+
+    // A persistent v5 session on a, with a subscription and three messages in flight.
+    let mut first = RawClient::connect(a.broker.addr).await;
+    first.send(&connect_v5("mover", false, 60, 300)).await;
+    let connack = first.packet(WAIT).await.expect("CONNACK");
+    assert_eq!(
+        &connack[..4],
+        &[0x20, connack[1], 0x00, 0x00],
+        "{connack:?}"
+    );
+    first.send(&subscribe_v5(1, "mv/#", 1)).await;
+    let suback = first.packet(WAIT).await.expect("SUBACK");
+    assert_eq!(suback[0], 0x90);
+    c.sees_interest(1, 0).await;
+    let mut publisher = client(&c, "pub").await;
+    for i in 0..5u16 {
+        publish_acked(&mut publisher, "mv/x", 1, i + 1, format!("m{i}").as_bytes()).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let p = first.packet(WAIT).await.expect("a delivery on a");
+        if p[0] >> 4 == 3 {
+            seen.push(publish_packet_id(&p));
+        }
+    }
+    // Two acknowledged, three left in flight.
+    for id in &seen[..2] {
+        first.send(&puback(*id)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The same client id connects to b: a closes the old connection as taken over...
+    let mut second = RawClient::connect(b.broker.addr).await;
+    second.send(&connect_v5("mover", false, 60, 300)).await;
+    let connack = second.packet(WAIT).await.expect("CONNACK from b");
+    assert_eq!(connack[0], 0x20);
+    assert_eq!(
+        connack[2] & 1,
+        1,
+        "the session is present on b: {connack:?}"
+    );
+    assert_eq!(connack[3], 0x00);
+    let mut reasons = Vec::new();
+    while let Ok(p) = first.packet(WAIT).await {
+        reasons.push(p);
+    }
+    assert!(
+        reasons.iter().any(|p| p[0] == 0xe0 && p[2] == 0x8e),
+        "a sent DISCONNECT 0x8E (session taken over): {reasons:?}"
+    );
+    // ...and b resends the three unacknowledged messages, then delivers new ones.
+    let mut resent = Vec::new();
+    while resent.len() < 3 {
+        let p = second.packet(WAIT).await.expect("resent on b");
+        if p[0] >> 4 == 3 {
+            assert_ne!(p[0] & 0x08, 0, "a resend carries DUP");
+            second.send(&puback(publish_packet_id(&p))).await;
+            resent.push(publish_payload_v5(&p).to_vec());
+        }
+    }
+    assert_eq!(resent, vec![b"m2".to_vec(), b"m3".to_vec(), b"m4".to_vec()]);
+    c.sees_interest(1, 0).await;
+    // b's subscription is the one the cluster knows now (a withdrew its interest).
+    let started = Instant::now();
+    loop {
+        let members = c.cluster().await;
+        if members["remote_filters"] == 1 && a.cluster().await["remote_filters"] == 1 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "{members}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish_acked(&mut publisher, "mv/x", 1, 10, b"after").await;
+    let p = loop {
+        let p = second.packet(WAIT).await.expect("a new message on b");
+        if p[0] >> 4 == 3 {
+            break p;
+        }
+    };
+    assert_eq!(publish_payload_v5(&p), b"after");
+
+    // A clean start elsewhere ends the session: the old connection is closed, nothing moves.
+    let mut third = RawClient::connect(a.broker.addr).await;
+    third.send(&connect_v5("mover", true, 60, 0)).await;
+    let connack = third.packet(WAIT).await.expect("CONNACK from a");
+    assert_eq!(
+        connack[2] & 1,
+        0,
+        "a clean start has no session: {connack:?}"
+    );
+    let mut closed = Vec::new();
+    while let Ok(p) = second.packet(WAIT).await {
+        closed.push(p);
+    }
+    assert!(
+        closed.iter().any(|p| p[0] == 0xe0 && p[2] == 0x8e),
+        "{closed:?}"
+    );
+}
+
+/// A v5 PUBLISH's payload: after topic, packet id and the properties.
+fn publish_payload_v5(p: &[u8]) -> &[u8] {
+    let mut i = 1;
+    while p[i] & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let topic_len = usize::from(u16::from_be_bytes([p[i], p[i + 1]]));
+    i += 2 + topic_len;
+    if (p[0] >> 1) & 3 > 0 {
+        i += 2;
+    }
+    // Property length (one byte here: no long properties in these tests).
+    let props = usize::from(p[i]);
+    &p[i + 1 + props..]
+}

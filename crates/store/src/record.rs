@@ -5,32 +5,13 @@
 use std::time::Instant;
 
 use petrel_codec::LastWill;
-use petrel_codec::{QoS, RetainHandling, SubscriptionOptions};
+use petrel_codec::QoS;
 use petrel_engine::session::Delivery;
 
 pub(crate) use petrel_engine::record::{
-    decode_message, from_wall, message_record, publish_record, to_wall, RECORD_VERSION,
+    decode_message, from_wall, message_record, options_byte, options_from, publish_record, to_wall,
+    RECORD_VERSION,
 };
-
-pub(crate) fn options_byte(o: SubscriptionOptions) -> u8 {
-    (o.qos as u8)
-        | (u8::from(o.no_local) << 2)
-        | (u8::from(o.retain_as_published) << 3)
-        | ((o.retain_handling as u8) << 4)
-}
-
-pub(crate) fn options_from(byte: u8) -> Option<SubscriptionOptions> {
-    let mut o = SubscriptionOptions::new(QoS::from_u8(byte & 0x03)?);
-    o.no_local = byte & 0x04 != 0;
-    o.retain_as_published = byte & 0x08 != 0;
-    o.retain_handling = match (byte >> 4) & 0x03 {
-        0 => RetainHandling::OnSubscribe,
-        1 => RetainHandling::OnNewSubscription,
-        2 => RetainHandling::Never,
-        _ => return None,
-    };
-    Some(o)
-}
 
 /// `client id, 0x00, suffix`: MQTT strings never contain U+0000 [MQTT-1.5.4-2], so the
 /// separator keeps one client's keys together and apart from every other's.

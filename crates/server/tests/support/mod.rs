@@ -581,3 +581,29 @@ pub fn conforms(method: &str, path: &str, status: u16, value: &serde_json::Value
         "{method} {path} ({status}) does not match the OpenAPI document: {errors:?}\n{value}"
     );
 }
+
+/// A v5 CONNECT: clean start as asked, keep alive, Session Expiry Interval.
+pub fn connect_v5(client_id: &str, clean: bool, keep_alive: u16, expiry: u32) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05];
+    body.push(if clean { 0x02 } else { 0x00 });
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.push(5);
+    body.push(0x11);
+    body.extend_from_slice(&expiry.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn subscribe_v5(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.push(0); // no properties
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(qos);
+    let mut out = vec![0x82, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
