@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Waker;
 
-use petrel_codec::{QoS, TopicFilter};
+use petrel_codec::{LastWill, QoS, TopicFilter};
 use petrel_engine::fabric::{Fabric, Forwarded, PendingClaim};
 use petrel_engine::message::Message;
 use tokio::sync::mpsc;
@@ -32,6 +32,11 @@ pub(crate) enum Command {
     Retain { token: u64, message: Arc<Message> },
     /// A local ordinary subscription added or removed.
     Interest { filter: TopicFilter, added: bool },
+    /// A will to publish should this node die (`Some`), or no longer (`None`).
+    Will {
+        key: String,
+        value: Option<bytes::Bytes>,
+    },
     /// A local shared group began or ended.
     Group {
         share: Box<str>,
@@ -206,6 +211,13 @@ impl Fabric for NatsFabric {
 
     fn wait_forwarded(&self, token: u64, waker: &Waker) -> bool {
         self.acks.wait(token, waker)
+    }
+
+    fn will(&self, client_id: &str, connection: u64, will: Option<&LastWill>) {
+        self.send(Command::Will {
+            key: crate::names::will_key(&self.node, client_id, connection),
+            value: will.map(crate::wire::encode_will),
+        });
     }
 
     fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim> {

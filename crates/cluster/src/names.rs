@@ -20,6 +20,22 @@ pub const NODES_BUCKET: &str = "PETREL_NODES";
 /// Which node holds each client id's session: key [`session_key`], value the node id.
 pub const SESSIONS_BUCKET: &str = "PETREL_SESSIONS";
 
+/// Wills of connected clients, for the case their node dies: key [`will_key`].
+pub const WILLS_BUCKET: &str = "PETREL_WILLS";
+
+/// A connection's will: the node it is on, the client id, the connection.
+pub fn will_key(node: &str, client_id: &str, connection: u64) -> String {
+    format!(
+        "w.{node}.{}.{connection}",
+        URL_SAFE_NO_PAD.encode(client_id.as_bytes())
+    )
+}
+
+/// The node a will key belongs to.
+pub fn will_node(key: &str) -> Option<&str> {
+    key.strip_prefix("w.")?.split('.').next()
+}
+
 pub fn session_key(client_id: &str) -> String {
     format!("s.{}", URL_SAFE_NO_PAD.encode(client_id.as_bytes()))
 }

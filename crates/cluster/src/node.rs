@@ -120,6 +120,7 @@ pub(crate) struct Inner {
     interest: Arc<RwLock<RemoteInterest>>,
     members: Mutex<HashMap<String, Heartbeat>>,
     sessions: kv::Store,
+    wills: kv::Store,
     /// Recently routed core messages by origin, to route one that arrives through several
     /// overlapping subscriptions once.
     seen: Mutex<Seen>,
@@ -163,6 +164,10 @@ impl Seen {
 /// What the node's key-value writer does, in order.
 enum KvOp {
     Interest {
+        key: String,
+        value: Option<Bytes>,
+    },
+    Will {
         key: String,
         value: Option<Bytes>,
     },
@@ -218,6 +223,7 @@ impl Cluster {
         let interest_kv = bucket(&js, names::INTEREST_BUCKET, replicas, Duration::ZERO).await?;
         let retained_kv = bucket(&js, names::RETAINED_BUCKET, replicas, Duration::ZERO).await?;
         let sessions_kv = bucket(&js, names::SESSIONS_BUCKET, replicas, Duration::ZERO).await?;
+        let wills_kv = bucket(&js, names::WILLS_BUCKET, replicas, Duration::ZERO).await?;
         let nodes_kv = bucket(&js, names::NODES_BUCKET, replicas, config.node_timeout * 20).await?;
 
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -243,6 +249,7 @@ impl Cluster {
             interest: interest.clone(),
             members: Mutex::new(HashMap::new()),
             sessions: sessions_kv,
+            wills: wills_kv,
             seen: Mutex::new(Seen::default()),
             core_seq: AtomicU64::new(1),
             boot: broker_nonce(),
@@ -321,6 +328,10 @@ impl Cluster {
         .await?;
         tasks.push(tokio::spawn(inner.clone().consume(consumer, None)));
         tasks.push(tokio::spawn(inner.clone().heartbeat(nodes_kv)));
+        // Wills this node's previous run left (it died with those clients connected), then
+        // those of nodes found dead from now on.
+        inner.publish_orphaned_wills(&config.node_id).await;
+        tasks.push(tokio::spawn(inner.clone().watch_for_dead_nodes()));
         tracing::info!(node = %config.node_id, servers = ?config.servers, "joined the cluster");
         Ok(Cluster { inner, tasks })
     }
@@ -620,6 +631,87 @@ impl Inner {
             .insert(client_id);
     }
 
+    /// Publishes the wills `node` left (it died with their clients connected), each exactly
+    /// once cluster-wide: a node takes a will by deleting its key at the revision it read,
+    /// which only one node can do, and then publishes it (after its Will Delay Interval).
+    async fn publish_orphaned_wills(self: &Arc<Self>, node: &str) {
+        let keys: Vec<String> = match self.wills.keys().await {
+            Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the cluster's wills");
+                return;
+            }
+        };
+        let mut published = 0;
+        for key in keys
+            .into_iter()
+            .filter(|k| names::will_node(k) == Some(node))
+        {
+            let Ok(Some(entry)) = self.wills.entry(&key).await else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if self
+                .wills
+                .delete_expect_revision(&key, Some(entry.revision))
+                .await
+                .is_err()
+            {
+                // Another node took it.
+                continue;
+            }
+            match wire::decode_will(&entry.value) {
+                Ok((will, delay)) => {
+                    published += 1;
+                    let broker = self.broker.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                        broker.publish_orphaned_will(will, Instant::now());
+                    });
+                }
+                Err(why) => {
+                    tracing::warn!(key, why, "a will in the cluster bucket does not decode")
+                }
+            }
+        }
+        if published > 0 {
+            tracing::info!(
+                node,
+                published,
+                "published the wills of clients of a node that died"
+            );
+        }
+    }
+
+    /// Looks for nodes whose heartbeat stopped and publishes their clients' wills.
+    async fn watch_for_dead_nodes(self: Arc<Self>) {
+        let timeout = self.config.node_timeout.as_millis() as u64;
+        // Each dead run of a node (by its start time) is handled once.
+        let mut handled: HashSet<(String, u64)> = HashSet::new();
+        let mut interval = tokio::time::interval(self.config.heartbeat);
+        loop {
+            interval.tick().await;
+            let now = wall_ms();
+            let dead: Vec<(String, u64)> = self
+                .lock_members()
+                .values()
+                .filter(|b| b.node != self.config.node_id && now.saturating_sub(b.at_ms) > timeout)
+                .map(|b| (b.node.clone(), b.started_ms))
+                .filter(|d| !handled.contains(d))
+                .collect();
+            for (node, started) in dead {
+                tracing::warn!(
+                    node,
+                    "cluster node stopped sending heartbeats; taking over its clients' wills"
+                );
+                self.publish_orphaned_wills(&node).await;
+                handled.insert((node, started));
+            }
+        }
+    }
+
     /// Requests from other nodes for a session this node holds: its client is closed as
     /// taken over and the session goes to the asking node.
     async fn serve_takeovers(self: Arc<Self>, mut requests: async_nats::Subscriber) {
@@ -740,6 +832,9 @@ impl Inner {
                                 let id = format!("{}-{:x}-{token}-{i}", self.config.node_id, self.boot);
                                 acks.push(self.clone().store_copy(token, subject, id, frame.clone()));
                             }
+                        }
+                        Command::Will { key, value } => {
+                            let _ = kv.send(KvOp::Will { key, value });
                         }
                         Command::Retain { token, message } => {
                             let _ = kv.send(KvOp::Retain { token, message });
@@ -1025,6 +1120,22 @@ impl Inner {
         let mut written: HashSet<String> = HashSet::new();
         while let Some(op) = ops.recv().await {
             match op {
+                KvOp::Will { key, value } => {
+                    // A will whose delete finds it gone was claimed by a node that thought
+                    // this one dead: nothing to retry.
+                    let result = match value {
+                        Some(v) => self
+                            .wills
+                            .put(&key, v)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        None => self.wills.delete(&key).await.map_err(|e| e.to_string()),
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(key, error = %e, "cluster will write failed");
+                    }
+                }
                 KvOp::Interest { key, value } => {
                     let mut backoff = Duration::from_millis(50);
                     loop {

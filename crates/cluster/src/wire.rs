@@ -4,8 +4,9 @@
 //! NATS subscriptions (overlapping filters) route it once.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use petrel_codec::LastWill;
 use petrel_engine::message::Message;
-use petrel_engine::record::{decode_message, message_record};
+use petrel_engine::record::{decode_message, message_record, publish_record};
 
 const FRAME_VERSION: u8 = 1;
 
@@ -51,6 +52,45 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
     })
 }
 
+/// A will as kept in the wills bucket: its Will Delay Interval (4 bytes), then the will as a
+/// message record (a PUBLISH carries no delay).
+pub(crate) fn encode_will(will: &LastWill) -> Bytes {
+    let delay = will.properties.will_delay_interval.unwrap_or(0);
+    let mut properties = will.properties.clone();
+    properties.will_delay_interval = None;
+    let record = publish_record(
+        None,
+        will.qos,
+        will.retain,
+        &will.topic,
+        &properties,
+        &will.payload,
+    );
+    let mut out = BytesMut::with_capacity(4 + record.len());
+    out.put_u32(delay);
+    out.put_slice(&record);
+    out.freeze()
+}
+
+/// A will from the bucket and its delay in seconds.
+pub(crate) fn decode_will(bytes: &[u8]) -> Result<(LastWill, u32), String> {
+    if bytes.len() < 4 {
+        return Err("short will".to_owned());
+    }
+    let delay = u32::from_be_bytes(bytes[..4].try_into().map_err(|_| "short will")?);
+    let m = decode_message(&bytes[4..])?;
+    Ok((
+        LastWill {
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
+            properties: m.properties,
+        },
+        delay,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +123,28 @@ mod tests {
         );
         let left = frame.message.expires_at.unwrap() - std::time::Instant::now();
         assert!(left.as_secs() >= 58 && left.as_secs() <= 60, "{left:?}");
+    }
+
+    #[test]
+    fn a_will_keeps_its_delay_apart() {
+        let mut properties = Properties::default();
+        properties.will_delay_interval = Some(30);
+        properties.content_type = Some(petrel_codec::MqttString::new("t").unwrap());
+        let will = LastWill {
+            topic: TopicName::new("w/1").unwrap(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties,
+        };
+        let (back, delay) = decode_will(&encode_will(&will)).unwrap();
+        assert_eq!(delay, 30);
+        assert_eq!(&*back.topic, "w/1");
+        assert_eq!(&back.payload[..], b"gone");
+        assert_eq!((back.qos, back.retain), (QoS::AtLeastOnce, true));
+        assert_eq!(back.properties.will_delay_interval, None);
+        assert_eq!(back.properties.content_type.as_deref(), Some("t"));
+        assert!(decode_will(b"\0\0").is_err());
     }
 
     #[test]

@@ -1415,6 +1415,12 @@ impl Broker {
         Stats::add(counter, 1);
     }
 
+    /// Cluster mode: publishes the will of a client whose node died (another node detected
+    /// it), as that node would have.
+    pub fn publish_orphaned_will(&self, will: LastWill, now: Instant) {
+        self.publish_will(will, 0, now);
+    }
+
     /// Publishes a client's will (§3.1.2.5) as if the client had sent it.
     pub(crate) fn publish_will(&self, will: LastWill, origin: SessionId, now: Instant) {
         let retain = will.retain && self.limits().retain_available;

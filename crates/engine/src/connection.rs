@@ -1220,6 +1220,12 @@ impl Connection {
             1,
         );
         tracing::debug!(client_id = %client_id, peer = %self.peer, %version, keep_alive, clean = connect.clean_start, session_expiry, "client connected");
+        if let (Some(will), Some(fabric), false) =
+            (&connect.will, self.broker.fabric(), self.internal)
+        {
+            // Should this node die, another publishes it.
+            fabric.will(&client_id, self.id, Some(will));
+        }
         self.state = State::Connected(Box::new(Attached {
             session: attach.session,
             egress,
@@ -2018,12 +2024,18 @@ impl Connection {
                 tracing::debug!(client_id = %a.session.client_id, peer = %self.peer, reason = ?other, "connection closed");
             }
         }
+        let had_will = a.will.is_some();
         let will = if reason.publishes_will() {
             a.will
         } else {
             None
         };
         self.broker.detach(&a.session, self.id, will, now);
+        if let (true, Some(fabric)) = (had_will, self.broker.fabric()) {
+            // Published or dropped here: no longer the cluster's to publish should this node
+            // die.
+            fabric.will(&a.session.client_id, self.id, None);
+        }
         let stats = &self.broker.stats;
         stats
             .connections_current

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Waker;
 
-use petrel_codec::TopicFilter;
+use petrel_codec::{LastWill, TopicFilter};
 
 use crate::message::Message;
 
@@ -60,4 +60,8 @@ pub trait Fabric: Send + Sync + 'static {
     /// connection with that id, returns the claim to wait for before attaching. `None`: this
     /// node already owns it.
     fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim>;
+    /// Connection `connection` of `client_id` attached here with a will (`Some`), or it
+    /// ended (`None`): its will was published or dropped by this node. Between the two, if
+    /// this node dies, another node publishes the will, once.
+    fn will(&self, client_id: &str, connection: u64, will: Option<&LastWill>);
 }

@@ -804,3 +804,65 @@ fn publish_payload_v5(p: &[u8]) -> &[u8] {
     let props = usize::from(p[i]);
     &p[i + 1 + props..]
 }
+
+/// A 3.1.1 CONNECT (clean session) with a QoS 1 will on `topic`.
+fn connect_with_will(client_id: &str, topic: &str, message: &[u8]) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02 | 0x04 | 0x08];
+    body.extend_from_slice(&60u16.to_be_bytes());
+    for field in [client_id.as_bytes(), topic.as_bytes(), message] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test]
+async fn wills_fire_once_cluster_wide_also_when_their_node_dies() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("wills");
+    let mut a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let c = Node::memory("c", &nats);
+    let mut watcher = subscribed(&c, "watcher", &[("will/#", 1)]).await;
+    a.sees_interest(1, 0).await;
+    b.sees_interest(1, 0).await;
+    let with_will = |node: &Node, id: &'static str| {
+        let addr = node.broker.addr;
+        async move {
+            let mut w = RawClient::connect(addr).await;
+            w.send(&connect_with_will(id, &format!("will/{id}"), b"gone"))
+                .await;
+            w.expect(&[0x20, 0x02, 0x00, 0x00], WAIT).await;
+            w
+        }
+    };
+    // A client that vanishes from a live node: its will, once, from that node.
+    let w1 = with_will(&a, "w1").await;
+    drop(w1);
+    // Clients on a, which dies, and on b, which stays.
+    let _w2 = with_will(&a, "w2").await;
+    let _w3 = with_will(&b, "w3").await;
+    let got = drain(&mut watcher, Duration::from_secs(1)).await;
+    assert_eq!(got, vec![("will/w1".to_owned(), b"gone".to_vec())]);
+    // Let a's will registrations reach NATS, then kill it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill();
+    // b and c both notice a's heartbeat stop; one of them publishes w2's will.
+    let started = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && started.elapsed() < WAIT {
+        got = drain(&mut watcher, Duration::from_millis(500)).await;
+    }
+    got.extend(drain(&mut watcher, Duration::from_secs(3)).await);
+    assert_eq!(
+        got,
+        vec![("will/w2".to_owned(), b"gone".to_vec())],
+        "w2's will exactly once, w3's not at all (its node lives)"
+    );
+    // a comes back: nothing of its previous run is published again.
+    a.restart();
+    let got = drain(&mut watcher, Duration::from_secs(2)).await;
+    assert!(got.is_empty(), "{got:?}");
+}
