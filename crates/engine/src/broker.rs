@@ -96,6 +96,8 @@ pub struct Broker {
     sys_retained: std::sync::atomic::AtomicUsize,
     /// Other nodes of a cluster, when there are any.
     fabric: OnceLock<Arc<dyn Fabric>>,
+    /// Where an operator sends clients instead of this server (v5 Server Reference).
+    redirect: RwLock<Option<MqttString>>,
 }
 
 /// What an operator's request to disconnect a client or delete a session found.
@@ -265,6 +267,7 @@ impl Broker {
             activity: TopicActivity::default(),
             sys_retained: std::sync::atomic::AtomicUsize::new(0),
             fabric: OnceLock::new(),
+            redirect: RwLock::new(None),
         }
     }
 
@@ -289,6 +292,44 @@ impl Broker {
             fabric.group(name, filter, true);
         }
         true
+    }
+
+    /// Sends clients to another server (`Some`: its address, "host:port", as the v5 Server
+    /// Reference), for an operator draining this one: new v5 CONNECTs are refused with 0x9C
+    /// (3.x: server unavailable) and every connected client is closed (v5: DISCONNECT 0x9C).
+    /// Their sessions stay; in cluster mode they follow the clients to the node they connect
+    /// to. `None` serves clients again. Returns how many clients were told to move.
+    pub fn set_redirect(&self, to: Option<MqttString>) -> usize {
+        let on = to.is_some();
+        *write(&self.redirect) = to;
+        if !on {
+            return 0;
+        }
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        let mut moved = 0;
+        for session in sessions {
+            let mut st = session.lock();
+            if let Owner::Connection(_) = st.owner {
+                if session
+                    .client_id
+                    .starts_with(crate::connection::INTERNAL_CLIENT_PREFIX)
+                {
+                    continue;
+                }
+                st.kick = true;
+                moved += 1;
+                if let Some(w) = st.waker.take() {
+                    drop(st);
+                    w.wake();
+                }
+            }
+        }
+        moved
+    }
+
+    /// Where clients are being sent, while an operator drains this server.
+    pub fn redirect(&self) -> Option<MqttString> {
+        read(&self.redirect).clone()
     }
 
     /// The cluster fabric, in cluster mode.

@@ -129,6 +129,9 @@ pub enum CloseReason {
     ServerShutdown,
     /// An operator disconnected the client (admin API).
     Administrative,
+    /// An operator is moving clients off this server (admin API): v5 clients are told which
+    /// server to use instead (DISCONNECT 0x9C with a Server Reference).
+    Redirected,
 }
 
 impl CloseReason {
@@ -153,6 +156,7 @@ impl CloseReason {
             CloseReason::TakenOver => Some(ReasonCode::SESSION_TAKEN_OVER),
             CloseReason::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
             CloseReason::Administrative => Some(ReasonCode::ADMINISTRATIVE_ACTION),
+            CloseReason::Redirected => Some(ReasonCode::USE_ANOTHER_SERVER),
             CloseReason::AuthenticationFailed => Some(ReasonCode::NOT_AUTHORIZED),
             _ => None,
         }
@@ -747,6 +751,25 @@ impl Connection {
         let limits = &self.broker.limits();
         if self.broker.is_shutting_down() {
             return self.refuse(version, ReasonCode::SERVER_UNAVAILABLE);
+        }
+        // An operator moves clients elsewhere: v5 clients are told where (0x9C with a Server
+        // Reference), 3.x ones that this server is unavailable.
+        if let (Some(to), false) = (self.broker.redirect(), self.internal) {
+            if !version.is_v5() {
+                return self.refuse(version, ReasonCode::SERVER_UNAVAILABLE);
+            }
+            self.broker
+                .stats
+                .count_refusal(ReasonCode::USE_ANOTHER_SERVER);
+            let mut refusal = ConnAck {
+                session_present: false,
+                reason: ReasonCode::USE_ANOTHER_SERVER,
+                properties: Properties::default(),
+            };
+            refusal.properties.server_reference = Some(to);
+            self.write(&Packet::ConnAck(refusal), version);
+            self.state = State::Closed;
+            return Err(CloseReason::Refused(ReasonCode::USE_ANOTHER_SERVER));
         }
 
         // Client identifier (§3.1.3.1).
@@ -1915,7 +1938,11 @@ impl Connection {
         }
         if st.kick {
             st.kick = false;
-            return Poll::Ready(Err(CloseReason::Administrative));
+            return Poll::Ready(Err(if self.broker.redirect().is_some() {
+                CloseReason::Redirected
+            } else {
+                CloseReason::Administrative
+            }));
         }
         let mut wake = Vec::new();
         let journal = Journal {
@@ -1996,6 +2023,9 @@ impl Connection {
         if a.egress.version.is_v5() {
             if let Some(code) = reason.disconnect_code() {
                 let mut disconnect = Disconnect::with_reason(code);
+                if let CloseReason::Redirected = reason {
+                    disconnect.properties.server_reference = self.broker.redirect();
+                }
                 // The reason string is always allowed on DISCONNECT [MQTT-3.1.2-29].
                 if let CloseReason::Violation(v) = reason {
                     disconnect.properties.reason_string = MqttString::new(&v.to_string()).ok();

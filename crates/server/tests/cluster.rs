@@ -866,3 +866,105 @@ async fn wills_fire_once_cluster_wide_also_when_their_node_dies() {
     let got = drain(&mut watcher, Duration::from_secs(2)).await;
     assert!(got.is_empty(), "{got:?}");
 }
+
+impl Node {
+    /// An admin call with a JSON body, its answer checked against the OpenAPI document.
+    async fn admin_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = reqwest::Client::new()
+            .request(
+                method.clone(),
+                format!("http://127.0.0.1:{}{path}", self.admin),
+            )
+            .bearer_auth("t");
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("admin request");
+        let status = response.status().as_u16();
+        let value: serde_json::Value = response.json().await.expect("JSON answer");
+        conforms(method.as_str(), path, status, &value);
+        (status, value)
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn an_operator_drains_a_node_and_its_clients_move_with_their_sessions() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("redirect");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let there = b.broker.addr.to_string();
+
+    let mut v5 = RawClient::connect(a.broker.addr).await;
+    v5.send(&connect_v5("drained", false, 60, 300)).await;
+    assert_eq!(v5.packet(WAIT).await.expect("CONNACK")[3], 0x00);
+    v5.send(&subscribe_v5(1, "dr/#", 1)).await;
+    assert_eq!(v5.packet(WAIT).await.expect("SUBACK")[0], 0x90);
+    let mut v3 = client(&a, "old-client").await;
+
+    let (status, _) = a
+        .admin_call(
+            reqwest::Method::PUT,
+            "/api/v1/redirect",
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(status, 400, "a redirect needs a server reference");
+    let (status, answer) = a
+        .admin_call(
+            reqwest::Method::PUT,
+            "/api/v1/redirect",
+            Some(serde_json::json!({ "server_reference": there })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["clients_told"], 2);
+    // The v5 client is told where to go; the 3.1.1 one is closed.
+    let told = v5.packet(WAIT).await.expect("DISCONNECT");
+    assert_eq!((told[0], told[2]), (0xe0, 0x9c), "{told:?}");
+    assert!(
+        contains(&told, there.as_bytes()),
+        "Server Reference {there} in {told:?}"
+    );
+    assert!(v3.until_closed(WAIT).await.is_ok());
+    // New clients are sent away too.
+    let mut late = RawClient::connect(a.broker.addr).await;
+    late.send(&connect_v5("late", true, 60, 0)).await;
+    let connack = late.packet(WAIT).await.expect("CONNACK");
+    assert_eq!(connack[3], 0x9c, "{connack:?}");
+    assert!(contains(&connack, there.as_bytes()));
+    let mut late3 = RawClient::connect(a.broker.addr).await;
+    late3.send(&connect_v311("late3", 60)).await;
+    late3.expect(&[0x20, 0x02, 0x00, 0x03], WAIT).await;
+
+    // The client goes where it was told, and its session is there.
+    let mut moved = RawClient::connect(b.broker.addr).await;
+    moved.send(&connect_v5("drained", false, 60, 300)).await;
+    let connack = moved.packet(WAIT).await.expect("CONNACK from b");
+    assert_eq!((connack[2] & 1, connack[3]), (1, 0x00), "{connack:?}");
+    let mut publisher = client(&b, "pub").await;
+    publish_acked(&mut publisher, "dr/1", 1, 1, b"here").await;
+    let p = loop {
+        let p = moved.packet(WAIT).await.expect("delivery on b");
+        if p[0] >> 4 == 3 {
+            break p;
+        }
+    };
+    assert_eq!(publish_payload_v5(&p), b"here");
+
+    // Lifted: a serves again.
+    let (_, answer) = a
+        .admin_call(reqwest::Method::DELETE, "/api/v1/redirect", None)
+        .await;
+    assert_eq!(answer["redirecting"], false);
+    let _ok = client(&a, "welcome-back").await;
+}

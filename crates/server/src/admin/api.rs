@@ -42,6 +42,64 @@ pub(super) fn routes() -> Router<Arc<Admin>> {
         .route("/api/v1/reload", post(reload))
         .route("/api/v1/bridges", get(bridges))
         .route("/api/v1/cluster", get(cluster))
+        .route(
+            "/api/v1/redirect",
+            get(redirect_status).put(redirect).delete(stop_redirect),
+        )
+}
+
+#[derive(Deserialize)]
+struct RedirectRequest {
+    server_reference: String,
+}
+
+fn redirect_view(admin: &Admin, moved: Option<usize>) -> serde_json::Value {
+    let to = admin.broker.redirect();
+    let mut view = json!({
+        "redirecting": to.is_some(),
+        "server_reference": to.as_ref().map(|s| s.as_str()),
+    });
+    if let Some(moved) = moved {
+        view["clients_told"] = json!(moved);
+    }
+    view
+}
+
+async fn redirect_status(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+    Json(redirect_view(&admin, None))
+}
+
+/// Drains this server: connected clients are told to use `server_reference` (v5 DISCONNECT
+/// 0x9C with a Server Reference; 3.x clients are closed) and new ones are sent there.
+async fn redirect(
+    State(admin): State<Arc<Admin>>,
+    body: Result<Json<RedirectRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a JSON body {\"server_reference\": \"host:port\"} is required",
+        );
+    };
+    let to = body.server_reference.trim();
+    let Ok(to) = petrel_codec::MqttString::new(to) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "server_reference is not a valid MQTT string",
+        );
+    };
+    if to.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "server_reference is empty");
+    }
+    tracing::info!(server_reference = %to, "redirecting clients to another server (admin API)");
+    let moved = admin.broker.set_redirect(Some(to));
+    Json(redirect_view(&admin, Some(moved))).into_response()
+}
+
+async fn stop_redirect(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+    admin.broker.set_redirect(None);
+    tracing::info!("serving clients again (redirect lifted)");
+    Json(redirect_view(&admin, None))
 }
 
 /// Cluster mode: membership, per-node figures and this node's traffic with the others.
