@@ -16,8 +16,6 @@ use support::*;
 const TOKEN: &str = "s3cret-token";
 const WAIT: Duration = Duration::from_secs(5);
 
-/// The OpenAPI document the broker serves, from the source tree.
-
 fn admin_table() -> String {
     format!("[admin]\nbind = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n")
 }
