@@ -374,6 +374,29 @@ async fn messages_cross_nodes_at_every_qos_once_and_only_to_interested_nodes() {
         .map(|m| m["node"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(members, ["a", "b", "c"].map(String::from).into());
+    // The same in the metrics, with this node's traffic.
+    assert_eq!(metric(c.admin, "petrel_cluster_nodes ").await, 3.0);
+    assert_eq!(metric(c.admin, "petrel_cluster_nats_connected ").await, 1.0);
+    assert_eq!(
+        metric(c.admin, "petrel_cluster_member_alive{node=\"a\"} ").await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            b.admin,
+            "petrel_cluster_messages_received_total{path=\"durable\"} "
+        )
+        .await,
+        20.0
+    );
+    assert_eq!(
+        metric(
+            b.admin,
+            "petrel_cluster_messages_received_total{path=\"core\"} "
+        )
+        .await,
+        10.0
+    );
     // Unsubscribing withdraws the interest: the other nodes forget it.
     let mut unsubscribe = vec![0xa2, 0x00, 0x00, 0x07];
     for f in ["t/#", "t/+", "t/x"] {

@@ -530,6 +530,40 @@ impl BrokerCollector {
             "Nodes whose heartbeat is current, this one included",
             signed(status.members.iter().filter(|m| m.alive).count()),
         )?;
+        type MemberGauge = (
+            &'static str,
+            &'static str,
+            fn(&petrel_cluster::Member) -> f64,
+        );
+        let members: [MemberGauge; 4] = [
+            (
+                "petrel_cluster_member_alive",
+                "Each member as this node sees it: heartbeat current (1) or not (0)",
+                |m| f64::from(u8::from(m.alive)),
+            ),
+            (
+                "petrel_cluster_member_connections",
+                "Client connections on each member, from its last heartbeat",
+                |m| m.heartbeat.connections as f64,
+            ),
+            (
+                "petrel_cluster_member_cross_out_rate",
+                "Messages per second each member sent to other nodes, over its last heartbeat",
+                |m| m.heartbeat.cross_out_per_second,
+            ),
+            (
+                "petrel_cluster_member_cross_in_rate",
+                "Messages per second each member received from other nodes, over its last heartbeat",
+                |m| m.heartbeat.cross_in_per_second,
+            ),
+        ];
+        for (name, help, value) in members {
+            let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for m in &status.members {
+                let labels = [("node", m.heartbeat.node.as_str())];
+                ConstGauge::new(value(m)).encode(family.encode_family(&labels)?)?;
+            }
+        }
         counters(
             e,
             "petrel_cluster_messages_sent",
