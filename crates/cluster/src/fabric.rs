@@ -32,6 +32,8 @@ pub(crate) enum Command {
     Retain { token: u64, message: Arc<Message> },
     /// A local ordinary subscription added or removed.
     Interest { filter: TopicFilter, added: bool },
+    /// The last local subscription with this filter went a while ago: tell the other nodes.
+    Withdraw(TopicFilter),
     /// A will to publish should this node die (`Some`), or no longer (`None`).
     Will {
         key: String,

@@ -125,6 +125,9 @@ pub(crate) struct Inner {
     /// overlapping subscriptions once.
     seen: Mutex<Seen>,
     core_seq: AtomicU64,
+    /// Sessions that moved to another node lately, to forward what was still on its way
+    /// here for them.
+    moved: Mutex<Vec<Moved>>,
     boot: u64,
     started_ms: u64,
 }
@@ -160,6 +163,22 @@ impl Seen {
         true
     }
 }
+
+/// A session handed over to `node`: for a while, QoS 1/2 messages that reach this node for
+/// its filters (sent before the other nodes learned of the move) are forwarded to it.
+struct Moved {
+    client_id: String,
+    node: String,
+    filters: Vec<TopicFilter>,
+    until: Instant,
+}
+
+/// How long a moved session's messages are forwarded: longer than interest takes to travel.
+const MOVED_FORWARD: Duration = Duration::from_secs(30);
+
+/// How long after its last local subscription went the other nodes are told a filter's
+/// interest ended.
+const WITHDRAW_AFTER: Duration = Duration::from_secs(3);
 
 /// What the node's key-value writer does, in order.
 enum KvOp {
@@ -252,6 +271,7 @@ impl Cluster {
             wills: wills_kv,
             seen: Mutex::new(Seen::default()),
             core_seq: AtomicU64::new(1),
+            moved: Mutex::new(Vec::new()),
             boot: broker_nonce(),
             started_ms: wall_ms(),
         });
@@ -712,6 +732,36 @@ impl Inner {
         }
     }
 
+    /// Sends a copy of `message` (stream sequence `seq` here) to each session that moved
+    /// away lately and has a filter matching it, and waits until JetStream has the copies:
+    /// the original is acknowledged only after.
+    async fn forward_to_moved(self: &Arc<Self>, message: &Arc<Message>, seq: u64) {
+        let targets: Vec<(String, String)> = {
+            let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+            if moved.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            moved.retain(|m| m.until > now);
+            moved
+                .iter()
+                .filter(|m| {
+                    m.filters
+                        .iter()
+                        .any(|f| petrel_engine::topic_index::filter_matches(f, &message.topic))
+                })
+                .map(|m| (m.node.clone(), m.client_id.clone()))
+                .collect()
+        };
+        for (node, client_id) in targets {
+            let frame = wire::encode(&self.config.node_id, seq, Some(&client_id), message);
+            let id = format!("{}-fwd-{seq}-{client_id}", self.config.node_id);
+            self.clone()
+                .store_copy(0, names::node_subject(&node), id, frame)
+                .await;
+        }
+    }
+
     /// Requests from other nodes for a session this node holds: its client is closed as
     /// taken over and the session goes to the asking node.
     async fn serve_takeovers(self: Arc<Self>, mut requests: async_nats::Subscriber) {
@@ -729,6 +779,23 @@ impl Inner {
             let state =
                 self.broker
                     .hand_over(&request.client_id, request.clean_start, Instant::now());
+            if let Some(state) = &state {
+                let filters = state
+                    .subscriptions
+                    .iter()
+                    .map(|(f, _)| f.clone())
+                    .filter(|f| !f.starts_with("$share/"))
+                    .collect();
+                let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                moved.retain(|m| m.until > now && m.client_id != request.client_id);
+                moved.push(Moved {
+                    client_id: request.client_id.clone(),
+                    node: request.node.clone(),
+                    filters,
+                    until: now + MOVED_FORWARD,
+                });
+            }
             let payload = match &state {
                 Some(state) => {
                     let (bytes, left_out) = handover::encode(state, max_payload - 1024);
@@ -814,13 +881,13 @@ impl Inner {
                             self.fabric.core_queued.fetch_sub(1, Ordering::AcqRel);
                             let seq = self.core_seq.fetch_add(1, Ordering::Relaxed);
                             let subject = subject::topic_subject(names::CORE_PREFIX, &message.topic);
-                            let frame = wire::encode(&self.config.node_id, seq, &message);
+                            let frame = wire::encode(&self.config.node_id, seq, None, &message);
                             if self.client.publish(subject, frame).await.is_ok() {
                                 self.fabric.stats.sent_core.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Command::Durable { token, targets, message } => {
-                            let frame = wire::encode(&self.config.node_id, token, &message);
+                            let frame = wire::encode(&self.config.node_id, token, None, &message);
                             let subjects: Vec<String> = targets
                                 .nodes
                                 .iter()
@@ -841,6 +908,15 @@ impl Inner {
                         }
                         Command::Interest { filter, added } => {
                             self.local_interest(&mut filters, &kv, filter, added).await;
+                        }
+                        Command::Withdraw(filter) => {
+                            // Unless a subscription came back meanwhile.
+                            if !filters.contains_key(&filter) {
+                                let _ = kv.send(KvOp::Interest {
+                                    key: names::ordinary_key(&self.config.node_id, &filter),
+                                    value: None,
+                                });
+                            }
                         }
                         Command::Group { share, filter, present } => {
                             self.local_group(&mut groups, &kv, &stream, share, filter, present).await;
@@ -926,11 +1002,15 @@ impl Inner {
         } else if let Some(local) = filters.get_mut(&filter) {
             local.count -= 1;
             if local.count == 0 {
-                let _ = kv.send(KvOp::Interest {
-                    key: names::ordinary_key(&self.config.node_id, &filter),
-                    value: None,
-                });
                 filters.remove(&filter);
+                // The other nodes are told a little later: a session that just moved to
+                // another node has its messages forwarded from here until they know where
+                // it went (see `forward_to_moved`).
+                let commands = self.fabric.commands.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(WITHDRAW_AFTER).await;
+                    let _ = commands.send(Command::Withdraw(filter));
+                });
             }
         }
     }
@@ -1077,11 +1157,28 @@ impl Inner {
                         continue;
                     }
                 };
-                let routed = match &group {
-                    None => Some(self.broker.route_remote(&Arc::new(frame.message))),
-                    Some((share, filter)) => {
-                        self.broker
-                            .route_group(share, filter, &Arc::new(frame.message))
+                let message_arc = Arc::new(frame.message);
+                let routed = match (&group, &frame.target) {
+                    (None, Some(target)) => match self.broker.deliver_to(target, &message_arc) {
+                        Some(routed) => Some(routed),
+                        // Forwarded for a session that is still on its way here (the claim
+                        // has not brought it yet): again shortly, for a while.
+                        None if message.info().is_ok_and(|i| i.delivered < 50) => {
+                            let _ = message
+                                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(100))))
+                                .await;
+                            continue;
+                        }
+                        None => Some(petrel_engine::broker::Routed::none()),
+                    },
+                    (None, None) => {
+                        let routed = self.broker.route_remote(&message_arc);
+                        let seq = message.info().map_or(0, |i| i.stream_sequence);
+                        self.forward_to_moved(&message_arc, seq).await;
+                        Some(routed)
+                    }
+                    (Some((share, filter)), _) => {
+                        self.broker.route_group(share, filter, &message_arc)
                     }
                 };
                 let Some(routed) = routed else {

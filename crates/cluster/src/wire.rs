@@ -1,7 +1,8 @@
 //! What travels between nodes: a message in the engine's record form
-//! (`petrel_engine::record`) behind a short header naming the node it came from and its
-//! number there. The number lets a node that receives one message through several of its
-//! NATS subscriptions (overlapping filters) route it once.
+//! (`petrel_engine::record`) behind a short header naming the node it came from, its number
+//! there, and for a copy meant for one session only (forwarded after that session moved) the
+//! session's client id. The number lets a node that receives one message through several of
+//! its NATS subscriptions (overlapping filters) route it once.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use petrel_codec::LastWill;
@@ -10,23 +11,29 @@ use petrel_engine::record::{decode_message, message_record, publish_record};
 
 const FRAME_VERSION: u8 = 1;
 
-/// A message as sent to other nodes.
-pub(crate) fn encode(origin: &str, seq: u64, message: &Message) -> Bytes {
+/// A message as sent to other nodes; `target`: for that session only.
+pub(crate) fn encode(origin: &str, seq: u64, target: Option<&str>, message: &Message) -> Bytes {
     let record = message_record(message);
     let origin = &origin.as_bytes()[..origin.len().min(255)];
-    let mut out = BytesMut::with_capacity(2 + origin.len() + 8 + record.len());
+    let target = target.map_or(&[][..], str::as_bytes);
+    let target = &target[..target.len().min(usize::from(u16::MAX))];
+    let mut out = BytesMut::with_capacity(2 + origin.len() + 10 + target.len() + record.len());
     out.put_u8(FRAME_VERSION);
     out.put_u8(origin.len() as u8);
     out.put_slice(origin);
     out.put_u64(seq);
+    out.put_u16(target.len() as u16);
+    out.put_slice(target);
     out.put_slice(&record);
     out.freeze()
 }
 
-/// A received frame: the origin node, its number there, and the message.
+/// A received frame: the origin node, its number there, the one session it is for (if so)
+/// and the message.
 pub(crate) struct Frame {
     pub origin: String,
     pub seq: u64,
+    pub target: Option<String>,
     pub message: Message,
 }
 
@@ -44,10 +51,28 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
         .map_err(|_| "origin is not UTF-8")?
         .to_owned();
     let seq = u64::from_be_bytes(rest[len..len + 8].try_into().map_err(|_| "short frame")?);
-    let message = decode_message(&rest[len + 8..])?;
+    let rest = &rest[len + 8..];
+    if rest.len() < 2 {
+        return Err("short frame".to_owned());
+    }
+    let target_len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+    let rest = &rest[2..];
+    if rest.len() < target_len {
+        return Err("short frame".to_owned());
+    }
+    let target = match target_len {
+        0 => None,
+        _ => Some(
+            std::str::from_utf8(&rest[..target_len])
+                .map_err(|_| "target is not UTF-8")?
+                .to_owned(),
+        ),
+    };
+    let message = decode_message(&rest[target_len..])?;
     Ok(Frame {
         origin,
         seq,
+        target,
         message,
     })
 }
@@ -110,9 +135,13 @@ mod tests {
             7,
         )
         .with_expiry_from(std::time::Instant::now());
-        let frame = decode(&encode("node-1", 42, &message)).unwrap();
+        let frame = decode(&encode("node-1", 42, None, &message)).unwrap();
         assert_eq!(frame.origin, "node-1");
         assert_eq!(frame.seq, 42);
+        assert_eq!(frame.target, None);
+        let targeted = decode(&encode("node-1", 43, Some("client/é"), &message)).unwrap();
+        assert_eq!(targeted.target.as_deref(), Some("client/é"));
+        assert_eq!(targeted.message.payload, message.payload);
         assert_eq!(&*frame.message.topic, "a/b");
         assert_eq!(&frame.message.payload[..], b"hello");
         assert_eq!(frame.message.qos, QoS::ExactlyOnce);
@@ -157,7 +186,7 @@ mod tests {
             Properties::default(),
             0,
         );
-        let good = encode("n", 1, &message);
+        let good = encode("n", 1, Some("c"), &message);
         for cut in 0..good.len() {
             assert!(decode(&good[..cut]).is_err(), "cut at {cut}");
         }

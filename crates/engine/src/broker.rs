@@ -140,6 +140,7 @@ pub struct Attach {
 }
 
 /// What routing one message did.
+#[derive(Default)]
 pub struct Routed {
     /// Sessions with a matching subscription, whether or not their queues had room.
     pub matched: usize,
@@ -152,6 +153,13 @@ pub struct Routed {
     /// In cluster mode, the fabric's token for the copies sent to other nodes (0: none):
     /// the acknowledgement waits for it too.
     pub forwarded: u64,
+}
+
+impl Routed {
+    /// Nothing routed.
+    pub fn none() -> Routed {
+        Routed::default()
+    }
 }
 
 /// One delivery about to be offered: the session (its id first, for de-duplication), the
@@ -1328,6 +1336,51 @@ impl Broker {
                     routed.congested = Some(sub.session);
                 }
             }
+            Err(reason) => self.count_drop(reason),
+        }
+        Some(routed)
+    }
+
+    /// Cluster mode: delivers a message to one session only, as its matching ordinary
+    /// subscriptions ask (highest QoS, every identifier, Retain As Published). The node a
+    /// session moved away from forwards it what was still on its way there. `None` if
+    /// there is no such session or none of its subscriptions matches.
+    pub fn deliver_to(&self, client_id: &str, message: &Arc<Message>) -> Option<Routed> {
+        let session = lock(&self.sessions).get(client_id).cloned()?;
+        let (qos, retain, ids) = {
+            let st = session.lock();
+            let mut best: Option<(QoS, bool, Vec<u32>)> = None;
+            for (filter, sub) in &st.subscriptions {
+                if matches!(shared::parse(filter), Ok(Some(_)))
+                    || !filter_matches(filter, &message.topic)
+                {
+                    continue;
+                }
+                let entry = best.get_or_insert((QoS::AtMostOnce, false, Vec::new()));
+                entry.0 = entry.0.max(sub.options.qos);
+                entry.1 |= sub.options.retain_as_published && message.retain;
+                if sub.id != 0 && !entry.2.contains(&sub.id) {
+                    entry.2.push(sub.id);
+                }
+            }
+            best?
+        };
+        let weight = u32::try_from(message.weight()).unwrap_or(u32::MAX);
+        let mut delivery = Delivery::new(message.clone(), qos.min(message.qos), retain, weight);
+        if !ids.is_empty() {
+            delivery.extra = Some(Box::new(DeliveryExtra {
+                subscription_ids: ids,
+                group: None,
+            }));
+        }
+        let mut routed = Routed {
+            matched: 1,
+            congested: None,
+            token: 0,
+            forwarded: 0,
+        };
+        match session.offer(delivery, &self.limits(), &self.stats, &*self.store) {
+            Ok((_, written)) => routed.token = written,
             Err(reason) => self.count_drop(reason),
         }
         Some(routed)

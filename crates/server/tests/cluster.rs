@@ -991,3 +991,61 @@ async fn an_operator_drains_a_node_and_its_clients_move_with_their_sessions() {
     assert_eq!(answer["redirecting"], false);
     let _ok = client(&a, "welcome-back").await;
 }
+
+#[tokio::test]
+async fn messages_on_their_way_to_the_old_node_follow_a_session_that_moves() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("transit");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let c = Node::memory("c", &nats);
+    let mut first = RawClient::connect(a.broker.addr).await;
+    first.send(&connect_v5("traveller", false, 60, 300)).await;
+    assert_eq!(first.packet(WAIT).await.expect("CONNACK")[3], 0x00);
+    first.send(&subscribe_v5(1, "tr/#", 1)).await;
+    assert_eq!(first.packet(WAIT).await.expect("SUBACK")[0], 0x90);
+    c.sees_interest(1, 0).await;
+    // A publisher on c keeps going while the client moves from a to b: what c sends to a
+    // before it learns of the move must reach the client on b.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(publish_until(client(&c, "pub").await, "tr/x", stopped));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut second = RawClient::connect(b.broker.addr).await;
+    second.send(&connect_v5("traveller", false, 60, 300)).await;
+    let connack = second.packet(WAIT).await.expect("CONNACK from b");
+    assert_eq!((connack[2] & 1, connack[3]), (1, 0x00), "{connack:?}");
+    let mut got = BTreeSet::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(800) {
+        if let Ok(p) = second.packet(Duration::from_millis(100)).await {
+            if p[0] >> 4 == 3 {
+                second.send(&puback(publish_packet_id(&p))).await;
+                got.insert(u32::from_be_bytes(
+                    publish_payload_v5(&p)[..4].try_into().unwrap(),
+                ));
+            }
+        }
+    }
+    let _ = stop.send(true);
+    let acked = publisher.await.unwrap();
+    let started = Instant::now();
+    while !acked.is_subset(&got) && started.elapsed() < WAIT {
+        if let Ok(p) = second.packet(Duration::from_millis(500)).await {
+            if p[0] >> 4 == 3 {
+                second.send(&puback(publish_packet_id(&p))).await;
+                got.insert(u32::from_be_bytes(
+                    publish_payload_v5(&p)[..4].try_into().unwrap(),
+                ));
+            }
+        }
+    }
+    drop(first);
+    let lost: Vec<_> = acked.difference(&got).collect();
+    assert!(acked.len() > 50, "the load ran: {}", acked.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost in the move: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+}
