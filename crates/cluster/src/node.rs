@@ -346,6 +346,9 @@ impl Cluster {
             &names::node_subject(&config.node_id),
         )
         .await?;
+        // Sessions this node kept across its death whose clients went on elsewhere meanwhile:
+        // their messages go after them before the backlog is read.
+        inner.return_stale_sessions().await;
         tasks.push(tokio::spawn(inner.clone().consume(consumer, None)));
         tasks.push(tokio::spawn(inner.clone().heartbeat(nodes_kv)));
         // Wills this node's previous run left (it died with those clients connected), then
@@ -729,6 +732,62 @@ impl Inner {
                 self.publish_orphaned_wills(&node).await;
                 handled.insert((node, started));
             }
+        }
+    }
+
+    /// At start: a persistent session restored from this node's store whose client id is now
+    /// owned by another node (the client connected there while this node was down) is handed
+    /// over to it: its queued and in-flight messages go there as copies for that session, and
+    /// what JetStream kept for this node while it was down follows (as for a session that
+    /// moved). The client sees them once it subscribes there again.
+    async fn return_stale_sessions(self: &Arc<Self>) {
+        let me = self.config.node_id.clone();
+        for session in self.broker.sessions() {
+            let client_id = session.client_id.to_string();
+            if client_id.starts_with(petrel_engine::connection::INTERNAL_CLIENT_PREFIX) {
+                continue;
+            }
+            let Ok(Some(entry)) = self.sessions.entry(names::session_key(&client_id)).await else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let owner = String::from_utf8_lossy(&entry.value).into_owned();
+            if owner == me {
+                continue;
+            }
+            let Some(state) = self.broker.hand_over(&client_id, false, Instant::now()) else {
+                continue;
+            };
+            {
+                let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+                moved.push(Moved {
+                    client_id: client_id.clone(),
+                    node: owner.clone(),
+                    filters: state
+                        .subscriptions
+                        .iter()
+                        .map(|(f, _)| f.clone())
+                        .filter(|f| !f.starts_with("$share/"))
+                        .collect(),
+                    until: Instant::now() + MOVED_FORWARD,
+                });
+            }
+            let count = state.deliveries.len();
+            for (i, d) in state.deliveries.iter().enumerate() {
+                let frame = wire::encode(&me, d.seq, Some(&client_id), &d.message);
+                let id = format!("{me}-{:x}-stale-{client_id}-{i}", self.boot);
+                self.clone()
+                    .store_copy(0, names::node_subject(&owner), id, frame)
+                    .await;
+            }
+            tracing::info!(
+                client_id,
+                to = owner,
+                messages = count,
+                "a session kept across this node's restart went to the node its client uses now"
+            );
         }
     }
 

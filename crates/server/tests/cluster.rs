@@ -1049,3 +1049,63 @@ async fn messages_on_their_way_to_the_old_node_follow_a_session_that_moves() {
         acked.len()
     );
 }
+
+#[tokio::test]
+async fn messages_kept_for_a_dead_node_follow_its_client_to_another_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("stale");
+    let dir = temp_dir("stale");
+    let a = Node::memory("a", &nats);
+    let mut b = Node::start(
+        "b",
+        &nats.urls(),
+        &format!(
+            "[storage]\ndir = \"{}\"\nfsync = \"always\"\n",
+            dir.join("b").display()
+        ),
+        1,
+    );
+    // A persistent session on b that does not read: its messages wait there.
+    let mut keeper = RawClient::connect(b.broker.addr).await;
+    keeper.send(&connect_persistent("keeper")).await;
+    assert_eq!(
+        keeper.packet(WAIT).await.expect("CONNACK"),
+        [0x20, 0x02, 0x00, 0x00]
+    );
+    keeper.send(&subscribe(1, "keep/#", 1)).await;
+    keeper.expect(&suback(1, 1), WAIT).await;
+    a.sees_interest(1, 0).await;
+    let mut publisher = client(&a, "pub").await;
+    for i in 0..50u32 {
+        publish_acked(&mut publisher, "keep/x", 1, i as u16 + 1, &i.to_be_bytes()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // b dies; what is published meanwhile waits in JetStream for it.
+    b.kill();
+    drop(keeper);
+    for i in 50..100u32 {
+        publish_acked(&mut publisher, "keep/x", 1, i as u16 + 1, &i.to_be_bytes()).await;
+    }
+    // The client goes to a instead: b cannot hand its session over, so it starts anew there
+    // and subscribes again, as a client told "no session" does.
+    let mut moved = RawClient::connect(a.broker.addr).await;
+    moved.send(&connect_persistent("keeper")).await;
+    assert_eq!(
+        moved.packet(WAIT).await.expect("CONNACK"),
+        [0x20, 0x02, 0x00, 0x00]
+    );
+    moved.send(&subscribe(1, "keep/#", 1)).await;
+    moved.expect(&suback(1, 1), WAIT).await;
+    // b comes back and sends the client's messages after it.
+    b.restart();
+    let mut got = BTreeSet::new();
+    let started = Instant::now();
+    while got.len() < 100 && started.elapsed() < WAIT {
+        got.extend(numbers(
+            &drain(&mut moved, Duration::from_millis(500)).await,
+        ));
+    }
+    let lost: Vec<u32> = (0..100).filter(|i| !got.contains(i)).collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
