@@ -47,11 +47,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// TCP connect (nodelay), CONNECT with a clean session, and an accepting CONNACK.
-    pub async fn open(ctx: &RunCtx, name: &str, keep_alive: u16) -> Result<Conn, BenchError> {
-        let stream = bounded(ctx, name, tcp_connect(ctx))
+    /// TCP connect to the broker at `addr` (nodelay), CONNECT with a clean session, and an
+    /// accepting CONNACK.
+    pub async fn open(
+        ctx: &RunCtx,
+        addr: SocketAddr,
+        name: &str,
+        keep_alive: u16,
+    ) -> Result<Conn, BenchError> {
+        let stream = bounded(ctx, name, tcp_connect(ctx, addr))
             .await?
-            .map_err(|e| BenchError::io(format!("{name}: connecting to {}", ctx.addr), e))?;
+            .map_err(|e| BenchError::io(format!("{name}: connecting to {addr}"), e))?;
         stream
             .set_nodelay(true)
             .map_err(|e| BenchError::io(format!("{name}: TCP_NODELAY"), e))?;
@@ -227,20 +233,20 @@ pub fn subscribe_packets(
 /// connection rate. With 8 source addresses each keeps a short search up to ~110,000 clients.
 const LOOPBACK_SOURCES: u32 = 8;
 
-/// A TCP connection to the broker; from 127.0.0.1..=127.0.0.8 in turn when it is on loopback.
-async fn tcp_connect(ctx: &RunCtx) -> std::io::Result<TcpStream> {
-    let SocketAddr::V4(target) = ctx.addr else {
-        return TcpStream::connect(ctx.addr).await;
+/// A TCP connection to `addr`; from 127.0.0.1..=127.0.0.8 in turn when it is on loopback.
+async fn tcp_connect(ctx: &RunCtx, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(target) = addr else {
+        return TcpStream::connect(addr).await;
     };
     if !target.ip().is_loopback() {
-        return TcpStream::connect(ctx.addr).await;
+        return TcpStream::connect(addr).await;
     }
     let n = ctx.connects.fetch_add(1, Ordering::Relaxed) % LOOPBACK_SOURCES;
     let source = Ipv4Addr::new(127, 0, 0, 1 + n as u8);
     let socket = TcpSocket::new_v4()?;
     crate::sys::bind_address_no_port(&socket)?;
     socket.bind(SocketAddr::from((source, 0)))?;
-    socket.connect(ctx.addr).await
+    socket.connect(addr).await
 }
 
 /// `fut`, unless the run's deadline comes first.

@@ -29,6 +29,8 @@ pub enum BenchError {
     Unexpected { what: String, packet: &'static str },
     #[error("{0}")]
     Limit(String),
+    #[error("--before-publish: {0}")]
+    Hook(String),
 }
 
 impl BenchError {

@@ -2,6 +2,7 @@
 //! subscriber, connect every publisher, start them all together, wait for the publishers, tell
 //! the subscribers, wait for them, and fold their counters into the report.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ use crate::RunCtx;
 
 pub struct SubscriberSpec {
     pub name: String,
+    /// The broker it connects to (`RunCtx::broker`).
+    pub addr: SocketAddr,
     /// Subscribed (in batches) before the clock starts.
     pub filters: Vec<String>,
     pub plan: SubscriberPlan,
@@ -23,6 +26,7 @@ pub struct SubscriberSpec {
 
 pub struct PublisherSpec {
     pub name: String,
+    pub addr: SocketAddr,
     pub plan: PublisherPlan,
 }
 
@@ -52,10 +56,10 @@ pub async fn run(
     let setup_start = ctx.now_ns();
     let sub_conns = collect(subs.iter().map(|s| {
         let ctx = ctx.clone();
-        let name = s.name.clone();
+        let (name, addr) = (s.name.clone(), s.addr);
         let filters = s.filters.clone();
         tokio::spawn(async move {
-            let mut conn = Conn::open(&ctx, &name, KEEP_ALIVE).await?;
+            let mut conn = Conn::open(&ctx, addr, &name, KEEP_ALIVE).await?;
             conn.subscribe(&ctx, &filters, ctx.qos).await?;
             ctx.progress.add(1);
             Ok(conn)
@@ -63,11 +67,15 @@ pub async fn run(
     }))
     .await;
     report.subscribe_seconds = Some(ctx.now_ns().saturating_sub(setup_start) as f64 / 1e9);
+    let sub_conns = match (sub_conns, &ctx.before_publish) {
+        (Ok(conns), Some(command)) => before_publish(ctx, command).await.map(|()| conns),
+        (other, _) => other,
+    };
     let pub_conns = collect(pubs.iter().map(|p| {
         let ctx = ctx.clone();
-        let name = p.name.clone();
+        let (name, addr) = (p.name.clone(), p.addr);
         tokio::spawn(async move {
-            let conn = Conn::open(&ctx, &name, KEEP_ALIVE).await?;
+            let conn = Conn::open(&ctx, addr, &name, KEEP_ALIVE).await?;
             ctx.progress.add(1);
             Ok(conn)
         })
@@ -117,6 +125,37 @@ pub async fn run(
         }
     }
     Some(outcome)
+}
+
+/// Runs the `--before-publish` command through `sh -c` and waits for it, no later than the
+/// run's deadline (then it is killed). The subscribers' connections sit idle meanwhile.
+async fn before_publish(ctx: &RunCtx, command: &str) -> Result<(), BenchError> {
+    /// How often the command's exit is checked: a blocking wait would stall a current-thread
+    /// runtime, and the command's own polling is far coarser than this.
+    const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        // Standard output is the report's (--json).
+        .stdout(std::io::stderr())
+        .spawn()
+        .map_err(|e| BenchError::Hook(format!("starting sh: {e}")))?;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(BenchError::Hook(format!("exited with {status}"))),
+            Ok(None) if tokio::time::Instant::now() >= ctx.deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(BenchError::Timeout {
+                    what: "--before-publish".into(),
+                });
+            }
+            Ok(None) => tokio::time::sleep(POLL).await,
+            Err(e) => return Err(BenchError::Hook(format!("waiting for it: {e}"))),
+        }
+    }
 }
 
 /// Awaits every task; the first failure wins, the rest are dropped with their connections.

@@ -14,6 +14,7 @@
 //!                 │                  in-flight window, QoS 1/2 acks, optional pacing
 //!                 └─ subscriber.rs ─ one task per subscriber: decode, ack, loss and latency
 //!              conn.rs ── CONNECT/CONNACK and batched SUBSCRIBE over one TcpStream
+//!              placement.rs ── which broker each client connects to (`--ports`: cluster nodes)
 //!              template.rs ── a PUBLISH encoded once, patched per message; the payload stamp
 //! report.rs ── the JSON shape (documented in README.md) and the human-readable table
 //! progress.rs ── the stderr progress bar     sys.rs ── RLIMIT_NOFILE, source binds, /proc RSS
@@ -28,6 +29,7 @@
 mod conn;
 mod error;
 mod flow;
+pub mod placement;
 mod progress;
 mod publisher;
 pub mod report;
@@ -43,13 +45,16 @@ use std::time::{Duration, Instant};
 use petrel_codec::{ProtocolVersion, QoS};
 
 pub use error::BenchError;
+use placement::Role;
 pub use report::{Latency, Report};
 
 /// Settings shared by every scenario.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub host: String,
-    pub port: u16,
+    /// The brokers' ports on `host`, at least one. With several (the nodes of a cluster) the
+    /// clients are spread over them by [`placement::broker_index`].
+    pub ports: Vec<u16>,
     pub qos: QoS,
     /// Payload bytes per message; at least [`template::STAMP_LEN`] so the stamp fits.
     pub payload: usize,
@@ -67,13 +72,18 @@ pub struct Options {
     /// Persistent sessions (3.x Clean Session 0, v5 Session Expiry Interval 3600): what a
     /// broker with durable sessions stores and acknowledges only once stored.
     pub persistent: bool,
+    /// A shell command run once every subscriber is subscribed and before any publisher
+    /// connects, outside the measured time; the run fails if it exits non-zero. For brokers
+    /// whose subscriptions take effect asynchronously (a cluster's interest reaching the
+    /// other nodes): the command waits until they have.
+    pub before_publish: Option<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             host: "127.0.0.1".into(),
-            port: 1883,
+            ports: vec![1883],
             qos: QoS::AtMostOnce,
             payload: 64,
             version: ProtocolVersion::V3_1_1,
@@ -83,6 +93,7 @@ impl Default for Options {
             timeout: Duration::from_secs(120),
             progress: false,
             persistent: false,
+            before_publish: None,
         }
     }
 }
@@ -132,14 +143,17 @@ impl Scenario {
     }
 }
 
-/// What every task of one run shares: where the broker is, the clock and the deadline.
+/// What every task of one run shares: where the brokers are, the clock and the deadline.
 pub(crate) struct RunCtx {
-    pub addr: SocketAddr,
+    /// One per `--ports` entry, in order; clients pick theirs with [`RunCtx::broker`].
+    pub brokers: Vec<SocketAddr>,
     pub version: ProtocolVersion,
     pub qos: QoS,
     pub payload: usize,
     pub inflight: u16,
     pub persistent: bool,
+    /// `Options::before_publish`.
+    pub before_publish: Option<String>,
     /// Zero of every timestamp in a payload stamp.
     pub start: Instant,
     pub deadline: tokio::time::Instant,
@@ -161,6 +175,11 @@ impl RunCtx {
         tokio::time::Instant::from_std(self.start + Duration::from_nanos(ns))
     }
 
+    /// The broker client `i` of `role` connects to.
+    pub fn broker(&self, role: Role, i: u32) -> SocketAddr {
+        self.brokers[placement::broker_index(role, i, self.brokers.len())]
+    }
+
     pub fn client_id(&self, role: &str, n: u32) -> String {
         format!("{}-{role}{n}", self.prefix.replace('/', "-"))
     }
@@ -178,21 +197,25 @@ pub async fn run(opts: &Options, scenario: &Scenario) -> Report {
         report.fail(e);
         return report;
     }
-    let addr = match resolve(&opts.host, opts.port).await {
-        Ok(a) => a,
-        Err(e) => {
-            report.fail(e);
-            return report;
+    let mut brokers = Vec::with_capacity(opts.ports.len());
+    for &port in &opts.ports {
+        match resolve(&opts.host, port).await {
+            Ok(a) => brokers.push(a),
+            Err(e) => {
+                report.fail(e);
+                return report;
+            }
         }
-    };
+    }
     let start = Instant::now();
     let ctx = Arc::new(RunCtx {
-        addr,
+        brokers,
         version: opts.version,
         qos: opts.qos,
         payload: opts.payload,
         inflight: opts.inflight,
         persistent: opts.persistent,
+        before_publish: opts.before_publish.clone(),
         start,
         deadline: tokio::time::Instant::from_std(start + opts.timeout),
         prefix: format!("pb/{}", run_id()),
@@ -242,6 +265,9 @@ pub async fn run(opts: &Options, scenario: &Scenario) -> Report {
 }
 
 fn check(opts: &Options) -> Result<(), BenchError> {
+    if opts.ports.is_empty() {
+        return Err(BenchError::Usage("no broker port given".into()));
+    }
     if opts.payload < template::STAMP_LEN {
         return Err(BenchError::Usage(format!(
             "--payload must be at least {} bytes (the sequence number and send time)",

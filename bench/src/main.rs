@@ -27,9 +27,13 @@ struct Common {
     /// Broker host.
     #[arg(long, global = true, default_value = "127.0.0.1")]
     host: String,
-    /// Broker port.
-    #[arg(long, global = true, default_value_t = 1883)]
-    port: u16,
+    /// Broker port [default: 1883].
+    #[arg(long, global = true)]
+    port: Option<u16>,
+    /// Several brokers' ports, comma-separated (the nodes of a cluster), instead of --port:
+    /// subscriber i connects to the (i mod n)-th, publisher i to the one after it.
+    #[arg(long, global = true, value_delimiter = ',', num_args = 1)]
+    ports: Vec<u16>,
     /// QoS of every publish and subscription (0, 1 or 2).
     #[arg(long, global = true, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
@@ -59,6 +63,11 @@ struct Common {
     /// with durable sessions stores every QoS 1/2 message before acknowledging it.
     #[arg(long, global = true)]
     persistent: bool,
+    /// Shell command run after every subscriber is subscribed and before any publisher
+    /// connects (not timed); a non-zero exit fails the run. E.g. wait for a cluster's
+    /// subscriptions to reach every node.
+    #[arg(long, global = true, value_name = "COMMAND")]
+    before_publish: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +142,16 @@ fn parse_version(s: &str) -> Result<ProtocolVersion, String> {
     }
 }
 
+/// The brokers' ports: `--ports`, or the one `--port`, or 1883.
+fn broker_ports(port: Option<u16>, ports: &[u16]) -> anyhow::Result<Vec<u16>> {
+    match (port, ports) {
+        (None, []) => Ok(vec![1883]),
+        (Some(p), []) => Ok(vec![p]),
+        (None, list) => Ok(list.to_vec()),
+        (Some(_), _) => anyhow::bail!("give either --port or --ports, not both"),
+    }
+}
+
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(s).with_context(|| format!("{flag} {s} is not a duration"))
 }
@@ -154,7 +173,7 @@ fn run() -> anyhow::Result<bool> {
     anyhow::ensure!(c.threads >= 1, "--threads must be at least 1");
     let opts = Options {
         host: c.host.clone(),
-        port: c.port,
+        ports: broker_ports(c.port, &c.ports)?,
         qos: QoS::from_u8(c.qos).context("--qos")?,
         payload: c.payload,
         version: c.version,
@@ -164,6 +183,7 @@ fn run() -> anyhow::Result<bool> {
         timeout: seconds("--timeout", c.timeout)?,
         progress: !c.json && std::io::stderr().is_terminal(),
         persistent: c.persistent,
+        before_publish: c.before_publish.clone(),
     };
     let scenario = match cli.scenario {
         Command::FanIn {
@@ -229,4 +249,29 @@ fn run() -> anyhow::Result<bool> {
         print!("{}", report.table());
     }
     Ok(report.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    // Through `broker_ports` rather than `Cli::try_parse_from`: in debug builds clap's own
+    // checks reject this CLI, whose `--version` (the MQTT version) shadows clap's
+    // auto-generated version flag (release builds are unaffected: `-V` prints the version).
+    use super::*;
+
+    #[test]
+    fn one_port_by_default_or_from_port() {
+        assert_eq!(broker_ports(None, &[]).unwrap(), [1883]);
+        assert_eq!(broker_ports(Some(18801), &[]).unwrap(), [18801]);
+    }
+
+    #[test]
+    fn ports_gives_every_broker_in_order() {
+        let three = [18801, 18802, 18803];
+        assert_eq!(broker_ports(None, &three).unwrap(), three);
+    }
+
+    #[test]
+    fn port_and_ports_together_are_refused() {
+        assert!(broker_ports(Some(1), &[2, 3]).is_err());
+    }
 }

@@ -89,7 +89,9 @@ impl Report {
     pub fn new(name: &str, opts: &Options, scenario: &Scenario) -> Report {
         let mut params = json!({
             "host": opts.host,
-            "port": opts.port,
+            // The first broker's, as before `ports` existed; `ports` lists them all.
+            "port": opts.ports.first(),
+            "ports": opts.ports,
             "qos": opts.qos as u8,
             "persistent": opts.persistent,
             "payload": opts.payload,

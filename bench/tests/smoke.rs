@@ -37,7 +37,7 @@ impl Broker {
     fn options(&self, qos: QoS, version: ProtocolVersion) -> Options {
         Options {
             host: self.addr.ip().to_string(),
-            port: self.addr.port(),
+            ports: vec![self.addr.port()],
             qos,
             version,
             label: "petrel-smoke".into(),
@@ -209,6 +209,70 @@ async fn retained_qos1() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_broker_listed_twice_is_a_plain_run() {
+    let broker = Broker::start().await;
+    let mut opts = broker.options(QoS::AtLeastOnce, V311);
+    opts.ports = vec![broker.addr.port(), broker.addr.port()];
+    let r = run(
+        &opts,
+        &Scenario::Pairs {
+            pairs: 4,
+            messages: 200,
+        },
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.received, 800);
+    assert_eq!(r.duplicates, 0);
+    let port = broker.addr.port();
+    assert_eq!(r.params["ports"], serde_json::json!([port, port]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairs_over_two_separate_brokers_never_share_one() {
+    // Two brokers that know nothing of each other: subscriber i and publisher i are always on
+    // different ones, so nothing arrives (QoS 0, so loss is allowed and the run ends quietly).
+    let (a, b) = (Broker::start().await, Broker::start().await);
+    let mut opts = a.options(QoS::AtMostOnce, V311);
+    opts.ports = vec![a.addr.port(), b.addr.port()];
+    let r = run(
+        &opts,
+        &Scenario::Pairs {
+            pairs: 4,
+            messages: 50,
+        },
+    )
+    .await;
+    assert_eq!(r.error, None, "{r:?}");
+    assert_eq!(r.sent, 200);
+    assert_eq!(r.received, 0, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_publish_runs_between_subscribing_and_publishing() {
+    let broker = Broker::start().await;
+    let scenario = Scenario::FanIn {
+        publishers: 2,
+        messages: 100,
+    };
+    let mut opts = broker.options(QoS::AtLeastOnce, V311);
+    opts.before_publish = Some("true".into());
+    let r = run(&opts, &scenario).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.received, 200);
+
+    opts.before_publish = Some("exit 3".into());
+    let r = run(&opts, &scenario).await;
+    assert!(!r.ok);
+    assert_eq!(r.sent, 0, "{r:?}");
+    let error = r.error.unwrap_or_default();
+    assert!(
+        error.starts_with("--before-publish: exited with"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_reports_an_error() {
     // Bind and drop a listener to get a port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -216,7 +280,7 @@ async fn unreachable_broker_reports_an_error() {
         .expect("ephemeral port")
         .port();
     let opts = Options {
-        port,
+        ports: vec![port],
         timeout: Duration::from_secs(10),
         ..Options::default()
     };

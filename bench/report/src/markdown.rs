@@ -385,7 +385,7 @@ fn push_brokers(md: &mut String, brokers: &[BrokerInfo]) {
 
 /// Parameters that differ between the brokers of one comparison by construction (each broker
 /// gets its own port and process), so one broker's values would mislead.
-const PER_BROKER_PARAMS: &[&str] = &["host", "port", "broker_pid"];
+const PER_BROKER_PARAMS: &[&str] = &["host", "port", "ports", "broker_pid"];
 
 fn param_value(v: &Value) -> String {
     match v {

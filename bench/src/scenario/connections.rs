@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use crate::conn::{await_close, bounded, Conn, MAX_INBOUND};
 use crate::error::BenchError;
 use crate::flow::KEEP_ALIVE;
+use crate::placement::Role;
 use crate::report::{per_second, Latency, Report};
 use crate::subscriber::new_histogram;
 use crate::template::encode_once;
@@ -178,7 +179,8 @@ async fn connect_worker(ctx: Arc<RunCtx>, next: Arc<AtomicU32>, n: u32) -> Worke
             break;
         }
         let begun = ctx.now_ns();
-        match Conn::open(&ctx, &ctx.client_id("c", i), KEEP_ALIVE).await {
+        let addr = ctx.broker(Role::Subscriber, i);
+        match Conn::open(&ctx, addr, &ctx.client_id("c", i), KEEP_ALIVE).await {
             Ok(conn) => {
                 w.last_ns = ctx.now_ns();
                 let _ = w

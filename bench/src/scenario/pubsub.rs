@@ -7,12 +7,15 @@
 //! pairs     publisher i  ──▶ topic i ──▶ subscriber i        expected N × M
 //! latency   P publishers, paced to R msg/s in total ──▶ 1 subscriber, expected R × seconds
 //! ```
+//!
+//! Over several brokers, subscriber i and publisher i are placed by placement.rs.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::BenchError;
 use crate::flow::{self, PublisherSpec, SubscriberSpec};
+use crate::placement::Role;
 use crate::publisher::{Pace, PublisherPlan};
 use crate::report::Report;
 use crate::template::PublishTemplate;
@@ -29,6 +32,7 @@ pub async fn fan_in(ctx: &Arc<RunCtx>, publishers: u32, messages: u32, report: &
         let expected = u64::from(publishers) * u64::from(messages);
         let subs = vec![SubscriberSpec {
             name: ctx.client_id("sub", 0),
+            addr: ctx.broker(Role::Subscriber, 0),
             filters: vec![topic],
             plan: sub_plan(0, publishers, messages, expected),
         }];
@@ -49,6 +53,7 @@ pub async fn fan_out(ctx: &Arc<RunCtx>, subscribers: u32, messages: u32, report:
         let subs = (0..subscribers)
             .map(|i| SubscriberSpec {
                 name: ctx.client_id("sub", i),
+                addr: ctx.broker(Role::Subscriber, i),
                 filters: vec![topic.clone()],
                 plan: sub_plan(0, 1, messages, u64::from(messages)),
             })
@@ -70,6 +75,7 @@ pub async fn pairs(ctx: &Arc<RunCtx>, pairs: u32, messages: u32, report: &mut Re
             let templates = templates(ctx, &topic)?;
             subs.push(SubscriberSpec {
                 name: ctx.client_id("sub", i),
+                addr: ctx.broker(Role::Subscriber, i),
                 filters: vec![topic],
                 plan: sub_plan(i, 1, messages, u64::from(messages)),
             });
@@ -104,6 +110,7 @@ pub async fn latency(
         let count = |p: u32| (total.saturating_sub(p)).div_ceil(publishers);
         let subs = vec![SubscriberSpec {
             name: ctx.client_id("sub", 0),
+            addr: ctx.broker(Role::Subscriber, 0),
             filters: vec![topic],
             plan: sub_plan(0, publishers, count(0), u64::from(total)),
         }];
@@ -137,6 +144,7 @@ fn publisher(
 ) -> PublisherSpec {
     PublisherSpec {
         name: ctx.client_id("pub", id),
+        addr: ctx.broker(Role::Publisher, id),
         plan: PublisherPlan {
             id,
             templates: templates.clone(),

@@ -20,6 +20,7 @@ use petrel_codec::{Packet, QoS};
 use crate::conn::Conn;
 use crate::error::BenchError;
 use crate::flow::KEEP_ALIVE;
+use crate::placement::Role;
 use crate::publisher::{self, PubStats, PublisherPlan};
 use crate::report::{per_second, Report};
 use crate::subscriber;
@@ -48,7 +49,13 @@ async fn measure(ctx: &Arc<RunCtx>, n: u32, report: &mut Report) -> Result<(), B
     check(&stored)?;
 
     ctx.progress.phase("replayed", u64::from(n));
-    let conn = Conn::open(ctx, &ctx.client_id("sub", 0), KEEP_ALIVE).await?;
+    let conn = Conn::open(
+        ctx,
+        ctx.broker(Role::Subscriber, 0),
+        &ctx.client_id("sub", 0),
+        KEEP_ALIVE,
+    )
+    .await?;
     let mut subscribe =
         crate::conn::subscribe_packets(&[ctx.topic("r/#")], ctx.qos, conn.max_packet)?;
     let Some(subscribe) = subscribe.pop() else {
@@ -94,7 +101,13 @@ async fn publish_retained(
         .iter()
         .map(|t| PublishTemplate::new(t, QoS::AtLeastOnce, true, payload, ctx.version))
         .collect::<Result<Vec<_>, _>>()?;
-    let conn = Conn::open(ctx, &ctx.client_id(role, 0), KEEP_ALIVE).await?;
+    let conn = Conn::open(
+        ctx,
+        ctx.broker(Role::Publisher, 0),
+        &ctx.client_id(role, 0),
+        KEEP_ALIVE,
+    )
+    .await?;
     let plan = PublisherPlan {
         id: 0,
         templates: Arc::from(templates),

@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::error::BenchError;
 use crate::flow::{PublisherSpec, SubscriberSpec};
+use crate::placement::Role;
 use crate::publisher::PublisherPlan;
 use crate::report::Report;
 use crate::template::PublishTemplate;
@@ -97,12 +98,14 @@ fn plan(
         .enumerate()
         .map(|(k, (filters, expected))| SubscriberSpec {
             name: ctx.client_id("sub", k as u32),
+            addr: ctx.broker(Role::Subscriber, k as u32),
             filters,
             plan: sub_plan(0, 1, messages, expected),
         })
         .collect();
     let pubs = vec![PublisherSpec {
         name: ctx.client_id("pub", 0),
+        addr: ctx.broker(Role::Publisher, 0),
         plan: PublisherPlan {
             id: 0,
             templates: Arc::from(templates),
