@@ -8,10 +8,10 @@
 ADMIN_PORTS is comma-separated, in the order of petrel-bench's --ports (node k serves the k-th
 MQTT port). `interest` is petrel-bench's --before-publish command: the run's subscribers are
 subscribed, and publishing starts when this exits 0. `remote_filters` counts the (filter, node)
-pairs in the node's copy of the cluster's interest bucket. Despite its name that includes the
-node's own announcements (they reach its table through the same bucket watch), so when every
-node counts every pair of the run, every announcement has reached every node. The pairs come
-from placing subscribers as bench/src/placement.rs does: subscriber i on node i mod n.
+pairs of the other nodes in the node's copy of the cluster's interest bucket, so when every
+node counts every pair of the run that is not its own, every announcement has reached every
+node. The pairs come from placing subscribers as bench/src/placement.rs does: subscriber i on
+node i mod n.
 Exits 1 when the cluster does not get there within TIMEOUT seconds (env, default 30).
 """
 
@@ -78,7 +78,7 @@ def main():
         wait(ports, [0] * len(ports), "interest of earlier runs still present")
     elif sys.argv[1] == "interest" and len(sys.argv) == 5:
         subs = subscriptions(sys.argv[3], int(sys.argv[4]), len(ports))
-        expected = [len(subs)] * len(ports)
+        expected = [sum(1 for node, _ in subs if node != k) for k in range(len(ports))]
         wait(ports, expected, f"{sys.argv[3]} interest did not reach every node")
     else:
         sys.exit(__doc__)

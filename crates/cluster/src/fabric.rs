@@ -60,6 +60,9 @@ pub struct FabricStats {
     pub dropped_core: AtomicU64,
     /// Publishes to NATS that failed and were tried again.
     pub retries: AtomicU64,
+    /// Times the NATS client dropped QoS 0 messages from other nodes because this node did not
+    /// take them fast enough (slow consumer events; each may be many messages).
+    pub slow_consumer: AtomicU64,
     /// Retained changes sent and received.
     pub retained_sent: AtomicU64,
     pub retained_received: AtomicU64,

@@ -152,9 +152,12 @@ impl RemoteInterest {
         groups
     }
 
-    /// Nodes with any interest recorded, and how many ordinary filters and groups.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.present.len(), self.groups.len())
+    /// How many (filter, node) pairs of ordinary interest other nodes than `me` have, and
+    /// how many shared groups there are cluster-wide.
+    pub fn counts(&self, me: &str) -> (usize, usize) {
+        let me = self.ids.get(me).copied();
+        let remote = self.present.iter().filter(|(_, n)| Some(*n) != me).count();
+        (remote, self.groups.len())
     }
 
     /// Forgets everything a node announced (it is gone). Returns the keys to delete.
@@ -195,6 +198,9 @@ mod tests {
         let mut nodes = t.targets("x/y", "b").nodes;
         nodes.sort();
         assert_eq!(nodes, vec!["a".into()]);
+        // Counted for operators: the other nodes' pairs.
+        assert_eq!(t.counts("a"), (2, 0));
+        assert_eq!(t.counts("b"), (3, 0));
         let mut nodes = t.targets("x/y", "c").nodes;
         nodes.sort();
         assert_eq!(nodes, vec!["a".into(), "b".into()]);
@@ -224,6 +230,7 @@ mod tests {
         t.apply(&names::group_key(hash, "b"), None);
         assert!(t.targets("s/1", "a").groups.is_empty());
         assert_eq!(t.keys_of("a"), Vec::<String>::new());
+        assert_eq!(t.counts("a"), (0, 0));
     }
 
     #[test]

@@ -209,10 +209,26 @@ impl Cluster {
                 config.node_id
             ));
         }
+        let stats = Arc::new(FabricStats::default());
+        let events = stats.clone();
         let options = async_nats::ConnectOptions::new()
             .name(format!("petrel {}", config.node_id))
             .connection_timeout(config.connect_timeout)
-            .max_reconnects(None);
+            .max_reconnects(None)
+            // Room for bursts of QoS 0 from other nodes; past it the NATS client drops them
+            // (slow consumer), counted below.
+            .subscription_capacity(1 << 17)
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    match event {
+                        async_nats::Event::SlowConsumer(_) => {
+                            events.slow_consumer.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => tracing::info!(event = %other, "NATS connection"),
+                    }
+                }
+            });
         let client = tokio::time::timeout(
             config.connect_timeout,
             async_nats::connect_with_options(config.servers.clone(), options),
@@ -247,7 +263,6 @@ impl Cluster {
 
         let (commands, command_rx) = mpsc::unbounded_channel();
         let interest = Arc::new(RwLock::new(RemoteInterest::default()));
-        let stats = Arc::new(FabricStats::default());
         let fabric = Arc::new(NatsFabric {
             node: config.node_id.clone().into(),
             interest: interest.clone(),
@@ -389,7 +404,7 @@ impl Cluster {
             .interest
             .read()
             .unwrap_or_else(|e| e.into_inner());
-        let (remote_filters, _) = interest.counts();
+        let (remote_filters, _) = interest.counts(&self.inner.config.node_id);
         let groups = interest
             .groups()
             .into_iter()

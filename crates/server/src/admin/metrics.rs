@@ -589,6 +589,12 @@ impl BrokerCollector {
         )?;
         counter(
             e,
+            "petrel_cluster_slow_consumer_events",
+            "Times the NATS client dropped QoS 0 messages from other nodes because this node did not take them fast enough",
+            get(&s.slow_consumer),
+        )?;
+        counter(
+            e,
             "petrel_cluster_retries",
             "Writes to NATS that failed and were tried again",
             get(&s.retries),
