@@ -14,8 +14,13 @@ use petrel_codec::{ProtocolVersion, QoS};
 /// petrel-bench: MQTT load generator (fan-in, fan-out, pairs, latency, connections, wildcards,
 /// retained) for petrel or any other broker.
 #[derive(Parser, Debug)]
-#[command(name = "petrel-bench", version, about, long_about = None)]
+// `--version` is the MQTT version (scripts use it), so the program's version is `-V` /
+// `--program-version` rather than clap's automatic `--version`.
+#[command(name = "petrel-bench", version, about, long_about = None, disable_version_flag = true)]
 struct Cli {
+    /// Print the program's version.
+    #[arg(short = 'V', long = "program-version", action = clap::ArgAction::Version)]
+    program_version: (),
     #[command(flatten)]
     common: Common,
     #[command(subcommand)]
@@ -253,10 +258,20 @@ fn run() -> anyhow::Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    // Through `broker_ports` rather than `Cli::try_parse_from`: in debug builds clap's own
-    // checks reject this CLI, whose `--version` (the MQTT version) shadows clap's
-    // auto-generated version flag (release builds are unaffected: `-V` prints the version).
     use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_version_is_the_mqtt_version() {
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["petrel-bench", "--version", "5", "--ports", "1,2", "fan-in"])
+                .expect("parses");
+        assert_eq!(cli.common.version, ProtocolVersion::V5);
+        assert_eq!(cli.common.ports, [1, 2]);
+        let shown = Cli::try_parse_from(["petrel-bench", "-V"]).unwrap_err();
+        assert_eq!(shown.kind(), clap::error::ErrorKind::DisplayVersion);
+    }
 
     #[test]
     fn one_port_by_default_or_from_port() {
