@@ -1109,3 +1109,59 @@ async fn messages_kept_for_a_dead_node_follow_its_client_to_another_node() {
     assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_session_that_moved_is_durable_on_its_new_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("adopt");
+    let dir = temp_dir("adopt");
+    let a = Node::memory("a", &nats);
+    let mut b = Node::start(
+        "b",
+        &nats.urls(),
+        &format!(
+            "[storage]\ndir = \"{}\"\nfsync = \"always\"\n",
+            dir.join("b").display()
+        ),
+        1,
+    );
+    // Three messages wait unacknowledged in a session on a.
+    let mut first = RawClient::connect(a.broker.addr).await;
+    first.send(&connect_persistent("mover")).await;
+    assert_eq!(
+        first.packet(WAIT).await.expect("CONNACK"),
+        [0x20, 0x02, 0x00, 0x00]
+    );
+    first.send(&subscribe(1, "d/#", 1)).await;
+    first.expect(&suback(1, 1), WAIT).await;
+    let mut publisher = client(&a, "pub").await;
+    for i in 0..3u32 {
+        publish_acked(&mut publisher, "d/x", 1, i as u16 + 1, &i.to_be_bytes()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // It moves to b (disk store), which is then SIGKILLed and restarted.
+    let mut second = RawClient::connect(b.broker.addr).await;
+    second.send(&connect_persistent("mover")).await;
+    assert_eq!(
+        second.packet(WAIT).await.expect("CONNACK"),
+        [0x20, 0x02, 0x01, 0x00]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(second);
+    b.kill();
+    b.restart();
+    // The session, its subscription and the three messages survived on b.
+    let mut third = RawClient::connect(b.broker.addr).await;
+    third.send(&connect_persistent("mover")).await;
+    assert_eq!(
+        third.packet(WAIT).await.expect("CONNACK"),
+        [0x20, 0x02, 0x01, 0x00]
+    );
+    let got = numbers(&drain(&mut third, Duration::from_secs(2)).await);
+    assert_eq!(got, (0..3).collect::<BTreeSet<u32>>());
+    publish_acked(&mut publisher, "d/x", 1, 10, &7u32.to_be_bytes()).await;
+    let got = numbers(&drain(&mut third, Duration::from_secs(2)).await);
+    assert_eq!(got, BTreeSet::from([7]), "the subscription lives on b");
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
