@@ -775,20 +775,7 @@ impl Inner {
             let Some(state) = self.broker.hand_over(&client_id, false, Instant::now()) else {
                 continue;
             };
-            {
-                let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
-                moved.push(Moved {
-                    client_id: client_id.clone(),
-                    node: owner.clone(),
-                    filters: state
-                        .subscriptions
-                        .iter()
-                        .map(|(f, _)| f.clone())
-                        .filter(|f| !f.starts_with("$share/"))
-                        .collect(),
-                    until: Instant::now() + MOVED_FORWARD,
-                });
-            }
+            self.remember_moved(&client_id, &owner, &state);
             let count = state.deliveries.len();
             for (i, d) in state.deliveries.iter().enumerate() {
                 let frame = wire::encode(&me, d.seq, Some(&client_id), &d.message);
@@ -804,6 +791,31 @@ impl Inner {
                 "a session kept across this node's restart went to the node its client uses now"
             );
         }
+    }
+
+    /// Notes that `client_id`'s session (`state`) went to `node`: for `MOVED_FORWARD`, what
+    /// arrives here for its ordinary filters is forwarded there.
+    fn remember_moved(
+        &self,
+        client_id: &str,
+        node: &str,
+        state: &petrel_engine::store::StoredSession,
+    ) {
+        let filters = state
+            .subscriptions
+            .iter()
+            .map(|(f, _)| f.clone())
+            .filter(|f| !f.starts_with("$share/"))
+            .collect();
+        let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        moved.retain(|m| m.until > now && m.client_id != client_id);
+        moved.push(Moved {
+            client_id: client_id.to_owned(),
+            node: node.to_owned(),
+            filters,
+            until: now + MOVED_FORWARD,
+        });
     }
 
     /// Sends a copy of `message` (stream sequence `seq` here) to each session that moved
@@ -854,21 +866,7 @@ impl Inner {
                 self.broker
                     .hand_over(&request.client_id, request.clean_start, Instant::now());
             if let Some(state) = &state {
-                let filters = state
-                    .subscriptions
-                    .iter()
-                    .map(|(f, _)| f.clone())
-                    .filter(|f| !f.starts_with("$share/"))
-                    .collect();
-                let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                moved.retain(|m| m.until > now && m.client_id != request.client_id);
-                moved.push(Moved {
-                    client_id: request.client_id.clone(),
-                    node: request.node.clone(),
-                    filters,
-                    until: now + MOVED_FORWARD,
-                });
+                self.remember_moved(&request.client_id, &request.node, state);
             }
             let payload = match &state {
                 Some(state) => {

@@ -51,16 +51,6 @@ fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
-fn topic_of(packet: &[u8]) -> String {
-    let mut i = 1;
-    while packet[i] & 0x80 != 0 {
-        i += 1;
-    }
-    i += 1;
-    let len = usize::from(u16::from_be_bytes([packet[i], packet[i + 1]]));
-    String::from_utf8_lossy(&packet[i + 2..i + 2 + len]).into_owned()
-}
-
 fn connect_persistent(client_id: &str) -> Vec<u8> {
     let mut c = connect_v311(client_id, 60);
     c[9] = 0x00; // Clean Session 0
@@ -118,7 +108,7 @@ impl Sub {
                 self.client.send(&puback(publish_packet_id(&p))).await;
             }
             self.got.push((
-                topic_of(&p),
+                publish_topic(&p),
                 String::from_utf8_lossy(publish_payload(&p)).into_owned(),
             ));
         }

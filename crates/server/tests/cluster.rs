@@ -176,6 +176,15 @@ impl Node {
         }
     }
 
+    /// Node `id` with a disk store (synced always) under `dir`.
+    fn disk(id: &str, nats: &Nats, dir: &std::path::Path) -> Node {
+        let storage = format!(
+            "[storage]\ndir = \"{}\"\nfsync = \"always\"\n",
+            dir.join(id).display()
+        );
+        Node::start(id, &nats.urls(), &storage, 1)
+    }
+
     fn memory(id: &str, nats: &Nats) -> Node {
         Node::start(id, &nats.urls(), "[storage]\nmode = \"memory\"\n", 1)
     }
@@ -267,23 +276,13 @@ async fn next_message(c: &mut RawClient, wait: Duration) -> Option<(String, Vec<
                     let id = publish_packet_id(&packet).to_be_bytes();
                     c.send(&[0x50, 0x02, id[0], id[1]]).await;
                 }
-                return Some((topic_of(&packet), publish_payload(&packet).to_vec()));
+                return Some((publish_topic(&packet), publish_payload(&packet).to_vec()));
             }
             // PUBREL: complete the QoS 2 exchange.
             6 => c.send(&[0x70, 0x02, packet[2], packet[3]]).await,
             _ => {}
         }
     }
-}
-
-fn topic_of(packet: &[u8]) -> String {
-    let mut i = 1;
-    while packet[i] & 0x80 != 0 {
-        i += 1;
-    }
-    i += 1;
-    let len = usize::from(u16::from_be_bytes([packet[i], packet[i + 1]]));
-    String::from_utf8(packet[i + 2..i + 2 + len].to_vec()).unwrap()
 }
 
 /// Everything a client receives until `quiet` passes without a message.
@@ -811,6 +810,19 @@ async fn a_client_id_is_unique_cluster_wide_and_its_session_moves_with_it() {
     );
 }
 
+/// The number a v5 QoS 1 PUBLISH carries (`publish_until`'s payload), acknowledged; `None`
+/// for any other packet or none within `wait`.
+async fn next_number_v5(c: &mut RawClient, wait: Duration) -> Option<u32> {
+    let p = c.packet(wait).await.ok()?;
+    if p[0] >> 4 != 3 {
+        return None;
+    }
+    c.send(&puback(publish_packet_id(&p))).await;
+    Some(u32::from_be_bytes(
+        publish_payload_v5(&p)[..4].try_into().ok()?,
+    ))
+}
+
 /// A v5 PUBLISH's payload: after topic, packet id and the properties.
 fn publish_payload_v5(p: &[u8]) -> &[u8] {
     let mut i = 1;
@@ -1017,26 +1029,16 @@ async fn messages_on_their_way_to_the_old_node_follow_a_session_that_moves() {
     let mut got = BTreeSet::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(800) {
-        if let Ok(p) = second.packet(Duration::from_millis(100)).await {
-            if p[0] >> 4 == 3 {
-                second.send(&puback(publish_packet_id(&p))).await;
-                got.insert(u32::from_be_bytes(
-                    publish_payload_v5(&p)[..4].try_into().unwrap(),
-                ));
-            }
+        if let Some(n) = next_number_v5(&mut second, Duration::from_millis(100)).await {
+            got.insert(n);
         }
     }
     let _ = stop.send(true);
     let acked = publisher.await.unwrap();
     let started = Instant::now();
     while !acked.is_subset(&got) && started.elapsed() < WAIT {
-        if let Ok(p) = second.packet(Duration::from_millis(500)).await {
-            if p[0] >> 4 == 3 {
-                second.send(&puback(publish_packet_id(&p))).await;
-                got.insert(u32::from_be_bytes(
-                    publish_payload_v5(&p)[..4].try_into().unwrap(),
-                ));
-            }
+        if let Some(n) = next_number_v5(&mut second, Duration::from_millis(500)).await {
+            got.insert(n);
         }
     }
     drop(first);
@@ -1056,15 +1058,7 @@ async fn messages_kept_for_a_dead_node_follow_its_client_to_another_node() {
     let nats = Nats::single("stale");
     let dir = temp_dir("stale");
     let a = Node::memory("a", &nats);
-    let mut b = Node::start(
-        "b",
-        &nats.urls(),
-        &format!(
-            "[storage]\ndir = \"{}\"\nfsync = \"always\"\n",
-            dir.join("b").display()
-        ),
-        1,
-    );
+    let mut b = Node::disk("b", &nats, &dir);
     // A persistent session on b that does not read: its messages wait there.
     let mut keeper = RawClient::connect(b.broker.addr).await;
     keeper.send(&connect_persistent("keeper")).await;
@@ -1116,15 +1110,7 @@ async fn a_session_that_moved_is_durable_on_its_new_node() {
     let nats = Nats::single("adopt");
     let dir = temp_dir("adopt");
     let a = Node::memory("a", &nats);
-    let mut b = Node::start(
-        "b",
-        &nats.urls(),
-        &format!(
-            "[storage]\ndir = \"{}\"\nfsync = \"always\"\n",
-            dir.join("b").display()
-        ),
-        1,
-    );
+    let mut b = Node::disk("b", &nats, &dir);
     // Three messages wait unacknowledged in a session on a.
     let mut first = RawClient::connect(a.broker.addr).await;
     first.send(&connect_persistent("mover")).await;

@@ -112,17 +112,6 @@ impl Drop for Petrel {
 
 const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 
-/// The topic of a PUBLISH packet.
-fn publish_topic(packet: &[u8]) -> String {
-    let mut i = 1;
-    while packet[i] & 0x80 != 0 {
-        i += 1;
-    }
-    i += 1;
-    let len = usize::from(u16::from_be_bytes([packet[i], packet[i + 1]]));
-    String::from_utf8_lossy(&packet[i + 2..i + 2 + len]).into_owned()
-}
-
 fn is_publish(packet: &[u8]) -> bool {
     packet[0] >> 4 == 3
 }

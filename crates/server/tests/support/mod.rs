@@ -346,6 +346,17 @@ pub fn publish_payload(packet: &[u8]) -> &[u8] {
 }
 
 /// The packet id of a QoS 1/2 PUBLISH.
+/// The topic of a PUBLISH packet.
+pub fn publish_topic(packet: &[u8]) -> String {
+    let mut i = 1;
+    while packet[i] & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let len = usize::from(u16::from_be_bytes([packet[i], packet[i + 1]]));
+    String::from_utf8(packet[i + 2..i + 2 + len].to_vec()).expect("a UTF-8 topic")
+}
+
 pub fn publish_packet_id(packet: &[u8]) -> u16 {
     let mut i = 1;
     while packet[i] & 0x80 != 0 {
