@@ -137,6 +137,10 @@ pub struct Attach {
     /// The connection that held the session before, woken so it notices the takeover.
     pub displaced: Option<Waker>,
     pub took_over: bool,
+    /// The store's durability token for a persistent session's record (0 for a session that
+    /// ends with its connection): the CONNACK waits for it, so that a session the client was
+    /// told about survives a crash.
+    pub written: u64,
 }
 
 /// What routing one message did.
@@ -628,12 +632,14 @@ impl Broker {
                 st.release_blocked();
                 drop(st);
                 drop(sessions);
-                self.store.session_opened(client_id, expiry_interval);
+                let written = self.store.session_opened(client_id, expiry_interval);
+                let written = if expiry_interval > 0 { written } else { 0 };
                 return Attach {
                     session: existing,
                     session_present: true,
                     displaced,
                     took_over,
+                    written,
                 };
             }
             // Discard the old session [MQTT-3.1.2-6]: it stops receiving, and its
@@ -650,7 +656,8 @@ impl Broker {
         ));
         sessions.insert(client_id.clone(), session.clone());
         drop(sessions);
-        self.store.session_opened(client_id, expiry_interval);
+        let written = self.store.session_opened(client_id, expiry_interval);
+        let written = if expiry_interval > 0 { written } else { 0 };
         if let Some(will) = ended_will {
             self.publish_will(*will, id, now);
         }
@@ -659,6 +666,7 @@ impl Broker {
             session_present: false,
             displaced,
             took_over,
+            written,
         }
     }
 

@@ -665,7 +665,8 @@ impl Connection {
             Packet::Subscribe(s) => self.handle_subscribe(now, s),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(u),
             Packet::PingReq => {
-                self.send(&Packet::PingResp);
+                // Behind a CONNACK or acknowledgements still waiting for the store.
+                self.ack_when_durable(0, Packet::PingResp);
                 Ok(())
             }
             Packet::Disconnect(d) => {
@@ -1054,7 +1055,7 @@ impl Connection {
         if let Some(data) = reply.1 {
             packet.properties.authentication_data = Some(data.into());
         }
-        self.send(&Packet::Auth(packet));
+        self.ack_when_durable(0, Packet::Auth(packet));
         Ok(())
     }
 
@@ -1205,8 +1206,19 @@ impl Connection {
             reason: ReasonCode::SUCCESS,
             properties,
         };
-        self.write(&Packet::ConnAck(connack), version);
-        let mut pending_acks = None;
+        let mut pending = std::collections::VecDeque::new();
+        if attach.written > self.broker.store().durable() {
+            // A persistent session's record is not durable yet: the CONNACK (and all that
+            // follows it) waits, so that a crash cannot lose a session the client was told
+            // about.
+            let mut frames = bytes::BytesMut::new();
+            if let Err(e) = petrel_codec::encode(&Packet::ConnAck(connack), version, &mut frames) {
+                tracing::error!(error = %e, "cannot encode CONNACK");
+            }
+            pending.push_back((attach.written, Pending::Frames(frames.freeze())));
+        } else {
+            self.write(&Packet::ConnAck(connack), version);
+        }
         {
             let mut st = attach.session.lock();
             // A disconnect an operator asked of an earlier connection is not this one's.
@@ -1222,17 +1234,14 @@ impl Connection {
                     store: self.broker.store(),
                     client_id: &attach.session.client_id,
                 };
-                let mut held = Held::new(self.broker.store().durable(), false);
+                let mut held = Held::new(self.broker.store().durable(), !pending.is_empty());
                 let too_large =
                     st.resend_inflight(&mut egress, now, &mut self.out, &mut held, journal);
                 if too_large > 0 {
                     Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
                 }
                 if !held.frames.is_empty() {
-                    pending_acks = Some(Box::new(std::collections::VecDeque::from([(
-                        held.until,
-                        Pending::Frames(held.frames.freeze()),
-                    )])));
+                    pending.push_back((held.until, Pending::Frames(held.frames.freeze())));
                 }
             }
         }
@@ -1261,7 +1270,7 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             pause: None,
-            pending_acks,
+            pending_acks: (!pending.is_empty()).then(|| Box::new(pending)),
             username: connect.username.clone().map(Box::new),
             allowance: Allowance::new(&self.broker.limits(), now),
             acl_generation,
@@ -1357,7 +1366,7 @@ impl Connection {
             } else {
                 Packet::PubAck(ack)
             };
-            self.send_within_limit(&ack);
+            self.ack_when_durable(0, ack);
             return Ok(());
         }
         if !topic_within(limits, &topic) {
@@ -1561,9 +1570,10 @@ impl Connection {
         });
     }
 
-    /// Sends a PUBACK/PUBREC once the writes with durability `token` are durable, and after
-    /// every acknowledgement held before it (they go out in the order the PUBLISH packets
-    /// came [MQTT-4.6.0-2]).
+    /// Sends a PUBACK/PUBREC (or SUBACK, PUBREL, PUBCOMP) once the writes with durability
+    /// `token` are durable, and after every acknowledgement held before it (they go out in
+    /// the order the PUBLISH packets came [MQTT-4.6.0-2]). Replies that need nothing durable
+    /// (token 0) come this way too, so that none overtakes a held CONNACK [MQTT-3.2.0-1].
     fn ack_when_durable(&mut self, token: u64, ack: Packet) {
         let durable = self.broker.store().durable();
         let State::Connected(a) = &mut self.state else {
@@ -1891,11 +1901,14 @@ impl Connection {
                 }
             })
             .collect();
-        self.send(&Packet::UnsubAck(UnsubAck {
-            packet_id: unsubscribe.packet_id,
-            properties: Properties::default(),
-            reasons,
-        }));
+        self.ack_when_durable(
+            0,
+            Packet::UnsubAck(UnsubAck {
+                packet_id: unsubscribe.packet_id,
+                properties: Properties::default(),
+                reasons,
+            }),
+        );
         Ok(())
     }
 

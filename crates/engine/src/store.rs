@@ -20,8 +20,9 @@ use crate::session::{Delivery, Subscription};
 
 pub trait Store: Send + Sync + 'static {
     /// A session was created or resumed with this Session Expiry Interval; 0 means it ends
-    /// with its connection, and a store forgets any earlier record of it.
-    fn session_opened(&self, client_id: &str, expiry_interval: u32);
+    /// with its connection, and a store forgets any earlier record of it. Returns the write's
+    /// durability token: the CONNACK of a persistent session waits for it.
+    fn session_opened(&self, client_id: &str, expiry_interval: u32) -> u64;
     /// A persistent session's client left: the session (with this Session Expiry Interval)
     /// ends at `expires_at` (`None`: never) unless it is resumed first.
     fn session_offline(&self, client_id: &str, expiry_interval: u32, expires_at: Option<Instant>);
@@ -105,7 +106,9 @@ pub struct StoreMetrics {
 pub struct Volatile;
 
 impl Store for Volatile {
-    fn session_opened(&self, _: &str, _: u32) {}
+    fn session_opened(&self, _: &str, _: u32) -> u64 {
+        0
+    }
     fn session_offline(&self, _: &str, _: u32, _: Option<Instant>) {}
     fn session_removed(&self, _: &str) {}
     fn subscription_added(&self, _: &str, _: &TopicFilter, _: Subscription) -> u64 {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
-use petrel_codec::{LastWill, Packet, QoS, TopicFilter};
+use petrel_codec::{Connect, LastWill, Packet, QoS, ReasonCode, TopicFilter};
 use petrel_engine::message::Message;
 use petrel_engine::session::{Delivery, Subscription};
 use petrel_engine::store::Store;
@@ -39,8 +39,8 @@ impl Manual {
 struct ManualStore(Arc<Manual>);
 
 impl Store for ManualStore {
-    fn session_opened(&self, _: &str, _: u32) {
-        self.0.change();
+    fn session_opened(&self, _: &str, _: u32) -> u64 {
+        self.0.change()
     }
     fn session_offline(&self, _: &str, _: u32, _: Option<Instant>) {
         self.0.change();
@@ -96,13 +96,56 @@ fn setup() -> (Arc<Broker>, Arc<Manual>) {
     (broker, manual)
 }
 
+/// A connection whose CONNACK came: a persistent session's waits for its record to land.
+fn connected(broker: &Arc<Broker>, store: &Manual, now: Instant, c: Connect) -> Peer {
+    let mut peer = Peer::new(broker, now);
+    peer.send_connect(now, c).expect("CONNECT accepted");
+    store.land();
+    match peer.recv().as_slice() {
+        [Packet::ConnAck(ack)] if ack.reason == ReasonCode::SUCCESS => {}
+        other => panic!("expected one successful CONNACK, got {other:?}"),
+    }
+    peer
+}
+
+#[test]
+fn the_connack_of_a_persistent_session_waits_for_its_record() {
+    let t0 = Instant::now();
+    let (broker, store) = setup();
+    let mut peer = Peer::new(&broker, t0);
+    peer.send_connect(t0, connect("keep", false, 60)).unwrap();
+    // The client may send before it has the CONNACK; nothing overtakes it.
+    peer.send(t0, Packet::PingReq).unwrap();
+    assert_eq!(
+        peer.recv(),
+        [],
+        "CONNACK before the session's record was durable: a crash would lose a session the \
+         client was told about"
+    );
+    store.land();
+    assert_eq!(peer.recv(), [connack(false), Packet::PingResp]);
+
+    // A session that ends with its connection has nothing to keep: no wait.
+    let mut clean = Peer::new(&broker, t0);
+    clean.send_connect(t0, connect("gone", true, 60)).unwrap();
+    assert_eq!(clean.written(), [connack(false)]);
+
+    // Resuming records the session again (its expiry may have changed): the same wait.
+    let _ = peer.close(&petrel_engine::CloseReason::Disconnect { with_will: false });
+    let mut again = Peer::new(&broker, t0);
+    again.send_connect(t0, connect("keep", false, 60)).unwrap();
+    assert_eq!(again.recv(), []);
+    store.land();
+    assert_eq!(again.recv(), [connack(true)]);
+}
+
 #[test]
 fn a_qos2_message_from_a_persistent_publisher_reaches_nobody_before_its_packet_id_is_durable() {
     let t0 = Instant::now();
     let (broker, store) = setup();
     let mut sub = Peer::connect(&broker, t0, connect("sub", true, 60));
     sub.subscribe(t0, 1, "t", QoS::ExactlyOnce);
-    let mut publ = Peer::connect(&broker, t0, connect("pub", false, 60));
+    let mut publ = connected(&broker, &store, t0, connect("pub", false, 60));
 
     publ.send(t0, publish("t", "m", QoS::ExactlyOnce, 7))
         .unwrap();
@@ -145,7 +188,7 @@ fn a_non_persistent_publisher_is_not_held() {
 fn a_qos2_delivery_to_a_persistent_session_waits_for_its_packet_id_and_pubrel_for_pubrec() {
     let t0 = Instant::now();
     let (broker, store) = setup();
-    let mut sub = Peer::connect(&broker, t0, connect("sub", false, 60));
+    let mut sub = connected(&broker, &store, t0, connect("sub", false, 60));
     sub.send(t0, subscribe(1, "t", QoS::ExactlyOnce)).unwrap();
     store.land(); // SUBACK waits for the subscription to be durable
     assert_eq!(sub.recv(), [suback(1, &[petrel_codec::ReasonCode(2)])]);

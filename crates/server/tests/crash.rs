@@ -602,3 +602,48 @@ async fn qos2_is_exactly_once_across_sigkill_with_the_clients_online() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CONNACK for a persistent session promises the session: SIGKILL right after it must not
+/// lose it. Clients that connect at once, the broker killed the moment the last CONNACK is in:
+/// all find their sessions after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_a_connack_promised_survives_sigkill() {
+    let _machine = heavy().await;
+    let dir = std::env::temp_dir().join(format!("petrel-crash-connack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    const CLIENTS: usize = 20;
+    for round in 0..3 {
+        let broker = Broker::start_with("", &storage(&dir));
+        let addr = broker.addr;
+        let clients = (0..CLIENTS).map(|i| {
+            tokio::spawn(async move {
+                let mut c = RawClient::connect(addr).await;
+                c.send(&connect_persistent(&format!("promised-{round}-{i}")))
+                    .await;
+                c.expect(&CONNACK_ACCEPTED, PROMPT).await;
+                c
+            })
+        });
+        let mut connected = Vec::new();
+        for c in clients.collect::<Vec<_>>() {
+            connected.push(c.await.unwrap());
+        }
+        drop(broker); // SIGKILL the moment the last CONNACK is in
+        drop(connected);
+
+        let broker = Broker::start_with("", &storage(&dir));
+        for i in 0..CLIENTS {
+            let mut c = RawClient::connect(broker.addr).await;
+            c.send(&connect_persistent(&format!("promised-{round}-{i}")))
+                .await;
+            let connack = c.packet(PROMPT).await.expect("CONNACK");
+            assert_eq!(
+                connack,
+                [0x20, 0x02, 0x01, 0x00],
+                "round {round}: promised-{round}-{i} lost its session to SIGKILL after its CONNACK"
+            );
+        }
+        drop(broker);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

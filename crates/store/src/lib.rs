@@ -305,11 +305,11 @@ impl DiskStore {
         Ok(())
     }
 
-    fn removed(&self, client_id: &str) {
+    fn removed(&self, client_id: &str) -> u64 {
         if let Err(e) = self.remove_session(client_id) {
             tracing::error!(error = %e, client_id, "store: cannot read a session's records to remove them");
         }
-        self.change(|_| {});
+        self.change(|_| {})
     }
 }
 
@@ -347,7 +347,7 @@ impl Drop for DiskStore {
 }
 
 impl Store for DiskStore {
-    fn session_opened(&self, client_id: &str, expiry_interval: u32) {
+    fn session_opened(&self, client_id: &str, expiry_interval: u32) -> u64 {
         if expiry_interval == 0 {
             return self.removed(client_id);
         }
@@ -359,8 +359,8 @@ impl Store for DiskStore {
                 client_id.as_bytes().to_vec(),
                 Value::Bytes(record),
                 false,
-            );
-        });
+            )
+        })
     }
 
     fn session_offline(&self, client_id: &str, expiry_interval: u32, expires_at: Option<Instant>) {
