@@ -58,6 +58,9 @@ pub struct FabricStats {
     pub received_durable: AtomicU64,
     /// QoS 0 messages not sent: NATS was not keeping up (the queue to it was full).
     pub dropped_core: AtomicU64,
+    /// QoS 1/2 copies not sent to other nodes: larger than a NATS message may be (only a
+    /// message whose topic alias hid a long topic can be).
+    pub dropped_too_large: AtomicU64,
     /// Publishes to NATS that failed and were tried again.
     pub retries: AtomicU64,
     /// Times the NATS client dropped QoS 0 messages from other nodes because this node did not
@@ -137,6 +140,9 @@ pub struct NatsFabric {
     pub(crate) owned: Mutex<HashSet<String>>,
     /// The node's NATS side, which makes claims; set once it runs.
     pub(crate) runner: std::sync::OnceLock<std::sync::Weak<crate::node::Inner>>,
+    /// The largest MQTT packet whose message fits in one NATS message (the servers'
+    /// `max_payload` less room for the frame's header and the NATS headers).
+    pub(crate) max_packet: u32,
 }
 
 impl NatsFabric {
@@ -152,6 +158,10 @@ impl NatsFabric {
 }
 
 impl Fabric for NatsFabric {
+    fn max_packet_size(&self) -> u32 {
+        self.max_packet
+    }
+
     fn publish(&self, message: &Arc<Message>) -> Forwarded {
         let targets = self
             .interest

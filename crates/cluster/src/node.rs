@@ -180,6 +180,39 @@ const MOVED_FORWARD: Duration = Duration::from_secs(30);
 /// interest ended.
 const WITHDRAW_AFTER: Duration = Duration::from_secs(3);
 
+/// What a NATS message carries besides one MQTT message's record: the frame's header (node
+/// name, number, a moved session's client id) and the NATS headers (message id).
+const FRAME_ROOM: usize = 8 * 1024;
+
+/// Commands the forwarder takes at once before it sends the batches they made: bounds a
+/// batch's wait and the other commands' delay under load.
+const BATCH_COMMANDS: usize = 1024;
+
+/// The forwarder's QoS 1/2 copies on their way to JetStream.
+struct Copies {
+    /// Token → copies (subjects) not stored yet; the token is acknowledged at 0.
+    left: HashMap<u64, usize>,
+    /// The batch being filled for each subject.
+    open: HashMap<String, wire::Batch>,
+    /// Batches being stored; each yields its tokens once JetStream has it.
+    stores: FuturesUnordered<futures_util::future::BoxFuture<'static, Vec<u64>>>,
+    /// The largest batch, in bytes.
+    limit: usize,
+}
+
+impl Copies {
+    /// One copy of `token` is stored; the last one acknowledges it.
+    fn stored(&mut self, fabric: &NatsFabric, token: u64) {
+        if let Some(left) = self.left.get_mut(&token) {
+            *left -= 1;
+            if *left == 0 {
+                self.left.remove(&token);
+                fabric.acks.complete(token);
+            }
+        }
+    }
+}
+
 /// What the node's key-value writer does, in order.
 enum KvOp {
     Interest {
@@ -261,6 +294,7 @@ impl Cluster {
         let wills_kv = bucket(&js, names::WILLS_BUCKET, replicas, Duration::ZERO).await?;
         let nodes_kv = bucket(&js, names::NODES_BUCKET, replicas, config.node_timeout * 20).await?;
 
+        let max_payload = client.server_info().max_payload;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let interest = Arc::new(RwLock::new(RemoteInterest::default()));
         let fabric = Arc::new(NatsFabric {
@@ -273,6 +307,7 @@ impl Cluster {
             stats,
             owned: Mutex::new(HashSet::new()),
             runner: std::sync::OnceLock::new(),
+            max_packet: u32::try_from(max_payload.saturating_sub(FRAME_ROOM)).unwrap_or(u32::MAX),
         });
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -781,7 +816,7 @@ impl Inner {
                 let frame = wire::encode(&me, d.seq, Some(&client_id), &d.message);
                 let id = format!("{me}-{:x}-stale-{client_id}-{i}", self.boot);
                 self.clone()
-                    .store_copy(0, names::node_subject(&owner), id, frame)
+                    .store_copy(Vec::new(), names::node_subject(&owner), id, frame)
                     .await;
             }
             tracing::info!(
@@ -821,7 +856,9 @@ impl Inner {
     /// Sends a copy of `message` (stream sequence `seq` here) to each session that moved
     /// away lately and has a filter matching it, and waits until JetStream has the copies:
     /// the original is acknowledged only after.
-    async fn forward_to_moved(self: &Arc<Self>, message: &Arc<Message>, seq: u64) {
+    /// `seq` and `index`: the JetStream sequence of the message (batch) it came in, and its
+    /// place there.
+    async fn forward_to_moved(self: &Arc<Self>, message: &Arc<Message>, seq: u64, index: usize) {
         let targets: Vec<(String, String)> = {
             let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
             if moved.is_empty() {
@@ -841,9 +878,9 @@ impl Inner {
         };
         for (node, client_id) in targets {
             let frame = wire::encode(&self.config.node_id, seq, Some(&client_id), message);
-            let id = format!("{}-fwd-{seq}-{client_id}", self.config.node_id);
+            let id = format!("{}-fwd-{seq}-{index}-{client_id}", self.config.node_id);
             self.clone()
-                .store_copy(0, names::node_subject(&node), id, frame)
+                .store_copy(Vec::new(), names::node_subject(&node), id, frame)
                 .await;
         }
     }
@@ -932,7 +969,8 @@ impl Inner {
     }
 
     /// Takes the engine's commands in order: sends messages, and keeps this node's NATS
-    /// subscriptions and consumers in step with its local interest.
+    /// subscriptions and consumers in step with its local interest. QoS 1/2 copies queued
+    /// together go to JetStream as one batch per subject (see [`wire::Batch`]).
     async fn forwarder(
         self: Arc<Self>,
         mut commands: mpsc::UnboundedReceiver<Command>,
@@ -941,82 +979,175 @@ impl Inner {
     ) {
         let mut filters: HashMap<TopicFilter, LocalFilter> = HashMap::new();
         let mut groups: HashMap<u64, LocalFilter> = HashMap::new();
-        // Copies whose JetStream acknowledgement is awaited: (token, copies left).
-        let mut copies_left: HashMap<u64, usize> = HashMap::new();
-        let mut acks = FuturesUnordered::new();
+        let mut copies = Copies {
+            left: HashMap::new(),
+            open: HashMap::new(),
+            stores: FuturesUnordered::new(),
+            // Room for the NATS headers (the message id).
+            limit: self.client.server_info().max_payload.saturating_sub(1024),
+        };
         loop {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    match command {
-                        Command::Core(message) => {
-                            self.fabric.core_queued.fetch_sub(1, Ordering::AcqRel);
-                            let seq = self.core_seq.fetch_add(1, Ordering::Relaxed);
-                            let subject = subject::topic_subject(names::CORE_PREFIX, &message.topic);
-                            let frame = wire::encode(&self.config.node_id, seq, None, &message);
-                            if self.client.publish(subject, frame).await.is_ok() {
-                                self.fabric.stats.sent_core.fetch_add(1, Ordering::Relaxed);
+                    let mut next = Some(command);
+                    let mut taken = 0;
+                    while let Some(command) = next.take() {
+                        match command {
+                            Command::Durable { token, targets, message } => {
+                                self.batch(&mut copies, token, &targets, &message);
+                            }
+                            other => {
+                                // What came before it goes first.
+                                self.send_batches(&mut copies);
+                                self.command(other, &mut filters, &mut groups, &kv, &stream).await;
                             }
                         }
-                        Command::Durable { token, targets, message } => {
-                            let frame = wire::encode(&self.config.node_id, token, None, &message);
-                            let subjects: Vec<String> = targets
-                                .nodes
-                                .iter()
-                                .map(|n| names::node_subject(n))
-                                .chain(targets.groups.iter().map(|g| names::group_subject(*g)))
-                                .collect();
-                            copies_left.insert(token, subjects.len());
-                            for (i, subject) in subjects.into_iter().enumerate() {
-                                let id = format!("{}-{:x}-{token}-{i}", self.config.node_id, self.boot);
-                                acks.push(self.clone().store_copy(token, subject, id, frame.clone()));
-                            }
-                        }
-                        Command::Will { key, value } => {
-                            let _ = kv.send(KvOp::Will { key, value });
-                        }
-                        Command::Retain { token, message } => {
-                            let _ = kv.send(KvOp::Retain { token, message });
-                        }
-                        Command::Interest { filter, added } => {
-                            self.local_interest(&mut filters, &kv, filter, added).await;
-                        }
-                        Command::Withdraw(filter) => {
-                            // Unless a subscription came back meanwhile.
-                            if !filters.contains_key(&filter) {
-                                let _ = kv.send(KvOp::Interest {
-                                    key: names::ordinary_key(&self.config.node_id, &filter),
-                                    value: None,
-                                });
-                            }
-                        }
-                        Command::Group { share, filter, present } => {
-                            self.local_group(&mut groups, &kv, &stream, share, filter, present).await;
+                        taken += 1;
+                        if taken < BATCH_COMMANDS {
+                            next = commands.try_recv().ok();
                         }
                     }
+                    self.send_batches(&mut copies);
                 }
-                Some(token) = acks.next(), if !acks.is_empty() => {
-                    if let Some(left) = copies_left.get_mut(&token) {
-                        *left -= 1;
-                        if *left == 0 {
-                            copies_left.remove(&token);
-                            self.fabric.acks.complete(token);
-                        }
+                Some(tokens) = copies.stores.next(), if !copies.stores.is_empty() => {
+                    for token in tokens {
+                        copies.stored(&self.fabric, token);
                     }
                 }
             }
         }
     }
 
-    /// Stores one copy of a QoS 1/2 message in JetStream, trying again until it is stored
-    /// (the same message id each time, so JetStream keeps one). Returns its token.
+    /// Adds one QoS 1/2 message to the batch of each subject it goes to.
+    fn batch(
+        self: &Arc<Self>,
+        copies: &mut Copies,
+        token: u64,
+        targets: &crate::interest::Targets,
+        message: &Message,
+    ) {
+        let subjects: Vec<String> = targets
+            .nodes
+            .iter()
+            .map(|n| names::node_subject(n))
+            .chain(targets.groups.iter().map(|g| names::group_subject(*g)))
+            .collect();
+        let record = petrel_engine::record::message_record(message);
+        if wire::Batch::new(&self.config.node_id).len() + wire::Batch::ENTRY_HEADER + record.len()
+            > copies.limit
+        {
+            // Only a message whose topic alias hid a long topic can outgrow the packet size
+            // limit the fabric set; it cannot cross, and its acknowledgement must not wait
+            // forever.
+            self.fabric
+                .stats
+                .dropped_too_large
+                .fetch_add(subjects.len() as u64, Ordering::Relaxed);
+            tracing::error!(
+                topic = %message.topic,
+                bytes = record.len(),
+                "a QoS 1/2 message is larger than a NATS message may be; not sent to other nodes"
+            );
+            self.fabric.acks.complete(token);
+            return;
+        }
+        copies.left.insert(token, subjects.len());
+        for subject in subjects {
+            let full = copies
+                .open
+                .get(&subject)
+                .is_some_and(|b| b.len() + wire::Batch::ENTRY_HEADER + record.len() > copies.limit);
+            if full {
+                if let Some(batch) = copies.open.remove(&subject) {
+                    self.send_batch(copies, subject.clone(), batch);
+                }
+            }
+            copies
+                .open
+                .entry(subject)
+                .or_insert_with(|| wire::Batch::new(&self.config.node_id))
+                .push(token, &record);
+        }
+    }
+
+    fn send_batches(self: &Arc<Self>, copies: &mut Copies) {
+        let open: Vec<(String, wire::Batch)> = copies.open.drain().collect();
+        for (subject, batch) in open {
+            self.send_batch(copies, subject, batch);
+        }
+    }
+
+    fn send_batch(self: &Arc<Self>, copies: &mut Copies, subject: String, batch: wire::Batch) {
+        let (frame, tokens) = batch.finish();
+        // The same id on every try, so that JetStream keeps one.
+        let id = format!(
+            "{}-{:x}-{}-{subject}",
+            self.config.node_id, self.boot, tokens[0]
+        );
+        copies.stores.push(Box::pin(
+            self.clone().store_copy(tokens, subject, id, frame),
+        ));
+    }
+
+    /// Every command but a QoS 1/2 message.
+    async fn command(
+        self: &Arc<Self>,
+        command: Command,
+        filters: &mut HashMap<TopicFilter, LocalFilter>,
+        groups: &mut HashMap<u64, LocalFilter>,
+        kv: &mpsc::UnboundedSender<KvOp>,
+        stream: &stream::Stream,
+    ) {
+        match command {
+            Command::Core(message) => {
+                self.fabric.core_queued.fetch_sub(1, Ordering::AcqRel);
+                let seq = self.core_seq.fetch_add(1, Ordering::Relaxed);
+                let subject = subject::topic_subject(names::CORE_PREFIX, &message.topic);
+                let frame = wire::encode(&self.config.node_id, seq, None, &message);
+                if self.client.publish(subject, frame).await.is_ok() {
+                    self.fabric.stats.sent_core.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Command::Durable { .. } => {}
+            Command::Will { key, value } => {
+                let _ = kv.send(KvOp::Will { key, value });
+            }
+            Command::Retain { token, message } => {
+                let _ = kv.send(KvOp::Retain { token, message });
+            }
+            Command::Interest { filter, added } => {
+                self.local_interest(filters, kv, filter, added).await;
+            }
+            Command::Withdraw(filter) => {
+                // Unless a subscription came back meanwhile.
+                if !filters.contains_key(&filter) {
+                    let _ = kv.send(KvOp::Interest {
+                        key: names::ordinary_key(&self.config.node_id, &filter),
+                        value: None,
+                    });
+                }
+            }
+            Command::Group {
+                share,
+                filter,
+                present,
+            } => {
+                self.local_group(groups, kv, stream, share, filter, present)
+                    .await;
+            }
+        }
+    }
+
+    /// Stores one batch of QoS 1/2 copies in JetStream, trying again until it is stored
+    /// (the same message id each time, so JetStream keeps one). Returns their tokens.
     async fn store_copy(
         self: Arc<Self>,
-        token: u64,
+        tokens: Vec<u64>,
         subject: String,
         id: String,
         frame: Bytes,
-    ) -> u64 {
+    ) -> Vec<u64> {
         let mut backoff = Duration::from_millis(50);
         loop {
             let mut headers = HeaderMap::new();
@@ -1034,12 +1165,12 @@ impl Inner {
                     self.fabric
                         .stats
                         .sent_durable
-                        .fetch_add(1, Ordering::Relaxed);
-                    return token;
+                        .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                    return tokens;
                 }
                 Err(e) => {
                     self.fabric.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(subject, error = %e, "storing a message in JetStream failed; trying again");
+                    tracing::warn!(subject, error = %e, "storing messages in JetStream failed; trying again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -1186,13 +1317,16 @@ impl Inner {
 
     /// QoS 1/2 messages from a durable consumer (this node's, or a shared group's): routed,
     /// then acknowledged to JetStream once the local store has the deliveries, so a node that
-    /// dies before that gets them again.
+    /// dies before that gets them again. Routing does not wait for the store: what was routed
+    /// waits in `unacked`, in order, and is acknowledged as the store catches up.
     async fn consume(
         self: Arc<Self>,
         consumer: consumer::Consumer<consumer::pull::Config>,
         group: Option<(Box<str>, TopicFilter)>,
     ) {
         let mut backoff = Duration::from_millis(100);
+        let mut unacked: VecDeque<(u64, jetstream::Message)> = VecDeque::new();
+        let store = self.broker.store();
         loop {
             // Short pulls with heartbeats: after a NATS server or stream leader is lost, a
             // stalled pull is noticed within seconds and a new one is made.
@@ -1212,71 +1346,118 @@ impl Inner {
                     continue;
                 }
             };
-            while let Some(message) = messages.next().await {
-                let message = match message {
-                    Ok(m) => m,
-                    Err(e) => {
+            loop {
+                let waiting = unacked.front().map_or(0, |(token, _)| *token);
+                let next = tokio::select! {
+                    () = durable(store, waiting), if !unacked.is_empty() => {
+                        ack_durable(store, &mut unacked).await;
+                        continue;
+                    }
+                    next = messages.next() => next,
+                };
+                let message = match next {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
                         // Missed heartbeats, a lost leader: pull anew.
                         tracing::debug!(error = %e, "cluster consumer; pulling again");
                         break;
                     }
-                };
-                let frame = match wire::decode(&message.payload) {
-                    Ok(frame) => frame,
-                    Err(why) => {
-                        tracing::warn!(why, "a cluster message does not decode; dropped");
-                        let _ = message.ack().await;
-                        continue;
+                    None => {
+                        tracing::warn!("cluster consumer stream ended; reopening");
+                        break;
                     }
                 };
-                let message_arc = Arc::new(frame.message);
-                let routed = match (&group, &frame.target) {
-                    (None, Some(target)) => match self.broker.deliver_to(target, &message_arc) {
-                        Some(routed) => Some(routed),
-                        // Forwarded for a session that is still on its way here (the claim
-                        // has not brought it yet): again shortly, for a while.
-                        None if message.info().is_ok_and(|i| i.delivered < 50) => {
-                            let _ = message
-                                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(100))))
-                                .await;
-                            continue;
-                        }
-                        None => Some(petrel_engine::broker::Routed::none()),
-                    },
-                    (None, None) => {
-                        let routed = self.broker.route_remote(&message_arc);
-                        let seq = message.info().map_or(0, |i| i.stream_sequence);
-                        self.forward_to_moved(&message_arc, seq).await;
-                        Some(routed)
-                    }
-                    (Some((share, filter)), _) => {
-                        self.broker.route_group(share, filter, &message_arc)
-                    }
-                };
-                let Some(routed) = routed else {
-                    // No member here any more: another node's turn.
-                    let _ = message
-                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(100))))
-                        .await;
-                    continue;
-                };
-                self.fabric
-                    .stats
-                    .received_durable
-                    .fetch_add(1, Ordering::Relaxed);
-                let store = self.broker.store();
-                std::future::poll_fn(|cx| {
-                    if store.wait_durable(routed.token, cx.waker()) {
-                        std::task::Poll::Pending
-                    } else {
-                        std::task::Poll::Ready(())
-                    }
-                })
-                .await;
-                let _ = message.ack().await;
+                if let Some(token) = self.route_copies(&message, group.as_ref()).await {
+                    unacked.push_back((token, message));
+                    ack_durable(store, &mut unacked).await;
+                }
             }
-            tracing::warn!("cluster consumer stream ended; reopening");
         }
+    }
+
+    /// Routes what one JetStream message holds (one frame, or a batch). Returns the store
+    /// token its acknowledgement waits for; `None` if it was answered already (refused, or
+    /// handed back for later or for another node).
+    async fn route_copies(
+        self: &Arc<Self>,
+        message: &jetstream::Message,
+        group: Option<&(Box<str>, TopicFilter)>,
+    ) -> Option<u64> {
+        let frames = match wire::decode_any(&message.payload) {
+            Ok(frames) => frames,
+            Err(why) => {
+                tracing::warn!(why, "a cluster message does not decode; dropped");
+                let _ = message.ack().await;
+                return None;
+            }
+        };
+        let nak = || message.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(100))));
+        let count = frames.len() as u64;
+        let mut token = 0;
+        let stream_seq = message.info().map_or(0, |i| i.stream_sequence);
+        let mut frames = frames.into_iter().enumerate();
+        while let Some((index, frame)) = frames.next() {
+            let message_arc = Arc::new(frame.message);
+            let routed = match (group, &frame.target) {
+                (None, Some(target)) => match self.broker.deliver_to(target, &message_arc) {
+                    Some(routed) => routed,
+                    // Forwarded for a session that is still on its way here (the claim has
+                    // not brought it yet): again shortly, for a while.
+                    None if message.info().is_ok_and(|i| i.delivered < 50) => {
+                        let _ = nak().await;
+                        return None;
+                    }
+                    None => petrel_engine::broker::Routed::none(),
+                },
+                (None, None) => {
+                    let routed = self.broker.route_remote(&message_arc);
+                    self.forward_to_moved(&message_arc, stream_seq, index).await;
+                    routed
+                }
+                (Some((share, filter)), _) => {
+                    match self.broker.route_group(share, filter, &message_arc) {
+                        Some(routed) => routed,
+                        // No member here any more: another node's turn.
+                        None if index == 0 => {
+                            let _ = nak().await;
+                            return None;
+                        }
+                        // The last member left within the batch: the rest goes back to the
+                        // group's subject for another node.
+                        None => {
+                            let mut rest = wire::Batch::new(&frame.origin);
+                            rest.push(
+                                frame.seq,
+                                &petrel_engine::record::message_record(&message_arc),
+                            );
+                            for (_, f) in frames.by_ref() {
+                                rest.push(
+                                    f.seq,
+                                    &petrel_engine::record::message_record(&f.message),
+                                );
+                            }
+                            let (bytes, _) = rest.finish();
+                            let id = format!("{}-rest-{stream_seq}-{index}", self.config.node_id);
+                            let subject = names::group_subject(names::group_hash(share, filter));
+                            self.clone()
+                                .store_copy(Vec::new(), subject, id, bytes)
+                                .await;
+                            self.fabric
+                                .stats
+                                .received_durable
+                                .fetch_add(index as u64, Ordering::Relaxed);
+                            return Some(token);
+                        }
+                    }
+                }
+            };
+            token = token.max(routed.token);
+        }
+        self.fabric
+            .stats
+            .received_durable
+            .fetch_add(count, Ordering::Relaxed);
+        Some(token)
     }
 
     /// Writes interest keys and retained messages in the order asked.
@@ -1404,6 +1585,32 @@ impl Inner {
                     tracing::debug!(error = %e, "cluster heartbeat");
                 }
             }
+        }
+    }
+}
+
+/// Resolves once the store has made `token` durable.
+async fn durable(store: &dyn petrel_engine::store::Store, token: u64) {
+    std::future::poll_fn(|cx| {
+        if store.wait_durable(token, cx.waker()) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+}
+
+/// Acknowledges to JetStream, in order, the messages whose deliveries the store has made
+/// durable.
+async fn ack_durable(
+    store: &dyn petrel_engine::store::Store,
+    unacked: &mut VecDeque<(u64, jetstream::Message)>,
+) {
+    let durable = store.durable();
+    while unacked.front().is_some_and(|(token, _)| *token <= durable) {
+        if let Some((_, message)) = unacked.pop_front() {
+            let _ = message.ack().await;
         }
     }
 }

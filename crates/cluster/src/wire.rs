@@ -3,6 +3,10 @@
 //! there, and for a copy meant for one session only (forwarded after that session moved) the
 //! session's client id. The number lets a node that receives one message through several of
 //! its NATS subscriptions (overlapping filters) route it once.
+//!
+//! QoS 1/2 copies for one node or one shared group travel as a batch: every message the
+//! forwarder had queued for that subject when it wrote, in one JetStream message, so that
+//! JetStream stores, delivers and acknowledges them as one.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use petrel_codec::LastWill;
@@ -10,6 +14,7 @@ use petrel_engine::message::Message;
 use petrel_engine::record::{decode_message, message_record, publish_record};
 
 const FRAME_VERSION: u8 = 1;
+const BATCH_VERSION: u8 = 2;
 
 /// A message as sent to other nodes; `target`: for that session only.
 pub(crate) fn encode(origin: &str, seq: u64, target: Option<&str>, message: &Message) -> Bytes {
@@ -75,6 +80,90 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, String> {
         target,
         message,
     })
+}
+
+/// Several messages from one node for one subject: the version, the origin and the count
+/// (4 bytes), then for each message its number there, its record's length (4 bytes) and the
+/// record.
+pub(crate) struct Batch {
+    bytes: BytesMut,
+    /// The messages' numbers, in order.
+    pub seqs: Vec<u64>,
+}
+
+impl Batch {
+    pub fn new(origin: &str) -> Batch {
+        let origin = &origin.as_bytes()[..origin.len().min(255)];
+        let mut bytes = BytesMut::with_capacity(2 + origin.len() + 256);
+        bytes.put_u8(BATCH_VERSION);
+        bytes.put_u8(origin.len() as u8);
+        bytes.put_slice(origin);
+        bytes.put_u32(0); // the count, written by `finish`
+        Batch {
+            bytes,
+            seqs: Vec::new(),
+        }
+    }
+
+    /// What a message adds to a batch besides its record.
+    pub const ENTRY_HEADER: usize = 12;
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn push(&mut self, seq: u64, record: &[u8]) {
+        self.bytes.put_u64(seq);
+        self.bytes.put_u32(record.len() as u32);
+        self.bytes.put_slice(record);
+        self.seqs.push(seq);
+    }
+
+    pub fn finish(mut self) -> (Bytes, Vec<u64>) {
+        let at = 2 + usize::from(self.bytes[1]);
+        self.bytes[at..at + 4].copy_from_slice(&(self.seqs.len() as u32).to_be_bytes());
+        (self.bytes.freeze(), self.seqs)
+    }
+}
+
+/// A single frame or a batch, as the frames it holds, in order.
+pub(crate) fn decode_any(bytes: &[u8]) -> Result<Vec<Frame>, String> {
+    if bytes.first() != Some(&BATCH_VERSION) {
+        return decode(bytes).map(|f| vec![f]);
+    }
+    let rest = &bytes[1..];
+    let (&len, rest) = rest.split_first().ok_or("short batch")?;
+    let len = usize::from(len);
+    if rest.len() < len + 4 {
+        return Err("short batch".to_owned());
+    }
+    let origin = std::str::from_utf8(&rest[..len]).map_err(|_| "origin is not UTF-8")?;
+    let count = u32::from_be_bytes(rest[len..len + 4].try_into().map_err(|_| "short batch")?);
+    let mut rest = &rest[len + 4..];
+    // Not trusted for the allocation: each entry takes at least its header.
+    let mut frames = Vec::with_capacity((count as usize).min(rest.len() / Batch::ENTRY_HEADER));
+    for _ in 0..count {
+        if rest.len() < Batch::ENTRY_HEADER {
+            return Err("short batch".to_owned());
+        }
+        let seq = u64::from_be_bytes(rest[..8].try_into().map_err(|_| "short batch")?);
+        let size = u32::from_be_bytes(rest[8..12].try_into().map_err(|_| "short batch")?) as usize;
+        rest = &rest[12..];
+        if rest.len() < size {
+            return Err("short batch".to_owned());
+        }
+        frames.push(Frame {
+            origin: origin.to_owned(),
+            seq,
+            target: None,
+            message: decode_message(&rest[..size])?,
+        });
+        rest = &rest[size..];
+    }
+    if frames.is_empty() || !rest.is_empty() {
+        return Err("a batch's count does not match its entries".to_owned());
+    }
+    Ok(frames)
 }
 
 /// A will as kept in the wills bucket: its Will Delay Interval (4 bytes), then the will as a
@@ -193,5 +282,45 @@ mod tests {
         let mut other = good.to_vec();
         other[0] = 9;
         assert!(decode(&other).is_err());
+    }
+
+    #[test]
+    fn a_batch_carries_its_messages_in_order_and_refuses_truncation() {
+        let message = |payload: &'static [u8], qos| {
+            Message::new(
+                TopicName::new("b/t").unwrap(),
+                Bytes::from_static(payload),
+                qos,
+                false,
+                Properties::default(),
+                0,
+            )
+        };
+        let mut batch = Batch::new("node-2");
+        batch.push(5, &message_record(&message(b"one", QoS::AtLeastOnce)));
+        batch.push(9, &message_record(&message(b"", QoS::ExactlyOnce)));
+        batch.push(10, &message_record(&message(b"three", QoS::AtLeastOnce)));
+        let (bytes, seqs) = batch.finish();
+        assert_eq!(seqs, [5, 9, 10]);
+        let frames = decode_any(&bytes).unwrap();
+        let got: Vec<(&str, u64, &[u8], QoS)> = frames
+            .iter()
+            .map(|f| (&f.origin[..], f.seq, &f.message.payload[..], f.message.qos))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("node-2", 5, &b"one"[..], QoS::AtLeastOnce),
+                ("node-2", 9, &b""[..], QoS::ExactlyOnce),
+                ("node-2", 10, &b"three"[..], QoS::AtLeastOnce)
+            ]
+        );
+        assert!(frames.iter().all(|f| f.target.is_none()));
+        for cut in 0..bytes.len() {
+            assert!(decode_any(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // A single frame still decodes.
+        let single = encode("n", 3, None, &message(b"x", QoS::AtLeastOnce));
+        assert_eq!(decode_any(&single).unwrap()[0].seq, 3);
     }
 }

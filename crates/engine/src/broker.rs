@@ -291,6 +291,7 @@ impl Broker {
         if self.fabric.set(fabric.clone()).is_err() {
             return false;
         }
+        self.set_limits(Limits::clone(&self.limits()));
         let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
         for session in sessions {
             let st = session.lock();
@@ -356,7 +357,18 @@ impl Broker {
 
     /// Puts other limits in service (a reload): new connections and new messages follow
     /// them; what a connection settled at CONNECT (its in-flight window) stays.
-    pub fn set_limits(&self, limits: Limits) {
+    pub fn set_limits(&self, mut limits: Limits) {
+        if let Some(fabric) = self.fabric.get() {
+            let most = fabric.max_packet_size();
+            if limits.max_packet_size > most {
+                tracing::warn!(
+                    configured = limits.max_packet_size,
+                    in_service = most,
+                    "mqtt.max_packet_size is larger than the cluster fabric carries; lowered"
+                );
+                limits.max_packet_size = most;
+            }
+        }
         self.limits.store(Arc::new(limits));
     }
 

@@ -64,4 +64,10 @@ pub trait Fabric: Send + Sync + 'static {
     /// ended (`None`): its will was published or dropped by this node. Between the two, if
     /// this node dies, another node publishes the will, once.
     fn will(&self, client_id: &str, connection: u64, will: Option<&LastWill>);
+    /// The largest MQTT packet whose message the fabric can carry to other nodes: the
+    /// broker's `max_packet_size` is held at most at this, so that every message it accepts
+    /// can be forwarded.
+    fn max_packet_size(&self) -> u32 {
+        u32::MAX
+    }
 }

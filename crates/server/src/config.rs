@@ -969,7 +969,9 @@ pub enum ListenerProtocol {
 pub struct MqttConfig {
     /// Largest inbound packet in bytes, fixed header included. A larger one
     /// is refused from its header alone (MQTT 5: DISCONNECT 0x95) before its
-    /// body is read. MQTT 5 clients are told it in CONNACK.
+    /// body is read. MQTT 5 clients are told it in CONNACK. In cluster mode
+    /// it is held to what one NATS message carries (the servers'
+    /// `max_payload` less 8 KiB).
     pub max_packet_size: u32,
     /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged
     /// (also capped by an MQTT 5 client's own Receive Maximum). Further

@@ -1151,3 +1151,77 @@ async fn a_session_that_moved_is_durable_on_its_new_node() {
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The broker's packet size limit is held to what one NATS message carries: the largest
+/// message it accepts crosses nodes whole, a burst of small ones behind it crosses in order,
+/// and a larger PUBLISH is refused without stalling the node's acknowledgements.
+#[tokio::test]
+async fn the_largest_message_crosses_and_the_packet_limit_follows_the_fabric() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("large");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let mut sub = subscribed(&b, "sub-large", &[("big/#", 1)]).await;
+    a.sees_interest(1, 0).await;
+    // nats-server's default max_payload is 1 MiB; petrel keeps 8 KiB for its frame.
+    let limit: u32 = 1024 * 1024 - 8 * 1024;
+    let mut v5 = RawClient::connect(a.broker.addr).await;
+    v5.send(&connect_v5("v5-large", true, 60, 0)).await;
+    let connack = v5.packet(WAIT).await.expect("CONNACK");
+    let announced = [&[0x27][..], &limit.to_be_bytes()].concat();
+    assert!(
+        contains(&connack, &announced),
+        "CONNACK {connack:02x?} does not announce Maximum Packet Size {limit}"
+    );
+
+    let mut publisher = client(&a, "pub-large").await;
+    let big: Vec<u8> = (0..limit - 64).map(|i| (i % 251) as u8).collect();
+    publisher.send(&publish("big/one", 1, 1, &big)).await;
+    publisher.expect(&puback(1), WAIT).await;
+    for i in 0..300u16 {
+        let payload = format!("s{i}");
+        publisher
+            .send(&publish("big/small", 1, i + 2, payload.as_bytes()))
+            .await;
+    }
+    for i in 0..300u16 {
+        publisher.expect(&puback(i + 2), WAIT).await;
+    }
+    let (topic, payload) = next_message(&mut sub, WAIT)
+        .await
+        .expect("the large message");
+    assert_eq!(topic, "big/one");
+    assert!(
+        payload == big,
+        "the large message arrived changed ({} bytes)",
+        payload.len()
+    );
+    let small: Vec<String> = drain(&mut sub, Duration::from_secs(2))
+        .await
+        .into_iter()
+        .map(|(_, p)| String::from_utf8(p).unwrap())
+        .collect();
+    let want: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
+    assert_eq!(small, want, "the burst behind it, once each and in order");
+
+    // Past the limit: refused (the connection closes), and the node acknowledges on.
+    let mut too_big = client(&a, "pub-too-big").await;
+    // The broker may close before it has read all of it: the write can fail.
+    let _ = too_big
+        .try_send(&publish("big/two", 1, 1, &vec![0; limit as usize + 16]))
+        .await;
+    assert!(
+        too_big.until_closed(WAIT).await.is_ok(),
+        "a PUBLISH over the limit did not close its connection"
+    );
+    publish_acked(&mut publisher, "big/after", 1, 400, b"after").await;
+    let (topic, _) = next_message(&mut sub, WAIT)
+        .await
+        .expect("a message after it");
+    assert_eq!(topic, "big/after");
+    assert_eq!(
+        a.cluster().await["messages"]["dropped_too_large"],
+        0,
+        "nothing within the limit is too large for NATS"
+    );
+}

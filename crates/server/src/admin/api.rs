@@ -121,6 +121,7 @@ async fn cluster(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
                 "received_core": get(&s.received_core),
                 "received_durable": get(&s.received_durable),
                 "dropped": get(&s.dropped_core),
+                "dropped_too_large": get(&s.dropped_too_large),
                 "retries": get(&s.retries),
                 "retained_sent": get(&s.retained_sent),
                 "retained_received": get(&s.retained_received),

@@ -589,6 +589,12 @@ impl BrokerCollector {
         )?;
         counter(
             e,
+            "petrel_cluster_messages_too_large",
+            "QoS 1/2 copies not sent to other nodes because they are larger than a NATS message may be",
+            get(&s.dropped_too_large),
+        )?;
+        counter(
+            e,
             "petrel_cluster_slow_consumer_events",
             "Times the NATS client dropped QoS 0 messages from other nodes because this node did not take them fast enough",
             get(&s.slow_consumer),
