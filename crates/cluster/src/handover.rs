@@ -1,8 +1,11 @@
 //! A session on its way from one node to another (a client reconnected elsewhere): the
-//! engine's `StoredSession` as JSON, messages in their record form (base64).
+//! engine's `StoredSession` in one or more NATS messages, so that a queue of any length
+//! crosses. Each part is the format version, its index and the number of parts, the number of
+//! deliveries it holds, the session's settings as JSON (in the first part only), then the
+//! deliveries in binary: number, QoS, retain,
+//! stage and packet id, subscription identifiers, and the message in its record form.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use petrel_codec::{QoS, TopicFilter};
 use petrel_engine::record::{decode_message, message_record, options_byte, options_from};
 use petrel_engine::session::Subscription;
@@ -19,31 +22,50 @@ pub(crate) struct TakeoverRequest {
     pub node: String,
 }
 
+const VERSION: u8 = 2;
+
+/// Version, index, count, deliveries, settings length.
+const PART_HEADER: usize = 1 + 4 + 4 + 4 + 4;
+
+/// The session's settings: everything but its deliveries.
 #[derive(Serialize, Deserialize)]
-struct WireSession {
+struct Settings {
     client_id: String,
     expiry_interval: u32,
     subscriptions: Vec<(String, u8, u32)>,
-    deliveries: Vec<WireDelivery>,
     inbound_qos2: Vec<u16>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct WireDelivery {
-    seq: u64,
-    message: String,
-    qos: u8,
-    retain: bool,
-    subscription_ids: Vec<u32>,
-    /// 0 queued, 1 published, 2 released (QoS 2, PUBREC received).
-    stage: u8,
-    packet_id: u16,
+/// One delivery's size in a part.
+fn delivery_size(d: &StoredDelivery, record: &[u8]) -> usize {
+    8 + 1 + 1 + 1 + 2 + 2 + 4 * d.subscription_ids.len() + 4 + record.len()
 }
 
-/// The session as sent; deliveries past `max_bytes` are left out (counted in the second
-/// value) so that the reply fits a NATS message.
-pub(crate) fn encode(session: &StoredSession, max_bytes: usize) -> (Vec<u8>, usize) {
-    let mut wire = WireSession {
+fn put_delivery(out: &mut BytesMut, d: &StoredDelivery, record: &[u8]) {
+    let (stage, packet_id) = match d.stage {
+        StoredStage::Queued => (0, 0),
+        StoredStage::Published(id) => (1, id),
+        StoredStage::Released(id) => (2, id),
+    };
+    out.put_u64(d.seq);
+    out.put_u8(d.qos as u8);
+    out.put_u8(u8::from(d.retain));
+    out.put_u8(stage);
+    out.put_u16(packet_id);
+    let ids = &d.subscription_ids[..d.subscription_ids.len().min(usize::from(u16::MAX))];
+    out.put_u16(ids.len() as u16);
+    for id in ids {
+        out.put_u32(*id);
+    }
+    out.put_u32(record.len() as u32);
+    out.put_slice(record);
+}
+
+/// The session in parts of at most `max_bytes` each, deliveries in queue order. A delivery
+/// that cannot fit even a part of its own is left out (counted in the second value); with
+/// the packet size limit the fabric sets, none is.
+pub(crate) fn encode(session: &StoredSession, max_bytes: usize) -> (Vec<Bytes>, usize) {
+    let settings = serde_json::to_vec(&Settings {
         client_id: session.client_id.clone(),
         expiry_interval: session.expiry_interval,
         subscriptions: session
@@ -51,75 +73,149 @@ pub(crate) fn encode(session: &StoredSession, max_bytes: usize) -> (Vec<u8>, usi
             .iter()
             .map(|(f, s)| (f.to_string(), options_byte(s.options), s.id))
             .collect(),
-        deliveries: Vec::new(),
         inbound_qos2: session.inbound_qos2.clone(),
+    })
+    .unwrap_or_default();
+    let start = |settings: &[u8]| {
+        let mut part = BytesMut::with_capacity(PART_HEADER + settings.len());
+        part.put_u8(VERSION);
+        // Index, count and deliveries: written at the end.
+        part.put_u32(0);
+        part.put_u32(0);
+        part.put_u32(0);
+        part.put_u32(settings.len() as u32);
+        part.put_slice(settings);
+        part
     };
-    let mut size = 1024
-        + wire
-            .subscriptions
-            .iter()
-            .map(|s| s.0.len() + 16)
-            .sum::<usize>();
+    let mut parts = vec![(start(&settings), 0u32)];
     let mut left_out = 0;
     for d in &session.deliveries {
-        let message = STANDARD.encode(message_record(&d.message));
-        if size + message.len() + 128 > max_bytes {
+        let record = message_record(&d.message);
+        let size = delivery_size(d, &record);
+        if PART_HEADER + size > max_bytes {
             left_out += 1;
             continue;
         }
-        size += message.len() + 128;
-        let (stage, packet_id) = match d.stage {
-            StoredStage::Queued => (0, 0),
-            StoredStage::Published(id) => (1, id),
-            StoredStage::Released(id) => (2, id),
-        };
-        wire.deliveries.push(WireDelivery {
-            seq: d.seq,
-            message,
-            qos: d.qos as u8,
-            retain: d.retain,
-            subscription_ids: d.subscription_ids.clone(),
-            stage,
-            packet_id,
-        });
+        if parts
+            .last()
+            .is_some_and(|(p, _)| p.len() + size > max_bytes)
+        {
+            parts.push((start(&[]), 0));
+        }
+        if let Some((part, n)) = parts.last_mut() {
+            put_delivery(part, d, &record);
+            *n += 1;
+        }
     }
-    (serde_json::to_vec(&wire).unwrap_or_default(), left_out)
+    let count = parts.len() as u32;
+    let parts = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut part, n))| {
+            part[1..5].copy_from_slice(&(i as u32).to_be_bytes());
+            part[5..9].copy_from_slice(&count.to_be_bytes());
+            part[9..13].copy_from_slice(&n.to_be_bytes());
+            part.freeze()
+        })
+        .collect();
+    (parts, left_out)
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<StoredSession, String> {
-    let wire: WireSession = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+/// A part's index and the number of parts, from its header.
+pub(crate) fn part_of(bytes: &[u8]) -> Result<(u32, u32), String> {
+    if bytes.len() < PART_HEADER || bytes[0] != VERSION {
+        return Err(format!("not a handover part (version {:?})", bytes.first()));
+    }
+    let index = u32::from_be_bytes(bytes[1..5].try_into().map_err(|_| "short part")?);
+    let count = u32::from_be_bytes(bytes[5..9].try_into().map_err(|_| "short part")?);
+    if index >= count {
+        return Err(format!("part {index} of {count}"));
+    }
+    Ok((index, count))
+}
+
+/// The session from all its parts, in order.
+pub(crate) fn decode(parts: &[Bytes]) -> Result<StoredSession, String> {
+    let mut settings = None;
+    let mut deliveries = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let (index, count) = part_of(part)?;
+        if index as usize != i || count as usize != parts.len() {
+            return Err(format!(
+                "part {index} of {count} came as {i} of {}",
+                parts.len()
+            ));
+        }
+        let mut rest = &part[PART_HEADER - 8..];
+        let held = rest.get_u32();
+        let len = rest.get_u32() as usize;
+        if rest.len() < len {
+            return Err("short settings".to_owned());
+        }
+        if i == 0 {
+            settings =
+                Some(serde_json::from_slice::<Settings>(&rest[..len]).map_err(|e| e.to_string())?);
+        }
+        rest = &rest[len..];
+        for _ in 0..held {
+            deliveries.push(get_delivery(&mut rest)?);
+        }
+        if !rest.is_empty() {
+            return Err(format!("part {index}: more than its {held} deliveries"));
+        }
+    }
+    let settings = settings.ok_or("no parts")?;
     let mut subscriptions = Vec::new();
-    for (filter, options, id) in wire.subscriptions {
+    for (filter, options, id) in settings.subscriptions {
         let filter = TopicFilter::new(&filter).map_err(|e| format!("filter {filter:?}: {e}"))?;
         let options = options_from(options).ok_or("subscription options")?;
         subscriptions.push((filter, Subscription { options, id }));
     }
-    let mut deliveries = Vec::new();
-    for d in wire.deliveries {
-        let record = STANDARD.decode(&d.message).map_err(|e| e.to_string())?;
-        let stage = match d.stage {
-            0 => StoredStage::Queued,
-            1 => StoredStage::Published(d.packet_id),
-            2 => StoredStage::Released(d.packet_id),
-            other => return Err(format!("delivery stage {other}")),
-        };
-        deliveries.push(StoredDelivery {
-            seq: d.seq,
-            message: Arc::new(decode_message(&record)?),
-            qos: QoS::from_u8(d.qos).ok_or("delivery QoS")?,
-            retain: d.retain,
-            subscription_ids: d.subscription_ids,
-            stage,
-        });
-    }
     Ok(StoredSession {
-        client_id: wire.client_id,
-        expiry_interval: wire.expiry_interval,
+        client_id: settings.client_id,
+        expiry_interval: settings.expiry_interval,
         expires_at: None,
         subscriptions,
         deliveries,
-        inbound_qos2: wire.inbound_qos2,
+        inbound_qos2: settings.inbound_qos2,
         pending_will: None,
+    })
+}
+
+fn get_delivery(rest: &mut &[u8]) -> Result<StoredDelivery, String> {
+    let short = || "short delivery".to_owned();
+    if rest.len() < 17 {
+        return Err(short());
+    }
+    let seq = rest.get_u64();
+    let qos = QoS::from_u8(rest.get_u8()).ok_or("delivery QoS")?;
+    let retain = rest.get_u8() != 0;
+    let stage = rest.get_u8();
+    let packet_id = rest.get_u16();
+    let ids = usize::from(rest.get_u16());
+    if rest.len() < 4 * ids + 4 {
+        return Err(short());
+    }
+    let subscription_ids = (0..ids).map(|_| rest.get_u32()).collect();
+    let len = rest.get_u32() as usize;
+    if rest.len() < len {
+        return Err(short());
+    }
+    let message = Arc::new(decode_message(&rest[..len])?);
+    rest.advance(len);
+    let stage = match stage {
+        0 => StoredStage::Queued,
+        1 => StoredStage::Published(packet_id),
+        2 => StoredStage::Released(packet_id),
+        other => return Err(format!("delivery stage {other}")),
+    };
+    Ok(StoredDelivery {
+        seq,
+        message,
+        qos,
+        retain,
+        subscription_ids,
+        stage,
     })
 }
 
@@ -178,9 +274,9 @@ mod tests {
     #[test]
     fn a_session_crosses_whole() {
         let s = session(5);
-        let (bytes, left_out) = encode(&s, 1 << 20);
-        assert_eq!(left_out, 0);
-        let back = decode(&bytes).unwrap();
+        let (parts, left_out) = encode(&s, 1 << 20);
+        assert_eq!((parts.len(), left_out), (1, 0));
+        let back = decode(&parts).unwrap();
         assert_eq!(back.client_id, "c1");
         assert_eq!(back.expiry_interval, 300);
         assert_eq!(back.subscriptions.len(), 1);
@@ -196,17 +292,41 @@ mod tests {
     }
 
     #[test]
-    fn what_does_not_fit_is_counted() {
-        let (bytes, left_out) = encode(&session(100), 4096);
-        assert!(bytes.len() <= 4096, "{}", bytes.len());
-        let back = decode(&bytes).unwrap();
-        assert_eq!(back.deliveries.len() + left_out, 100);
-        assert!(left_out > 0);
+    fn a_long_queue_crosses_in_parts_whole_and_in_order() {
+        let s = session(100);
+        let (parts, left_out) = encode(&s, 4096);
+        assert_eq!(left_out, 0);
+        assert!(parts.len() > 3, "{} parts", parts.len());
+        assert!(parts.iter().all(|p| p.len() <= 4096));
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(part_of(p).unwrap(), (i as u32, parts.len() as u32));
+        }
+        let back = decode(&parts).unwrap();
+        let seqs: Vec<u64> = back.deliveries.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
+        assert_eq!(back.deliveries[1].stage, StoredStage::Published(2));
+        assert_eq!(back.deliveries[2].stage, StoredStage::Released(3));
+        // A part missing or out of order is refused, not taken for the whole.
+        assert!(decode(&parts[..parts.len() - 1]).is_err());
+        let mut swapped = parts.clone();
+        swapped.swap(1, 2);
+        assert!(decode(&swapped).is_err());
+    }
+
+    #[test]
+    fn a_delivery_larger_than_a_part_is_counted() {
+        let (parts, left_out) = encode(&session(3), 120);
+        assert_eq!(left_out, 3);
+        assert!(decode(&parts).unwrap().deliveries.is_empty());
     }
 
     #[test]
     fn garbage_is_refused() {
-        assert!(decode(b"{").is_err());
-        assert!(decode(b"{\"client_id\":1}").is_err());
+        assert!(decode(&[]).is_err());
+        assert!(decode(&[Bytes::from_static(b"{")]).is_err());
+        let (parts, _) = encode(&session(2), 1 << 20);
+        for cut in 0..parts[0].len() {
+            assert!(decode(&[parts[0].slice(..cut)]).is_err(), "cut at {cut}");
+        }
     }
 }

@@ -649,19 +649,14 @@ impl Inner {
                     node: me.clone(),
                 })
                 .unwrap_or_default();
-                let reply = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    self.client
-                        .request(names::takeover_subject(&owner), Bytes::from(request)),
-                )
-                .await;
-                match reply {
-                    Ok(Ok(reply)) if reply.payload.is_empty() => {}
-                    Ok(Ok(reply)) => match handover::decode(&reply.payload) {
+                match self.take_over(&owner, Bytes::from(request)).await {
+                    Ok(None) => {}
+                    Ok(Some(parts)) => match handover::decode(&parts) {
                         Ok(stored) => {
                             tracing::debug!(
                                 client_id,
                                 from = owner,
+                                parts = parts.len(),
                                 deliveries = stored.deliveries.len(),
                                 "session taken over from another node"
                             );
@@ -676,11 +671,8 @@ impl Inner {
                             )
                         }
                     },
-                    Ok(Err(e)) => {
-                        tracing::info!(client_id, from = owner, error = %e, "the node that held the session did not answer; it starts anew here")
-                    }
-                    Err(_) => {
-                        tracing::warn!(client_id, from = owner, "the node that held the session did not answer in time; it starts anew here")
+                    Err(why) => {
+                        tracing::warn!(client_id, from = owner, why, "the node that held the session did not hand it over; it starts anew here")
                     }
                 }
                 return Ok(());
@@ -702,6 +694,42 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(client_id);
+    }
+
+    /// Asks `owner` for a session (`request`: a [`handover::TakeoverRequest`]) and gathers
+    /// the parts of its answer. `None`: it had none.
+    async fn take_over(&self, owner: &str, request: Bytes) -> Result<Option<Vec<Bytes>>, String> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.client
+            .publish_with_reply(names::takeover_subject(owner), inbox, request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let gathered = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut parts = Vec::new();
+            loop {
+                let reply = replies.next().await.ok_or("the reply subscription ended")?;
+                if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                    return Err("it is not connected to NATS".to_owned());
+                }
+                if reply.payload.is_empty() {
+                    return Ok(None);
+                }
+                let (_, count) = handover::part_of(&reply.payload)?;
+                parts.push(reply.payload);
+                if parts.len() >= count as usize {
+                    return Ok(Some(parts));
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err("no complete answer within 3 s".to_owned()));
+        let _ = replies.unsubscribe().await;
+        gathered
     }
 
     /// Publishes the wills `node` left (it died with their clients connected), each exactly
@@ -905,15 +933,15 @@ impl Inner {
             if let Some(state) = &state {
                 self.remember_moved(&request.client_id, &request.node, state);
             }
-            let payload = match &state {
+            let parts = match &state {
                 Some(state) => {
-                    let (bytes, left_out) = handover::encode(state, max_payload - 1024);
+                    let (parts, left_out) = handover::encode(state, max_payload - 1024);
                     if left_out > 0 {
-                        tracing::warn!(client_id = request.client_id, to = request.node, left_out, "a handed-over session's queue does not fit one NATS message; its oldest messages that do not fit were dropped");
+                        tracing::warn!(client_id = request.client_id, to = request.node, left_out, "messages of a handed-over session larger than a NATS message may be were dropped");
                     }
-                    bytes
+                    parts
                 }
-                None => Vec::new(),
+                None => vec![Bytes::new()],
             };
             tracing::debug!(
                 client_id = request.client_id,
@@ -922,7 +950,9 @@ impl Inner {
                 "client id taken over by another node"
             );
             if let Some(reply) = msg.reply {
-                let _ = self.client.publish(reply, Bytes::from(payload)).await;
+                for part in parts {
+                    let _ = self.client.publish(reply.clone(), part).await;
+                }
             }
         }
     }

@@ -1225,3 +1225,57 @@ async fn the_largest_message_crosses_and_the_packet_limit_follows_the_fabric() {
         "nothing within the limit is too large for NATS"
     );
 }
+
+/// A persistent session whose queue is larger than one NATS message moves whole: the node
+/// that held it hands it over in parts, and every queued message arrives on the new node,
+/// unchanged and in order.
+#[tokio::test]
+async fn a_session_with_a_queue_larger_than_a_nats_message_moves_whole() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("long-queue");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let mut s = RawClient::connect(a.broker.addr).await;
+    s.send(&connect_persistent("long-queue")).await;
+    s.expect(&CONNACK_ACCEPTED, WAIT).await;
+    s.send(&subscribe(1, "lq/#", 1)).await;
+    s.expect(&suback(1, 1), WAIT).await;
+    s.send(&[0xe0, 0x00]).await;
+    let _ = s.until_closed(WAIT).await;
+
+    // 48 messages of 64 KiB queue for it on a: 3 MiB, three NATS messages' worth.
+    const COUNT: u16 = 48;
+    let payload = |i: u16| -> Vec<u8> {
+        let mut p = vec![(i % 251) as u8; 64 * 1024];
+        p[..2].copy_from_slice(&i.to_be_bytes());
+        p
+    };
+    let mut publisher = client(&a, "lq-pub").await;
+    for i in 0..COUNT {
+        publish_acked(&mut publisher, "lq/x", 1, i + 1, &payload(i)).await;
+    }
+
+    let mut back = RawClient::connect(b.broker.addr).await;
+    back.send(&connect_persistent("long-queue")).await;
+    back.expect(&[0x20, 0x02, 0x01, 0x00], WAIT).await;
+    let mut got = Vec::new();
+    while got.len() < usize::from(COUNT) {
+        let Some((topic, p)) = next_message(&mut back, WAIT).await else {
+            break;
+        };
+        assert_eq!(topic, "lq/x");
+        got.push(p);
+    }
+    assert_eq!(
+        got.len(),
+        usize::from(COUNT),
+        "queued messages lost in the move"
+    );
+    for (i, p) in got.iter().enumerate() {
+        assert!(
+            *p == payload(i as u16),
+            "message {i} arrived changed or out of order (starts {:02x?})",
+            &p[..2]
+        );
+    }
+}
