@@ -235,6 +235,13 @@ impl Fabric for NatsFabric {
         });
     }
 
+    fn will_pending(&self, client_id: &str, will: Option<(std::time::Instant, &LastWill)>) {
+        self.send(Command::Will {
+            key: crate::names::pending_will_key(&self.node, client_id),
+            value: will.map(|(due, will)| crate::wire::encode_pending_will(due, will)),
+        });
+    }
+
     fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim> {
         if self
             .owned

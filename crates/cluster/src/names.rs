@@ -20,7 +20,8 @@ pub const NODES_BUCKET: &str = "PETREL_NODES";
 /// Which node holds each client id's session: key [`session_key`], value the node id.
 pub const SESSIONS_BUCKET: &str = "PETREL_SESSIONS";
 
-/// Wills of connected clients, for the case their node dies: key [`will_key`].
+/// Wills of connected clients (key [`will_key`]) and of offline sessions waiting for their
+/// delay (key [`pending_will_key`]), for the case their node dies.
 pub const WILLS_BUCKET: &str = "PETREL_WILLS";
 
 /// A connection's will: the node it is on, the client id, the connection.
@@ -31,9 +32,24 @@ pub fn will_key(node: &str, client_id: &str, connection: u64) -> String {
     )
 }
 
-/// The node a will key belongs to.
+/// An offline session's will waiting for its delay: the node it is on and the client id.
+/// Its value is the will and when it is due; an empty value marks one another node took.
+pub fn pending_will_key(node: &str, client_id: &str) -> String {
+    format!("p.{node}.{}", URL_SAFE_NO_PAD.encode(client_id.as_bytes()))
+}
+
+/// The node a will key (connected or pending) belongs to.
 pub fn will_node(key: &str) -> Option<&str> {
-    key.strip_prefix("w.")?.split('.').next()
+    key.strip_prefix("w.")
+        .or_else(|| key.strip_prefix("p."))?
+        .split('.')
+        .next()
+}
+
+/// The client id of a pending will's key; `None` for other keys.
+pub fn pending_will_client(key: &str) -> Option<String> {
+    let (_, client) = key.strip_prefix("p.")?.split_once('.')?;
+    String::from_utf8(URL_SAFE_NO_PAD.decode(client).ok()?).ok()
 }
 
 pub fn session_key(client_id: &str) -> String {

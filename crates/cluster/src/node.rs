@@ -396,6 +396,7 @@ impl Cluster {
             &names::node_subject(&config.node_id),
         )
         .await?;
+        inner.reconcile_pending_wills().await;
         // Sessions this node kept across its death whose clients went on elsewhere meanwhile:
         // their messages go after them before the backlog is read.
         inner.return_stale_sessions().await;
@@ -743,6 +744,17 @@ impl Inner {
                 return;
             }
         };
+        // This node's own pending wills that its store kept are its own to publish (see
+        // `reconcile_pending_wills`).
+        let own: HashSet<String> = if node == self.config.node_id {
+            self.broker
+                .pending_wills()
+                .into_iter()
+                .map(|(client_id, _, _)| client_id)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let mut published = 0;
         for key in keys
             .into_iter()
@@ -754,7 +766,22 @@ impl Inner {
             if entry.operation != kv::Operation::Put {
                 continue;
             }
-            if self
+            let pending = names::pending_will_client(&key);
+            if let Some(client_id) = &pending {
+                // Taken by another node already, or this node's own.
+                if entry.value.is_empty() || own.contains(client_id) {
+                    continue;
+                }
+                // Taken by marking it so: the node, should it come back, knows it is done.
+                if self
+                    .wills
+                    .update(&key, Bytes::new(), entry.revision)
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+            } else if self
                 .wills
                 .delete_expect_revision(&key, Some(entry.revision))
                 .await
@@ -763,12 +790,19 @@ impl Inner {
                 // Another node took it.
                 continue;
             }
-            match wire::decode_will(&entry.value) {
-                Ok((will, delay)) => {
+            let decoded = match pending {
+                Some(_) => wire::decode_pending_will(&entry.value).map(|(will, due)| {
+                    (will, Duration::from_millis(due.saturating_sub(wall_ms())))
+                }),
+                None => wire::decode_will(&entry.value)
+                    .map(|(will, delay)| (will, Duration::from_secs(u64::from(delay)))),
+            };
+            match decoded {
+                Ok((will, wait)) => {
                     published += 1;
                     let broker = self.broker.clone();
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                        tokio::time::sleep(wait).await;
                         broker.publish_orphaned_will(will, Instant::now());
                     });
                 }
@@ -782,6 +816,46 @@ impl Inner {
                 node,
                 published,
                 "published the wills of clients of a node that died"
+            );
+        }
+    }
+
+    /// At start: the pending wills of offline sessions this node's store kept. One another
+    /// node took while this node was down (its key marked taken) is dropped here; the others
+    /// are this node's again (claimed at the revision read, so a node taking it right now
+    /// and this one cannot both publish it) or written anew.
+    async fn reconcile_pending_wills(&self) {
+        let me = &self.config.node_id;
+        let mut dropped = 0;
+        for (client_id, due, will) in self.broker.pending_wills() {
+            let key = names::pending_will_key(me, &client_id);
+            let value = wire::encode_pending_will(due, &will);
+            let ours = match self.wills.entry(&key).await {
+                Ok(Some(e)) if e.operation == kv::Operation::Put && e.value.is_empty() => false,
+                Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                    self.wills.update(&key, value, e.revision).await.is_ok()
+                }
+                Ok(_) => {
+                    if let Err(e) = self.wills.put(&key, value).await {
+                        tracing::warn!(client_id, error = %e, "cannot record a pending will in the cluster");
+                    }
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(client_id, error = %e, "cannot read a pending will's key; keeping it");
+                    true
+                }
+            };
+            if !ours {
+                self.broker.drop_pending_will(&client_id);
+                let _ = self.wills.delete(&key).await;
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "pending wills another node published while this one was down were dropped"
             );
         }
     }

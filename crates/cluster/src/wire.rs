@@ -186,6 +186,33 @@ pub(crate) fn encode_will(will: &LastWill) -> Bytes {
     out.freeze()
 }
 
+/// An offline session's will waiting for its delay, as kept in the wills bucket: when it is
+/// due (wall-clock milliseconds, 8 bytes), then the will as [`encode_will`] has it.
+pub(crate) fn encode_pending_will(due: std::time::Instant, will: &LastWill) -> Bytes {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let due = wall
+        + due
+            .saturating_duration_since(std::time::Instant::now())
+            .as_millis() as u64;
+    let will = encode_will(will);
+    let mut out = BytesMut::with_capacity(8 + will.len());
+    out.put_u64(due);
+    out.put_slice(&will);
+    out.freeze()
+}
+
+/// A pending will from the bucket and when it is due (wall-clock milliseconds).
+pub(crate) fn decode_pending_will(bytes: &[u8]) -> Result<(LastWill, u64), String> {
+    if bytes.len() < 8 {
+        return Err("short pending will".to_owned());
+    }
+    let due = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| "short pending will")?);
+    let (will, _) = decode_will(&bytes[8..])?;
+    Ok((will, due))
+}
+
 /// A will from the bucket and its delay in seconds.
 pub(crate) fn decode_will(bytes: &[u8]) -> Result<(LastWill, u32), String> {
     if bytes.len() < 4 {
@@ -263,6 +290,16 @@ mod tests {
         assert_eq!(back.properties.will_delay_interval, None);
         assert_eq!(back.properties.content_type.as_deref(), Some("t"));
         assert!(decode_will(b"\0\0").is_err());
+
+        let due = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let (pending, at) = decode_pending_will(&encode_pending_will(due, &will)).unwrap();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!((89_000..=90_000).contains(&(at - wall)), "{}", at - wall);
+        assert_eq!(&pending.payload[..], b"gone");
+        assert!(decode_pending_will(b"\0\0\0").is_err());
     }
 
     #[test]

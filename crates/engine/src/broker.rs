@@ -638,7 +638,7 @@ impl Broker {
                 st.expiry_interval = expiry_interval;
                 st.expires_at = None;
                 if st.pending_will.take().is_some() {
-                    self.store.will_pending(client_id, None);
+                    self.will_pending(client_id, None);
                 }
                 st.waker = None;
                 st.release_blocked();
@@ -990,7 +990,50 @@ impl Broker {
             self.remove_from_index(f, session.id);
         }
         self.store.session_removed(&session.client_id);
-        st.pending_will.take().map(|p| p.will)
+        let will = st.pending_will.take().map(|p| p.will);
+        if let (Some(_), Some(fabric)) = (&will, self.fabric.get()) {
+            // Published by the caller or gone with the session: no longer waiting.
+            fabric.will_pending(&session.client_id, None);
+        }
+        will
+    }
+
+    /// An offline session's will starts or stops waiting for its delay: the store and, in
+    /// cluster mode, the fabric (which publishes it should this node die) learn of it.
+    fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>) {
+        self.store.will_pending(client_id, will);
+        if let Some(fabric) = self.fabric.get() {
+            fabric.will_pending(client_id, will);
+        }
+    }
+
+    /// Cluster mode, at start: the offline sessions a store restored with a will waiting
+    /// for its delay, as (client id, when due, will).
+    pub fn pending_wills(&self) -> Vec<(String, Instant, LastWill)> {
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        sessions
+            .iter()
+            .filter_map(|session| {
+                let st = session.lock();
+                let p = st.pending_will.as_ref()?;
+                (st.owner == Owner::Offline)
+                    .then(|| (session.client_id.to_string(), p.at, (*p.will).clone()))
+            })
+            .collect()
+    }
+
+    /// Cluster mode: the offline session of `client_id` no longer publishes its pending
+    /// will (another node published it while this one was down). False if it had none.
+    pub fn drop_pending_will(&self, client_id: &str) -> bool {
+        let Some(session) = lock(&self.sessions).get(client_id).cloned() else {
+            return false;
+        };
+        let mut st = session.lock();
+        if st.owner != Owner::Offline || st.pending_will.take().is_none() {
+            return false;
+        }
+        self.store.will_pending(client_id, None);
+        true
     }
 
     /// Takes a subscription out of the ordinary or the shared index. The caller holds the
@@ -1080,8 +1123,7 @@ impl Broker {
                     0 => will_now = Some(will),
                     delay => {
                         let at = now + Duration::from_secs(u64::from(delay));
-                        self.store
-                            .will_pending(&session.client_id, Some((at, &will)));
+                        self.will_pending(&session.client_id, Some((at, &will)));
                         st.pending_will = Some(PendingWill { at, will });
                         self.schedule(&mut st, at, session);
                     }
@@ -1663,7 +1705,7 @@ impl Broker {
         let mut will = None;
         if st.pending_will.as_ref().is_some_and(|p| p.at <= now) {
             will = st.pending_will.take().map(|p| p.will);
-            self.store.will_pending(&session.client_id, None);
+            self.will_pending(&session.client_id, None);
         }
         if st.expires_at.is_some_and(|t| t <= now) {
             tracing::debug!(client_id = %session.client_id, "session expired");

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Waker;
+use std::time::Instant;
 
 use petrel_codec::{LastWill, TopicFilter};
 
@@ -69,5 +70,13 @@ pub trait Fabric: Send + Sync + 'static {
     /// can be forwarded.
     fn max_packet_size(&self) -> u32 {
         u32::MAX
+    }
+    /// The offline session of `client_id` waits to publish `will` at the given time (its
+    /// Will Delay Interval), or (`None`) no longer does: published, cancelled by a resume,
+    /// or gone with its session. Between the two, if this node dies, another publishes it
+    /// when due, once. Not called for the wills of sessions a store restored at start: the
+    /// fabric reconciles those itself ([`Broker::pending_wills`](crate::Broker::pending_wills)).
+    fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>) {
+        let _ = (client_id, will);
     }
 }

@@ -1279,3 +1279,86 @@ async fn a_session_with_a_queue_larger_than_a_nats_message_moves_whole() {
         );
     }
 }
+
+/// A v5 CONNECT: Clean Start 0, Session Expiry Interval 300 s, and a QoS 1 will on `topic`
+/// with a Will Delay Interval of `delay` seconds.
+fn connect_v5_delayed_will(client_id: &str, topic: &str, message: &[u8], delay: u32) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x04 | 0x08];
+    body.extend_from_slice(&60u16.to_be_bytes());
+    body.extend_from_slice(&[5, 0x11]);
+    body.extend_from_slice(&300u32.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    body.extend_from_slice(&[5, 0x18]);
+    body.extend_from_slice(&delay.to_be_bytes());
+    for field in [topic.as_bytes(), message] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Wills that wait for their delay in offline sessions are the cluster's too: when their
+/// node dies, another publishes each when it is due (not before), once; and the node, back
+/// with the sessions from its disk store, does not publish them again.
+#[tokio::test]
+async fn delayed_wills_of_offline_sessions_fire_once_when_their_node_dies() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("delayed-wills");
+    let dir = temp_dir("delayed-wills");
+    let mut a = Node::disk("a", &nats, &dir);
+    let b = Node::memory("b", &nats);
+    let mut watcher = subscribed(&b, "dw-watcher", &[("dw/#", 1)]).await;
+    a.sees_interest(1, 0).await;
+    // Two v5 clients on a leave without DISCONNECT: their sessions stay, their wills wait
+    // 3 and 8 s.
+    for (id, delay) in [("dw1", 3), ("dw2", 8)] {
+        let mut w = RawClient::connect(a.broker.addr).await;
+        w.send(&connect_v5_delayed_will(
+            id,
+            &format!("dw/{id}"),
+            b"gone",
+            delay,
+        ))
+        .await;
+        let connack = w.packet(WAIT).await.expect("CONNACK");
+        assert_eq!(&connack[..4], &[0x20, connack[1], 0x00, 0x00]);
+    }
+    let left = Instant::now();
+    // The pending wills reach NATS; then a dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill();
+
+    let mut arrivals = Vec::new();
+    let mut restarted = false;
+    while left.elapsed() < Duration::from_secs(11) {
+        for (topic, payload) in drain(&mut watcher, Duration::from_millis(100)).await {
+            assert_eq!(payload, b"gone");
+            arrivals.push((topic, left.elapsed()));
+        }
+        // Back between the two wills' times, with both sessions restored from its store.
+        if !restarted && left.elapsed() > Duration::from_secs(5) {
+            a.restart();
+            restarted = true;
+        }
+    }
+    let topics: Vec<&str> = arrivals.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        topics,
+        ["dw/dw1", "dw/dw2"],
+        "each will once, in the order due: {arrivals:?}"
+    );
+    // dw1 while a was down, when due; dw2 when due, by the node that took it (a, back with
+    // it in its store, knows it was taken).
+    assert!(
+        arrivals[0].1 >= Duration::from_millis(2800) && arrivals[0].1 < Duration::from_millis(4500),
+        "dw1's will not published by another node when due: {arrivals:?}"
+    );
+    assert!(
+        arrivals[1].1 >= Duration::from_millis(7800),
+        "dw2's will published before its delay: {arrivals:?}"
+    );
+}
