@@ -1314,8 +1314,8 @@ async fn delayed_wills_of_offline_sessions_fire_once_when_their_node_dies() {
     let mut watcher = subscribed(&b, "dw-watcher", &[("dw/#", 1)]).await;
     a.sees_interest(1, 0).await;
     // Two v5 clients on a leave without DISCONNECT: their sessions stay, their wills wait
-    // 3 and 8 s.
-    for (id, delay) in [("dw1", 3), ("dw2", 8)] {
+    // 3 and 10 s.
+    for (id, delay) in [("dw1", 3), ("dw2", 10)] {
         let mut w = RawClient::connect(a.broker.addr).await;
         w.send(&connect_v5_delayed_will(
             id,
@@ -1334,13 +1334,13 @@ async fn delayed_wills_of_offline_sessions_fire_once_when_their_node_dies() {
 
     let mut arrivals = Vec::new();
     let mut restarted = false;
-    while left.elapsed() < Duration::from_secs(11) {
+    while left.elapsed() < Duration::from_secs(13) {
         for (topic, payload) in drain(&mut watcher, Duration::from_millis(100)).await {
             assert_eq!(payload, b"gone");
             arrivals.push((topic, left.elapsed()));
         }
         // Back between the two wills' times, with both sessions restored from its store.
-        if !restarted && left.elapsed() > Duration::from_secs(5) {
+        if !restarted && left.elapsed() > Duration::from_millis(6500) {
             a.restart();
             restarted = true;
         }
@@ -1354,11 +1354,11 @@ async fn delayed_wills_of_offline_sessions_fire_once_when_their_node_dies() {
     // dw1 while a was down, when due; dw2 when due, by the node that took it (a, back with
     // it in its store, knows it was taken).
     assert!(
-        arrivals[0].1 >= Duration::from_millis(2800) && arrivals[0].1 < Duration::from_millis(4500),
+        arrivals[0].1 >= Duration::from_millis(2800) && arrivals[0].1 < Duration::from_secs(6),
         "dw1's will not published by another node when due: {arrivals:?}"
     );
     assert!(
-        arrivals[1].1 >= Duration::from_millis(7800),
+        arrivals[1].1 >= Duration::from_millis(9800),
         "dw2's will published before its delay: {arrivals:?}"
     );
 }
