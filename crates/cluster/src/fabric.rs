@@ -127,6 +127,49 @@ impl Acks {
 /// QoS 0 messages allowed to wait for NATS at once; past this they are dropped (counted).
 const CORE_QUEUE_LIMIT: usize = 65_536;
 
+/// Past this many QoS 0 messages waiting for NATS, a publisher whose message joined them
+/// pauses (flow control across nodes, like a subscriber's full queue on one node)...
+const CORE_HIGH: usize = 16_384;
+/// ...until they are back under this.
+const CORE_LOW: usize = 4_096;
+
+/// Publishers paused because the queue to NATS passed [`CORE_HIGH`].
+#[derive(Default)]
+pub(crate) struct Room {
+    /// How many wakers wait: the forwarder looks at this on every message it sends, the
+    /// lock only when someone waits.
+    paused: AtomicUsize,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Room {
+    fn wait(&self, queued: &AtomicUsize, waker: &Waker) -> bool {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        // Counted before the queue is read, and the forwarder reads the count after it
+        // takes from the queue (both sequentially consistent): one of them sees the other.
+        self.paused.fetch_add(1, Ordering::SeqCst);
+        if queued.load(Ordering::SeqCst) <= CORE_LOW || wakers.iter().any(|w| w.will_wake(waker)) {
+            self.paused.fetch_sub(1, Ordering::SeqCst);
+            return queued.load(Ordering::SeqCst) > CORE_LOW;
+        }
+        wakers.push(waker.clone());
+        true
+    }
+
+    /// The forwarder took from the queue: wakes the paused publishers once it is low.
+    pub(crate) fn drained(&self, queued: &AtomicUsize) {
+        if self.paused.load(Ordering::SeqCst) == 0 || queued.load(Ordering::SeqCst) > CORE_LOW {
+            return;
+        }
+        let wakers = {
+            let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            self.paused.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
 pub struct NatsFabric {
     pub(crate) node: Box<str>,
     pub(crate) interest: Arc<RwLock<RemoteInterest>>,
@@ -134,6 +177,7 @@ pub struct NatsFabric {
     pub(crate) next_token: AtomicU64,
     pub(crate) acks: Arc<Acks>,
     pub(crate) core_queued: Arc<AtomicUsize>,
+    pub(crate) room: Room,
     pub stats: Arc<FabricStats>,
     /// Client ids whose session this node owns (it claimed them, and no other node took them
     /// since): a client reconnecting to the same node costs no round trip.
@@ -173,8 +217,9 @@ impl Fabric for NatsFabric {
             return Forwarded::default();
         }
         if message.qos == QoS::AtMostOnce {
-            if self.core_queued.fetch_add(1, Ordering::AcqRel) >= CORE_QUEUE_LIMIT {
-                self.core_queued.fetch_sub(1, Ordering::AcqRel);
+            let queued = self.core_queued.fetch_add(1, Ordering::SeqCst);
+            if queued >= CORE_QUEUE_LIMIT {
+                self.core_queued.fetch_sub(1, Ordering::SeqCst);
                 self.stats.dropped_core.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.send(Command::Core(message.clone()));
@@ -182,6 +227,7 @@ impl Fabric for NatsFabric {
             return Forwarded {
                 targets: count,
                 token: 0,
+                congested: queued + 1 >= CORE_HIGH,
             };
         }
         let token = self.token();
@@ -193,6 +239,7 @@ impl Fabric for NatsFabric {
         Forwarded {
             targets: count,
             token,
+            congested: false,
         }
     }
 
@@ -240,6 +287,14 @@ impl Fabric for NatsFabric {
             key: crate::names::pending_will_key(&self.node, client_id),
             value: will.map(|(due, will)| crate::wire::encode_pending_will(due, will)),
         });
+    }
+
+    fn wait_room(&self, waker: &Waker) -> bool {
+        self.room.wait(&self.core_queued, waker)
+    }
+
+    fn progress(&self) -> u64 {
+        self.stats.sent_core.load(Ordering::Relaxed)
     }
 
     fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim> {

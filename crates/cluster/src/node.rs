@@ -304,6 +304,7 @@ impl Cluster {
             next_token: AtomicU64::new(1),
             acks: Arc::new(Acks::default()),
             core_queued: Arc::new(AtomicUsize::new(0)),
+            room: crate::fabric::Room::default(),
             stats,
             owned: Mutex::new(HashSet::new()),
             runner: std::sync::OnceLock::new(),
@@ -1205,7 +1206,8 @@ impl Inner {
     ) {
         match command {
             Command::Core(message) => {
-                self.fabric.core_queued.fetch_sub(1, Ordering::AcqRel);
+                self.fabric.core_queued.fetch_sub(1, Ordering::SeqCst);
+                self.fabric.room.drained(&self.fabric.core_queued);
                 let seq = self.core_seq.fetch_add(1, Ordering::Relaxed);
                 let subject = subject::topic_subject(names::CORE_PREFIX, &message.topic);
                 let frame = wire::encode(&self.config.node_id, seq, None, &message);

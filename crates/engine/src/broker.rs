@@ -157,6 +157,9 @@ pub struct Routed {
     /// In cluster mode, the fabric's token for the copies sent to other nodes (0: none):
     /// the acknowledgement waits for it too.
     pub forwarded: u64,
+    /// In cluster mode, the fabric's queue to other nodes is past its high-water mark: the
+    /// publisher should pause until it drains ([`Fabric::wait_room`]).
+    pub fabric_congested: bool,
 }
 
 impl Routed {
@@ -1345,6 +1348,7 @@ impl Broker {
             let forwarded = fabric.publish(message);
             routed.matched += forwarded.targets;
             routed.forwarded = forwarded.token;
+            routed.fabric_congested = forwarded.congested;
         }
         routed
     }
@@ -1387,6 +1391,7 @@ impl Broker {
             congested: None,
             token: 0,
             forwarded: 0,
+            fabric_congested: false,
         };
         match sub
             .session
@@ -1440,6 +1445,7 @@ impl Broker {
             congested: None,
             token: 0,
             forwarded: 0,
+            fabric_congested: false,
         };
         match session.offer(delivery, &self.limits(), &self.stats, &*self.store) {
             Ok((_, written)) => routed.token = written,
@@ -1556,6 +1562,7 @@ impl Broker {
                 congested,
                 token,
                 forwarded: 0,
+                fabric_congested: false,
             }
         })
     }

@@ -344,11 +344,20 @@ impl Allowance {
 }
 
 struct Pause {
-    subscriber: Arc<Session>,
-    /// The subscriber's `drained` counter when the current wait began.
+    on: PausedOn,
+    /// The subscriber's `drained` counter (the fabric's `progress`) when the current wait
+    /// began.
     progress: u64,
     /// When to check the subscriber for progress.
     check_at: Instant,
+}
+
+/// What a paused publisher waits for.
+enum PausedOn {
+    /// A subscriber's queue to drain to half.
+    Subscriber(Arc<Session>),
+    /// In cluster mode, the fabric's queue to other nodes to drain.
+    Fabric,
 }
 
 pub struct Connection {
@@ -562,7 +571,14 @@ impl Connection {
         let Some(pause) = &a.pause else {
             return Poll::Ready(Ok(()));
         };
-        if pause.subscriber.wait_for_room(cx, &self.broker.limits()) {
+        let resumed = match &pause.on {
+            PausedOn::Subscriber(subscriber) => subscriber.wait_for_room(cx, &self.broker.limits()),
+            PausedOn::Fabric => self
+                .broker
+                .fabric()
+                .is_none_or(|fabric| !fabric.wait_room(cx.waker())),
+        };
+        if resumed {
             a.pause = None;
             a.last_received = a.last_received.max(now);
             Poll::Ready(Ok(()))
@@ -591,9 +607,12 @@ impl Connection {
                 }
                 // The wait ran out: a subscriber that moved messages meanwhile is slow, and we
                 // keep pacing to it; one that moved none is stalled and stops holding us up.
-                let (progress, stalled) = pause
-                    .subscriber
-                    .check_progress(pause.progress, &self.broker.stats);
+                let (progress, stalled) = match &pause.on {
+                    PausedOn::Subscriber(subscriber) => {
+                        subscriber.check_progress(pause.progress, &self.broker.stats)
+                    }
+                    PausedOn::Fabric => (self.broker.fabric().map_or(0, |f| f.progress()), false),
+                };
                 if stalled || progress == pause.progress {
                     a.pause = None;
                     a.last_received = a.last_received.max(now);
@@ -1477,7 +1496,18 @@ impl Connection {
             let progress = subscriber.lock().drained;
             if let State::Connected(a) = &mut self.state {
                 a.pause = Some(Pause {
-                    subscriber,
+                    on: PausedOn::Subscriber(subscriber),
+                    progress,
+                    check_at: now + limits.flow_control_timeout,
+                });
+            }
+        } else if routed.fabric_congested {
+            // The same for the queue to other nodes.
+            Stats::add(&self.broker.stats.flow_control_pauses, 1);
+            let progress = self.broker.fabric().map_or(0, |f| f.progress());
+            if let State::Connected(a) = &mut self.state {
+                a.pause = Some(Pause {
+                    on: PausedOn::Fabric,
                     progress,
                     check_at: now + limits.flow_control_timeout,
                 });

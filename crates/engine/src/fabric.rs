@@ -33,6 +33,9 @@ pub struct Forwarded {
     /// PUBACK/PUBREC waits until [`Fabric::forwarded`] reaches it, so that an acknowledged
     /// message survives this node.
     pub token: u64,
+    /// The fabric's queue to other nodes is past its high-water mark: the publisher pauses,
+    /// as for a subscriber whose queue it filled, until [`Fabric::wait_room`] says it drained.
+    pub congested: bool,
 }
 
 pub trait Fabric: Send + Sync + 'static {
@@ -78,5 +81,16 @@ pub trait Fabric: Send + Sync + 'static {
     /// fabric reconciles those itself ([`Broker::pending_wills`](crate::Broker::pending_wills)).
     fn will_pending(&self, client_id: &str, will: Option<(Instant, &LastWill)>) {
         let _ = (client_id, will);
+    }
+    /// After a congested publish: asks for `waker` to be woken once the queue to other
+    /// nodes drained below its low-water mark; false if it already has.
+    fn wait_room(&self, waker: &Waker) -> bool {
+        let _ = waker;
+        false
+    }
+    /// Messages sent to other nodes so far: a paused publisher keeps waiting while this
+    /// moves, and goes on (its messages then dropped, counted) when the fabric is stuck.
+    fn progress(&self) -> u64 {
+        0
     }
 }

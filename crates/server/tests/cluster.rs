@@ -1362,3 +1362,59 @@ async fn delayed_wills_of_offline_sessions_fire_once_when_their_node_dies() {
         "dw2's will published before its delay: {arrivals:?}"
     );
 }
+
+/// Flow control across nodes: publishers that write QoS 0 faster than their node can hand it
+/// to NATS are paused, as for a full subscriber queue on one node, instead of having their
+/// messages dropped on the way out.
+#[tokio::test]
+async fn qos0_publishers_faster_than_nats_are_paused_not_dropped() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("fan-in");
+    let a = Node::memory("a", &nats);
+    let b = Node::memory("b", &nats);
+    let mut sub = subscribed(&b, "fan-in-sub", &[("fi/#", 0)]).await;
+    a.sees_interest(1, 0).await;
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 60_000;
+    let writers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let addr = a.broker.addr;
+            tokio::spawn(async move {
+                let mut c = RawClient::connected(addr, &format!("fi-pub-{p}"), 60).await;
+                // Everything at once: the node reads as fast as it may.
+                let mut burst = Vec::with_capacity(EACH * 24);
+                for i in 0..EACH {
+                    burst.extend_from_slice(&publish("fi/x", 0, 0, format!("{p}-{i}").as_bytes()));
+                }
+                c.send(&burst).await;
+                c
+            })
+        })
+        .collect();
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        while sub.packet(Duration::from_secs(3)).await.is_ok() {
+            got += 1;
+        }
+        got
+    });
+    let mut publishers = Vec::new();
+    for w in writers {
+        publishers.push(w.await.unwrap());
+    }
+    let got = reader.await.unwrap();
+    let status = a.cluster().await;
+    let sent = status["messages"]["sent_core"].as_u64().unwrap();
+    let dropped = status["messages"]["dropped"].as_u64().unwrap();
+    let pauses = metric(a.admin, "petrel_flow_control_pauses_total ").await;
+    println!(
+        "{} published, {sent} handed to NATS, {dropped} dropped on the way out, {pauses} pauses, {got} received",
+        PUBLISHERS * EACH
+    );
+    assert_eq!(
+        dropped, 0,
+        "QoS 0 dropped on the publishing node instead of pausing its publishers: {status}"
+    );
+    assert_eq!(sent, (PUBLISHERS * EACH) as u64, "{status}");
+    drop(publishers);
+}
