@@ -711,10 +711,14 @@ impl Inner {
             .publish_with_reply(names::takeover_subject(owner), inbox, request)
             .await
             .map_err(|e| e.to_string())?;
-        let gathered = tokio::time::timeout(Duration::from_secs(3), async {
+        let gathered = async {
             let mut parts = Vec::new();
             loop {
-                let reply = replies.next().await.ok_or("the reply subscription ended")?;
+                // Each part within 3 s: a long queue takes as long as it needs.
+                let reply = tokio::time::timeout(Duration::from_secs(3), replies.next())
+                    .await
+                    .map_err(|_| format!("no answer within 3 s after {} parts", parts.len()))?
+                    .ok_or("the reply subscription ended")?;
                 if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
                     return Err("it is not connected to NATS".to_owned());
                 }
@@ -727,9 +731,8 @@ impl Inner {
                     return Ok(Some(parts));
                 }
             }
-        })
-        .await
-        .unwrap_or_else(|_| Err("no complete answer within 3 s".to_owned()));
+        }
+        .await;
         let _ = replies.unsubscribe().await;
         gathered
     }
