@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_nats::{Client, HeaderMap};
@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::fabric::{Acks, Command, FabricStats, NatsFabric};
 use crate::interest::RemoteInterest;
+use crate::wire::wall_ms;
 use crate::{handover, names, subject, wire};
 
 /// How a node joins its cluster.
@@ -130,12 +131,6 @@ pub(crate) struct Inner {
     moved: Mutex<Vec<Moved>>,
     boot: u64,
     started_ms: u64,
-}
-
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Which (origin, number) pairs were routed lately: a bounded window.
@@ -1142,7 +1137,7 @@ impl Inner {
             .chain(targets.groups.iter().map(|g| names::group_subject(*g)))
             .collect();
         let record = petrel_engine::record::message_record(message);
-        if wire::Batch::new(&self.config.node_id).len() + wire::Batch::ENTRY_HEADER + record.len()
+        if wire::Batch::header_len(&self.config.node_id) + wire::Batch::ENTRY_HEADER + record.len()
             > copies.limit
         {
             // Only a message whose topic alias hid a long topic can outgrow the packet size

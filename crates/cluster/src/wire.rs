@@ -108,6 +108,11 @@ impl Batch {
     /// What a message adds to a batch besides its record.
     pub const ENTRY_HEADER: usize = 12;
 
+    /// A batch's bytes before its first message, for `origin`.
+    pub fn header_len(origin: &str) -> usize {
+        2 + origin.len().min(255) + 4
+    }
+
     pub fn len(&self) -> usize {
         self.bytes.len()
     }
@@ -186,13 +191,17 @@ pub(crate) fn encode_will(will: &LastWill) -> Bytes {
     out.freeze()
 }
 
+/// Wall-clock milliseconds since the Unix epoch: times that other nodes read.
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// An offline session's will waiting for its delay, as kept in the wills bucket: when it is
 /// due (wall-clock milliseconds, 8 bytes), then the will as [`encode_will`] has it.
 pub(crate) fn encode_pending_will(due: std::time::Instant, will: &LastWill) -> Bytes {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let due = wall
+    let due = wall_ms()
         + due
             .saturating_duration_since(std::time::Instant::now())
             .as_millis() as u64;
@@ -293,10 +302,7 @@ mod tests {
 
         let due = std::time::Instant::now() + std::time::Duration::from_secs(90);
         let (pending, at) = decode_pending_will(&encode_pending_will(due, &will)).unwrap();
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let wall = wall_ms();
         assert!((89_000..=90_000).contains(&(at - wall)), "{}", at - wall);
         assert_eq!(&pending.payload[..], b"gone");
         assert!(decode_pending_will(b"\0\0\0").is_err());
