@@ -7,6 +7,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use petrel_codec::{QoS, TopicFilter};
+use petrel_engine::auth::Login;
 use petrel_engine::record::{decode_message, message_record, options_byte, options_from};
 use petrel_engine::session::Subscription;
 use petrel_engine::store::{StoredDelivery, StoredSession, StoredStage};
@@ -31,6 +32,10 @@ const PART_HEADER: usize = 1 + 4 + 4 + 4 + 4;
 #[derive(Serialize, Deserialize)]
 struct Settings {
     client_id: String,
+    /// Who owns the session (user name, certificate identity); absent from a node that does
+    /// not keep owners yet, and then the first login to resume it here becomes its owner.
+    #[serde(default)]
+    owner: Option<(Option<String>, Option<String>)>,
     expiry_interval: u32,
     subscriptions: Vec<(String, u8, u32)>,
     inbound_qos2: Vec<u16>,
@@ -67,6 +72,10 @@ fn put_delivery(out: &mut BytesMut, d: &StoredDelivery, record: &[u8]) {
 pub(crate) fn encode(session: &StoredSession, max_bytes: usize) -> (Vec<Bytes>, usize) {
     let settings = serde_json::to_vec(&Settings {
         client_id: session.client_id.clone(),
+        owner: session
+            .login
+            .as_ref()
+            .map(|l| (l.username.clone(), l.certificate.clone())),
         expiry_interval: session.expiry_interval,
         subscriptions: session
             .subscriptions
@@ -173,6 +182,10 @@ pub(crate) fn decode(parts: &[Bytes]) -> Result<StoredSession, String> {
     }
     Ok(StoredSession {
         client_id: settings.client_id,
+        login: settings.owner.map(|(username, certificate)| Login {
+            username,
+            certificate,
+        }),
         expiry_interval: settings.expiry_interval,
         expires_at: None,
         subscriptions,
@@ -239,6 +252,10 @@ mod tests {
         };
         StoredSession {
             client_id: "c1".into(),
+            login: Some(Login {
+                username: Some("bob".into()),
+                certificate: None,
+            }),
             expiry_interval: 300,
             expires_at: None,
             subscriptions: vec![(
@@ -278,6 +295,7 @@ mod tests {
         assert_eq!((parts.len(), left_out), (1, 0));
         let back = decode(&parts).unwrap();
         assert_eq!(back.client_id, "c1");
+        assert_eq!(back.login, s.login, "the owner goes with the session");
         assert_eq!(back.expiry_interval, 300);
         assert_eq!(back.subscriptions.len(), 1);
         assert_eq!(back.subscriptions[0].1.id, 7);

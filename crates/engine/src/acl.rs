@@ -14,6 +14,7 @@
 //! `#` from a client allowed `sensors/+/temp` receives exactly the temperatures. No client
 //! publishes under `$SYS/`, whatever the rules say: those topics are the broker's.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use petrel_codec::TopicFilter;
@@ -79,6 +80,8 @@ pub struct Identity<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Acl {
     rules: Vec<Rule>,
+    /// Client ids reserved for some logins, and who holds each (see [`Acl::bind`]).
+    bindings: HashMap<String, Vec<Principal>>,
 }
 
 impl Acl {
@@ -110,7 +113,29 @@ impl Acl {
                 }
             }
         }
-        Ok(Acl { rules })
+        Ok(Acl {
+            rules,
+            bindings: HashMap::new(),
+        })
+    }
+
+    /// Reserves `client_id` for the logins `holders` names (users, certificate identities,
+    /// or anonymous clients): only they may connect with it, they may open each other's
+    /// sessions under it, and `client_id` rules for it apply to them alone. A client id is
+    /// chosen by the client, so without a binding it proves nothing: a `client_id` rule for an
+    /// id that is not bound applies to no one. `Everyone` holds nothing and is ignored.
+    pub fn bind(&mut self, client_id: String, holders: Vec<Principal>) {
+        let holders = holders
+            .into_iter()
+            .filter(|p| !matches!(p, Principal::Everyone | Principal::ClientId(_)));
+        self.bindings.entry(client_id).or_default().extend(holders);
+    }
+
+    /// Whether `who` may use its client id: `None` when the id is not bound to anyone (the
+    /// session-ownership rule alone then decides), otherwise whether `who` holds it.
+    pub fn may_use_client_id(&self, who: Identity<'_>) -> Option<bool> {
+        let holders = self.bindings.get(who.client_id)?;
+        Some(holders.iter().any(|p| holds(p, who)))
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -124,11 +149,11 @@ impl Acl {
         let mut acl = ClientAcl::default();
         for rule in &self.rules {
             let applies = match &rule.principal {
-                Principal::User(u) => username == Some(u.as_str()),
-                Principal::ClientId(c) => who.client_id == c,
-                Principal::Certificate(c) => who.certificate == Some(c.as_str()),
-                Principal::Anonymous => who.username.is_none() && who.certificate.is_none(),
-                Principal::Everyone => true,
+                // Only a login that holds the id gets what a rule grants to it.
+                Principal::ClientId(c) => {
+                    who.client_id == c && self.may_use_client_id(who) == Some(true)
+                }
+                other => holds(other, who),
             };
             if !applies {
                 continue;
@@ -146,6 +171,19 @@ impl Acl {
             }
         }
         acl
+    }
+}
+
+/// Whether `who` is what `principal` names (a client id names no login: see [`Acl::bind`]).
+fn holds(principal: &Principal, who: Identity<'_>) -> bool {
+    // A certificate identity serves as the user name of a client that gave none.
+    let username = who.username.or(who.certificate);
+    match principal {
+        Principal::User(u) => username == Some(u.as_str()),
+        Principal::ClientId(_) => false,
+        Principal::Certificate(c) => who.certificate == Some(c.as_str()),
+        Principal::Anonymous => who.username.is_none() && who.certificate.is_none(),
+        Principal::Everyone => true,
     }
 }
 
@@ -378,7 +416,7 @@ mod tests {
 
     #[test]
     fn rules_apply_by_user_client_certificate_and_anonymity() {
-        let acl = Acl::new(vec![
+        let mut acl = Acl::new(vec![
             rule(
                 Principal::User("alice".into()),
                 Access::Both,
@@ -398,6 +436,10 @@ mod tests {
             rule(Principal::Everyone, Access::Subscribe, &["news"]),
         ])
         .unwrap();
+        // Unbound, a client id proves nothing: its rule grants no one anything.
+        let unbound = acl.for_client(who("dev-1", None));
+        assert!(!unbound.may_publish("devices/dev-1/up"));
+        acl.bind("dev-1".into(), vec![Principal::Anonymous]);
         let alice = acl.for_client(who("x", Some("alice")));
         assert!(alice.may_publish("home/alice/light"));
         assert!(!alice.may_publish("home/bob/light"));
@@ -406,6 +448,11 @@ mod tests {
         assert!(device.may_publish("devices/dev-1/up"));
         assert!(!device.may_publish("devices/dev-2/up"));
         assert!(device.may_receive("public/x"), "no user name: anonymous");
+        let impostor = acl.for_client(who("dev-1", Some("mallory")));
+        assert!(
+            !impostor.may_publish("devices/dev-1/up"),
+            "a login that does not hold the id gets nothing from its rule"
+        );
         let gateway = acl.for_client(Identity {
             client_id: "g",
             username: None,
@@ -413,6 +460,40 @@ mod tests {
         });
         assert!(gateway.may_receive("gw/a") && !gateway.may_receive("public/x"));
         assert!(!gateway.may_publish("gw/a"), "subscribe only");
+    }
+
+    #[test]
+    fn a_bound_client_id_is_for_its_holders_only() {
+        let mut acl = Acl::new(Vec::new()).unwrap();
+        acl.bind(
+            "plant-7".into(),
+            vec![
+                Principal::User("ops".into()),
+                Principal::Certificate("plc-7".into()),
+            ],
+        );
+        let id = |client_id, username, certificate| Identity {
+            client_id,
+            username,
+            certificate,
+        };
+        assert_eq!(acl.may_use_client_id(id("free", Some("x"), None)), None);
+        assert_eq!(
+            acl.may_use_client_id(id("plant-7", Some("ops"), None)),
+            Some(true)
+        );
+        assert_eq!(
+            acl.may_use_client_id(id("plant-7", None, Some("plc-7"))),
+            Some(true)
+        );
+        assert_eq!(
+            acl.may_use_client_id(id("plant-7", Some("bob"), None)),
+            Some(false)
+        );
+        assert_eq!(
+            acl.may_use_client_id(id("plant-7", None, None)),
+            Some(false)
+        );
     }
 
     #[test]

@@ -18,6 +18,26 @@ pub struct Credentials<'a> {
     pub certificate_identity: Option<&'a str>,
 }
 
+/// Who a client proved to be: the user name it logged in with and the identity its verified
+/// client certificate names (either, both or neither: anonymous). A session belongs to the
+/// login that made it, so a client id alone never opens another user's session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Login {
+    pub username: Option<String>,
+    pub certificate: Option<String>,
+}
+
+impl std::fmt::Display for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.username, &self.certificate) {
+            (Some(u), Some(c)) => write!(f, "user {u:?} with certificate {c:?}"),
+            (Some(u), None) => write!(f, "user {u:?}"),
+            (None, Some(c)) => write!(f, "certificate {c:?}"),
+            (None, None) => f.write_str("anonymous"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthDecision {
     Allow,
@@ -87,6 +107,13 @@ pub enum AuthStep {
 /// Data from CONNECT and then from each AUTH packet.
 pub trait AuthExchange: Send {
     fn step(&mut self, client_data: &[u8]) -> AuthStep;
+
+    /// The user name the exchange proved, once it has succeeded. The client then is that
+    /// user (in topic rules and as its sessions' owner), whatever its CONNECT's User Name
+    /// field says; `None` for a method that proves no name.
+    fn user(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// An [`Authenticator`] that also offers enhanced authentication methods.

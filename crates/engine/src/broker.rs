@@ -29,7 +29,7 @@ use petrel_codec::{
 
 use crate::acl::{is_sys, Acl};
 use crate::activity::TopicActivity;
-use crate::auth::{AllowAll, Authenticator};
+use crate::auth::{AllowAll, Authenticator, Login};
 use crate::fabric::Fabric;
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
@@ -142,6 +142,10 @@ pub struct Attach {
     /// told about survives a crash.
     pub written: u64,
 }
+
+/// A CONNECT asked for a session that belongs to another login (see [`Broker::attach`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotOwner;
 
 /// What routing one message did.
 #[derive(Default)]
@@ -615,29 +619,43 @@ impl Broker {
     ///
     /// Resuming cancels a will still waiting for its delay [MQTT-3.1.3-9]; discarding the old
     /// session ends it, which publishes such a will now.
+    ///
+    /// A session belongs to the login that made it: `login` may resume, take over or discard
+    /// only a session of its own, unless the ACL binds the client id to it (`granted`, see
+    /// [`Acl::bind`]). Otherwise nothing is touched and [`NotOwner`] is returned: the
+    /// CONNECT is refused (v5 0x87, 3.1.1 return code 5) and the session's client, if
+    /// connected, stays.
+    #[allow(clippy::too_many_arguments)]
     pub fn attach(
         &self,
         client_id: &MqttString,
         clean_start: bool,
         expiry_interval: u32,
         connection: u64,
+        login: &Login,
+        granted: bool,
         now: Instant,
-    ) -> Attach {
+    ) -> Result<Attach, NotOwner> {
         let mut sessions = lock(&self.sessions);
         let mut displaced = None;
         let mut took_over = false;
         let mut ended_will = None;
         if let Some(existing) = sessions.get(client_id).cloned() {
             let mut st = existing.lock();
+            // A session whose expiry passed but whose timer has not fired yet is gone all the
+            // same.
+            let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
+            if !expired && !granted && st.login.as_ref().is_some_and(|owner| owner != login) {
+                return Err(NotOwner);
+            }
             if let Owner::Connection(_) = st.owner {
                 took_over = true;
                 displaced = st.waker.take();
             }
-            // A session whose expiry passed but whose timer has not fired yet is gone all the
-            // same.
-            let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
             if !clean_start && st.persistent() && !expired {
                 existing.set_owner(&mut st, Owner::Connection(connection));
+                // A session kept from before owners were recorded is its first resumer's.
+                let owner = st.login.get_or_insert_with(|| login.clone()).clone();
                 st.expiry_interval = expiry_interval;
                 st.expires_at = None;
                 if st.pending_will.take().is_some() {
@@ -647,15 +665,17 @@ impl Broker {
                 st.release_blocked();
                 drop(st);
                 drop(sessions);
-                let written = self.store.session_opened(client_id, expiry_interval);
+                let written = self
+                    .store
+                    .session_opened(client_id, expiry_interval, Some(&owner));
                 let written = if expiry_interval > 0 { written } else { 0 };
-                return Attach {
+                return Ok(Attach {
                     session: existing,
                     session_present: true,
                     displaced,
                     took_over,
                     written,
-                };
+                });
             }
             // Discard the old session [MQTT-3.1.2-6]: it stops receiving, and its
             // subscriptions leave the index.
@@ -666,23 +686,26 @@ impl Broker {
             id,
             client_id.clone(),
             Owner::Connection(connection),
+            Some(login.clone()),
             expiry_interval,
             self.queue_totals.clone(),
         ));
         sessions.insert(client_id.clone(), session.clone());
         drop(sessions);
-        let written = self.store.session_opened(client_id, expiry_interval);
+        let written = self
+            .store
+            .session_opened(client_id, expiry_interval, Some(login));
         let written = if expiry_interval > 0 { written } else { 0 };
         if let Some(will) = ended_will {
             self.publish_will(*will, id, now);
         }
-        Attach {
+        Ok(Attach {
             session,
             session_present: false,
             displaced,
             took_over,
             written,
-        }
+        })
     }
 
     /// Puts back what a store kept across a restart: persistent sessions, offline, with their
@@ -740,6 +763,7 @@ impl Broker {
             id,
             client_id.clone(),
             Owner::Offline,
+            stored.login.clone(),
             stored.expiry_interval,
             self.queue_totals.clone(),
         ));
@@ -756,8 +780,14 @@ impl Broker {
         };
         let store = &*self.store;
         if record {
-            store.session_opened(&stored.client_id, stored.expiry_interval);
-            store.session_offline(&stored.client_id, stored.expiry_interval, st.expires_at);
+            let login = stored.login.as_ref();
+            store.session_opened(&stored.client_id, stored.expiry_interval, login);
+            store.session_offline(
+                &stored.client_id,
+                stored.expiry_interval,
+                st.expires_at,
+                login,
+            );
             for id in &stored.inbound_qos2 {
                 store.inbound_qos2(&stored.client_id, *id, true);
             }
@@ -883,6 +913,7 @@ impl Broker {
             }
             crate::store::StoredSession {
                 client_id: client_id.to_owned(),
+                login: st.login.clone(),
                 expiry_interval: st.expiry_interval,
                 expires_at: None,
                 subscriptions: st
@@ -1119,8 +1150,12 @@ impl Broker {
                 st.expires_at = Some(at);
                 self.schedule(&mut st, at, session);
             }
-            self.store
-                .session_offline(&session.client_id, st.expiry_interval, st.expires_at);
+            self.store.session_offline(
+                &session.client_id,
+                st.expiry_interval,
+                st.expires_at,
+                st.login.as_ref(),
+            );
             if let Some(will) = will {
                 match will_delay(&will) {
                     0 => will_now = Some(will),

@@ -29,9 +29,9 @@ use petrel_codec::{
 
 use crate::acl::{is_sys, Identity, Verdict};
 use crate::auth::{
-    AuthDecision, AuthExchange, AuthOutcome, AuthStep, Credentials, PendingDecision,
+    AuthDecision, AuthExchange, AuthOutcome, AuthStep, Credentials, Login, PendingDecision,
 };
-use crate::broker::Broker;
+use crate::broker::{Broker, NotOwner};
 use crate::limits::Limits;
 use crate::message::Message;
 use crate::session::{
@@ -960,13 +960,32 @@ impl Connection {
                 Ok(())
             }
             AuthStep::Success(data) => {
+                // The client is the user the method proved, whatever its User Name field
+                // says: a CONNECT naming someone else is refused rather than trusted.
+                let proven = pending.exchange.user().map(str::to_owned);
                 let PendingConnect {
-                    connect,
+                    mut connect,
                     client_id,
                     assigned,
                     method,
                     ..
                 } = *pending;
+                if let Some(user) = proven {
+                    if connect
+                        .username
+                        .as_ref()
+                        .is_some_and(|u| u.as_str() != user)
+                    {
+                        tracing::info!(peer = %self.peer, client_id = %client_id, %method, "connection refused: its User Name is not the user the authentication proved");
+                        return self.refuse(ProtocolVersion::V5, ReasonCode::NOT_AUTHORIZED);
+                    }
+                    match MqttString::new(&user) {
+                        Ok(user) => connect.username = Some(user),
+                        Err(_) => {
+                            return self.refuse(ProtocolVersion::V5, ReasonCode::NOT_AUTHORIZED)
+                        }
+                    }
+                }
                 tracing::debug!(peer = %self.peer, client_id = %client_id, %method, "enhanced authentication succeeded");
                 self.accept(
                     now,
@@ -1058,6 +1077,12 @@ impl Connection {
         let reply = match step {
             AuthStep::Continue(data) => (ReasonCode::CONTINUE_AUTHENTICATION, Some(data)),
             AuthStep::Success(data) => {
+                // Re-authentication proves the same user again; it cannot become another.
+                let proven = enhanced.exchange.as_ref().and_then(|e| e.user());
+                if proven.is_some_and(|u| a.username.as_deref().map(|n| n.as_str()) != Some(u)) {
+                    tracing::info!(client_id = %a.session.client_id, peer = %self.peer, "re-authentication proved another user");
+                    return Err(CloseReason::AuthenticationFailed);
+                }
                 enhanced.exchange = None;
                 (ReasonCode::SUCCESS, data)
             }
@@ -1091,6 +1116,23 @@ impl Connection {
         enhanced: Option<(MqttString, Option<Vec<u8>>)>,
         claimed: bool,
     ) -> Result<(), CloseReason> {
+        // A client id the ACL binds to some logins is theirs alone: refused before anything
+        // (a cluster claim included) touches its session.
+        if let Some(false) = self
+            .broker
+            .acl()
+            .filter(|_| !self.internal)
+            .and_then(|acl| {
+                acl.may_use_client_id(Identity {
+                    client_id: &client_id,
+                    username: connect.username.as_ref().map(|u| u.as_str()),
+                    certificate: self.certificate_identity(),
+                })
+            })
+        {
+            tracing::info!(peer = %self.peer, client_id = %client_id, "connection refused: the ACL binds this client id to other logins");
+            return self.refuse(connect.protocol, ReasonCode::NOT_AUTHORIZED);
+        }
         if !claimed && !self.internal {
             let claim = self
                 .broker
@@ -1116,17 +1158,21 @@ impl Connection {
         }
         let version = connect.protocol;
         let limits = &self.broker.limits();
+        let login = Login {
+            username: connect.username.as_ref().map(|u| u.to_string()),
+            certificate: self.certificate_identity().map(str::to_owned),
+        };
 
         // Topic authorization, compiled for this client. Its will is a message it publishes,
         // checked now rather than dropped silently when the connection ends.
         let acl_generation = self.broker.acl_generation();
-        let acl = self.broker.acl().filter(|_| !self.internal).map(|acl| {
-            Arc::new(acl.for_client(Identity {
-                client_id: &client_id,
-                username: connect.username.as_ref().map(|u| u.as_str()),
-                certificate: self.certificate_identity(),
-            }))
-        });
+        let rules = self.broker.acl().filter(|_| !self.internal);
+        let identity = Identity {
+            client_id: &client_id,
+            username: login.username.as_deref(),
+            certificate: login.certificate.as_deref(),
+        };
+        let acl = rules.as_ref().map(|acl| Arc::new(acl.for_client(identity)));
         if let (Some(acl), Some(will)) = (&acl, &connect.will) {
             if !acl.may_publish(&will.topic) {
                 Stats::add(&self.broker.stats.denied_publish, 1);
@@ -1150,13 +1196,28 @@ impl Connection {
         } else {
             NEVER_EXPIRES
         };
-        let attach = self.broker.attach(
+        // The broker's own clients (a bridge's local side) and the holders of a bound client
+        // id may open the session whoever made it.
+        let granted = self.internal
+            || rules
+                .as_ref()
+                .and_then(|acl| acl.may_use_client_id(identity))
+                == Some(true);
+        let attach = match self.broker.attach(
             &client_id,
             connect.clean_start,
             session_expiry,
             self.id,
+            &login,
+            granted,
             now,
-        );
+        ) {
+            Ok(attach) => attach,
+            Err(NotOwner) => {
+                tracing::info!(peer = %self.peer, client_id = %client_id, %login, "connection refused: the client id's session belongs to another login");
+                return self.refuse(version, ReasonCode::NOT_AUTHORIZED);
+            }
+        };
         if attach.took_over {
             Stats::add(&self.broker.stats.takeovers, 1);
             tracing::info!(client_id = %client_id, peer = %self.peer, "session taken over by a new connection");
@@ -1254,11 +1315,11 @@ impl Connection {
                     client_id: &attach.session.client_id,
                 };
                 let mut held = Held::new(self.broker.store().durable(), !pending.is_empty());
-                let too_large =
+                let resent =
                     st.resend_inflight(&mut egress, now, &mut self.out, &mut held, journal);
-                if too_large > 0 {
-                    Stats::add(&self.broker.stats.dropped_too_large, too_large as u64);
-                }
+                let stats = &self.broker.stats;
+                Stats::add(&stats.dropped_too_large, resent.too_large as u64);
+                Stats::add(&stats.dropped_not_authorized, resent.denied as u64);
                 if !held.frames.is_empty() {
                     pending.push_back((held.until, Pending::Frames(held.frames.freeze())));
                 }

@@ -183,6 +183,9 @@ enum State {
 pub struct ScramExchange {
     users: Arc<HashMap<String, ScramCredentials>>,
     state: State,
+    /// The user name of the client-first message; proven once the exchange succeeds.
+    user: Option<String>,
+    proven: bool,
 }
 
 impl ScramExchange {
@@ -190,6 +193,8 @@ impl ScramExchange {
         ScramExchange {
             users,
             state: State::ClientFirst,
+            user: None,
+            proven: false,
         }
     }
 
@@ -224,6 +229,7 @@ impl ScramExchange {
         getrandom::getrandom(&mut random).map_err(|_| "no randomness for the server nonce")?;
         let nonce = format!("{client_nonce}{}", B64.encode(random));
         let credentials = self.users.get(&user).cloned();
+        self.user = Some(user.clone());
         let (salt, iterations) = match &credentials {
             Some(c) => (c.salt.clone(), c.iterations),
             // Same shape for an unknown user: a salt that is stable for the name.
@@ -329,11 +335,17 @@ impl AuthExchange for ScramExchange {
             State::ClientFinal { .. } => self.client_final(message),
             State::Done => Err("exchange already finished"),
         };
-        result.unwrap_or_else(|why| {
+        let step = result.unwrap_or_else(|why| {
             tracing::debug!(why, "SCRAM-SHA-256 exchange refused");
             self.state = State::Done;
             AuthStep::Failure(ReasonCode::NOT_AUTHORIZED)
-        })
+        });
+        self.proven = matches!(step, AuthStep::Success(_));
+        step
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.user.as_deref().filter(|_| self.proven)
     }
 }
 
@@ -416,9 +428,15 @@ mod tests {
         assert!(first.ends_with(",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"));
         // The RFC's server nonce differs from ours, so compute the client's answer for ours.
         let (last, want) = client::last("user", "rOprNGfwEbeRWgbNEkqO", "pencil", &first);
+        assert_eq!(ex.user(), None, "not proven before the proof");
         assert_eq!(
             ex.step(last.as_bytes()),
             AuthStep::Success(Some(want.into_bytes()))
+        );
+        assert_eq!(
+            ex.user(),
+            Some("user"),
+            "the proven name is the client-first's"
         );
 
         // And the RFC's own numbers for its own nonce: the client proof and server signature.

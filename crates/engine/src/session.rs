@@ -24,6 +24,7 @@ use petrel_codec::{
 };
 
 use crate::acl::ClientAcl;
+use crate::auth::Login;
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::shared::SharedGroup;
@@ -94,6 +95,15 @@ impl Delivery {
     pub fn group(&self) -> Option<&Arc<SharedGroup>> {
         self.extra.as_deref().and_then(|e| e.group.as_ref())
     }
+}
+
+/// Unacknowledged messages a resumed session dropped instead of sending again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resent {
+    /// Larger than the new connection's Maximum Packet Size.
+    pub too_large: usize,
+    /// On a topic its ACL does not let it receive.
+    pub denied: usize,
 }
 
 /// A subscription as the session remembers it.
@@ -347,6 +357,10 @@ impl QueueTotals {
 
 pub struct SessionState {
     pub owner: Owner,
+    /// Who the session belongs to: the login that made it. Only that login (or one an ACL
+    /// binding lets use the client id) may resume or take it over. `None` only for a session
+    /// restored from a record written before owners were kept.
+    pub login: Option<Login>,
     /// Wakes the attached connection's task when a message is queued.
     pub waker: Option<Waker>,
     /// Session Expiry Interval in seconds: 0 ends the session with its connection,
@@ -426,6 +440,7 @@ impl Session {
         id: SessionId,
         client_id: MqttString,
         owner: Owner,
+        login: Option<Login>,
         expiry_interval: u32,
         totals: Arc<QueueTotals>,
     ) -> Session {
@@ -439,6 +454,7 @@ impl Session {
             owner_id: AtomicU64::new(owner_id),
             state: Mutex::new(SessionState {
                 owner,
+                login,
                 waker: None,
                 expiry_interval,
                 expires_at: None,
@@ -865,7 +881,10 @@ impl SessionState {
     /// whose delivery has started is sent even if its message expired since; one whose first
     /// sending still waited for the store waits again (into `held`). One that the new
     /// connection's Maximum Packet Size no longer admits is dropped as delivered
-    /// [MQTT-3.1.2-25], so it does not hold a window slot; the count of those is returned.
+    /// [MQTT-3.1.2-25], so it does not hold a window slot. One whose topic the connection's
+    /// ACL does not let it receive (the rules changed, or another login the ACL lets use the
+    /// client id resumed the session) is dropped unsent, as the queue's path does: a message
+    /// goes only to a login allowed to read it. Returns how many were dropped for each reason.
     pub fn resend_inflight(
         &mut self,
         egress: &mut Egress,
@@ -873,11 +892,20 @@ impl SessionState {
         out: &mut BytesMut,
         held: &mut Held,
         journal: Journal<'_>,
-    ) -> usize {
-        let mut too_large = 0;
+    ) -> Resent {
+        let mut resent = Resent::default();
         self.inflight.retain(|f| match f.stage {
             InflightStage::Published => {
                 let d = &f.delivery;
+                if egress
+                    .acl
+                    .as_ref()
+                    .is_some_and(|acl| !acl.may_receive(&d.message.topic))
+                {
+                    journal.dequeued(d);
+                    resent.denied += 1;
+                    return false;
+                }
                 let written = d.message.write_delivery(
                     egress,
                     d.qos,
@@ -890,7 +918,7 @@ impl SessionState {
                 );
                 if written.is_err() {
                     journal.dequeued(d);
-                    too_large += 1;
+                    resent.too_large += 1;
                 }
                 written.is_ok()
             }
@@ -903,7 +931,7 @@ impl SessionState {
                 true
             }
         });
-        too_large
+        resent
     }
 
     /// Takes every delivery made for a shared subscription that the client has not yet

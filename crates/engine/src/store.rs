@@ -15,17 +15,25 @@ use std::time::Instant;
 
 use petrel_codec::{LastWill, QoS, TopicFilter};
 
+use crate::auth::Login;
 use crate::message::Message;
 use crate::session::{Delivery, Subscription};
 
 pub trait Store: Send + Sync + 'static {
     /// A session was created or resumed with this Session Expiry Interval; 0 means it ends
-    /// with its connection, and a store forgets any earlier record of it. Returns the write's
-    /// durability token: the CONNACK of a persistent session waits for it.
-    fn session_opened(&self, client_id: &str, expiry_interval: u32) -> u64;
+    /// with its connection, and a store forgets any earlier record of it. `login` is who owns
+    /// it (`None`: not known, a session from a store written before owners were kept).
+    /// Returns the write's durability token: the CONNACK of a persistent session waits for it.
+    fn session_opened(&self, client_id: &str, expiry_interval: u32, login: Option<&Login>) -> u64;
     /// A persistent session's client left: the session (with this Session Expiry Interval)
     /// ends at `expires_at` (`None`: never) unless it is resumed first.
-    fn session_offline(&self, client_id: &str, expiry_interval: u32, expires_at: Option<Instant>);
+    fn session_offline(
+        &self,
+        client_id: &str,
+        expiry_interval: u32,
+        expires_at: Option<Instant>,
+        login: Option<&Login>,
+    );
     /// The session ended; its subscriptions go with it.
     fn session_removed(&self, client_id: &str);
     /// Returns the write's durability token: SUBACK waits for it, so that a client told it is
@@ -106,10 +114,10 @@ pub struct StoreMetrics {
 pub struct Volatile;
 
 impl Store for Volatile {
-    fn session_opened(&self, _: &str, _: u32) -> u64 {
+    fn session_opened(&self, _: &str, _: u32, _: Option<&Login>) -> u64 {
         0
     }
-    fn session_offline(&self, _: &str, _: u32, _: Option<Instant>) {}
+    fn session_offline(&self, _: &str, _: u32, _: Option<Instant>, _: Option<&Login>) {}
     fn session_removed(&self, _: &str) {}
     fn subscription_added(&self, _: &str, _: &TopicFilter, _: Subscription) -> u64 {
         0
@@ -169,6 +177,9 @@ pub struct StoredDelivery {
 #[derive(Debug, Clone)]
 pub struct StoredSession {
     pub client_id: String,
+    /// Who owns it; `None` in a record written before owners were kept (the first login to
+    /// resume it becomes its owner).
+    pub login: Option<Login>,
     pub expiry_interval: u32,
     /// When the offline session ends; `None`: never (or it was connected when the broker
     /// stopped, and its interval starts now).

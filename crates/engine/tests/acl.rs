@@ -25,7 +25,7 @@ fn rule(principal: Principal, access: Access, topics: &[&str]) -> Rule {
 /// "spy" may use `public/#` only; "admin" may do anything; user "alice" has her home.
 fn guarded_broker() -> Arc<Broker> {
     let broker = broker(Limits::default());
-    broker.set_acl(Some(
+    broker.set_acl(Some(with_ids_bound(
         Acl::new(vec![
             rule(
                 Principal::ClientId("spy".into()),
@@ -44,8 +44,25 @@ fn guarded_broker() -> Arc<Broker> {
             ),
         ])
         .unwrap(),
-    ));
+    )));
     broker
+}
+
+/// The rules, with each client id a rule names bound to anonymous clients (the clients of
+/// these tests give no user name): a `client_id` rule applies only to a login that holds it.
+fn with_ids_bound(mut acl: Acl) -> Acl {
+    let ids: Vec<String> = acl
+        .rules()
+        .iter()
+        .filter_map(|r| match &r.principal {
+            Principal::ClientId(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    for id in ids {
+        acl.bind(id, vec![Principal::Anonymous]);
+    }
+    acl
 }
 
 fn as_user(mut c: petrel_codec::Connect, user: &str) -> petrel_codec::Connect {
@@ -319,7 +336,7 @@ fn messages_queued_before_the_rules_changed_are_checked_as_they_are_sent() {
     }
     // Now the rules arrive: the spy may read public/# only; the publisher (connected all
     // along, and held to the new rules too) may publish anywhere.
-    broker.set_acl(Some(
+    broker.set_acl(Some(with_ids_bound(
         Acl::new(vec![
             rule(
                 Principal::ClientId("spy".into()),
@@ -329,7 +346,7 @@ fn messages_queued_before_the_rules_changed_are_checked_as_they_are_sent() {
             rule(Principal::ClientId("pub".into()), Access::Publish, &["#"]),
         ])
         .unwrap(),
-    ));
+    )));
     let mut sub = Peer::new(&broker, t0);
     sub.send_connect(t0, connect("spy", false, 0)).unwrap();
     assert_eq!(sub.written(), [connack(true)]);
@@ -369,14 +386,14 @@ fn a_new_acl_applies_to_clients_already_connected() {
     let t0 = Instant::now();
     let broker = broker(Limits::default());
     let allow = |topics: &[&str]| {
-        Some(
+        Some(with_ids_bound(
             Acl::new(vec![rule(
                 Principal::ClientId("c".into()),
                 Access::Both,
                 topics,
             )])
             .unwrap(),
-        )
+        ))
     };
     broker.set_acl(allow(&["a/#"]));
     let mut c = Peer::connect(&broker, t0, connect_v5("c", true, 0));

@@ -11,6 +11,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use petrel_codec::{Connect, LastWill, Packet, QoS, ReasonCode, TopicFilter};
+use petrel_engine::auth::Login;
 use petrel_engine::message::Message;
 use petrel_engine::session::{Delivery, Subscription};
 use petrel_engine::store::Store;
@@ -39,10 +40,10 @@ impl Manual {
 struct ManualStore(Arc<Manual>);
 
 impl Store for ManualStore {
-    fn session_opened(&self, _: &str, _: u32) -> u64 {
+    fn session_opened(&self, _: &str, _: u32, _: Option<&Login>) -> u64 {
         self.0.change()
     }
-    fn session_offline(&self, _: &str, _: u32, _: Option<Instant>) {
+    fn session_offline(&self, _: &str, _: u32, _: Option<Instant>, _: Option<&Login>) {
         self.0.change();
     }
     fn session_removed(&self, _: &str) {

@@ -8,6 +8,15 @@
 //!                             #      anonymous = true, everyone = true
 //! access = "both"             # "publish", "subscribe" or "both"
 //! topics = ["home/%u/#"]      # %u: the user name, %c: the client id (whole levels)
+//!
+//! # A client id is the client's own choice, so it proves nothing by itself. A binding
+//! # reserves one for some logins: only they may connect with it (and open its session),
+//! # and `client_id` rules, which need one, apply to them alone.
+//! [[client_ids]]
+//! client_id = "plant-7"
+//! users = ["ops"]             # user names (a certificate identity serves as one)
+//! certificates = ["plc-7"]    # verified client certificate identities
+//! anonymous = false           # clients with neither
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -36,6 +45,20 @@ pub enum AclFileError {
 struct File {
     #[serde(default)]
     rules: Vec<RuleEntry>,
+    #[serde(default)]
+    client_ids: Vec<BindingEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindingEntry {
+    client_id: String,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    certificates: Vec<String>,
+    #[serde(default)]
+    anonymous: bool,
 }
 
 #[derive(Deserialize)]
@@ -123,12 +146,59 @@ pub fn parse(path: &Path, text: &str) -> Result<Acl, AclFileError> {
             topics: entry.topics,
         });
     }
-    Acl::new(rules).map_err(|e| {
+    let mut bound = std::collections::HashSet::new();
+    let mut bindings = Vec::with_capacity(file.client_ids.len());
+    for (i, entry) in file.client_ids.into_iter().enumerate() {
+        let line = table_line(text, "[[client_ids]]", i);
+        if entry.client_id.is_empty() {
+            return Err(invalid(
+                line,
+                format!("client_ids[{i}].client_id: empty; name the client id to bind"),
+            ));
+        }
+        let mut holders: Vec<Principal> = entry.users.into_iter().map(Principal::User).collect();
+        holders.extend(entry.certificates.into_iter().map(Principal::Certificate));
+        if entry.anonymous {
+            holders.push(Principal::Anonymous);
+        }
+        if holders.is_empty() {
+            return Err(invalid(
+                line,
+                format!(
+                    "client_ids[{i}]: binds {:?} to no one; list users, certificates or \
+                     anonymous = true",
+                    entry.client_id
+                ),
+            ));
+        }
+        bound.insert(entry.client_id.clone());
+        bindings.push((entry.client_id, holders));
+    }
+    // A client id rule without a binding would hand its topics to whoever picks the id.
+    for (i, rule) in rules.iter().enumerate() {
+        if let Principal::ClientId(id) = &rule.principal {
+            if !bound.contains(id) {
+                return Err(invalid(
+                    rule_line(text, i),
+                    format!(
+                        "rules[{i}].client_id: {id:?} is not bound to any login, so this rule \
+                         would apply to whoever connects with that id; add a [[client_ids]] \
+                         table with client_id = {id:?} naming its users or certificates"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut acl = Acl::new(rules).map_err(|e| {
         invalid(
             rule_line(text, e.rule - 1),
             format!("rules[{}].topics: {:?}: {}", e.rule - 1, e.topic, e.why),
         )
-    })
+    })?;
+    for (client_id, holders) in bindings {
+        acl.bind(client_id, holders);
+    }
+    Ok(acl)
 }
 
 fn line_at(text: &str, offset: usize) -> usize {
@@ -137,9 +207,14 @@ fn line_at(text: &str, offset: usize) -> usize {
 
 /// The line of the `index`th `[[rules]]` header.
 fn rule_line(text: &str, index: usize) -> Option<usize> {
+    table_line(text, "[[rules]]", index)
+}
+
+/// The line of the `index`th `header` (e.g. `[[client_ids]]`).
+fn table_line(text: &str, header: &str, index: usize) -> Option<usize> {
     text.lines()
         .enumerate()
-        .filter(|(_, l)| l.trim_start().starts_with("[[rules]]"))
+        .filter(|(_, l)| l.trim_start().starts_with(header))
         .nth(index)
         .map(|(n, _)| n + 1)
 }
@@ -167,6 +242,10 @@ client_id = "dev-1"
 access = "publish"
 topics = ["devices/%c/up"]
 
+[[client_ids]]
+client_id = "dev-1"
+certificates = ["dev-1"]
+
 [[rules]]
 certificate = "gateway"
 access = "subscribe"
@@ -193,6 +272,37 @@ topics = ["$SYS/#"]
         assert!(alice.may_publish("home/alice/x"));
         assert!(alice.may_receive("$SYS/broker/uptime"));
         assert!(!alice.may_receive("public/x"));
+        let device = |certificate| Identity {
+            client_id: "dev-1",
+            username: None,
+            certificate,
+        };
+        assert_eq!(acl.may_use_client_id(device(Some("dev-1"))), Some(true));
+        assert!(acl
+            .for_client(device(Some("dev-1")))
+            .may_publish("devices/dev-1/up"));
+        assert_eq!(acl.may_use_client_id(device(None)), Some(false));
+        assert!(!acl.for_client(device(None)).may_publish("devices/dev-1/up"));
+    }
+
+    #[test]
+    fn a_client_id_rule_needs_the_id_bound() {
+        let err = parse_text(
+            "[[rules]]\neveryone = true\naccess = \"both\"\ntopics = [\"x\"]\n\n\
+             [[rules]]\nclient_id = \"dev-1\"\naccess = \"both\"\ntopics = [\"d\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("acl.toml:6: rules[1].client_id: \"dev-1\" is not bound"),
+            "{err}"
+        );
+        let err = parse_text("[[client_ids]]\nclient_id = \"dev-1\"\n").unwrap_err();
+        assert!(
+            err.starts_with("acl.toml:1: client_ids[0]: binds \"dev-1\" to no one"),
+            "{err}"
+        );
+        let err = parse_text("[[client_ids]]\nclient_id = \"d\"\nuser = [\"a\"]\n").unwrap_err();
+        assert!(err.contains("user"), "{err}");
     }
 
     #[test]

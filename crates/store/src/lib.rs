@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use petrel_codec::{LastWill, QoS, TopicFilter};
+use petrel_engine::auth::Login;
 use petrel_engine::message::Message;
 use petrel_engine::session::{Delivery, Subscription};
 use petrel_engine::store::{Store, StoredSession};
@@ -347,12 +348,12 @@ impl Drop for DiskStore {
 }
 
 impl Store for DiskStore {
-    fn session_opened(&self, client_id: &str, expiry_interval: u32) -> u64 {
+    fn session_opened(&self, client_id: &str, expiry_interval: u32, login: Option<&Login>) -> u64 {
         if expiry_interval == 0 {
             return self.removed(client_id);
         }
         // Connected: the expiry starts when the client leaves.
-        let record = session_record(expiry_interval, 0).to_vec();
+        let record = session_record(expiry_interval, 0, login);
         self.change(|st| {
             st.pending.put(
                 Part::Sessions,
@@ -363,8 +364,14 @@ impl Store for DiskStore {
         })
     }
 
-    fn session_offline(&self, client_id: &str, expiry_interval: u32, expires_at: Option<Instant>) {
-        let record = session_record(expiry_interval, to_wall(expires_at)).to_vec();
+    fn session_offline(
+        &self,
+        client_id: &str,
+        expiry_interval: u32,
+        expires_at: Option<Instant>,
+        login: Option<&Login>,
+    ) {
+        let record = session_record(expiry_interval, to_wall(expires_at), login);
         self.change(|st| {
             st.pending.put(
                 Part::Sessions,

@@ -15,8 +15,8 @@ use petrel_engine::store::{StoredDelivery, StoredSession, StoredStage};
 
 use crate::changes::Part;
 use crate::record::{
-    decode_entry, decode_message, decode_will, from_wall, options_from, split_client_key,
-    RECORD_VERSION,
+    decode_entry, decode_message, decode_session, decode_will, from_wall, options_from,
+    split_client_key, RECORD_VERSION,
 };
 use crate::{Loaded, Parts, StoreError};
 
@@ -45,17 +45,15 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
     let mut by_client: HashMap<String, usize> = HashMap::new();
     for item in parts.get(Part::Sessions).iter() {
         let (key, value) = item.map_err(read_err)?;
-        if value.len() != 13 || value[0] != RECORD_VERSION {
-            return Err(corrupt("sessions", &key, "bad session record".into()));
-        }
+        let (expiry, until, login) =
+            decode_session(&value).map_err(|why| corrupt("sessions", &key, why))?;
         let client_id = std::str::from_utf8(&key)
             .map_err(|_| corrupt("sessions", &key, "client id is not UTF-8".into()))?
             .to_owned();
-        let expiry = u32::from_be_bytes(value[1..5].try_into().unwrap_or_default());
-        let until = u64::from_be_bytes(value[5..13].try_into().unwrap_or_default());
         by_client.insert(client_id.clone(), loaded.sessions.len());
         loaded.sessions.push(StoredSession {
             client_id,
+            login,
             expiry_interval: expiry,
             expires_at: from_wall(until),
             subscriptions: Vec::new(),

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use petrel_codec::LastWill;
 use petrel_codec::QoS;
+use petrel_engine::auth::Login;
 use petrel_engine::session::Delivery;
 
 pub(crate) use petrel_engine::record::{
@@ -29,12 +30,78 @@ pub(crate) fn split_client_key(key: &[u8]) -> Option<(&str, &[u8])> {
     Some((client, &key[split + 1..]))
 }
 
-pub(crate) fn session_record(expiry_interval: u32, offline_until: u64) -> [u8; 13] {
-    let mut v = [0u8; 13];
-    v[0] = RECORD_VERSION;
-    v[1..5].copy_from_slice(&expiry_interval.to_be_bytes());
-    v[5..13].copy_from_slice(&offline_until.to_be_bytes());
+/// `version, expiry interval (u32), offline until (u64 wall-clock ms, 0: connected)`, then
+/// who owns the session: the user name and the certificate identity, each a presence byte and,
+/// when present, a u16 length and the UTF-8 bytes. A record of 13 bytes (written before owners
+/// were kept) has no owner; the first login to resume it becomes its owner.
+pub(crate) fn session_record(
+    expiry_interval: u32,
+    offline_until: u64,
+    login: Option<&Login>,
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(13 + 6);
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&expiry_interval.to_be_bytes());
+    v.extend_from_slice(&offline_until.to_be_bytes());
+    if let Some(login) = login {
+        for name in [&login.username, &login.certificate] {
+            match name.as_deref() {
+                // MQTT strings and certificate names fit a u16 length; a longer one is cut
+                // at a character boundary rather than written with a wrong length.
+                Some(name) => {
+                    let mut end = name.len().min(usize::from(u16::MAX));
+                    while !name.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    v.push(1);
+                    v.extend_from_slice(&(end as u16).to_be_bytes());
+                    v.extend_from_slice(&name.as_bytes()[..end]);
+                }
+                None => v.push(0),
+            }
+        }
+    }
     v
+}
+
+/// A session record's expiry interval, offline-until time and owner (see [`session_record`]).
+pub(crate) fn decode_session(value: &[u8]) -> Result<(u32, u64, Option<Login>), String> {
+    if value.len() < 13 || value[0] != RECORD_VERSION {
+        return Err("bad session record".into());
+    }
+    let expiry = u32::from_be_bytes(value[1..5].try_into().unwrap_or_default());
+    let until = u64::from_be_bytes(value[5..13].try_into().unwrap_or_default());
+    if value.len() == 13 {
+        return Ok((expiry, until, None));
+    }
+    let mut rest = &value[13..];
+    let mut name = || -> Result<Option<String>, String> {
+        let (&present, tail) = rest.split_first().ok_or("session owner cut short")?;
+        rest = tail;
+        match present {
+            0 => Ok(None),
+            1 => {
+                if rest.len() < 2 {
+                    return Err("session owner cut short".into());
+                }
+                let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let bytes = rest.get(2..2 + len).ok_or("session owner cut short")?;
+                rest = &rest[2 + len..];
+                String::from_utf8(bytes.to_vec())
+                    .map(Some)
+                    .map_err(|_| "session owner is not UTF-8".into())
+            }
+            _ => Err("bad session owner".into()),
+        }
+    };
+    let login = Login {
+        username: name()?,
+        certificate: name()?,
+    };
+    if !rest.is_empty() {
+        return Err("bytes after the session record".into());
+    }
+    Ok((expiry, until, Some(login)))
 }
 
 /// A will waiting for its delay: when it is due, then the will as a v5 PUBLISH frame (its

@@ -71,32 +71,33 @@ fn filter(f: &str) -> TopicFilter {
 fn fill(dir: &Path) {
     let (store, loaded) = DiskStore::open(dir, Fsync::Always).unwrap();
     assert!(loaded.sessions.is_empty() && loaded.retained.is_empty());
-    store.session_opened("alice", u32::MAX);
+    store.session_opened("alice", u32::MAX, None);
     store.subscription_added("alice", &filter("a/+"), sub(QoS::AtLeastOnce, 3));
     store.subscription_added(
         "alice",
         &filter("$share/g/jobs/#"),
         sub(QoS::ExactlyOnce, 0),
     );
-    store.session_opened("bob", 3600);
+    store.session_opened("bob", 3600, None);
     store.subscription_added("bob", &filter("b"), sub(QoS::AtMostOnce, 0));
     // Far in the future, so that the golden store written from this stays valid.
     store.session_offline(
         "bob",
         3600,
         Some(Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
+        None,
     );
     // A session that ends with its connection leaves nothing, whether its records reached
     // the disk (carol) or were still waiting for the commit thread (erin).
-    store.session_opened("carol", 60);
+    store.session_opened("carol", 60, None);
     store.subscription_added("carol", &filter("c"), sub(QoS::AtMostOnce, 0));
     store.flush();
-    store.session_opened("carol", 0);
-    store.session_opened("erin", 60);
+    store.session_opened("carol", 0, None);
+    store.session_opened("erin", 60, None);
     store.subscription_added("erin", &filter("e"), sub(QoS::AtMostOnce, 0));
-    store.session_opened("erin", 0);
+    store.session_opened("erin", 0, None);
     // A removed session takes its subscriptions.
-    store.session_opened("dave", 60);
+    store.session_opened("dave", 60, None);
     store.subscription_added("dave", &filter("d"), sub(QoS::AtMostOnce, 0));
     store.session_removed("dave");
     store.subscription_removed("alice", &filter("a/+"));
@@ -237,8 +238,8 @@ fn the_last_reference_deletes_a_stored_message_and_removed_sessions_take_their_q
     let dir = Dir::new("refs");
     {
         let (store, _) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
-        store.session_opened("a", 60);
-        store.session_opened("b", 60);
+        store.session_opened("a", 60, None);
+        store.session_opened("b", 60, None);
         let m = Arc::new(retained_message("t", "x", None));
         for client in ["a", "b"] {
             store.enqueued(
@@ -365,7 +366,7 @@ fn churning_sessions_leave_nothing_behind() {
     let baseline = store.disk_space();
     for round in 0..5_000u64 {
         let client = format!("client-{round}");
-        store.session_opened(&client, 60);
+        store.session_opened(&client, 60, None);
         store.subscription_added(&client, &filter("churn/+"), sub(QoS::AtLeastOnce, 0));
         let m = Arc::new(retained_message("churn/x", "payload", None));
         store.enqueued(
@@ -375,7 +376,7 @@ fn churning_sessions_leave_nothing_behind() {
         );
         store.sent(&client, 1, 1);
         store.inbound_qos2(&client, 5, true);
-        store.session_offline(&client, 60, Some(Instant::now()));
+        store.session_offline(&client, 60, Some(Instant::now()), None);
         // On disk before it goes, so that removing it deletes records, not buffered changes.
         store.flush();
         // Expired: the broker removes it.
@@ -418,7 +419,7 @@ fn churning_sessions_leave_nothing_behind() {
 fn a_group_of_changes_lands_together() {
     let dir = Dir::new("together");
     let (store, _) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
-    store.session_opened("g", 60);
+    store.session_opened("g", 60, None);
     for round in 0..5u16 {
         let mut tokens = (0, 0);
         store.together(&mut || {
@@ -426,7 +427,7 @@ fn a_group_of_changes_lands_together() {
             // Rounds go on meanwhile: other clients' changes keep the commit thread busy.
             let started = Instant::now();
             while started.elapsed() < Duration::from_millis(30) {
-                store.session_opened("other", 60);
+                store.session_opened("other", 60, None);
                 std::thread::sleep(Duration::from_millis(1));
             }
             assert!(
@@ -441,4 +442,41 @@ fn a_group_of_changes_lands_together() {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// A session's owner (user name, certificate identity) comes back with it, so that after a
+/// restart only that login may resume it; a record without one (an older store) reads as
+/// owner unknown.
+#[test]
+fn a_sessions_owner_survives_a_reopen() {
+    use petrel_engine::auth::Login;
+    let dir = Dir::new("owner");
+    let bob = Login {
+        username: Some("bob".into()),
+        certificate: None,
+    };
+    let device = Login {
+        username: Some("ops".into()),
+        certificate: Some("plc-7 ✓".into()),
+    };
+    {
+        let (store, _) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
+        store.session_opened("bob-phone", 600, Some(&bob));
+        store.session_opened("plc", 600, Some(&device));
+        store.session_offline("plc", 600, None, Some(&device));
+        store.session_opened("legacy", 600, None);
+        store.flush();
+    }
+    let (_store, loaded) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
+    let owner = |id: &str| {
+        loaded
+            .sessions
+            .iter()
+            .find(|s| s.client_id == id)
+            .map(|s| s.login.clone())
+            .unwrap()
+    };
+    assert_eq!(owner("bob-phone"), Some(bob));
+    assert_eq!(owner("plc"), Some(device));
+    assert_eq!(owner("legacy"), None);
 }
