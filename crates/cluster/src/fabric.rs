@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::Waker;
 
 use petrel_codec::{LastWill, QoS, TopicFilter};
+use petrel_engine::auth::Login;
 use petrel_engine::fabric::{Fabric, Forwarded, PendingClaim};
 use petrel_engine::message::Message;
 use tokio::sync::mpsc;
@@ -297,7 +298,13 @@ impl Fabric for NatsFabric {
         self.stats.sent_core.load(Ordering::Relaxed)
     }
 
-    fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim> {
+    fn claim(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        login: &Login,
+        granted: bool,
+    ) -> Option<PendingClaim> {
         if self
             .owned
             .lock()
@@ -307,10 +314,10 @@ impl Fabric for NatsFabric {
             return None;
         }
         let node = self.runner.get()?.upgrade()?;
-        let client_id = client_id.to_owned();
-        Some(Box::pin(
-            async move { node.claim(client_id, clean_start).await },
-        ))
+        let (client_id, login) = (client_id.to_owned(), login.clone());
+        Some(Box::pin(async move {
+            node.claim(client_id, clean_start, login, granted).await
+        }))
     }
 }
 

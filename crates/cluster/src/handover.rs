@@ -21,7 +21,18 @@ pub(crate) struct TakeoverRequest {
     pub clean_start: bool,
     /// The node asking, for logs.
     pub node: String,
+    /// Who connects (user name, certificate identity), and whether the ACL binds the client
+    /// id to them: the session goes only to its owner or to a granted login. Absent from a
+    /// node that does not send it: then nothing is checked.
+    #[serde(default)]
+    pub login: Option<(Option<String>, Option<String>)>,
+    #[serde(default)]
+    pub granted: bool,
 }
+
+/// The answer to a [`TakeoverRequest`] for a session that belongs to another login: nothing
+/// was touched. (A session's parts start with [`VERSION`]; no session is an empty answer.)
+pub(crate) const REFUSED: &[u8] = b"\xffrefused";
 
 const VERSION: u8 = 2;
 

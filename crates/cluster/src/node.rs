@@ -25,6 +25,8 @@ use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use petrel_codec::{Properties, QoS, TopicFilter, TopicName};
+use petrel_engine::auth::Login;
+use petrel_engine::broker::NotOwner;
 use petrel_engine::message::Message;
 use petrel_engine::record::decode_message;
 use petrel_engine::Broker;
@@ -141,6 +143,9 @@ struct Seen {
 }
 
 const SEEN_WINDOW: usize = 65_536;
+
+/// `take_over`'s error when the node holding the session refused the login asking for it.
+const REFUSED_BY_OWNER: &str = "the session belongs to another login";
 
 impl Seen {
     /// True the first time a pair is seen (within the window).
@@ -602,7 +607,20 @@ impl Inner {
     /// takes it from the winner), then has the previous owner close its client and hand the
     /// session over. Bounded in time: if NATS or the old node does not answer, the client
     /// goes on here without the old state (logged).
-    pub(crate) async fn claim(self: Arc<Self>, client_id: String, clean_start: bool) {
+    ///
+    /// The old node hands the session over only to its owner or to a login the ACL grants
+    /// the client id (`login`, `granted`); otherwise it answers [`handover::REFUSED`], this
+    /// node gives the key back, and the claim returns false (the CONNECT is refused). While
+    /// the old node cannot be asked, ownership cannot be checked: the client goes on here
+    /// with a new session, and what the old node kept for the id reaches it only through the
+    /// client's ACL (ARCHITECTURE.md, known gaps).
+    pub(crate) async fn claim(
+        self: Arc<Self>,
+        client_id: String,
+        clean_start: bool,
+        login: Login,
+        granted: bool,
+    ) -> bool {
         let key = names::session_key(&client_id);
         let me = self.config.node_id.clone();
         let work = async {
@@ -616,7 +634,7 @@ impl Inner {
                     _ => (None, None),
                 };
                 if owner.as_deref() == Some(me.as_str()) {
-                    return Ok(());
+                    return Ok(true);
                 }
                 let value = Bytes::from(me.clone().into_bytes());
                 let written = match revision {
@@ -624,29 +642,37 @@ impl Inner {
                         .sessions
                         .update(&key, value, revision)
                         .await
-                        .map(|_| ())
                         .map_err(|e| e.to_string()),
                     None => self
                         .sessions
                         .create(&key, value)
                         .await
-                        .map(|_| ())
                         .map_err(|e| e.to_string()),
                 };
-                if written.is_err() {
+                let Ok(mine) = written else {
                     // Another node changed the key meanwhile: look again.
                     continue;
-                }
+                };
                 let Some(owner) = owner else {
-                    return Ok(());
+                    return Ok(true);
                 };
                 let request = serde_json::to_vec(&handover::TakeoverRequest {
                     client_id: client_id.clone(),
                     clean_start,
                     node: me.clone(),
+                    login: Some((login.username.clone(), login.certificate.clone())),
+                    granted,
                 })
                 .unwrap_or_default();
                 match self.take_over(&owner, Bytes::from(request)).await {
+                    Err(why) if why == REFUSED_BY_OWNER => {
+                        // Give the key back (unless someone took it since), so the session
+                        // stays where it is.
+                        let back = Bytes::from(owner.clone().into_bytes());
+                        let _ = self.sessions.update(&key, back, mine).await;
+                        tracing::info!(client_id, %login, node = owner, "connection refused: the client id's session on another node belongs to another login");
+                        return Ok(false);
+                    }
                     Ok(None) => {}
                     Ok(Some(parts)) => match handover::decode(&parts) {
                         Ok(stored) => {
@@ -672,12 +698,13 @@ impl Inner {
                         tracing::warn!(client_id, from = owner, why, "the node that held the session did not hand it over; it starts anew here")
                     }
                 }
-                return Ok(());
+                return Ok(true);
             }
             Err("the session key kept changing".to_owned())
         };
         match tokio::time::timeout(Duration::from_secs(10), work).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return false,
             Ok(Err(e)) => {
                 tracing::warn!(client_id, error = %e, "claiming a client id in the cluster failed; serving it here")
             }
@@ -691,6 +718,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(client_id);
+        true
     }
 
     /// Asks `owner` for a session (`request`: a [`handover::TakeoverRequest`]) and gathers
@@ -719,6 +747,9 @@ impl Inner {
                 }
                 if reply.payload.is_empty() {
                     return Ok(None);
+                }
+                if &reply.payload[..] == handover::REFUSED {
+                    return Err(REFUSED_BY_OWNER.to_owned());
                 }
                 let (_, count) = handover::part_of(&reply.payload)?;
                 parts.push(reply.payload);
@@ -908,7 +939,11 @@ impl Inner {
             if owner == me {
                 continue;
             }
-            let Some(state) = self.broker.hand_over(&client_id, false, Instant::now()) else {
+            // The client is already there: nothing to check (its login was, when it connected).
+            let Ok(Some(state)) = self
+                .broker
+                .hand_over(&client_id, false, None, Instant::now())
+            else {
                 continue;
             };
             self.remember_moved(&client_id, &owner, &state);
@@ -995,14 +1030,39 @@ impl Inner {
             else {
                 continue;
             };
+            let login = request.login.clone().map(|(username, certificate)| Login {
+                username,
+                certificate,
+            });
+            let claimant = login.as_ref().map(|l| (l, request.granted));
+            let state = match self.broker.hand_over(
+                &request.client_id,
+                request.clean_start,
+                claimant,
+                Instant::now(),
+            ) {
+                Ok(state) => state,
+                Err(NotOwner) => {
+                    // Another login's session: it stays here, its client connected.
+                    tracing::debug!(
+                        client_id = request.client_id,
+                        from = request.node,
+                        "takeover refused: the session belongs to another login"
+                    );
+                    if let Some(reply) = msg.reply {
+                        let _ = self
+                            .client
+                            .publish(reply, Bytes::from_static(handover::REFUSED))
+                            .await;
+                    }
+                    continue;
+                }
+            };
             self.fabric
                 .owned
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&request.client_id);
-            let state =
-                self.broker
-                    .hand_over(&request.client_id, request.clean_start, Instant::now());
             if let Some(state) = &state {
                 self.remember_moved(&request.client_id, &request.node, state);
             }

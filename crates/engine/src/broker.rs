@@ -877,20 +877,33 @@ impl Broker {
     /// there is no such session here. The will of a connected client goes out as on a
     /// takeover; a delayed will of an offline session is cancelled when the session goes on,
     /// and published when it ends.
+    ///
+    /// `claimant` is the login asking for it and whether the ACL grants it the client id (as
+    /// in [`Broker::attach`]): a session of another login stays here untouched, its client
+    /// connected, and [`NotOwner`] is returned. `None`: no login to check (this node returning
+    /// a session to where its client already is, or a node that does not send one).
     pub fn hand_over(
         &self,
         client_id: &str,
         clean_start: bool,
+        claimant: Option<(&Login, bool)>,
         now: Instant,
-    ) -> Option<crate::store::StoredSession> {
+    ) -> Result<Option<crate::store::StoredSession>, NotOwner> {
         let mut sessions = lock(&self.sessions);
-        let existing = sessions.get(client_id).cloned()?;
+        let Some(existing) = sessions.get(client_id).cloned() else {
+            return Ok(None);
+        };
         let mut st = existing.lock();
+        let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
+        if let Some((login, false)) = claimant {
+            if !expired && st.login.as_ref().is_some_and(|owner| owner != login) {
+                return Err(NotOwner);
+            }
+        }
         let displaced = match st.owner {
             Owner::Connection(_) => st.waker.take(),
             _ => None,
         };
-        let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
         let state = (!clean_start && st.persistent() && !expired).then(|| {
             let mut deliveries = Vec::new();
             let stored = |d: &Delivery, stage| crate::store::StoredDelivery {
@@ -938,7 +951,7 @@ impl Broker {
         if let (Some(will), None) = (pending_will, &state) {
             self.publish_will(*will, existing.id, now);
         }
-        state
+        Ok(state)
     }
 
     /// Cluster mode: continues a session another node handed over (see

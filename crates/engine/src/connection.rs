@@ -1116,28 +1116,35 @@ impl Connection {
         enhanced: Option<(MqttString, Option<Vec<u8>>)>,
         claimed: bool,
     ) -> Result<(), CloseReason> {
+        let login = Login {
+            username: connect.username.as_ref().map(|u| u.to_string()),
+            certificate: self.certificate_identity().map(str::to_owned),
+        };
+        let rules = self.broker.acl().filter(|_| !self.internal);
+        let identity = Identity {
+            client_id: &client_id,
+            username: login.username.as_deref(),
+            certificate: login.certificate.as_deref(),
+        };
         // A client id the ACL binds to some logins is theirs alone: refused before anything
-        // (a cluster claim included) touches its session.
-        if let Some(false) = self
-            .broker
-            .acl()
-            .filter(|_| !self.internal)
-            .and_then(|acl| {
-                acl.may_use_client_id(Identity {
-                    client_id: &client_id,
-                    username: connect.username.as_ref().map(|u| u.as_str()),
-                    certificate: self.certificate_identity(),
-                })
-            })
+        // (a cluster claim included) touches its session. Its holders, and the broker's own
+        // clients (a bridge's local side), may open its session whoever made it.
+        let granted = match rules
+            .as_ref()
+            .and_then(|acl| acl.may_use_client_id(identity))
         {
-            tracing::info!(peer = %self.peer, client_id = %client_id, "connection refused: the ACL binds this client id to other logins");
-            return self.refuse(connect.protocol, ReasonCode::NOT_AUTHORIZED);
-        }
+            Some(false) => {
+                tracing::info!(peer = %self.peer, client_id = %client_id, "connection refused: the ACL binds this client id to other logins");
+                return self.refuse(connect.protocol, ReasonCode::NOT_AUTHORIZED);
+            }
+            Some(true) => true,
+            None => self.internal,
+        };
         if !claimed && !self.internal {
             let claim = self
                 .broker
                 .fabric()
-                .and_then(|f| f.claim(&client_id, connect.clean_start));
+                .and_then(|f| f.claim(&client_id, connect.clean_start, &login, granted));
             if let Some(claim) = claim {
                 self.state = State::Deciding {
                     deadline: now + CLAIM_LIMIT,
@@ -1145,9 +1152,13 @@ impl Connection {
                         connect,
                         client_id,
                         assigned,
+                        // Refused when the session belongs to another login.
                         decision: Box::pin(async move {
-                            claim.await;
-                            AuthDecision::Allow
+                            if claim.await {
+                                AuthDecision::Allow
+                            } else {
+                                AuthDecision::NotAuthorized
+                            }
                         }),
                         enhanced,
                         claimed: true,
@@ -1158,20 +1169,10 @@ impl Connection {
         }
         let version = connect.protocol;
         let limits = &self.broker.limits();
-        let login = Login {
-            username: connect.username.as_ref().map(|u| u.to_string()),
-            certificate: self.certificate_identity().map(str::to_owned),
-        };
 
         // Topic authorization, compiled for this client. Its will is a message it publishes,
         // checked now rather than dropped silently when the connection ends.
         let acl_generation = self.broker.acl_generation();
-        let rules = self.broker.acl().filter(|_| !self.internal);
-        let identity = Identity {
-            client_id: &client_id,
-            username: login.username.as_deref(),
-            certificate: login.certificate.as_deref(),
-        };
         let acl = rules.as_ref().map(|acl| Arc::new(acl.for_client(identity)));
         if let (Some(acl), Some(will)) = (&acl, &connect.will) {
             if !acl.may_publish(&will.topic) {
@@ -1196,13 +1197,6 @@ impl Connection {
         } else {
             NEVER_EXPIRES
         };
-        // The broker's own clients (a bridge's local side) and the holders of a bound client
-        // id may open the session whoever made it.
-        let granted = self.internal
-            || rules
-                .as_ref()
-                .and_then(|acl| acl.may_use_client_id(identity))
-                == Some(true);
         let attach = match self.broker.attach(
             &client_id,
             connect.clean_start,

@@ -18,11 +18,14 @@ use std::time::Instant;
 
 use petrel_codec::{LastWill, TopicFilter};
 
+use crate::auth::Login;
 use crate::message::Message;
 
 /// Taking a client id's session over from another node: done when the other node has closed
 /// its client and, where the session goes on, this node holds it ([`crate::Broker::adopt`]).
-pub type PendingClaim = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// `false`: the session there belongs to another login, and nothing was touched (the CONNECT
+/// is refused, as [`crate::Broker::attach`] refuses it on one node).
+pub type PendingClaim = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 /// What forwarding a message to other nodes did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,8 +65,16 @@ pub trait Fabric: Send + Sync + 'static {
     /// A client authenticated with `client_id` and is about to attach to its session here.
     /// Client ids are unique cluster-wide: if another node may hold the session or a
     /// connection with that id, returns the claim to wait for before attaching. `None`: this
-    /// node already owns it.
-    fn claim(&self, client_id: &str, clean_start: bool) -> Option<PendingClaim>;
+    /// node already owns it. `login` is who connects, `granted` whether the ACL binds the
+    /// client id to it: the node holding the session hands it over only to its owner or to a
+    /// granted login.
+    fn claim(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        login: &Login,
+        granted: bool,
+    ) -> Option<PendingClaim>;
     /// Connection `connection` of `client_id` attached here with a will (`Some`), or it
     /// ended (`None`): its will was published or dropped by this node. Between the two, if
     /// this node dies, another node publishes the will, once.

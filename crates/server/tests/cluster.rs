@@ -1418,3 +1418,63 @@ async fn qos0_publishers_faster_than_nats_are_paused_not_dropped() {
     assert_eq!(sent, (PUBLISHERS * EACH) as u64, "{status}");
     drop(publishers);
 }
+
+/// A 3.1.1 CONNECT with a user name and password, Clean Session 0.
+fn connect_as(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc0, 0x00, 0x3c];
+    for field in [client_id, user, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A session belongs to its login cluster-wide: alice, connecting to b with the client id of
+/// bob's session on a, is refused (return code 5) and nothing moves: bob stays connected on a
+/// with his session, which he alone can then take to b.
+#[tokio::test]
+async fn another_login_cannot_take_a_session_from_another_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = Nats::single("owner");
+    let tables = "[storage]\nmode = \"memory\"\n\n[auth]\nallow_anonymous = false\n\n\
+                  [[auth.users]]\nname = \"alice\"\npassword = \"pa\"\n\n\
+                  [[auth.users]]\nname = \"bob\"\npassword = \"pb\"\n";
+    let a = Node::start("a", &nats.urls(), tables, 1);
+    let b = Node::start("b", &nats.urls(), tables, 1);
+
+    let mut bob = RawClient::connect(a.broker.addr).await;
+    bob.send(&connect_as("bob-phone", "bob", "pb")).await;
+    bob.expect(&CONNACK_ACCEPTED, WAIT).await;
+    bob.send(&subscribe(1, "home/bob", 1)).await;
+    bob.expect(&suback(1, 1), WAIT).await;
+
+    let mut alice = RawClient::connect(b.broker.addr).await;
+    alice.send(&connect_as("bob-phone", "alice", "pa")).await;
+    let close = alice.until_closed(WAIT).await.expect("refused and closed");
+    assert_eq!(
+        close.packets,
+        [vec![0x20, 0x02, 0x00, 0x05]],
+        "alice refused"
+    );
+
+    // bob was not disconnected, and his session is still on a: a message published on a
+    // reaches him there.
+    bob.send(&PINGREQ).await;
+    bob.expect(&PINGRESP, WAIT).await;
+    let mut publisher = RawClient::connect(a.broker.addr).await;
+    publisher.send(&connect_as("pub", "alice", "pa")).await;
+    publisher.expect(&CONNACK_ACCEPTED, WAIT).await;
+    publish_acked(&mut publisher, "home/bob", 1, 1, b"still here").await;
+    let (topic, payload) = next_message(&mut bob, WAIT).await.expect("delivery on a");
+    assert_eq!(
+        (topic.as_str(), payload.as_slice()),
+        ("home/bob", &b"still here"[..])
+    );
+
+    // bob himself moves his session to b.
+    let mut moved = RawClient::connect(b.broker.addr).await;
+    moved.send(&connect_as("bob-phone", "bob", "pb")).await;
+    moved.expect(&[0x20, 0x02, 0x01, 0x00], WAIT).await;
+}
