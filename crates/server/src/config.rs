@@ -727,7 +727,13 @@ pub struct AuthConfig {
     /// with `access` = "publish", "subscribe" or "both" and `topics`, filters
     /// where `%u` is the user name and `%c` the client id). What no rule
     /// allows is denied. Unset: every client may publish and subscribe to
-    /// every topic, except publishing under `$SYS`.
+    /// every topic, except publishing under `$SYS`. The file may also bind
+    /// client ids to logins (`[[client_ids]]` with `client_id` and any of
+    /// `users`, `certificates`, `anonymous = true`): only those logins may
+    /// connect with a bound id, they may open each other's sessions under it,
+    /// and a `client_id` rule needs its id bound (a client id alone proves
+    /// nothing). Whatever the file says, a session belongs to the login that
+    /// made it: another login's CONNECT with its client id is refused (0x87).
     pub acl_file: Option<PathBuf>,
     /// A file of `user:hash` lines, kept with `petrel passwd FILE USER`:
     /// PHC strings, argon2id as petrel writes them, or pbkdf2-sha512 and
