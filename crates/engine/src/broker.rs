@@ -94,6 +94,9 @@ pub struct Broker {
     pub activity: TopicActivity,
     /// `$SYS` topics among the retained messages.
     sys_retained: std::sync::atomic::AtomicUsize,
+    /// Topic and payload bytes of the retained messages clients set (`$SYS` not counted):
+    /// what `max_retained_bytes` bounds. Changed under the `retained` write lock.
+    retained_bytes: std::sync::atomic::AtomicUsize,
     /// Other nodes of a cluster, when there are any.
     fabric: OnceLock<Arc<dyn Fabric>>,
     /// Where an operator sends clients instead of this server (v5 Server Reference).
@@ -285,6 +288,7 @@ impl Broker {
             started: Instant::now(),
             activity: TopicActivity::default(),
             sys_retained: std::sync::atomic::AtomicUsize::new(0),
+            retained_bytes: std::sync::atomic::AtomicUsize::new(0),
             fabric: OnceLock::new(),
             redirect: RwLock::new(None),
         }
@@ -460,6 +464,44 @@ impl Broker {
             .saturating_sub(self.sys_retained.load(Ordering::Relaxed))
     }
 
+    /// Topic and payload bytes of the retained messages clients published.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a retained message of `weight` bytes ([`Message::weight`]) on `topic` fits
+    /// `max_retained_messages` and `max_retained_bytes`: one replacing a retained message
+    /// counts only what it adds. Checked before the PUBLISH is taken, so concurrent
+    /// publishers may pass the bounds by at most one message each.
+    pub fn retained_room(&self, topic: &str, weight: usize) -> bool {
+        let limits = self.limits();
+        let retained = read(&self.retained);
+        let (count, freed) = match retained.get(topic) {
+            Some(old) => (0, old.weight()),
+            None => (1, 0),
+        };
+        let held = retained
+            .len()
+            .saturating_sub(self.sys_retained.load(Ordering::Relaxed));
+        held + count <= limits.max_retained_messages
+            && self.retained_bytes().saturating_sub(freed) + weight <= limits.max_retained_bytes
+    }
+
+    /// Keeps `retained_bytes` true after a change to the retained trie (the caller holds its
+    /// write lock): `added` went in, `removed` came out.
+    fn retained_changed(&self, added: Option<&Message>, removed: Option<&Message>) {
+        let weigh =
+            |m: Option<&Message>| m.filter(|m| !is_sys(&m.topic)).map_or(0, Message::weight);
+        let (added, removed) = (weigh(added), weigh(removed));
+        if added >= removed {
+            self.retained_bytes
+                .fetch_add(added - removed, Ordering::Relaxed);
+        } else {
+            self.retained_bytes
+                .fetch_sub(removed - added, Ordering::Relaxed);
+        }
+    }
+
     /// Milliseconds since the broker was made.
     pub fn uptime_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -564,7 +606,8 @@ impl Broker {
         let mut retained = write(&self.retained);
         let mut removed = 0;
         for topic in &topics {
-            if retained.remove(topic).is_some() {
+            if let Some(old) = retained.remove(topic) {
+                self.retained_changed(None, Some(&old));
                 removed += 1;
                 if is_sys(topic) {
                     self.sys_retained.fetch_sub(1, Ordering::Relaxed);
@@ -734,7 +777,9 @@ impl Broker {
             }
             let expires_at = message.expires_at;
             let topic = message.topic.clone();
-            write(&self.retained).insert(&topic, Arc::new(message));
+            let message = Arc::new(message);
+            let replaced = write(&self.retained).insert(&topic, message.clone());
+            self.retained_changed(Some(&message), replaced.as_deref());
             if let Some(at) = expires_at {
                 self.schedule_retained_sweep(at);
             }
@@ -1344,7 +1389,10 @@ impl Broker {
     /// fabric passes on. Returns the store's durability token.
     pub fn retain_remote(&self, message: &Arc<Message>) -> u64 {
         if message.payload.is_empty() {
-            write(&self.retained).remove(&message.topic);
+            let mut retained = write(&self.retained);
+            let removed = retained.remove(&message.topic);
+            self.retained_changed(None, removed.as_deref());
+            drop(retained);
             self.store.retained_cleared(&message.topic)
         } else {
             let stored = Arc::new(message.compacted());
@@ -1355,7 +1403,10 @@ impl Broker {
             };
             let topic = stored.topic.clone();
             let expires_at = stored.expires_at;
-            write(&self.retained).insert(&topic, stored);
+            let mut retained = write(&self.retained);
+            let replaced = retained.insert(&topic, stored.clone());
+            self.retained_changed(Some(&stored), replaced.as_deref());
+            drop(retained);
             if let Some(at) = expires_at {
                 self.schedule_retained_sweep(at);
             }
@@ -1693,7 +1744,8 @@ impl Broker {
             None => {}
         });
         for topic in &expired {
-            retained.remove(topic);
+            let removed = retained.remove(topic);
+            self.retained_changed(None, removed.as_deref());
         }
         drop(retained);
         for topic in &expired {

@@ -1457,6 +1457,20 @@ impl Connection {
             tracing::debug!(peer = %self.peer, topic = %topic, "publish refused by the ACL");
             return self.refuse_publish(version, qos, packet_id, ReasonCode::NOT_AUTHORIZED);
         }
+        // A new retained message must fit the broker's retained bounds; one that does not is
+        // refused whole, so the publisher learns of it (v5) rather than the broker keeping
+        // it unretained behind its back.
+        if retain
+            && !publish.payload.is_empty()
+            && !self.internal
+            && !self
+                .broker
+                .retained_room(&topic, topic.len() + publish.payload.len())
+        {
+            Stats::add(&self.broker.stats.refused_retained_quota, 1);
+            tracing::debug!(peer = %self.peer, topic = %topic, "publish refused: the retained store is full");
+            return self.refuse_publish(version, qos, packet_id, ReasonCode::QUOTA_EXCEEDED);
+        }
         // The inbound allowance: past it QoS 0 is dropped; QoS 1/2 is taken and the client
         // is not read from until it is even again.
         if let State::Connected(a) = &mut self.state {

@@ -79,6 +79,12 @@ pub struct Limits {
     pub max_inbound_messages_per_second: u32,
     /// Payload bytes one client may publish per second (0: no limit), same policy.
     pub max_inbound_bytes_per_second: u32,
+    /// Retained messages the broker keeps (the broker's own `$SYS` figures not counted), and
+    /// their topic and payload bytes together. A PUBLISH that would set a new retained
+    /// message past either is refused whole (v5 PUBACK/PUBREC 0x97; 3.x acknowledged and
+    /// dropped) and counted; replacing or clearing one always works.
+    pub max_retained_messages: usize,
+    pub max_retained_bytes: usize,
 }
 
 impl Default for Limits {
@@ -112,6 +118,8 @@ impl Default for Limits {
             max_subscriptions_per_client: 10_000,
             max_inbound_messages_per_second: 0,
             max_inbound_bytes_per_second: 0,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 128 * 1024 * 1024,
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Stats {
     pub refused_topic_limits: AtomicU64,
     /// SUBSCRIBE filters refused at `max_subscriptions_per_client`.
     pub refused_subscription_quota: AtomicU64,
+    /// PUBLISH packets refused because their retained message would pass
+    /// `max_retained_messages` or `max_retained_bytes`.
+    pub refused_retained_quota: AtomicU64,
     /// QoS 0 messages dropped past a client's inbound rate.
     pub dropped_inbound_rate: AtomicU64,
     /// Times a client was not read from until its inbound allowance caught up.

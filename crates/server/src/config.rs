@@ -1009,6 +1009,14 @@ pub struct MqttConfig {
     /// Subscriptions one client may hold; a SUBSCRIBE past it is refused
     /// (0x97 in MQTT 5, 0x80 in 3.1.1).
     pub max_subscriptions_per_client: usize,
+    /// Retained messages the broker keeps. A PUBLISH that would set a new
+    /// one past it is refused whole (PUBACK/PUBREC 0x97 in MQTT 5; in 3.1.1
+    /// acknowledged and dropped) and counted; replacing or clearing one
+    /// always works.
+    pub max_retained_messages: usize,
+    /// Topic and payload bytes of all retained messages together; a PUBLISH
+    /// that would take them past it is refused the same way.
+    pub max_retained_bytes: usize,
     /// PUBLISH packets one client may send per second (a token bucket);
     /// 0 = no limit. Past it QoS 0 messages are dropped and QoS 1/2 slowed
     /// (the client is not read from until it is back under the rate).
@@ -1193,6 +1201,8 @@ impl Default for MqttConfig {
             max_topic_length: 65_535,
             max_topic_levels: 128,
             max_subscriptions_per_client: 10_000,
+            max_retained_messages: petrel_engine::Limits::default().max_retained_messages,
+            max_retained_bytes: petrel_engine::Limits::default().max_retained_bytes,
             max_inbound_messages_per_second: 0,
             max_inbound_bytes_per_second: 0,
             outbox_bytes: 1024 * 1024,
@@ -1599,6 +1609,16 @@ impl Config {
                 Bounds::at_least(1),
             ),
             (
+                mqtt_key("max_retained_messages"),
+                as_u64(mqtt.max_retained_messages),
+                Bounds::at_least(1),
+            ),
+            (
+                mqtt_key("max_retained_bytes"),
+                as_u64(mqtt.max_retained_bytes),
+                Bounds::at_least(1),
+            ),
+            (
                 mqtt_key("outbox_bytes"),
                 as_u64(mqtt.outbox_bytes),
                 Bounds::at_least(1),
@@ -1750,6 +1770,10 @@ pub fn default_config_toml() -> String {
          max_topic_levels = {max_topic_levels}\n\
          # Subscriptions one client may hold (SUBACK 0x97 past it).\n\
          max_subscriptions_per_client = {max_subscriptions_per_client}\n\
+         # Retained messages kept, and their topic and payload bytes together;\n\
+         # a PUBLISH that would set a new one past them is refused (0x97).\n\
+         max_retained_messages = {max_retained_messages}\n\
+         max_retained_bytes = {max_retained_bytes}\n\
          # PUBLISH packets and payload bytes one client may send per second;\n\
          # 0 = no limit. Past them QoS 0 is dropped, QoS 1/2 slowed.\n\
          max_inbound_messages_per_second = {max_inbound_messages_per_second}\n\
@@ -1803,6 +1827,8 @@ pub fn default_config_toml() -> String {
         max_topic_length = mqtt.max_topic_length,
         max_topic_levels = mqtt.max_topic_levels,
         max_subscriptions_per_client = mqtt.max_subscriptions_per_client,
+        max_retained_messages = mqtt.max_retained_messages,
+        max_retained_bytes = mqtt.max_retained_bytes,
         max_inbound_messages_per_second = mqtt.max_inbound_messages_per_second,
         max_inbound_bytes_per_second = mqtt.max_inbound_bytes_per_second,
         outbox_bytes = mqtt.outbox_bytes,

@@ -291,6 +291,7 @@ impl Collector for BrokerCollector {
                 ("subscribe_acl", get(&s.denied_subscribe)),
                 ("topic_limits", get(&s.refused_topic_limits)),
                 ("subscription_quota", get(&s.refused_subscription_quota)),
+                ("retained_quota", get(&s.refused_retained_quota)),
             ],
         )?;
         counter(
@@ -344,6 +345,12 @@ impl Collector for BrokerCollector {
             "petrel_retained_messages",
             "Retained messages held",
             signed(b.retained_count()),
+        )?;
+        gauge(
+            e,
+            "petrel_retained_bytes",
+            "Topic and payload bytes of the retained messages held",
+            signed(b.retained_bytes()),
         )?;
         let (queued, queued_bytes) = b.queued_totals();
         gauge(

@@ -53,6 +53,8 @@ max_queued_bytes_total = 40960
 max_topic_length = 100
 max_topic_levels = 5
 max_subscriptions_per_client = 7
+max_retained_messages = 500
+max_retained_bytes = 65536
 max_inbound_messages_per_second = 50
 max_inbound_bytes_per_second = 5000
 outbox_bytes = 2048
@@ -143,6 +145,8 @@ metrics_require_token = true
                 max_topic_length: 100,
                 max_topic_levels: 5,
                 max_subscriptions_per_client: 7,
+                max_retained_messages: 500,
+                max_retained_bytes: 65536,
                 max_inbound_messages_per_second: 50,
                 max_inbound_bytes_per_second: 5000,
                 outbox_bytes: 2048,
@@ -565,7 +569,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 12);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        28
+        30
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),

@@ -5,6 +5,7 @@
 //!
 //! One file per surface; each test names the attack and its bound.
 
+mod retained;
 mod sessions;
 #[path = "../support/mod.rs"]
 mod support;
