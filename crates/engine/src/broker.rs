@@ -167,6 +167,11 @@ pub struct Routed {
     /// In cluster mode, the fabric's queue to other nodes is past its high-water mark: the
     /// publisher should pause until it drains ([`Fabric::wait_room`]).
     pub fabric_congested: bool,
+    /// Another connected subscriber (not the publisher's own session) took the message within
+    /// its bounds: it keeps up, so a pause for `congested` holds it back too, and spends the
+    /// congested subscriber's hold time ([`crate::hold`]). When every subscriber is behind,
+    /// the pause holds back no one who could go faster and costs nothing.
+    pub others_keep_up: bool,
 }
 
 impl Routed {
@@ -1491,6 +1496,7 @@ impl Broker {
             token: 0,
             forwarded: 0,
             fabric_congested: false,
+            others_keep_up: false,
         };
         match sub
             .session
@@ -1545,6 +1551,7 @@ impl Broker {
             token: 0,
             forwarded: 0,
             fabric_congested: false,
+            others_keep_up: false,
         };
         match session.offer(delivery, &self.limits(), &self.stats, &*self.store) {
             Ok((_, written)) => routed.token = written,
@@ -1601,6 +1608,7 @@ impl Broker {
             let mut matched = groups_matched;
             let mut congested = None;
             let mut token = 0;
+            let mut others_keep_up = false;
             let mut offer = |t: Target, ids: Vec<u32>, congested: &mut Option<Arc<Session>>| {
                 let mut delivery =
                     Delivery::new(message.clone(), t.qos.min(message.qos), t.retain, weight);
@@ -1621,6 +1629,8 @@ impl Broker {
                             && t.id != message.origin
                         {
                             *congested = Some(t.session);
+                        } else if admitted == Admitted::Queued && t.id != message.origin {
+                            others_keep_up = true;
                         }
                     }
                     Err(reason) => self.count_drop(reason),
@@ -1662,6 +1672,7 @@ impl Broker {
                 token,
                 forwarded: 0,
                 fabric_congested: false,
+                others_keep_up,
             }
         })
     }

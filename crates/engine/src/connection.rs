@@ -129,6 +129,9 @@ pub enum CloseReason {
     ServerShutdown,
     /// An operator disconnected the client (admin API).
     Administrative,
+    /// The client read too slowly while its publishers waited (`slow_consumer_disconnect`):
+    /// v5 DISCONNECT 0x97 Quota exceeded.
+    SlowConsumer,
     /// An operator is moving clients off this server (admin API): v5 clients are told which
     /// server to use instead (DISCONNECT 0x9C with a Server Reference).
     Redirected,
@@ -156,6 +159,7 @@ impl CloseReason {
             CloseReason::TakenOver => Some(ReasonCode::SESSION_TAKEN_OVER),
             CloseReason::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
             CloseReason::Administrative => Some(ReasonCode::ADMINISTRATIVE_ACTION),
+            CloseReason::SlowConsumer => Some(ReasonCode::QUOTA_EXCEEDED),
             CloseReason::Redirected => Some(ReasonCode::USE_ANOTHER_SERVER),
             CloseReason::AuthenticationFailed => Some(ReasonCode::NOT_AUTHORIZED),
             _ => None,
@@ -348,6 +352,9 @@ struct Pause {
     /// The subscriber's `drained` counter (the fabric's `progress`) when the current wait
     /// began.
     progress: u64,
+    /// The wait holds back other subscribers that keep up: it spends the subscriber's hold
+    /// time ([`crate::hold`]). Otherwise it lasts while the subscriber makes progress.
+    spends: bool,
     /// When to check the subscriber for progress.
     check_at: Instant,
 }
@@ -605,20 +612,34 @@ impl Connection {
                 if now < pause.check_at {
                     return Ok(());
                 }
-                // The wait ran out: a subscriber that moved messages meanwhile is slow, and we
-                // keep pacing to it; one that moved none is stalled and stops holding us up.
-                let (progress, stalled) = match &pause.on {
-                    PausedOn::Subscriber(subscriber) => {
-                        subscriber.check_progress(pause.progress, &self.broker.stats)
+                // The wait ran out. A subscriber with hold time left is waited for that much
+                // more; one without is a slow consumer and stops holding us up. The fabric's
+                // queue is waited for while it moves.
+                let limits = self.broker.limits();
+                let more = match &pause.on {
+                    PausedOn::Subscriber(subscriber) if pause.spends => {
+                        subscriber.check_hold(pause.progress, now, &limits, &self.broker.stats)
                     }
-                    PausedOn::Fabric => (self.broker.fabric().map_or(0, |f| f.progress()), false),
+                    PausedOn::Subscriber(subscriber) => {
+                        let (progress, stalled) =
+                            subscriber.check_progress(pause.progress, &self.broker.stats);
+                        let moved = !stalled && progress != pause.progress;
+                        pause.progress = progress;
+                        moved.then_some(limits.flow_control_timeout)
+                    }
+                    PausedOn::Fabric => {
+                        let progress = self.broker.fabric().map_or(0, |f| f.progress());
+                        let moved = progress != pause.progress;
+                        pause.progress = progress;
+                        moved.then_some(limits.flow_control_timeout)
+                    }
                 };
-                if stalled || progress == pause.progress {
-                    a.pause = None;
-                    a.last_received = a.last_received.max(now);
-                } else {
-                    pause.progress = progress;
-                    pause.check_at = now + self.broker.limits().flow_control_timeout;
+                match more {
+                    Some(wait) => pause.check_at = now + wait,
+                    None => {
+                        a.pause = None;
+                        a.last_received = a.last_received.max(now);
+                    }
                 }
                 return Ok(());
             }
@@ -1297,6 +1318,7 @@ impl Connection {
             let mut st = attach.session.lock();
             // A disconnect an operator asked of an earlier connection is not this one's.
             st.kick = false;
+            st.slow_kick = false;
             st.client = Some(ClientInfo {
                 peer: self.peer.clone(),
                 version,
@@ -1560,14 +1582,26 @@ impl Connection {
             .record(&message.topic, message.payload.len());
         if let Some(subscriber) = routed.congested {
             // The message is queued (so it is acknowledged below), but this publisher reads
-            // nothing more until the subscriber catches up.
-            Stats::add(&self.broker.stats.flow_control_pauses, 1);
-            let progress = subscriber.lock().drained;
-            if let State::Connected(a) = &mut self.state {
+            // nothing more until the subscriber catches up. When another subscriber took the
+            // message and keeps up, the wait holds that one back too: it is counted against
+            // the slow one's hold time, and a subscriber out of hold time is a slow consumer
+            // nobody waits for. When every subscriber is behind, the wait is plain back
+            // pressure and lasts while the subscriber moves messages at all.
+            let spends = routed.others_keep_up;
+            let (progress, left) = if spends {
+                subscriber.start_hold(now, limits)
+            } else {
+                (subscriber.lock().drained, limits.flow_control_timeout)
+            };
+            if left.is_zero() {
+                let _ = subscriber.check_hold(progress, now, limits, &self.broker.stats);
+            } else if let State::Connected(a) = &mut self.state {
+                Stats::add(&self.broker.stats.flow_control_pauses, 1);
                 a.pause = Some(Pause {
                     on: PausedOn::Subscriber(subscriber),
                     progress,
-                    check_at: now + limits.flow_control_timeout,
+                    spends,
+                    check_at: now + left,
                 });
             }
         } else if routed.fabric_congested {
@@ -1578,6 +1612,7 @@ impl Connection {
                 a.pause = Some(Pause {
                     on: PausedOn::Fabric,
                     progress,
+                    spends: false,
                     check_at: now + limits.flow_control_timeout,
                 });
             }
@@ -2047,6 +2082,10 @@ impl Connection {
         let mut st = a.session.lock();
         if st.owner != Owner::Connection(self.id) {
             return Poll::Ready(Err(CloseReason::TakenOver));
+        }
+        if st.slow_kick {
+            st.slow_kick = false;
+            return Poll::Ready(Err(CloseReason::SlowConsumer));
         }
         if st.kick {
             st.kick = false;

@@ -32,6 +32,7 @@ pub mod auth;
 pub mod broker;
 pub mod connection;
 pub mod fabric;
+pub mod hold;
 pub mod limits;
 pub mod message;
 pub mod record;

@@ -30,11 +30,19 @@ pub struct Limits {
     /// QoS 0 payload bytes waiting for one connection, same flow-control policy as the queue.
     /// This is what keeps a subscriber that stopped reading from growing the broker's memory.
     pub outbox_bytes: usize,
-    /// How long a publisher waits, paused, for a subscriber whose queue is full and which
-    /// reads nothing at all in that time. After it the subscriber counts as stalled: it no
-    /// longer holds publishers up, and messages for it past its queue bounds are dropped and
-    /// counted until it catches up. Zero: never pause, drop at once.
+    /// How long, in total within `flow_control_window`, publishers wait, paused, for one
+    /// subscriber whose queue is full, whether it reads nothing or only a little. After it the
+    /// subscriber counts as stalled (a slow consumer): it no longer holds publishers up, and
+    /// messages for it past its queue bounds are dropped and counted until it catches up.
+    /// Zero: never pause, drop at once.
     pub flow_control_timeout: Duration,
+    /// The window `flow_control_timeout` is a budget within: a subscriber may hold its
+    /// publishers back for at most about `flow_control_timeout` in total per window, however
+    /// it reads, before it is treated as a slow consumer (see `crate::hold`).
+    pub flow_control_window: Duration,
+    /// Disconnect a subscriber found slow (v5 DISCONNECT 0x97) instead of only dropping what
+    /// its queue cannot hold.
+    pub slow_consumer_disconnect: bool,
     /// Longest client identifier accepted.
     pub max_client_id_len: u16,
     /// Whether an empty client id with clean session gets a generated one [MQTT-3.1.3-6].
@@ -98,6 +106,8 @@ impl Default for Limits {
             max_queued_bytes_total: 4 * 1024 * 1024 * 1024,
             outbox_bytes: 1024 * 1024,
             flow_control_timeout: Duration::from_secs(5),
+            flow_control_window: Duration::from_secs(60),
+            slow_consumer_disconnect: false,
             max_client_id_len: u16::MAX,
             allow_empty_client_id: true,
             retain_available: true,

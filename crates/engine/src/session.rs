@@ -15,7 +15,7 @@ use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use petrel_codec::{
@@ -25,6 +25,7 @@ use petrel_codec::{
 
 use crate::acl::ClientAcl;
 use crate::auth::Login;
+use crate::hold::HoldBudget;
 use crate::limits::Limits;
 use crate::message::{Message, SessionId};
 use crate::shared::SharedGroup;
@@ -291,7 +292,10 @@ impl Held {
 /// What became of an offered message that was queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admitted {
+    /// Queued within the bounds of a connected subscriber: one that keeps up.
     Queued,
+    /// Queued within the bounds of a session with no connection.
+    Offline,
     /// Queued past the session's bounds, in the overflow band a connected subscriber has so
     /// that no message is lost while its publishers pause: the publisher should stop sending
     /// until the queue drains (see [`Session::wait_for_room`]).
@@ -395,9 +399,15 @@ pub struct SessionState {
     /// Messages moved from the queue to the wire so far: a paused publisher compares it to
     /// tell a slow subscriber (progress) from a stalled one (none).
     pub drained: u64,
-    /// No progress for a whole `flow_control_timeout` with the queue full: publishers no
-    /// longer wait, and messages past the bounds are dropped. Cleared when the queue drains.
+    /// Out of hold time (see [`HoldBudget`]): it read nothing, or too little, while its
+    /// publishers waited for `flow_control_timeout` (within `flow_control_window`).
+    /// Publishers no longer wait, and messages past the bounds are dropped (the queue's
+    /// overflow policy). Cleared when the queue drains to half.
     pub stalled: bool,
+    /// How long publishers have waited on this subscriber lately.
+    pub hold: HoldBudget,
+    /// Found slow with `slow_consumer_disconnect` on: its connection closes with 0x97.
+    pub slow_kick: bool,
     /// A drop was logged since the queue last drained, so a flood logs once.
     drop_logged: bool,
     /// The next delivery's place in the durable store (persistent sessions).
@@ -472,6 +482,8 @@ impl Session {
                 blocked: Vec::new(),
                 drained: 0,
                 stalled: false,
+                hold: HoldBudget::default(),
+                slow_kick: false,
                 drop_logged: false,
                 next_seq: 1,
                 client: None,
@@ -541,6 +553,9 @@ impl Session {
                 }
             }
             match st.push(delivery, limits) {
+                Ok(Admitted::Queued) if !matches!(st.owner, Owner::Connection(_)) => {
+                    (Admitted::Offline, token, st.waker.take())
+                }
                 Ok(admitted) => (admitted, token, st.waker.take()),
                 Err(reason) => {
                     if let Some(message) = message {
@@ -608,6 +623,72 @@ impl Session {
         drop(st);
         blocked.into_iter().for_each(Waker::wake);
         (seen, true)
+    }
+
+    /// A publisher starts waiting on this subscriber (its message took the queue past its
+    /// bounds): returns the `drained` counter and the hold time the subscriber has left. With
+    /// none left the subscriber is found slow at once ([`Session::check_hold`]) and the
+    /// publisher does not wait.
+    pub fn start_hold(&self, now: Instant, limits: &Limits) -> (u64, Duration) {
+        let mut st = self.lock();
+        let (budget, window) = (limits.flow_control_timeout, limits.flow_control_window);
+        (st.drained, st.hold.start(now, budget, window))
+    }
+
+    /// A paused publisher's wait ran out: `Some(left)` while the subscriber still has hold
+    /// time (wait that much more), `None` when the publisher may go on. A subscriber out of
+    /// hold time is marked stalled (a slow consumer: counted, logged at most once a window,
+    /// disconnected with 0x97 if `slow_consumer_disconnect`), and every publisher waiting on
+    /// it is released. `seen` is its `drained` counter when the wait began, to tell one that
+    /// read nothing from one that read too little.
+    pub fn check_hold(
+        &self,
+        seen: u64,
+        now: Instant,
+        limits: &Limits,
+        stats: &Stats,
+    ) -> Option<Duration> {
+        let mut st = self.lock();
+        if !matches!(st.owner, Owner::Connection(_)) || st.stalled {
+            return None;
+        }
+        let (budget, window) = (limits.flow_control_timeout, limits.flow_control_window);
+        let left = st.hold.left(now, budget, window);
+        if !left.is_zero() {
+            return Some(left);
+        }
+        st.stalled = true;
+        st.hold.end(now, budget, window);
+        let read_nothing = st.drained == seen;
+        Stats::add(
+            if read_nothing {
+                &stats.stalled_subscribers
+            } else {
+                &stats.slow_consumers
+            },
+            1,
+        );
+        if st.hold.should_log(now, window) {
+            let disconnect = limits.slow_consumer_disconnect;
+            if read_nothing {
+                tracing::warn!(client_id = %self.client_id, disconnect, "subscriber read nothing with a full queue for the flow-control timeout: its publishers no longer wait for it");
+            } else {
+                tracing::warn!(client_id = %self.client_id, disconnect, "subscriber too slow: it held its publishers for the flow-control timeout within the flow-control window; they no longer wait for it, and its queue drops what does not fit");
+            }
+        }
+        let waker = if limits.slow_consumer_disconnect {
+            st.slow_kick = true;
+            st.waker.take()
+        } else {
+            None
+        };
+        let blocked = std::mem::take(&mut st.blocked);
+        drop(st);
+        blocked.into_iter().for_each(Waker::wake);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        None
     }
 }
 
@@ -722,6 +803,7 @@ impl SessionState {
 
     /// Wakes every publisher paused on this queue: the session is going away or offline.
     pub fn release_blocked(&mut self) {
+        self.hold.cancel();
         self.blocked.drain(..).for_each(Waker::wake);
     }
 
@@ -871,6 +953,8 @@ impl SessionState {
         if moved && self.below_low_water(limits) {
             self.stalled = false;
             self.drop_logged = false;
+            self.hold
+                .end(now, limits.flow_control_timeout, limits.flow_control_window);
             wake.append(&mut self.blocked);
         }
         done

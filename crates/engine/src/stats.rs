@@ -23,6 +23,9 @@ pub struct Stats {
     /// Times a subscriber was found stalled: a full queue and nothing read for
     /// `flow_control_timeout`.
     pub stalled_subscribers: AtomicU64,
+    /// Times a subscriber that kept reading was still too slow: its publishers had waited
+    /// for it `flow_control_timeout` within `flow_control_window`.
+    pub slow_consumers: AtomicU64,
     pub connect_timeouts: AtomicU64,
     /// Connections that failed before MQTT began: PROXY header, TLS handshake, WebSocket
     /// upgrade (including those that ran out of time there).

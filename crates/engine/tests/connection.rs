@@ -783,6 +783,62 @@ fn slow_subscriber_that_makes_progress_keeps_its_publishers_paced() {
     assert_eq!(Stats::get(&broker.stats.stalled_subscribers), 1);
 }
 
+/// A subscriber that reads a little, beside one that keeps up, holds their publisher for at
+/// most `flow_control_timeout` (issue 20: one that read a message every 2 s kept its publisher
+/// paused for good, and the other subscriber starved). Then it is a slow consumer: the
+/// publisher goes on, and the slow one's queue drops what it cannot hold.
+#[test]
+fn a_slow_subscriber_beside_one_that_keeps_up_holds_them_for_the_timeout_in_total() {
+    let t0 = Instant::now();
+    let broker = broker(flow_limits());
+    let mut slow = client(&broker, t0, "slow");
+    slow.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    let mut fast = client(&broker, t0, "fast");
+    fast.subscribe(t0, 1, "q", QoS::AtLeastOnce);
+    let mut publ = client(&broker, t0, "pub");
+    // The fast one reads and acknowledges every message as it comes.
+    let mut keep_up = |fast: &mut Peer| {
+        for p in fast.recv() {
+            if let Packet::Publish(p) = p {
+                fast.send(
+                    t0,
+                    Packet::PubAck(petrel_codec::PubAck::new(p.packet_id.unwrap())),
+                )
+                .unwrap();
+            }
+        }
+    };
+    let mut id = 0;
+    while !publ.conn.is_paused() {
+        id += 1;
+        assert!(id < 100, "never paused");
+        publ.send(t0, publish("q", "x", QoS::AtLeastOnce, id))
+            .unwrap();
+        let _ = publ.written();
+        keep_up(&mut fast);
+    }
+    // Progress within the wait (two messages sent), though not down to half.
+    assert_eq!(slow.recv().len(), 2);
+    publ.conn.handle_timeout(t0 + secs(5)).unwrap();
+    assert!(
+        !publ.conn.is_paused(),
+        "the hold time is spent: the publisher goes on"
+    );
+    assert_eq!(Stats::get(&broker.stats.slow_consumers), 1);
+    assert_eq!(Stats::get(&broker.stats.stalled_subscribers), 0);
+    // Found slow, its queue no longer overflows: what does not fit is dropped, the publisher
+    // is not paused again, and the fast one gets everything.
+    let before = Stats::get(&broker.stats.dropped_queue_full);
+    for _ in 0..4 {
+        id += 1;
+        publ.send(t0 + secs(5), publish("q", "x", QoS::AtLeastOnce, id))
+            .unwrap();
+        assert!(!publ.conn.is_paused());
+        keep_up(&mut fast);
+    }
+    assert!(Stats::get(&broker.stats.dropped_queue_full) > before);
+}
+
 #[test]
 fn paused_publisher_is_not_closed_for_keepalive_it_could_not_show() {
     let t0 = Instant::now();

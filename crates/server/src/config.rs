@@ -1030,15 +1030,29 @@ pub struct MqttConfig {
     /// Flow control: a publisher whose message fills a connected subscriber's
     /// queue (`max_queued_messages`, `max_queued_bytes`, `outbox_bytes`) is
     /// not read from until that queue drains to half, so nothing is dropped.
-    /// A subscriber that reads nothing at all for this long is stalled: it
-    /// stops holding publishers up, and messages for it past its bounds are
-    /// dropped and counted until it catches up. "0s" never pauses publishers
+    /// A subscriber may hold its publishers back this long in total within
+    /// `flow_control_window`, whether it reads nothing or only a trickle;
+    /// then it is a slow consumer: it stops holding publishers up, and
+    /// messages for it past its bounds are dropped (its queue's overflow
+    /// policy) and counted until it catches up. "0s" never pauses publishers
     /// and drops at once.
     #[serde(
         deserialize_with = "deserialize_duration",
         serialize_with = "serialize_duration"
     )]
     pub flow_control_timeout: Duration,
+    /// The window `flow_control_timeout` is a budget within: hold time a
+    /// subscriber used comes back at `flow_control_timeout` per window, so
+    /// other subscribers of its publishers keep about (window - timeout) /
+    /// window of their rate. At least `flow_control_timeout`.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub flow_control_window: Duration,
+    /// Also disconnect a subscriber found slow (MQTT 5: DISCONNECT 0x97
+    /// Quota exceeded) rather than only dropping what its queue cannot hold.
+    pub slow_consumer_disconnect: bool,
     /// Longest accepted client identifier in bytes (see also
     /// `strict_v31_client_id`).
     pub max_client_id_len: u16,
@@ -1207,6 +1221,8 @@ impl Default for MqttConfig {
             max_inbound_bytes_per_second: 0,
             outbox_bytes: 1024 * 1024,
             flow_control_timeout: Duration::from_secs(5),
+            flow_control_window: petrel_engine::Limits::default().flow_control_window,
+            slow_consumer_disconnect: petrel_engine::Limits::default().slow_consumer_disconnect,
             max_client_id_len: 65_535,
             retain_available: true,
             allow_empty_client_id: true,
@@ -1429,6 +1445,14 @@ impl Config {
                     message: "give token or token_file, not both".to_owned(),
                 });
             }
+        }
+        if self.mqtt.flow_control_window < self.mqtt.flow_control_timeout
+            || self.mqtt.flow_control_window.is_zero()
+        {
+            return Err(Violation {
+                key: KeyPath::root().key("mqtt").key("flow_control_window"),
+                message: "must be greater than zero and at least flow_control_timeout".to_owned(),
+            });
         }
         if self.storage.fsync == FsyncPolicy::EveryMs && self.storage.fsync_interval.is_zero() {
             return Err(Violation {
@@ -1782,9 +1806,13 @@ pub fn default_config_toml() -> String {
          outbox_bytes = {outbox_bytes}\n\
          # A publisher that fills a connected subscriber's queue is not read\n\
          # from until the queue drains to half, so nothing is lost. A subscriber\n\
-         # that reads nothing for this long stops holding publishers up: what\n\
-         # does not fit its queue is dropped and counted. \"0s\" = drop at once.\n\
+         # that holds its publishers this long in total within the window (reading\n\
+         # nothing, or a trickle) is a slow consumer: it stops holding them up,\n\
+         # and what does not fit its queue is dropped and counted. \"0s\" = drop\n\
+         # at once. slow_consumer_disconnect also closes it (MQTT 5: 0x97).\n\
          flow_control_timeout = \"{flow_control_timeout}\"\n\
+         flow_control_window = \"{flow_control_window}\"\n\
+         slow_consumer_disconnect = {slow_consumer_disconnect}\n\
          # Longest client id in bytes (1 to 65535; MQTT 3.1 allowed 23).\n\
          max_client_id_len = {max_client_id_len}\n\
          # Store and deliver retained messages.\n\
@@ -1833,6 +1861,8 @@ pub fn default_config_toml() -> String {
         max_inbound_bytes_per_second = mqtt.max_inbound_bytes_per_second,
         outbox_bytes = mqtt.outbox_bytes,
         flow_control_timeout = humantime::format_duration(mqtt.flow_control_timeout),
+        flow_control_window = humantime::format_duration(mqtt.flow_control_window),
+        slow_consumer_disconnect = mqtt.slow_consumer_disconnect,
         max_client_id_len = mqtt.max_client_id_len,
         retain_available = mqtt.retain_available,
         allow_empty_client_id = mqtt.allow_empty_client_id,

@@ -92,6 +92,8 @@ pub fn limits_from(config: &MqttConfig) -> Limits {
         max_inbound_bytes_per_second: config.max_inbound_bytes_per_second,
         outbox_bytes: config.outbox_bytes,
         flow_control_timeout: config.flow_control_timeout,
+        flow_control_window: config.flow_control_window,
+        slow_consumer_disconnect: config.slow_consumer_disconnect,
         max_client_id_len: config.max_client_id_len,
         allow_empty_client_id: config.allow_empty_client_id,
         retain_available: config.retain_available,

@@ -308,6 +308,12 @@ impl Collector for BrokerCollector {
         )?;
         counter(
             e,
+            "petrel_slow_consumers",
+            "Times a subscriber that kept reading held its publishers for flow_control_timeout within flow_control_window",
+            get(&s.slow_consumers),
+        )?;
+        counter(
+            e,
             "petrel_inbound_throttles",
             "Times a client was slowed to its inbound rate limit",
             get(&s.inbound_throttles),

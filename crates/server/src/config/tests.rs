@@ -59,6 +59,8 @@ max_inbound_messages_per_second = 50
 max_inbound_bytes_per_second = 5000
 outbox_bytes = 2048
 flow_control_timeout = "250ms"
+flow_control_window = "10s"
+slow_consumer_disconnect = true
 max_client_id_len = 23
 retain_available = false
 allow_empty_client_id = false
@@ -151,6 +153,8 @@ metrics_require_token = true
                 max_inbound_bytes_per_second: 5000,
                 outbox_bytes: 2048,
                 flow_control_timeout: Duration::from_millis(250),
+                flow_control_window: Duration::from_secs(10),
+                slow_consumer_disconnect: true,
                 max_client_id_len: 23,
                 retain_available: false,
                 allow_empty_client_id: false,
@@ -569,7 +573,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 12);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        30
+        32
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),

@@ -7,5 +7,6 @@
 
 mod retained;
 mod sessions;
+mod slow_subscriber;
 #[path = "../support/mod.rs"]
 mod support;
