@@ -797,7 +797,7 @@ fn a_slow_subscriber_beside_one_that_keeps_up_holds_them_for_the_timeout_in_tota
     fast.subscribe(t0, 1, "q", QoS::AtLeastOnce);
     let mut publ = client(&broker, t0, "pub");
     // The fast one reads and acknowledges every message as it comes.
-    let mut keep_up = |fast: &mut Peer| {
+    let keep_up = |fast: &mut Peer| {
         for p in fast.recv() {
             if let Packet::Publish(p) = p {
                 fast.send(
