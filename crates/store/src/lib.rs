@@ -46,9 +46,14 @@
 //! hands them to the OS (they survive a crash of the process, not of the machine).
 
 mod changes;
+mod check;
 mod commit;
+mod journal;
 mod load;
 mod record;
+
+pub use check::{check, salvage, Report};
+pub use journal::TornTail;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -67,11 +72,16 @@ use changes::{Change, Part, Value};
 use commit::{Shared, State};
 use record::{
     client_key, decode_entry, entry_record, message_record, options_byte, session_record,
-    stage_record, to_wall, will_record, RECORD_VERSION,
+    stage_record, to_wall, unseal, will_record, RECORD_VERSION,
 };
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT: &str = "petrel-store 1";
+/// The on-disk format this build writes and reads: format 2 puts every record in a checked
+/// envelope (`record.rs`).
+pub const FORMAT: &str = "petrel-store 2";
+
+/// The format before checksums, still read: its records are taken as they are, and the store
+/// is marked as format 2 holding format-1 records (meta key `legacy`) after a good start.
+pub const FORMAT_1: &str = "petrel-store 1";
 
 /// When writes reach the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,13 +108,17 @@ pub enum StoreError {
     )]
     Format { dir: PathBuf, found: String },
     #[error(
-        "the store in {dir} is damaged: {partition} record {key:?}: {why}. petrel does not \
-         discard stored data; move the directory away to start empty, or restore a backup"
+        "the store in {dir} is damaged: {partition} record {key:?} (in {dir}/partitions/{partition}, \
+         or in the journal if not yet flushed): {why}. petrel does not discard stored data and \
+         changed nothing; `petrel store check` lists the damage, `petrel store salvage` copies \
+         every record that reads into a new store, or restore a backup"
     )]
     Corrupt {
         dir: PathBuf,
         partition: &'static str,
         key: String,
+        /// The key as stored, for tools that act on the record.
+        raw_key: Vec<u8>,
         why: String,
     },
     #[error("cannot start the store's commit thread: {0}")]
@@ -114,6 +128,38 @@ pub enum StoreError {
         dir: PathBuf,
         #[source]
         source: fjall::Error,
+    },
+    #[error(
+        "the store in {dir} is damaged: partition {partition} does not read {after}: {source} \
+         (a segment file in {dir}/partitions/{partition}/segments). petrel changed nothing; \
+         `petrel store check` lists the damage, `petrel store salvage` copies every record that \
+         reads into a new store"
+    )]
+    Segment {
+        dir: PathBuf,
+        partition: &'static str,
+        /// Where the read stopped: "after key ..." or "from its first record".
+        after: String,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error(
+        "the store is damaged: journal file {file}, offset {offset}: {why}. petrel changed \
+         nothing; `petrel store check` lists the damage, `petrel store salvage` copies every \
+         record that reads into a new store"
+    )]
+    Journal {
+        file: PathBuf,
+        offset: u64,
+        why: String,
+    },
+    #[error("the store is damaged: reading {what} in {dir} panicked inside fjall (its files do not hold what fjall wrote). petrel changed nothing; `petrel store check` and `petrel store salvage` are the way out")]
+    Panicked { dir: PathBuf, what: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -145,6 +191,13 @@ impl Parts {
     }
 }
 
+impl Part {
+    /// The partition's name: part of each record's checksum.
+    pub(crate) fn name(self) -> &'static str {
+        Parts::NAMES[self as usize].1
+    }
+}
+
 pub struct DiskStore {
     keyspace: Keyspace,
     parts: Parts,
@@ -152,6 +205,8 @@ pub struct DiskStore {
     /// Ids for stored messages; restored past the highest id in use.
     next_message: std::sync::atomic::AtomicU64,
     committer: Option<std::thread::JoinHandle<()>>,
+    /// The store holds format-1 records, which have no checksum.
+    legacy: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -159,46 +214,53 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DiskStore {
-    /// Opens (or creates) the store in `dir` and reads back what it holds.
+    /// Opens (or creates) the store in `dir` and reads back what it holds. The journal is
+    /// checked before fjall reads it and every record's checksum when it is loaded; damage
+    /// stops the start with nothing written, except a torn tail (the unfinished last write of
+    /// a crash), which is dropped and logged.
     pub fn open(dir: &Path, fsync: Fsync) -> Result<(DiskStore, Loaded), StoreError> {
+        let journal = journal::scan(dir)?;
+        if let Some(torn) = &journal.torn {
+            tracing::warn!(
+                file = %torn.file.display(),
+                offset = torn.offset,
+                bytes = torn.bytes,
+                items = torn.items.len(),
+                dropped = %torn.items.join(", "),
+                "store: the journal ends in a batch a crash left unfinished; dropping it \
+                 (its changes were never acknowledged as durable)"
+            );
+            journal::drop_torn(torn)?;
+        }
+        let (keyspace, parts, meta, format) = caught(dir, "the keyspace", || opened(dir))?;
+        let legacy = match format.as_deref() {
+            Some(FORMAT) => meta_legacy(dir, &meta)?,
+            Some(FORMAT_1) => true,
+            Some(found) => {
+                return Err(StoreError::Format {
+                    dir: dir.to_owned(),
+                    found: found.to_owned(),
+                })
+            }
+            None => false,
+        };
+        let read = caught(dir, "the records", || {
+            load::read(dir, &keyspace, &parts, legacy)
+        })?;
         let open_err = |source| StoreError::Open {
             dir: dir.to_owned(),
             source,
         };
-        let keyspace = Config::new(dir).open().map_err(open_err)?;
-        let part = |name: &str| {
-            keyspace
-                .open_partition(name, PartitionCreateOptions::default())
-                .map_err(open_err)
-        };
-        let meta = part("meta")?;
-        let mut handles = Vec::with_capacity(Parts::NAMES.len());
-        for (i, (p, name)) in Parts::NAMES.iter().enumerate() {
-            debug_assert_eq!(*p as usize, i);
-            handles.push(part(name)?);
-        }
-        let parts = Parts(
-            handles
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("one handle per partition")),
-        );
-        match meta.get("format").map_err(|source| StoreError::Read {
-            dir: dir.to_owned(),
-            source,
-        })? {
-            Some(found) if &*found != FORMAT.as_bytes() => {
-                return Err(StoreError::Format {
-                    dir: dir.to_owned(),
-                    found: String::from_utf8_lossy(&found).into_owned(),
-                })
+        // Marked only after everything read: a failed start writes nothing.
+        if format.as_deref() != Some(FORMAT) {
+            let mut batch = keyspace.batch();
+            batch.insert(&meta, "format", FORMAT);
+            if legacy {
+                batch.insert(&meta, "legacy", "format 1 records without checksums");
             }
-            Some(_) => {}
-            None => {
-                meta.insert("format", FORMAT).map_err(open_err)?;
-                keyspace.persist(PersistMode::SyncAll).map_err(open_err)?;
-            }
+            batch.commit().map_err(open_err)?;
+            keyspace.persist(PersistMode::SyncAll).map_err(open_err)?;
         }
-        let read = load::read(dir, &keyspace, &parts)?;
         let shared = Arc::new(Shared::new(read.refs));
         let committer = {
             let (keyspace, parts, shared) = (keyspace.clone(), parts.clone(), shared.clone());
@@ -214,6 +276,7 @@ impl DiskStore {
                 shared,
                 next_message: (read.max_message_id + 1).into(),
                 committer: Some(committer),
+                legacy,
             },
             read.loaded,
         ))
@@ -251,7 +314,18 @@ impl DiskStore {
                 None => {}
             }
         }
-        Ok(self.parts.get(part).get(key)?.map(|v| v.to_vec()))
+        let Some(stored) = self.parts.get(part).get(key)? else {
+            return Ok(None);
+        };
+        match unseal(part.name(), key, &stored, self.legacy) {
+            Ok(record) => Ok(Some(record.to_vec())),
+            Err(why) => {
+                // Read back at run time: what was checked at start changed since. Treated as
+                // present but unreadable, so nothing is decoded from it.
+                tracing::error!(partition = part.name(), key = %String::from_utf8_lossy(key), why, "store: a stored record is damaged");
+                Ok(Some(Vec::new()))
+            }
+        }
     }
 
     /// Forgets everything stored for a client: its session record, will, subscriptions,
@@ -322,6 +396,66 @@ fn unref(st: &mut State, id: u64) {
             st.pending.delete(Part::Messages, id.to_be_bytes().to_vec());
         }
     }
+}
+
+/// The keyspace and its partitions, opened (fjall recovers its journal here), and the format
+/// the store declares.
+type Opened = (Keyspace, Parts, PartitionHandle, Option<String>);
+
+fn opened(dir: &Path) -> Result<Opened, StoreError> {
+    let open_err = |source| StoreError::Open {
+        dir: dir.to_owned(),
+        source,
+    };
+    let keyspace = Config::new(dir).open().map_err(open_err)?;
+    let part = |name: &str| {
+        keyspace
+            .open_partition(name, PartitionCreateOptions::default())
+            .map_err(open_err)
+    };
+    let meta = part("meta")?;
+    let mut handles = Vec::with_capacity(Parts::NAMES.len());
+    for (i, (p, name)) in Parts::NAMES.iter().enumerate() {
+        debug_assert_eq!(*p as usize, i);
+        handles.push(part(name)?);
+    }
+    let parts = Parts(
+        handles
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one handle per partition")),
+    );
+    let format = meta
+        .get("format")
+        .map_err(|source| StoreError::Read {
+            dir: dir.to_owned(),
+            source,
+        })?
+        .map(|f| String::from_utf8_lossy(&f).into_owned());
+    Ok((keyspace, parts, meta, format))
+}
+
+fn meta_legacy(dir: &Path, meta: &PartitionHandle) -> Result<bool, StoreError> {
+    meta.contains_key("legacy")
+        .map_err(|source| StoreError::Read {
+            dir: dir.to_owned(),
+            source,
+        })
+}
+
+/// Runs `f`, turning a panic into an error: fjall 2 `assert!`s on some damaged bytes (a
+/// compression tag, for one), and a damaged store must stop the start with a message, not a
+/// crash.
+pub(crate) fn caught<T>(
+    dir: &Path,
+    what: &str,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(StoreError::Panicked {
+            dir: dir.to_owned(),
+            what: what.to_owned(),
+        })
+    })
 }
 
 impl Drop for DiskStore {
