@@ -159,12 +159,15 @@ fn examine(dir: &Path, scratch: &Path, out: &Path) -> Result<Report, StoreError>
     }
     let copy = scratch.join("copy");
     copy_tree(dir, &copy)?;
-    let cut = journal::keep_valid(&copy)?;
+    // Lines name the store's own files, not the copy's.
+    let cut = journal::keep_valid(&copy)?.into_iter().map(|line| {
+        line.replace(&copy.display().to_string(), &dir.display().to_string())
+    });
     // A torn tail is what a start drops on its own: not damage.
     if report.torn.is_none() {
         report.damage.extend(cut);
     }
-    let (keyspace, parts, meta, format) = caught(&copy, "the keyspace", || crate::opened(&copy))?;
+    let (keyspace, parts, meta, format) = caught(&copy, "the keyspace", || crate::opened(&copy, false))?;
     let legacy = match format.as_deref() {
         Some(FORMAT) => crate::meta_legacy(&copy, &meta)?,
         Some(FORMAT_1) => true,

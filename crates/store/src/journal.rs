@@ -25,9 +25,9 @@
 //! end    0x03, xxh3-64 of the batch's item bytes u64, "FJL" 0x02
 //! ```
 //!
-//! (all integers big-endian). A test writes a store through fjall and checks that every batch
-//! reads back here, so a change of fjall's format shows up as a failing test, not as a store
-//! refused in the field.
+//! (all integers big-endian). The store's tests (`tests/damage.rs`, the golden stores) read
+//! journals fjall wrote through this, so a change of fjall's format shows up as a failing
+//! test, not as a store refused in the field; Cargo.toml pins fjall to 2.11.
 
 use std::path::{Path, PathBuf};
 
@@ -212,6 +212,9 @@ pub struct Journal {
     pub batches: u64,
     pub items: u64,
     pub torn: Option<TornTail>,
+    /// Each file's length as found (after a torn tail was cut), to undo fjall's trimming of
+    /// the zeros it preallocated when a start is refused.
+    sizes: Vec<(PathBuf, u64)>,
 }
 
 /// The journal files of a store in `dir`, oldest first. A file fjall would not recognise is
@@ -267,6 +270,7 @@ pub fn scan(dir: &Path) -> Result<Journal, StoreError> {
             path: path.clone(),
             source,
         })?;
+        journal.sizes.push((path.clone(), buf.len() as u64));
         // Where the zeros fjall preallocated begin.
         let used = buf.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
         let mut pos = 0;
@@ -310,6 +314,9 @@ pub fn scan(dir: &Path) -> Result<Journal, StoreError> {
                              (the batch at offset {pos} is the first that does not read)",
                             broken.why
                         )));
+                    }
+                    if let Some(size) = journal.sizes.last_mut() {
+                        size.1 = pos as u64;
                     }
                     journal.torn = Some(TornTail {
                         file: path.clone(),
@@ -400,6 +407,19 @@ fn readable_items(buf: &[u8], pos: usize) -> Vec<String> {
         }
     }
     out
+}
+
+/// Gives back the zeros fjall trimmed from the journal files (a sparse extension: the same
+/// bytes). Only what it trimmed: a file shorter than it was is extended, nothing else.
+pub(crate) fn restore_sizes(journal: &Journal) {
+    for (path, size) in &journal.sizes {
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+            continue;
+        };
+        if file.metadata().is_ok_and(|m| m.len() < *size) {
+            let _ = file.set_len(*size).and_then(|()| file.sync_all());
+        }
+    }
 }
 
 /// Drops a torn tail: truncates its file where the batch began, as fjall would have.

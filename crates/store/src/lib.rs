@@ -232,21 +232,25 @@ impl DiskStore {
             );
             journal::drop_torn(torn)?;
         }
-        let (keyspace, parts, meta, format) = caught(dir, "the keyspace", || opened(dir))?;
-        let legacy = match format.as_deref() {
-            Some(FORMAT) => meta_legacy(dir, &meta)?,
-            Some(FORMAT_1) => true,
-            Some(found) => {
-                return Err(StoreError::Format {
-                    dir: dir.to_owned(),
-                    found: found.to_owned(),
-                })
+        // fjall writes as it opens (it trims its journal's preallocated zeros and creates
+        // missing partitions): a start refused after that puts the files back as they were.
+        let partitions_before = partition_dirs(dir);
+        let verified = verified(dir);
+        let (format, legacy, read) = match verified {
+            // Verified without fjall's threads; opened again with them to serve.
+            Ok((keyspace, parts, meta, format, legacy, read)) => {
+                drop((keyspace, parts, meta));
+                (format, legacy, read)
             }
-            None => false,
+            Err(e) => {
+                journal::restore_sizes(&journal);
+                for created in partition_dirs(dir).difference(&partitions_before) {
+                    let _ = std::fs::remove_dir_all(dir.join("partitions").join(created));
+                }
+                return Err(e);
+            }
         };
-        let read = caught(dir, "the records", || {
-            load::read(dir, &keyspace, &parts, legacy)
-        })?;
+        let (keyspace, parts, meta, _) = caught(dir, "the keyspace", || opened(dir, true))?;
         let open_err = |source| StoreError::Open {
             dir: dir.to_owned(),
             source,
@@ -398,16 +402,64 @@ fn unref(st: &mut State, id: u64) {
     }
 }
 
+/// The partition directories of a store.
+fn partition_dirs(dir: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(dir.join("partitions"))
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default()
+}
+
+type Verified = (
+    Keyspace,
+    Parts,
+    PartitionHandle,
+    Option<String>,
+    bool,
+    load::Read,
+);
+
+/// Opens the keyspace and reads every record, checked. On an error every handle is closed
+/// (fjall's threads joined) by the time it returns.
+fn verified(dir: &Path) -> Result<Verified, StoreError> {
+    let (keyspace, parts, meta, format) = caught(dir, "the keyspace", || opened(dir, false))?;
+    let legacy = match format.as_deref() {
+        Some(FORMAT) => meta_legacy(dir, &meta)?,
+        Some(FORMAT_1) => true,
+        Some(found) => {
+            return Err(StoreError::Format {
+                dir: dir.to_owned(),
+                found: found.to_owned(),
+            })
+        }
+        None => false,
+    };
+    let read = caught(dir, "the records", || {
+        load::read(dir, &keyspace, &parts, legacy)
+    })?;
+    Ok((keyspace, parts, meta, format, legacy, read))
+}
+
 /// The keyspace and its partitions, opened (fjall recovers its journal here), and the format
 /// the store declares.
 type Opened = (Keyspace, Parts, PartitionHandle, Option<String>);
 
-fn opened(dir: &Path) -> Result<Opened, StoreError> {
+/// `threads`: with fjall's background threads (flushes, compactions). Without them, opening
+/// writes nothing but what recovery itself does (trimming the journal's preallocated zeros,
+/// creating missing partitions), which a refused start undoes; with them, a flush may start at
+/// once and turn journals into segments.
+fn opened(dir: &Path, threads: bool) -> Result<Opened, StoreError> {
     let open_err = |source| StoreError::Open {
         dir: dir.to_owned(),
         source,
     };
-    let keyspace = Config::new(dir).open().map_err(open_err)?;
+    let keyspace = if threads {
+        Config::new(dir).open()
+    } else {
+        // fjall's own way to open without its threads (hidden, used by its tests); pinned to
+        // fjall 2.11 in Cargo.toml with the journal format journal.rs reads.
+        Keyspace::create_or_recover(Config::new(dir))
+    }
+    .map_err(open_err)?;
     let part = |name: &str| {
         keyspace
             .open_partition(name, PartitionCreateOptions::default())
