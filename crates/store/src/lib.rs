@@ -402,6 +402,54 @@ fn unref(st: &mut State, id: u64) {
     }
 }
 
+/// Whether `dir` can hold a store, without opening one (a broker may be using it): an existing
+/// directory petrel can create files in, or a path to be made below such a directory. Leaves
+/// nothing behind (a probe file is created and removed). For `--check-config`.
+pub fn check_dir(dir: &Path) -> Result<(), StoreError> {
+    let problem = |path: &Path, kind, why: String| StoreError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(kind, why),
+    };
+    // The directory itself, or the nearest ancestor that exists (a start creates the rest).
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(problem(
+            existing,
+            std::io::ErrorKind::NotADirectory,
+            if existing == dir {
+                "not a directory".to_owned()
+            } else {
+                format!("not a directory, so {} cannot be created", dir.display())
+            },
+        ));
+    }
+    let probe = existing.join(format!(".petrel-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(problem(
+            existing,
+            e.kind(),
+            format!("cannot create files here: {e}"),
+        )),
+    }
+}
+
 /// The partition directories of a store.
 fn partition_dirs(dir: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
     std::fs::read_dir(dir.join("partitions"))
