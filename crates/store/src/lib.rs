@@ -227,8 +227,8 @@ impl DiskStore {
                 bytes = torn.bytes,
                 items = torn.items.len(),
                 dropped = %torn.items.join(", "),
-                "store: the journal ends in a batch a crash left unfinished; dropping it \
-                 (its changes were never acknowledged as durable)"
+                "store: the journal ends in a batch a crash left unfinished; dropped it (with \
+                 fsync = \"always\" none of its changes had been acknowledged)"
             );
             journal::drop_torn(torn)?;
         }

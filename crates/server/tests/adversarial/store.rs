@@ -298,25 +298,43 @@ async fn check_and_salvage(dir: &Path, names: &str, lost: usize) {
     );
 }
 
+/// Where to flip a byte in the middle of the journal: inside a batch's data (which fjall's
+/// batch checksum catches, though its error names no file), or on the first byte of a batch
+/// (which fjall took for the end of the journal: it truncated the file there and started).
+fn mid_journal(bytes: &[u8], batch_start: bool) -> usize {
+    let middle = used(bytes) / 2;
+    if !batch_start {
+        return middle;
+    }
+    // A batch ends with "FJL" 2; the next one starts right after.
+    let end = bytes[middle..]
+        .windows(4)
+        .position(|w| w == b"FJL\x02")
+        .expect("a batch after the middle");
+    middle + end + 4
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_byte_flipped_mid_journal_stops_the_start_and_changes_no_file() {
     let _machine = light().await;
-    let dir = Scratch::new("mid-journal");
-    let store = dir.0.join("store");
-    build_store(&store).await;
-    let file = journal(&store);
-    let at = used(&std::fs::read(&file).unwrap()) / 2;
-    flip(&file, at);
-    let before = snapshot(&store);
-    let log = try_start(&store).expect_err("petrel started on a damaged journal");
-    println!("{log}");
-    assert!(
-        log.contains(&file.display().to_string()) && log.contains("offset"),
-        "the error does not name the journal file and offset:\n{log}"
-    );
-    assert!(snapshot(&store) == before, "a refused start changed the files");
-    // Each publish waited for its PUBACK, so one journal batch holds at most one message.
-    check_and_salvage(&store, &file.display().to_string(), 1).await;
+    for batch_start in [false, true] {
+        let dir = Scratch::new("mid-journal");
+        let store = dir.0.join("store");
+        build_store(&store).await;
+        let file = journal(&store);
+        let at = mid_journal(&std::fs::read(&file).unwrap(), batch_start);
+        flip(&file, at);
+        let before = snapshot(&store);
+        let log = try_start(&store).expect_err("petrel started on a damaged journal");
+        println!("{log}");
+        assert!(
+            log.contains(&file.display().to_string()) && log.contains("offset"),
+            "the error does not name the journal file and offset:\n{log}"
+        );
+        assert!(snapshot(&store) == before, "a refused start changed the files");
+        // Each publish waited for its PUBACK, so one journal batch holds at most one message.
+        check_and_salvage(&store, &file.display().to_string(), 1).await;
+    }
 }
 
 /// Moves everything from the journal into segments, as fjall does once a memtable fills.
