@@ -77,7 +77,9 @@ pub fn salvage(dir: &Path, into: &Path) -> Result<Report, StoreError> {
     }
     let (from, to) = (absolute(dir), absolute(into));
     if to.starts_with(&from) || from.starts_with(&to) {
-        return Err(refuse("the salvaged store cannot go inside the store it reads"));
+        return Err(refuse(
+            "the salvaged store cannot go inside the store it reads",
+        ));
     }
     let parent = to.parent().unwrap_or(Path::new("."));
     let scratch = Scratch::new(parent, "salvage")?;
@@ -160,14 +162,15 @@ fn examine(dir: &Path, scratch: &Path, out: &Path) -> Result<Report, StoreError>
     let copy = scratch.join("copy");
     copy_tree(dir, &copy)?;
     // Lines name the store's own files, not the copy's.
-    let cut = journal::keep_valid(&copy)?.into_iter().map(|line| {
-        line.replace(&copy.display().to_string(), &dir.display().to_string())
-    });
+    let cut = journal::keep_valid(&copy)?
+        .into_iter()
+        .map(|line| line.replace(&copy.display().to_string(), &dir.display().to_string()));
     // A torn tail is what a start drops on its own: not damage.
     if report.torn.is_none() {
         report.damage.extend(cut);
     }
-    let (keyspace, parts, meta, format) = caught(&copy, "the keyspace", || crate::opened(&copy, false))?;
+    let (keyspace, parts, meta, format) =
+        caught(&copy, "the keyspace", || crate::opened(&copy, false))?;
     let legacy = match format.as_deref() {
         Some(FORMAT) => crate::meta_legacy(&copy, &meta)?,
         Some(FORMAT_1) => true,
@@ -255,15 +258,16 @@ fn read_all(
 ) {
     let name = part.name();
     let mut last: Option<Vec<u8>> = None;
-    let mut one = |key: &[u8], value: &[u8], report: &mut Report, batch: &mut fjall::Batch| {
-        match unseal(name, key, value, legacy) {
+    let mut one =
+        |key: &[u8], value: &[u8], report: &mut Report, batch: &mut fjall::Batch| match unseal(
+            name, key, value, legacy,
+        ) {
             Ok(record) => keep(key, record, batch),
             Err(why) => report.damage.push(format!(
                 "partition {name}, record {:?}: {why}",
                 String::from_utf8_lossy(key)
             )),
-        }
-    };
+        };
     let mut failed = None;
     for item in from.iter() {
         match item {

@@ -110,12 +110,11 @@ fn item<'a>(c: &mut Cursor<'a>) -> Result<ItemRef<'a>, Broken> {
     }
     let len = usize::from(c.byte("the file ends inside an item")?);
     let name_at = c.pos;
-    let partition = std::str::from_utf8(c.take(len, "the file ends inside an item")?).map_err(
-        |_| Broken {
+    let partition =
+        std::str::from_utf8(c.take(len, "the file ends inside an item")?).map_err(|_| Broken {
             at: name_at,
             why: "partition name is not UTF-8",
-        },
-    )?;
+        })?;
     let len = usize::from(u16::from_be_bytes(c.be("the file ends inside an item")?));
     let key = c.take(len, "the file ends inside an item")?;
     let len = u32::from_be_bytes(c.be("the file ends inside an item")?);
@@ -307,7 +306,9 @@ pub fn scan(dir: &Path) -> Result<Journal, StoreError> {
                             broken.why
                         )));
                     }
-                    if let Some(next) = (pos + 1..used).find(|&q| buf[q] == START && batch(&buf, q).is_ok()) {
+                    if let Some(next) =
+                        (pos + 1..used).find(|&q| buf[q] == START && batch(&buf, q).is_ok())
+                    {
                         return Err(corrupt(format!(
                             "{}; a valid batch follows at offset {next}, so this is not an \
                              unfinished last write but damage in the middle of the journal \

@@ -6,8 +6,8 @@
 //! `Broker::restore`.
 //!
 //! ```text
-//! partition       key                           value (first byte: record version, 1)
-//! meta            "format"                      "petrel-store 1"
+//! partition       key                           record (first byte: record version, 1)
+//! meta            "format"                      "petrel-store 2" (not enveloped)
 //! sessions        client id                     expiry interval u32, offline-until ms u64
 //! subscriptions   client id, 0x00, filter       options byte, subscription id u32
 //! retained        topic                         expires-at ms u64, the message as a v5 PUBLISH
@@ -16,6 +16,11 @@
 //! inflight        client id, 0x00, seq u64      1 sent / 2 PUBREC received, packet id u16
 //! inbound         client id, 0x00, packet id    (QoS 2 received, PUBREL not yet)
 //! ```
+//!
+//! Every value but meta's is stored in a checked envelope (`record.rs`): 0x81, an xxh3-64 of
+//! partition, key and record, then the record; a store of format 1 (no envelope) still reads.
+//! The journal is checked before fjall reads it (`journal.rs`), every checksum when the store
+//! is loaded; `check.rs` is `petrel store check` / `salvage`.
 //!
 //! A QoS 1/2 message for a persistent session is written once to `messages` and referenced
 //! from each session's `queue`; the last reference deleted deletes it.
@@ -38,8 +43,10 @@
 //! while it writes or syncs.
 //!
 //! Times are wall-clock milliseconds since the Unix epoch (0: none), so a session's expiry
-//! keeps counting while the broker is down. A record that does not decode stops the start
-//! with its partition and key named: stored data is never dropped silently.
+//! keeps counting while the broker is down. A record that does not decode or whose checksum
+//! fails stops the start with its partition and key named, and damage in the journal with its
+//! file and offset; the files are left as they were. Stored data is never dropped silently:
+//! the one exception, a torn last journal write from a crash, is logged.
 //!
 //! Durability follows [`Fsync`]: `Always` syncs the journal before a token counts as durable,
 //! `Every` hands writes to the OS before it counts and syncs at an interval, `Never` only
@@ -453,7 +460,11 @@ pub fn check_dir(dir: &Path) -> Result<(), StoreError> {
 /// The partition directories of a store.
 fn partition_dirs(dir: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
     std::fs::read_dir(dir.join("partitions"))
-        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -14,11 +14,11 @@ use petrel_engine::session::Subscription;
 use petrel_engine::store::{StoredDelivery, StoredSession, StoredStage};
 
 use crate::changes::Part;
+use crate::record::unseal;
 use crate::record::{
     decode_entry, decode_message, decode_will, from_wall, options_from, split_client_key,
     RECORD_VERSION,
 };
-use crate::record::unseal;
 use crate::{Loaded, Parts, StoreError};
 
 /// A partition's records in key order, each checked against its checksum; the first that

@@ -158,8 +158,10 @@ pub(crate) fn unseal<'a>(
             if sum == checksum(partition, key, record) {
                 Ok(record)
             } else {
-                Err("checksum mismatch: the record's key or value changed after it was written"
-                    .to_owned())
+                Err(
+                    "checksum mismatch: the record's key or value changed after it was written"
+                        .to_owned(),
+                )
             }
         }
         Some(&RECORD_VERSION) if legacy => Ok(value),
@@ -179,12 +181,18 @@ mod tests {
     fn every_flipped_byte_of_a_sealed_record_or_its_key_is_caught() {
         let record = session_record(60, 1234);
         let sealed = seal("sessions", b"client", &record);
-        assert_eq!(unseal("sessions", b"client", &sealed, false), Ok(&record[..]));
+        assert_eq!(
+            unseal("sessions", b"client", &sealed, false),
+            Ok(&record[..])
+        );
         for i in 0..sealed.len() {
             for bit in 0..8 {
                 let mut d = sealed.clone();
                 d[i] ^= 1 << bit;
-                assert!(unseal("sessions", b"client", &d, false).is_err(), "{i}/{bit}");
+                assert!(
+                    unseal("sessions", b"client", &d, false).is_err(),
+                    "{i}/{bit}"
+                );
             }
         }
         assert!(unseal("sessions", b"clienu", &sealed, false).is_err());

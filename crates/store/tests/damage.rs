@@ -182,7 +182,11 @@ fn a_byte_flipped_mid_journal_stops_the_start_naming_the_file_and_changes_nothin
     assert!(offset.abs_diff(at as u64) < 200, "{err}");
     assert!(err.to_string().contains(&file.display().to_string()));
     let after = snapshot(&dir.0);
-    assert!(after == before, "the files changed: {:?}", differences(&before, &after));
+    assert!(
+        after == before,
+        "the files changed: {:?}",
+        differences(&before, &after)
+    );
 
     // check names it, and salvage keeps every batch but the damaged one.
     let report = petrel_store::check(&dir.0).unwrap();
@@ -193,7 +197,10 @@ fn a_byte_flipped_mid_journal_stops_the_start_naming_the_file_and_changes_nothin
     let out = Dir::new("mid-journal-out");
     let salvaged = petrel_store::salvage(&dir.0, &out.0).unwrap();
     assert_eq!(salvaged.damage, report.damage);
-    assert!(snapshot(&dir.0) == before, "check or salvage changed the store");
+    assert!(
+        snapshot(&dir.0) == before,
+        "check or salvage changed the store"
+    );
     let (retained, queued) = payloads(&out.0);
     assert_all_intact(&retained, &queued);
     // One change lost: a retained message, or a queued one (its message and queue entry).
@@ -217,7 +224,11 @@ fn a_torn_tail_is_dropped_and_the_rest_starts() {
     let (retained, queued) = payloads(&dir.0);
     assert_all_intact(&retained, &queued);
     assert_eq!(retained.len(), RETAINED);
-    assert_eq!(queued.len(), QUEUED - 1, "the last change, unfinished, is gone");
+    assert_eq!(
+        queued.len(),
+        QUEUED - 1,
+        "the last change, unfinished, is gone"
+    );
 }
 
 /// Moves everything from the journal into segments, as fjall does once a memtable fills.
@@ -265,7 +276,11 @@ fn a_byte_flipped_in_a_segment_stops_the_start_and_is_never_delivered() {
         "{text}"
     );
     let after = snapshot(&dir.0);
-    assert!(after == before, "the files changed: {:?}", differences(&before, &after));
+    assert!(
+        after == before,
+        "the files changed: {:?}",
+        differences(&before, &after)
+    );
 
     let report = petrel_store::check(&dir.0).unwrap();
     println!("check: {:#?}", report.damage);
@@ -277,7 +292,10 @@ fn a_byte_flipped_in_a_segment_stops_the_start_and_is_never_delivered() {
     );
     let out = Dir::new("segment-out");
     petrel_store::salvage(&dir.0, &out.0).unwrap();
-    assert!(snapshot(&dir.0) == before, "check or salvage changed the store");
+    assert!(
+        snapshot(&dir.0) == before,
+        "check or salvage changed the store"
+    );
     let (retained, queued) = payloads(&out.0);
     assert_all_intact(&retained, &queued);
     assert_eq!(queued.len(), QUEUED, "other partitions are whole");

@@ -96,8 +96,13 @@ async fn build_store(dir: &Path) {
     }
     for i in 0..QUEUED {
         let id = (i + 1) as u16;
-        p.send(&publish(&format!("q/{i}"), 1, id, payload("queued", i).as_bytes()))
-            .await;
+        p.send(&publish(
+            &format!("q/{i}"),
+            1,
+            id,
+            payload("queued", i).as_bytes(),
+        ))
+        .await;
         p.expect(&puback(id), PROMPT).await;
     }
     drop(p);
@@ -280,7 +285,10 @@ async fn check_and_salvage(dir: &Path, names: &str, lost: usize) {
     println!("store salvage:\n{out}{err}");
     assert!(ok, "salvage failed:\n{out}{err}");
     assert!(out.contains(names), "salvage does not list {names}:\n{out}");
-    assert!(snapshot(dir) == before, "check or salvage changed the store");
+    assert!(
+        snapshot(dir) == before,
+        "check or salvage changed the store"
+    );
     let (ok, out, err) = petrel(&["store".as_ref(), "check".as_ref(), new_dir.as_os_str()]);
     assert!(ok, "the salvaged store is not sound:\n{out}{err}");
     let (retained, queued) = delivered(&new_dir).await;
@@ -331,7 +339,10 @@ async fn a_byte_flipped_mid_journal_stops_the_start_and_changes_no_file() {
             log.contains(&file.display().to_string()) && log.contains("offset"),
             "the error does not name the journal file and offset:\n{log}"
         );
-        assert!(snapshot(&store) == before, "a refused start changed the files");
+        assert!(
+            snapshot(&store) == before,
+            "a refused start changed the files"
+        );
         // Each publish waited for its PUBACK, so one journal batch holds at most one message.
         check_and_salvage(&store, &file.display().to_string(), 1).await;
     }
@@ -340,7 +351,14 @@ async fn a_byte_flipped_mid_journal_stops_the_start_and_changes_no_file() {
 /// Moves everything from the journal into segments, as fjall does once a memtable fills.
 fn flush_to_segments(dir: &Path) {
     let keyspace = fjall::Config::new(dir).open().unwrap();
-    for name in ["sessions", "subscriptions", "retained", "messages", "queue", "meta"] {
+    for name in [
+        "sessions",
+        "subscriptions",
+        "retained",
+        "messages",
+        "queue",
+        "meta",
+    ] {
         let p = keyspace.open_partition(name, Default::default()).unwrap();
         p.rotate_memtable_and_wait().unwrap();
     }
@@ -382,7 +400,10 @@ async fn a_byte_flipped_in_a_segment_is_never_delivered() {
             panic!("petrel started on a damaged segment");
         }
     }
-    assert!(snapshot(&store) == before, "a refused start changed the files");
+    assert!(
+        snapshot(&store) == before,
+        "a refused start changed the files"
+    );
     check_and_salvage(&store, &format!("r/{}", RETAINED / 2), 1).await;
 }
 
@@ -397,7 +418,10 @@ async fn a_torn_journal_tail_starts_and_says_what_it_dropped() {
     // A crash mid-write: the end of the last batch never reached the disk.
     std::fs::write(&file, &bytes[..used(&bytes) - 6]).unwrap();
     let (ok, out, err) = petrel(&["store".as_ref(), "check".as_ref(), store.as_os_str()]);
-    assert!(ok, "a torn tail is what a crash leaves, not damage:\n{out}{err}");
+    assert!(
+        ok,
+        "a torn tail is what a crash leaves, not damage:\n{out}{err}"
+    );
     assert!(out.contains("torn tail"), "{out}");
     let log = try_start(&store).expect("petrel starts after a torn tail");
     let line = log
@@ -417,7 +441,18 @@ fn check_config_refuses_an_unusable_storage_dir() {
     let dir = Scratch::new("check-config");
     let file = dir.0.join("not-a-directory");
     std::fs::write(&file, "x").unwrap();
-    for bad in [file.clone(), file.join("below-a-file")] {
+    let mut bad_dirs = vec![file.clone(), file.join("below-a-file")];
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // root writes anywhere: an unwritable directory is only one to others.
+        use std::os::unix::fs::PermissionsExt;
+        let locked = dir.0.join("read-only");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).unwrap();
+        bad_dirs.push(locked.clone());
+        bad_dirs.push(locked.join("store"));
+    }
+    for bad in bad_dirs {
         let config = dir.0.join("petrel.toml");
         std::fs::write(
             &config,
@@ -425,7 +460,11 @@ fn check_config_refuses_an_unusable_storage_dir() {
         )
         .unwrap();
         let (ok, out, err) = petrel(&["--check-config".as_ref(), config.as_os_str()]);
-        assert!(!ok, "--check-config passed storage.dir = {}:\n{out}", bad.display());
+        assert!(
+            !ok,
+            "--check-config passed storage.dir = {}:\n{out}",
+            bad.display()
+        );
         assert!(err.contains("storage.dir"), "does not name the key:\n{err}");
     }
     // An empty directory, or one yet to be made below a writable one, is usable.
