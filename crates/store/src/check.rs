@@ -199,7 +199,18 @@ fn examine(dir: &Path, scratch: &Path, out: &Path) -> Result<Report, StoreError>
             n += 1;
         };
         let result = caught(&copy, name, || {
-            read_all(from, part, legacy, &mut report, &mut batch, &mut keep);
+            let (copy_name, dir_name) = (copy.display().to_string(), dir.display().to_string());
+            let locate =
+                |key: &[u8]| crate::locate(&copy, name, key).replace(&copy_name, &dir_name);
+            read_all(
+                from,
+                part,
+                legacy,
+                &locate,
+                &mut report,
+                &mut batch,
+                &mut keep,
+            );
             Ok(())
         });
         if let Err(e) = result {
@@ -222,12 +233,12 @@ fn examine(dir: &Path, scratch: &Path, out: &Path) -> Result<Report, StoreError>
                 partition,
                 raw_key,
                 why,
-                key,
                 ..
             }) => {
-                report
-                    .damage
-                    .push(format!("partition {partition}, record {key:?}: {why}"));
+                report.damage.push(format!(
+                    "partition {partition}, record {:?}: {why}",
+                    String::from_utf8_lossy(&raw_key)
+                ));
                 report.records = report.records.saturating_sub(1);
                 let keyspace = Config::new(out).open().map_err(open_err)?;
                 let p = keyspace
@@ -252,6 +263,7 @@ fn read_all(
     from: &fjall::PartitionHandle,
     part: Part,
     legacy: bool,
+    locate: &dyn Fn(&[u8]) -> String,
     report: &mut Report,
     batch: &mut fjall::Batch,
     keep: &mut impl FnMut(&[u8], &[u8], &mut fjall::Batch),
@@ -264,8 +276,9 @@ fn read_all(
         ) {
             Ok(record) => keep(key, record, batch),
             Err(why) => report.damage.push(format!(
-                "partition {name}, record {:?}: {why}",
-                String::from_utf8_lossy(key)
+                "partition {name}, record {:?} ({}): {why}",
+                String::from_utf8_lossy(key),
+                locate(key)
             )),
         };
     let mut failed = None;

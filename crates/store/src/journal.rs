@@ -60,6 +60,7 @@ const OUT_OF_ORDER: &str =
 pub(crate) struct ItemRef<'a> {
     pub partition: &'a str,
     pub key: &'a [u8],
+    pub value: &'a [u8],
 }
 
 struct Cursor<'a> {
@@ -118,11 +119,15 @@ fn item<'a>(c: &mut Cursor<'a>) -> Result<ItemRef<'a>, Broken> {
     let len = usize::from(u16::from_be_bytes(c.be("the file ends inside an item")?));
     let key = c.take(len, "the file ends inside an item")?;
     let len = u32::from_be_bytes(c.be("the file ends inside an item")?);
-    c.take(
+    let value = c.take(
         usize::try_from(len).unwrap_or(usize::MAX),
         "the file ends inside an item",
     )?;
-    Ok(ItemRef { partition, key })
+    Ok(ItemRef {
+        partition,
+        key,
+        value,
+    })
 }
 
 /// The batch that starts at `pos`, whole and checksummed.
@@ -331,6 +336,31 @@ pub fn scan(dir: &Path) -> Result<Journal, StoreError> {
         }
     }
     Ok(journal)
+}
+
+/// The journal batch that last wrote `key` in `partition`, if one still holds it: (file,
+/// offset of the batch, the value it wrote). For naming where a damaged record lies; batches
+/// that do not read are skipped.
+pub(crate) fn locate(dir: &Path, partition: &str, key: &[u8]) -> Option<(PathBuf, u64, Vec<u8>)> {
+    let mut found = None;
+    for path in files(dir).ok()? {
+        let Ok(buf) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut pos = 0;
+        while let Ok(b) = batch(&buf, pos) {
+            if let Some(i) = b
+                .items
+                .iter()
+                .rev()
+                .find(|i| i.partition == partition && i.key == key)
+            {
+                found = Some((path.clone(), pos as u64, i.value.to_vec()));
+            }
+            pos = b.end;
+        }
+    }
+    found
 }
 
 /// For salvage, on a copy of a store: rewrites each journal file to hold only its batches

@@ -115,17 +115,20 @@ pub enum StoreError {
     )]
     Format { dir: PathBuf, found: String },
     #[error(
-        "the store in {dir} is damaged: {partition} record {key:?} (in {dir}/partitions/{partition}, \
-         or in the journal if not yet flushed): {why}. petrel does not discard stored data and \
-         changed nothing; `petrel store check` lists the damage, `petrel store salvage` copies \
-         every record that reads into a new store, or restore a backup"
+        "the store in {dir} is damaged: {partition} record {:?} ({location}): {why}. petrel \
+         does not discard stored data and changed nothing; `petrel store check` lists the \
+         damage, `petrel store salvage` copies every record that reads into a new store, or \
+         restore a backup",
+        String::from_utf8_lossy(.raw_key)
     )]
     Corrupt {
         dir: PathBuf,
         partition: &'static str,
-        key: String,
-        /// The key as stored, for tools that act on the record.
+        /// The key as stored (shown lossily as text).
         raw_key: Vec<u8>,
+        /// Where the record is stored, as near as can be known: its journal batch, or the
+        /// partition's segment files.
+        location: String,
         why: String,
     },
     #[error("cannot start the store's commit thread: {0}")]
@@ -249,8 +252,17 @@ impl DiskStore {
                 drop((keyspace, parts, meta));
                 (format, legacy, read)
             }
-            Err(e) => {
+            Err(mut e) => {
                 journal::restore_sizes(&journal);
+                if let StoreError::Corrupt {
+                    partition,
+                    raw_key,
+                    location,
+                    ..
+                } = &mut e
+                {
+                    *location = locate(dir, partition, raw_key);
+                }
                 for created in partition_dirs(dir).difference(&partitions_before) {
                     let _ = std::fs::remove_dir_all(dir.join("partitions").join(created));
                 }
@@ -455,6 +467,40 @@ pub fn check_dir(dir: &Path) -> Result<(), StoreError> {
             format!("cannot create files here: {e}"),
         )),
     }
+}
+
+/// Where a record is stored: the journal batch that wrote it last, if that batch holds the
+/// damaged bytes; else the partition's segment files (a journal whose batches were flushed
+/// may remain, and its copy is then intact).
+fn locate(dir: &Path, partition: &str, key: &[u8]) -> String {
+    let mut intact = String::new();
+    if let Some((file, offset, value)) = journal::locate(dir, partition, key) {
+        if unseal(partition, key, &value, false).is_err() {
+            return format!(
+                "written by the batch at offset {offset} of journal file {}",
+                file.display()
+            );
+        }
+        intact = format!(
+            "; an intact copy is still in journal file {}, batch at offset {offset}",
+            file.display()
+        );
+    }
+    let segments = dir.join("partitions").join(partition).join("segments");
+    let mut files: Vec<String> = std::fs::read_dir(&segments)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path().display().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let place = match files.len() {
+        0 => format!("in {}", segments.display()),
+        1 => format!("in segment file {}", files[0]),
+        _ => format!("in one of the segment files {}", files.join(", ")),
+    };
+    place + &intact
 }
 
 /// The partition directories of a store.

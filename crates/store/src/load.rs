@@ -80,8 +80,8 @@ impl Iterator for Records<'_> {
                 Some(Err(StoreError::Corrupt {
                     dir: self.dir.to_owned(),
                     partition: self.part.name(),
-                    key: String::from_utf8_lossy(&key).into_owned(),
                     raw_key: key.to_vec(),
+                    location: String::new(),
                     why,
                 }))
             }
@@ -106,8 +106,8 @@ pub(crate) fn read(
     let corrupt = |partition: &'static str, key: &[u8], why: String| StoreError::Corrupt {
         dir: dir.to_owned(),
         partition,
-        key: String::from_utf8_lossy(key).into_owned(),
         raw_key: key.to_vec(),
+        location: String::new(),
         why,
     };
     // Every record of a partition, its checksum verified: `(key, record)`.

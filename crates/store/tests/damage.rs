@@ -268,6 +268,12 @@ fn a_byte_flipped_in_a_segment_stops_the_start_and_is_never_delivered() {
     let text = err.to_string();
     println!("start refused: {text}");
     assert!(text.contains("retained"), "{text}");
+    if let StoreError::Corrupt { .. } = err {
+        assert!(
+            text.contains(&format!("segment file {}", file.display())),
+            "names the segment file: {text}"
+        );
+    }
     assert!(
         matches!(
             err,

@@ -293,6 +293,7 @@ fn a_damaged_record_stops_the_start_and_names_it() {
         .expect("refused");
     let text = err.to_string();
     assert!(text.contains("retained record \"r/1\""), "{text}");
+    assert!(text.contains("journal file"), "where it is: {text}");
     assert!(text.contains("does not discard stored data"), "{text}");
     // Nothing was dropped: the data is still there for a repair.
     let keyspace = fjall::Config::new(&dir.0).open().unwrap();

@@ -393,6 +393,10 @@ async fn a_byte_flipped_in_a_segment_is_never_delivered() {
                 log.contains("retained") && log.contains(&format!("r/{}", RETAINED / 2)),
                 "the error does not name the partition and record:\n{log}"
             );
+            assert!(
+                log.contains(&file.display().to_string()),
+                "the error does not name the segment file:\n{log}"
+            );
         }
         Ok(_) => {
             let (retained, queued) = delivered(&store).await;
