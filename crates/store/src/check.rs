@@ -281,18 +281,25 @@ fn read_all(
                 locate(key)
             )),
         };
-    let mut failed = None;
-    for item in from.iter() {
-        match item {
-            Ok((key, value)) => {
-                one(&key, &value, report, batch);
-                last = Some(key.to_vec());
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
+    // fjall 2 panics on some damaged bytes (an assert in its block decoder): that ends a
+    // pass like a read error does.
+    let mut failed: Option<String> = None;
+    let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for item in from.iter() {
+            match item {
+                Ok((key, value)) => {
+                    one(&key, &value, report, batch);
+                    last = Some(key.to_vec());
+                }
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
             }
         }
+    }));
+    if forward.is_err() {
+        failed = Some("fjall panicked reading it".to_owned());
     }
     let Some(e) = failed else { return };
     let after = last
@@ -301,18 +308,20 @@ fn read_all(
             format!("after key {:?}", String::from_utf8_lossy(k))
         });
     let mut first_back: Option<Vec<u8>> = None;
-    for item in from.iter().rev() {
-        match item {
-            Ok((key, value)) => {
-                if last.as_deref().is_some_and(|l| *key <= *l) {
-                    break;
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for item in from.iter().rev() {
+            match item {
+                Ok((key, value)) => {
+                    if last.as_deref().is_some_and(|l| *key <= *l) {
+                        break;
+                    }
+                    one(&key, &value, report, batch);
+                    first_back = Some(key.to_vec());
                 }
-                one(&key, &value, report, batch);
-                first_back = Some(key.to_vec());
+                Err(_) => break,
             }
-            Err(_) => break,
         }
-    }
+    }));
     let until = first_back.as_deref().map_or("to its end".to_owned(), |k| {
         format!("up to key {:?}", String::from_utf8_lossy(k))
     });

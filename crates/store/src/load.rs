@@ -53,17 +53,35 @@ impl Iterator for Records<'_> {
         if self.failed {
             return None;
         }
-        let item = match self.inner.next()? {
+        let after = |last: &Option<Vec<u8>>| match last {
+            Some(k) => format!("after key {:?}", String::from_utf8_lossy(k)),
+            None => "from its first record".to_owned(),
+        };
+        // fjall 2 panics on some damaged segment bytes (an assert in its block decoder).
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.next()));
+        let item = match next {
+            Ok(next) => next?,
+            Err(_) => {
+                self.failed = true;
+                return Some(Err(StoreError::Panicked {
+                    dir: self.dir.to_owned(),
+                    what: format!(
+                        "partition {} {} (a segment file in partitions/{}/segments)",
+                        self.part.name(),
+                        after(&self.last),
+                        self.part.name()
+                    ),
+                }));
+            }
+        };
+        let item = match item {
             Ok(item) => item,
             Err(source) => {
                 self.failed = true;
                 return Some(Err(StoreError::Segment {
                     dir: self.dir.to_owned(),
                     partition: self.part.name(),
-                    after: match &self.last {
-                        Some(k) => format!("after key {:?}", String::from_utf8_lossy(k)),
-                        None => "from its first record".to_owned(),
-                    },
+                    after: after(&self.last),
                     source,
                 }));
             }

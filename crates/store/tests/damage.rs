@@ -308,6 +308,33 @@ fn a_byte_flipped_in_a_segment_stops_the_start_and_is_never_delivered() {
     assert!(!retained.is_empty() && retained.len() < RETAINED);
 }
 
+/// Bytes that reach an `assert!` in fjall's block decoder (a block header's compression
+/// byte): the panic is caught and the start refused like any other damage.
+#[test]
+fn damage_that_panics_inside_fjall_stops_the_start_with_a_message() {
+    let dir = Dir::new("panic");
+    fill(&dir.0);
+    flush_to_segments(&dir.0);
+    let file = segment(&dir.0, "retained");
+    // Block header: "LSM" magic (4 bytes), compression tag (0: none, 1: lz4) and its
+    // parameter, which must be 0 for both.
+    flip(&file, 5);
+    let before = snapshot(&dir.0);
+    let err = DiskStore::open(&dir.0, Fsync::Never)
+        .err()
+        .expect("a damaged segment is refused");
+    println!("start refused: {err}");
+    let after = snapshot(&dir.0);
+    assert!(
+        after == before,
+        "the files changed: {:?}",
+        differences(&before, &after)
+    );
+    let report = petrel_store::check(&dir.0).unwrap();
+    println!("check: {:#?}", report.damage);
+    assert!(!report.is_sound());
+}
+
 #[test]
 fn salvage_will_not_write_over_a_store() {
     let dir = Dir::new("salvage-src");
