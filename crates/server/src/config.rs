@@ -660,8 +660,14 @@ pub struct StorageConfig {
     /// empty.
     pub mode: StorageMode,
     /// Directory of the disk store; created if missing. Relative paths are
-    /// relative to the working directory. A store that cannot be opened or
-    /// read stops the start; nothing in it is discarded.
+    /// relative to the working directory. `--check-config` checks that petrel
+    /// can create files there (or create it). Every record is checksummed and
+    /// verified at start: a damaged store (a journal or segment byte changed,
+    /// a record that does not decode) stops the start naming the file and
+    /// offset or the record, and nothing in it is changed; only the unfinished
+    /// last write of a crash is dropped (logged). `petrel store check DIR`
+    /// lists the damage; `petrel store salvage DIR --into NEW_DIR` copies
+    /// every record that reads into a new store.
     pub dir: PathBuf,
     /// When writes reach the disk: "always" (synced after every group
     /// commit: nothing acknowledged is lost even if the machine fails),
@@ -1932,6 +1938,8 @@ pub fn default_config_toml() -> String {
          # \"disk\": persistent sessions, their subscriptions and retained messages\n\
          # survive a restart (kept in dir). \"memory\": a restart starts empty.\n\
          mode = \"{mode}\"\n\
+         # A damaged store stops the start; `petrel store check DIR` lists the damage,\n\
+         # `petrel store salvage DIR --into NEW_DIR` copies what reads.\n\
          dir = \"{dir}\"\n\
          # When writes reach the disk: \"always\" (after every change; survives a\n\
          # machine failure), \"every_ms\" (within fsync_interval), \"never\" (left to\n\

@@ -13,6 +13,7 @@
 //! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
 //! admin/ ── the operations HTTP listener: /metrics, /healthz, /readyz, the JSON API, dashboard
 //! sys_topics.rs ── the $SYS/broker/... figures, published every sys_interval
+//! store_tool.rs ── `petrel store check` / `petrel store salvage`
 //! ```
 //!
 //! The engine decides everything about MQTT; this crate only moves bytes, time and signals.
@@ -27,6 +28,7 @@ pub mod listener;
 pub mod passwords;
 mod proxy;
 pub mod server;
+pub mod store_tool;
 pub mod sys_topics;
 pub mod tls;
 mod ws;

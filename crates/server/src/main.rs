@@ -73,6 +73,26 @@ enum Command {
     /// Print a configuration file with every key, its default value and what it means, then
     /// exit: `petrel print-default-config > petrel.toml` is a starting point to edit.
     PrintDefaultConfig,
+    /// Check or salvage a disk store (`[storage] dir`) while no broker uses it.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum StoreCommand {
+    /// Read every record of the store in DIR and verify it. Exits 0 if a start would accept
+    /// the store, otherwise 1 with each damaged record (file, offset, partition, key). DIR is
+    /// not modified: it is copied under TMPDIR for the check.
+    Check { dir: PathBuf },
+    /// Copy every record of the store in DIR that reads into a new, sound store in NEW_DIR
+    /// (missing or empty), listing each record that cannot be read. DIR is not modified.
+    Salvage {
+        dir: PathBuf,
+        #[arg(long, value_name = "NEW_DIR")]
+        into: PathBuf,
+    },
 }
 
 impl Cli {
@@ -118,6 +138,13 @@ fn main() -> ExitCode {
             };
         }
         Some(Command::PrintDefaultConfig) => return print_default_config(),
+        Some(Command::Store { command }) => {
+            use petrel_server::store_tool;
+            return store_tool::print(&match command {
+                StoreCommand::Check { dir } => store_tool::check(dir),
+                StoreCommand::Salvage { dir, into } => store_tool::salvage(dir, into),
+            });
+        }
         None if cli.print_default_config => return print_default_config(),
         None => {}
     }

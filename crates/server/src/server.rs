@@ -190,10 +190,13 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
     )))
 }
 
-/// Loads the files a configuration names (password file, ACL file, the admin token file), as
-/// a start would, without starting anything: what `--check-config` adds to parsing.
+/// Loads the files a configuration names (password file, ACL file, the admin token file) and
+/// checks that `storage.dir` can hold a store, as a start would, without starting anything: what `--check-config` adds to parsing.
 pub fn check_files(config: &Config) -> Result<(), ServerError> {
     authenticator_from(&config.auth)?;
+    if config.storage.mode == StorageMode::Disk {
+        petrel_store::check_dir(&config.storage.dir)?;
+    }
     if let Some(path) = &config.auth.acl_file {
         crate::acl_file::load(path)?;
     }

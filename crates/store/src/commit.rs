@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use fjall::{Keyspace, PersistMode};
 
 use crate::changes::{Buffer, Change, Changes, Part};
+use crate::record::seal;
 use crate::{lock, Fsync, Parts};
 
 /// What hooks and the commit thread share; hooks hold `state` only to record a change.
@@ -274,7 +275,11 @@ fn write(shared: &Shared, keyspace: &Keyspace, parts: &Parts, group: &Changes, s
         for ((part, key), change) in group.iter() {
             let partition = parts.get(*part);
             match change {
-                Change::Put { value, .. } => batch.insert(partition, key.clone(), value.encode()),
+                Change::Put { value, .. } => batch.insert(
+                    partition,
+                    key.clone(),
+                    seal(part.name(), key, &value.encode()),
+                ),
                 Change::Delete => batch.remove(partition, key.clone()),
             }
         }

@@ -6,8 +6,8 @@
 //! `Broker::restore`.
 //!
 //! ```text
-//! partition       key                           value (first byte: record version, 1)
-//! meta            "format"                      "petrel-store 1"
+//! partition       key                           record (first byte: record version, 1)
+//! meta            "format"                      "petrel-store 2" (not enveloped)
 //! sessions        client id                     expiry interval u32, offline-until ms u64
 //! subscriptions   client id, 0x00, filter       options byte, subscription id u32
 //! retained        topic                         expires-at ms u64, the message as a v5 PUBLISH
@@ -16,6 +16,11 @@
 //! inflight        client id, 0x00, seq u64      1 sent / 2 PUBREC received, packet id u16
 //! inbound         client id, 0x00, packet id    (QoS 2 received, PUBREL not yet)
 //! ```
+//!
+//! Every value but meta's is stored in a checked envelope (`record.rs`): 0x81, an xxh3-64 of
+//! partition, key and record, then the record; a store of format 1 (no envelope) still reads.
+//! The journal is checked before fjall reads it (`journal.rs`), every checksum when the store
+//! is loaded; `check.rs` is `petrel store check` / `salvage`.
 //!
 //! A QoS 1/2 message for a persistent session is written once to `messages` and referenced
 //! from each session's `queue`; the last reference deleted deletes it.
@@ -38,17 +43,24 @@
 //! while it writes or syncs.
 //!
 //! Times are wall-clock milliseconds since the Unix epoch (0: none), so a session's expiry
-//! keeps counting while the broker is down. A record that does not decode stops the start
-//! with its partition and key named: stored data is never dropped silently.
+//! keeps counting while the broker is down. A record that does not decode or whose checksum
+//! fails stops the start with its partition and key named, and damage in the journal with its
+//! file and offset; the files are left as they were. Stored data is never dropped silently:
+//! the one exception, a torn last journal write from a crash, is logged.
 //!
 //! Durability follows [`Fsync`]: `Always` syncs the journal before a token counts as durable,
 //! `Every` hands writes to the OS before it counts and syncs at an interval, `Never` only
 //! hands them to the OS (they survive a crash of the process, not of the machine).
 
 mod changes;
+mod check;
 mod commit;
+mod journal;
 mod load;
 mod record;
+
+pub use check::{check, salvage, Report};
+pub use journal::TornTail;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -68,11 +80,16 @@ use changes::{Change, Part, Value};
 use commit::{Shared, State};
 use record::{
     client_key, decode_entry, entry_record, message_record, options_byte, session_record,
-    stage_record, to_wall, will_record, RECORD_VERSION,
+    stage_record, to_wall, unseal, will_record, RECORD_VERSION,
 };
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT: &str = "petrel-store 1";
+/// The on-disk format this build writes and reads: format 2 puts every record in a checked
+/// envelope (`record.rs`).
+pub const FORMAT: &str = "petrel-store 2";
+
+/// The format before checksums, still read: its records are taken as they are, and the store
+/// is marked as format 2 holding format-1 records (meta key `legacy`) after a good start.
+pub const FORMAT_1: &str = "petrel-store 1";
 
 /// When writes reach the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,13 +116,20 @@ pub enum StoreError {
     )]
     Format { dir: PathBuf, found: String },
     #[error(
-        "the store in {dir} is damaged: {partition} record {key:?}: {why}. petrel does not \
-         discard stored data; move the directory away to start empty, or restore a backup"
+        "the store in {dir} is damaged: {partition} record {:?} ({location}): {why}. petrel \
+         does not discard stored data and changed nothing; `petrel store check` lists the \
+         damage, `petrel store salvage` copies every record that reads into a new store, or \
+         restore a backup",
+        String::from_utf8_lossy(.raw_key)
     )]
     Corrupt {
         dir: PathBuf,
         partition: &'static str,
-        key: String,
+        /// The key as stored (shown lossily as text).
+        raw_key: Vec<u8>,
+        /// Where the record is stored, as near as can be known: its journal batch, or the
+        /// partition's segment files.
+        location: String,
         why: String,
     },
     #[error("cannot start the store's commit thread: {0}")]
@@ -115,6 +139,38 @@ pub enum StoreError {
         dir: PathBuf,
         #[source]
         source: fjall::Error,
+    },
+    #[error(
+        "the store in {dir} is damaged: partition {partition} does not read {after}: {source} \
+         (a segment file in {dir}/partitions/{partition}/segments). petrel changed nothing; \
+         `petrel store check` lists the damage, `petrel store salvage` copies every record that \
+         reads into a new store"
+    )]
+    Segment {
+        dir: PathBuf,
+        partition: &'static str,
+        /// Where the read stopped: "after key ..." or "from its first record".
+        after: String,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error(
+        "the store is damaged: journal file {file}, offset {offset}: {why}. petrel changed \
+         nothing; `petrel store check` lists the damage, `petrel store salvage` copies every \
+         record that reads into a new store"
+    )]
+    Journal {
+        file: PathBuf,
+        offset: u64,
+        why: String,
+    },
+    #[error("the store is damaged: reading {what} in {dir} panicked inside fjall (its files do not hold what fjall wrote). petrel changed nothing; `petrel store check` and `petrel store salvage` are the way out")]
+    Panicked { dir: PathBuf, what: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -146,6 +202,13 @@ impl Parts {
     }
 }
 
+impl Part {
+    /// The partition's name: part of each record's checksum.
+    pub(crate) fn name(self) -> &'static str {
+        Parts::NAMES[self as usize].1
+    }
+}
+
 pub struct DiskStore {
     keyspace: Keyspace,
     parts: Parts,
@@ -153,6 +216,8 @@ pub struct DiskStore {
     /// Ids for stored messages; restored past the highest id in use.
     next_message: std::sync::atomic::AtomicU64,
     committer: Option<std::thread::JoinHandle<()>>,
+    /// The store holds format-1 records, which have no checksum.
+    legacy: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -160,46 +225,66 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DiskStore {
-    /// Opens (or creates) the store in `dir` and reads back what it holds.
+    /// Opens (or creates) the store in `dir` and reads back what it holds. The journal is
+    /// checked before fjall reads it and every record's checksum when it is loaded; damage
+    /// stops the start with nothing written, except a torn tail (the unfinished last write of
+    /// a crash), which is dropped and logged.
     pub fn open(dir: &Path, fsync: Fsync) -> Result<(DiskStore, Loaded), StoreError> {
+        let journal = journal::scan(dir)?;
+        if let Some(torn) = &journal.torn {
+            tracing::warn!(
+                file = %torn.file.display(),
+                offset = torn.offset,
+                bytes = torn.bytes,
+                items = torn.items.len(),
+                dropped = %torn.items.join(", "),
+                "store: the journal ends in a batch a crash left unfinished; dropped it (with \
+                 fsync = \"always\" none of its changes had been acknowledged)"
+            );
+            journal::drop_torn(torn)?;
+        }
+        // fjall writes as it opens (it trims its journal's preallocated zeros and creates
+        // missing partitions): a start refused after that puts the files back as they were.
+        let partitions_before = partition_dirs(dir);
+        let verified = verified(dir);
+        let (format, legacy, read) = match verified {
+            // Verified without fjall's threads; opened again with them to serve.
+            Ok((keyspace, parts, meta, format, legacy, read)) => {
+                drop((keyspace, parts, meta));
+                (format, legacy, read)
+            }
+            Err(mut e) => {
+                journal::restore_sizes(&journal);
+                if let StoreError::Corrupt {
+                    partition,
+                    raw_key,
+                    location,
+                    ..
+                } = &mut e
+                {
+                    *location = locate(dir, partition, raw_key);
+                }
+                for created in partition_dirs(dir).difference(&partitions_before) {
+                    let _ = std::fs::remove_dir_all(dir.join("partitions").join(created));
+                }
+                return Err(e);
+            }
+        };
+        let (keyspace, parts, meta, _) = caught(dir, "the keyspace", || opened(dir, true))?;
         let open_err = |source| StoreError::Open {
             dir: dir.to_owned(),
             source,
         };
-        let keyspace = Config::new(dir).open().map_err(open_err)?;
-        let part = |name: &str| {
-            keyspace
-                .open_partition(name, PartitionCreateOptions::default())
-                .map_err(open_err)
-        };
-        let meta = part("meta")?;
-        let mut handles = Vec::with_capacity(Parts::NAMES.len());
-        for (i, (p, name)) in Parts::NAMES.iter().enumerate() {
-            debug_assert_eq!(*p as usize, i);
-            handles.push(part(name)?);
-        }
-        let parts = Parts(
-            handles
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("one handle per partition")),
-        );
-        match meta.get("format").map_err(|source| StoreError::Read {
-            dir: dir.to_owned(),
-            source,
-        })? {
-            Some(found) if &*found != FORMAT.as_bytes() => {
-                return Err(StoreError::Format {
-                    dir: dir.to_owned(),
-                    found: String::from_utf8_lossy(&found).into_owned(),
-                })
+        // Marked only after everything read: a failed start writes nothing.
+        if format.as_deref() != Some(FORMAT) {
+            let mut batch = keyspace.batch();
+            batch.insert(&meta, "format", FORMAT);
+            if legacy {
+                batch.insert(&meta, "legacy", "format 1 records without checksums");
             }
-            Some(_) => {}
-            None => {
-                meta.insert("format", FORMAT).map_err(open_err)?;
-                keyspace.persist(PersistMode::SyncAll).map_err(open_err)?;
-            }
+            batch.commit().map_err(open_err)?;
+            keyspace.persist(PersistMode::SyncAll).map_err(open_err)?;
         }
-        let read = load::read(dir, &keyspace, &parts)?;
         let shared = Arc::new(Shared::new(read.refs));
         let committer = {
             let (keyspace, parts, shared) = (keyspace.clone(), parts.clone(), shared.clone());
@@ -215,6 +300,7 @@ impl DiskStore {
                 shared,
                 next_message: (read.max_message_id + 1).into(),
                 committer: Some(committer),
+                legacy,
             },
             read.loaded,
         ))
@@ -252,7 +338,18 @@ impl DiskStore {
                 None => {}
             }
         }
-        Ok(self.parts.get(part).get(key)?.map(|v| v.to_vec()))
+        let Some(stored) = self.parts.get(part).get(key)? else {
+            return Ok(None);
+        };
+        match unseal(part.name(), key, &stored, self.legacy) {
+            Ok(record) => Ok(Some(record.to_vec())),
+            Err(why) => {
+                // Read back at run time: what was checked at start changed since. Treated as
+                // present but unreadable, so nothing is decoded from it.
+                tracing::error!(partition = part.name(), key = %String::from_utf8_lossy(key), why, "store: a stored record is damaged");
+                Ok(Some(Vec::new()))
+            }
+        }
     }
 
     /// Forgets everything stored for a client: its session record, will, subscriptions,
@@ -323,6 +420,200 @@ fn unref(st: &mut State, id: u64) {
             st.pending.delete(Part::Messages, id.to_be_bytes().to_vec());
         }
     }
+}
+
+/// Whether `dir` can hold a store, without opening one (a broker may be using it): an existing
+/// directory petrel can create files in, or a path to be made below such a directory. Leaves
+/// nothing behind (a probe file is created and removed). For `--check-config`.
+pub fn check_dir(dir: &Path) -> Result<(), StoreError> {
+    let problem = |path: &Path, kind, why: String| StoreError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(kind, why),
+    };
+    // The directory itself, or the nearest ancestor that exists (a start creates the rest).
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(problem(
+            existing,
+            std::io::ErrorKind::NotADirectory,
+            if existing == dir {
+                "not a directory".to_owned()
+            } else {
+                format!("not a directory, so {} cannot be created", dir.display())
+            },
+        ));
+    }
+    let probe = existing.join(format!(".petrel-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(problem(
+            existing,
+            e.kind(),
+            format!("cannot create files here: {e}"),
+        )),
+    }
+}
+
+/// Where a record is stored: the journal batch that wrote it last, if that batch holds the
+/// damaged bytes; else the partition's segment files (a journal whose batches were flushed
+/// may remain, and its copy is then intact).
+fn locate(dir: &Path, partition: &str, key: &[u8]) -> String {
+    let mut intact = String::new();
+    if let Some((file, offset, value)) = journal::locate(dir, partition, key) {
+        if unseal(partition, key, &value, false).is_err() {
+            return format!(
+                "written by the batch at offset {offset} of journal file {}",
+                file.display()
+            );
+        }
+        intact = format!(
+            "; an intact copy is still in journal file {}, batch at offset {offset}",
+            file.display()
+        );
+    }
+    let segments = dir.join("partitions").join(partition).join("segments");
+    let mut files: Vec<String> = std::fs::read_dir(&segments)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path().display().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let place = match files.len() {
+        0 => format!("in {}", segments.display()),
+        1 => format!("in segment file {}", files[0]),
+        _ => format!("in one of the segment files {}", files.join(", ")),
+    };
+    place + &intact
+}
+
+/// The partition directories of a store.
+fn partition_dirs(dir: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(dir.join("partitions"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+type Verified = (
+    Keyspace,
+    Parts,
+    PartitionHandle,
+    Option<String>,
+    bool,
+    load::Read,
+);
+
+/// Opens the keyspace and reads every record, checked. On an error every handle is closed
+/// (fjall's threads joined) by the time it returns.
+fn verified(dir: &Path) -> Result<Verified, StoreError> {
+    let (keyspace, parts, meta, format) = caught(dir, "the keyspace", || opened(dir, false))?;
+    let legacy = match format.as_deref() {
+        Some(FORMAT) => meta_legacy(dir, &meta)?,
+        Some(FORMAT_1) => true,
+        Some(found) => {
+            return Err(StoreError::Format {
+                dir: dir.to_owned(),
+                found: found.to_owned(),
+            })
+        }
+        None => false,
+    };
+    let read = caught(dir, "the records", || {
+        load::read(dir, &keyspace, &parts, legacy)
+    })?;
+    Ok((keyspace, parts, meta, format, legacy, read))
+}
+
+/// The keyspace and its partitions, opened (fjall recovers its journal here), and the format
+/// the store declares.
+type Opened = (Keyspace, Parts, PartitionHandle, Option<String>);
+
+/// `threads`: with fjall's background threads (flushes, compactions). Without them, opening
+/// writes nothing but what recovery itself does (trimming the journal's preallocated zeros,
+/// creating missing partitions), which a refused start undoes; with them, a flush may start at
+/// once and turn journals into segments.
+fn opened(dir: &Path, threads: bool) -> Result<Opened, StoreError> {
+    let open_err = |source| StoreError::Open {
+        dir: dir.to_owned(),
+        source,
+    };
+    let keyspace = if threads {
+        Config::new(dir).open()
+    } else {
+        // fjall's own way to open without its threads (hidden, used by its tests); pinned to
+        // fjall 2.11 in Cargo.toml with the journal format journal.rs reads.
+        Keyspace::create_or_recover(Config::new(dir))
+    }
+    .map_err(open_err)?;
+    let part = |name: &str| {
+        keyspace
+            .open_partition(name, PartitionCreateOptions::default())
+            .map_err(open_err)
+    };
+    let meta = part("meta")?;
+    let mut handles = Vec::with_capacity(Parts::NAMES.len());
+    for (i, (p, name)) in Parts::NAMES.iter().enumerate() {
+        debug_assert_eq!(*p as usize, i);
+        handles.push(part(name)?);
+    }
+    let parts = Parts(
+        handles
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one handle per partition")),
+    );
+    let format = meta
+        .get("format")
+        .map_err(|source| StoreError::Read {
+            dir: dir.to_owned(),
+            source,
+        })?
+        .map(|f| String::from_utf8_lossy(&f).into_owned());
+    Ok((keyspace, parts, meta, format))
+}
+
+fn meta_legacy(dir: &Path, meta: &PartitionHandle) -> Result<bool, StoreError> {
+    meta.contains_key("legacy")
+        .map_err(|source| StoreError::Read {
+            dir: dir.to_owned(),
+            source,
+        })
+}
+
+/// Runs `f`, turning a panic into an error: fjall 2 `assert!`s on some damaged bytes (a
+/// compression tag, for one), and a damaged store must stop the start with a message, not a
+/// crash.
+pub(crate) fn caught<T>(
+    dir: &Path,
+    what: &str,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(StoreError::Panicked {
+            dir: dir.to_owned(),
+            what: what.to_owned(),
+        })
+    })
 }
 
 impl Drop for DiskStore {

@@ -14,11 +14,98 @@ use petrel_engine::session::Subscription;
 use petrel_engine::store::{StoredDelivery, StoredSession, StoredStage};
 
 use crate::changes::Part;
+use crate::record::unseal;
 use crate::record::{
     decode_entry, decode_message, decode_session, decode_will, from_wall, options_from,
     split_client_key, RECORD_VERSION,
 };
 use crate::{Loaded, Parts, StoreError};
+
+/// A partition's records in key order, each checked against its checksum; the first that
+/// does not read (or whose checksum fails) ends the iteration with an error naming it, or
+/// the last key that did read.
+pub(crate) struct Records<'a> {
+    dir: &'a Path,
+    part: Part,
+    legacy: bool,
+    inner: Box<dyn DoubleEndedIterator<Item = fjall::Result<fjall::KvPair>> + 'a>,
+    last: Option<Vec<u8>>,
+    failed: bool,
+}
+
+impl<'a> Records<'a> {
+    pub(crate) fn new(dir: &'a Path, parts: &'a Parts, part: Part, legacy: bool) -> Self {
+        Records {
+            dir,
+            part,
+            legacy,
+            inner: Box::new(parts.get(part).iter()),
+            last: None,
+            failed: false,
+        }
+    }
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<(fjall::Slice, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let after = |last: &Option<Vec<u8>>| match last {
+            Some(k) => format!("after key {:?}", String::from_utf8_lossy(k)),
+            None => "from its first record".to_owned(),
+        };
+        // fjall 2 panics on some damaged segment bytes (an assert in its block decoder).
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.next()));
+        let item = match next {
+            Ok(next) => next?,
+            Err(_) => {
+                self.failed = true;
+                return Some(Err(StoreError::Panicked {
+                    dir: self.dir.to_owned(),
+                    what: format!(
+                        "partition {} {} (a segment file in partitions/{}/segments)",
+                        self.part.name(),
+                        after(&self.last),
+                        self.part.name()
+                    ),
+                }));
+            }
+        };
+        let item = match item {
+            Ok(item) => item,
+            Err(source) => {
+                self.failed = true;
+                return Some(Err(StoreError::Segment {
+                    dir: self.dir.to_owned(),
+                    partition: self.part.name(),
+                    after: after(&self.last),
+                    source,
+                }));
+            }
+        };
+        let (key, value) = item;
+        match unseal(self.part.name(), &key, &value, self.legacy) {
+            Ok(record) => {
+                let record = record.to_vec();
+                self.last = Some(key.to_vec());
+                Some(Ok((key, record)))
+            }
+            Err(why) => {
+                self.failed = true;
+                Some(Err(StoreError::Corrupt {
+                    dir: self.dir.to_owned(),
+                    partition: self.part.name(),
+                    raw_key: key.to_vec(),
+                    location: String::new(),
+                    why,
+                }))
+            }
+        }
+    }
+}
 
 /// What the start needs besides the sessions: each stored message's reference count and the
 /// highest message id in use.
@@ -28,23 +115,27 @@ pub(crate) struct Read {
     pub max_message_id: u64,
 }
 
-pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Read, StoreError> {
-    let read_err = |source| StoreError::Read {
-        dir: dir.to_owned(),
-        source,
-    };
+pub(crate) fn read(
+    dir: &Path,
+    keyspace: &Keyspace,
+    parts: &Parts,
+    legacy: bool,
+) -> Result<Read, StoreError> {
     let corrupt = |partition: &'static str, key: &[u8], why: String| StoreError::Corrupt {
         dir: dir.to_owned(),
         partition,
-        key: String::from_utf8_lossy(key).into_owned(),
+        raw_key: key.to_vec(),
+        location: String::new(),
         why,
     };
+    // Every record of a partition, its checksum verified: `(key, record)`.
+    let records = |part: Part| Records::new(dir, parts, part, legacy);
     let mut loaded = Loaded::default();
     // Keys of records that belong to no session: deleted below.
     let mut unreachable: Vec<(Part, Vec<u8>)> = Vec::new();
     let mut by_client: HashMap<String, usize> = HashMap::new();
-    for item in parts.get(Part::Sessions).iter() {
-        let (key, value) = item.map_err(read_err)?;
+    for item in records(Part::Sessions) {
+        let (key, value) = item?;
         let (expiry, until, login) =
             decode_session(&value).map_err(|why| corrupt("sessions", &key, why))?;
         let client_id = std::str::from_utf8(&key)
@@ -62,8 +153,8 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
             pending_will: None,
         });
     }
-    for item in parts.get(Part::Subscriptions).iter() {
-        let (key, value) = item.map_err(read_err)?;
+    for item in records(Part::Subscriptions) {
+        let (key, value) = item?;
         let bad = |why: &str| corrupt("subscriptions", &key, why.to_owned());
         let (client, filter) = split_client_key(&key).ok_or_else(|| bad("no separator"))?;
         if value.len() != 6 || value[0] != RECORD_VERSION {
@@ -82,13 +173,13 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
             None => unreachable.push((Part::Subscriptions, key.to_vec())),
         }
     }
-    for item in parts.get(Part::Retained).iter() {
-        let (key, value) = item.map_err(read_err)?;
+    for item in records(Part::Retained) {
+        let (key, value) = item?;
         let message = decode_message(&value).map_err(|why| corrupt("retained", &key, why))?;
         loaded.retained.push(message);
     }
-    for item in parts.get(Part::Inbound).iter() {
-        let (key, _) = item.map_err(read_err)?;
+    for item in records(Part::Inbound) {
+        let (key, _) = item?;
         let (client, id) = split_client_key(&key)
             .filter(|(_, id)| id.len() == 2)
             .ok_or_else(|| corrupt("inbound", &key, "bad key".into()))?;
@@ -99,8 +190,8 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
             None => unreachable.push((Part::Inbound, key.to_vec())),
         }
     }
-    for item in parts.get(Part::Wills).iter() {
-        let (key, value) = item.map_err(read_err)?;
+    for item in records(Part::Wills) {
+        let (key, value) = item?;
         let client = std::str::from_utf8(&key)
             .map_err(|_| corrupt("wills", &key, "client id is not UTF-8".into()))?;
         let (at, will) = decode_will(&value).map_err(|why| corrupt("wills", &key, why))?;
@@ -110,8 +201,8 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
         }
     }
     let mut stages: HashMap<Vec<u8>, StoredStage> = HashMap::new();
-    for item in parts.get(Part::Inflight).iter() {
-        let (key, v) = item.map_err(read_err)?;
+    for item in records(Part::Inflight) {
+        let (key, v) = item?;
         let pid = if v.len() == 4 && v[0] == RECORD_VERSION {
             u16::from_be_bytes([v[2], v[3]])
         } else {
@@ -127,8 +218,8 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
     }
     let mut stored_messages: HashMap<u64, Arc<Message>> = HashMap::new();
     let mut max_message_id = 0;
-    for item in parts.get(Part::Messages).iter() {
-        let (key, value) = item.map_err(read_err)?;
+    for item in records(Part::Messages) {
+        let (key, value) = item?;
         let id = <[u8; 8]>::try_from(&*key)
             .map(u64::from_be_bytes)
             .map_err(|_| corrupt("messages", &key, "bad key".into()))?;
@@ -138,8 +229,8 @@ pub(crate) fn read(dir: &Path, keyspace: &Keyspace, parts: &Parts) -> Result<Rea
         stored_messages.insert(id, Arc::new(message));
     }
     let mut refs: HashMap<u64, u32> = HashMap::new();
-    for item in parts.get(Part::Queue).iter() {
-        let (key, value) = item.map_err(read_err)?;
+    for item in records(Part::Queue) {
+        let (key, value) = item?;
         let bad = |why: &str| corrupt("queue", &key, why.to_owned());
         let (client, seq) = split_client_key(&key)
             .filter(|(_, s)| s.len() == 8)

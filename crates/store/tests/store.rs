@@ -294,6 +294,7 @@ fn a_damaged_record_stops_the_start_and_names_it() {
         .expect("refused");
     let text = err.to_string();
     assert!(text.contains("retained record \"r/1\""), "{text}");
+    assert!(text.contains("journal file"), "where it is: {text}");
     assert!(text.contains("does not discard stored data"), "{text}");
     // Nothing was dropped: the data is still there for a repair.
     let keyspace = fjall::Config::new(&dir.0).open().unwrap();
@@ -303,11 +304,20 @@ fn a_damaged_record_stops_the_start_and_names_it() {
     assert_eq!(retained.len().unwrap(), 2);
 }
 
-/// The golden store: written by format 1 and kept as a tarball (fjall preallocates its journal
-/// as a 32 MiB sparse file, which compresses to almost nothing); `cargo test -p petrel-store
-/// -- --ignored write_golden` regenerates it. Every later version must read it.
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/format-1.tar.gz")
+/// The golden stores: one written by each format and kept as a tarball (fjall preallocates its
+/// journal as a 32 MiB sparse file, which compresses to almost nothing); `cargo test -p
+/// petrel-store -- --ignored write_golden` writes the current format's. Every later version
+/// must read them all.
+fn golden(format: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/format-{format}.tar.gz"))
+}
+
+/// The format this build writes, as in `FORMAT`.
+fn current_format() -> u32 {
+    petrel_store::FORMAT
+        .strip_prefix("petrel-store ")
+        .and_then(|n| n.parse().ok())
+        .expect("FORMAT is \"petrel-store N\"")
 }
 
 fn tar(args: &[&std::ffi::OsStr]) {
@@ -320,14 +330,35 @@ fn tar(args: &[&std::ffi::OsStr]) {
 
 #[test]
 fn the_format_1_golden_store_still_reads() {
+    golden_store_reads(1);
+}
+
+/// Format 2: every record in a checked envelope.
+#[test]
+fn the_format_2_golden_store_still_reads() {
+    golden_store_reads(2);
+}
+
+fn golden_store_reads(format: u32) {
     let dir = Dir::new("golden");
     std::fs::create_dir_all(&dir.0).unwrap();
     tar(&[
         "-xzf".as_ref(),
-        golden().as_os_str(),
+        golden(format).as_os_str(),
         "-C".as_ref(),
         dir.0.as_os_str(),
     ]);
+    {
+        // What the tarball holds: format 2 and later seal every record (version byte 0x81).
+        let keyspace = fjall::Config::new(&dir.0).open().unwrap();
+        let retained = keyspace
+            .open_partition("retained", Default::default())
+            .unwrap();
+        for item in retained.iter() {
+            let (_, value) = item.unwrap();
+            assert_eq!(value[0] == 0x81, format >= 2, "format {format}");
+        }
+    }
     let (_store, loaded) = DiskStore::open(&dir.0, Fsync::Never).unwrap();
     let mut ids: Vec<&str> = loaded
         .sessions
@@ -344,15 +375,16 @@ fn the_format_1_golden_store_still_reads() {
 }
 
 #[test]
-#[ignore = "regenerates tests/golden/format-1.tar.gz"]
+#[ignore = "writes tests/golden/format-N.tar.gz for the current format"]
 fn write_golden() {
     let dir = Dir::new("golden-write");
     fill(&dir.0);
-    std::fs::create_dir_all(golden().parent().unwrap()).unwrap();
+    let golden = golden(current_format());
+    std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
     tar(&[
         "--sparse".as_ref(),
         "-czf".as_ref(),
-        golden().as_os_str(),
+        golden.as_os_str(),
         "-C".as_ref(),
         dir.0.as_os_str(),
         ".".as_ref(),

@@ -10,3 +10,5 @@ mod sessions;
 mod slow_subscriber;
 #[path = "../support/mod.rs"]
 mod support;
+
+mod store;
