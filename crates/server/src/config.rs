@@ -740,9 +740,10 @@ pub struct AuthConfig {
     pub max_failed_logins: u32,
     /// Bytes of memory all password hash checks running at once may use,
     /// broker-wide: what logins from clients that are not yet authenticated
-    /// can cost. An argon2id check at petrel's parameters takes 19 MiB, so
-    /// the default runs three at once; bcrypt and pbkdf2 checks are charged
-    /// 1 MiB each. A hash that needs more than this runs alone.
+    /// can cost. An argon2id check is charged its memory parameter and a
+    /// quarter more (24 MiB at petrel's 19 MiB), so the default runs two at
+    /// once; bcrypt and pbkdf2 checks are charged 1 MiB each. A hash that
+    /// needs more than this runs alone.
     pub hash_memory: u64,
     /// Logins waiting for a password hash check or running one, broker-wide.
     /// Past it a login is refused as server busy (MQTT 5 0x89, 3.1.1 return
@@ -1867,8 +1868,8 @@ pub fn default_config_toml() -> String {
          # Failed logins one client address may make in a minute before its\n\
          # logins are refused without checking a password.\n\
          max_failed_logins = {max_failed_logins}\n\
-         # Bytes all password hash checks running at once may use (argon2id\n\
-         # takes 19 MiB each), and how many logins may wait for one or run one,\n\
+         # Bytes all password hash checks running at once may use (an argon2id\n\
+         # check is charged 24 MiB), and how many logins may wait for one or run one,\n\
          # broker-wide and per client address; past them, logins are refused as\n\
          # server busy.\n\
          hash_memory = {hash_memory}\n\

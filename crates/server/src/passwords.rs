@@ -258,8 +258,10 @@ fn dummy_like(model: &str) -> String {
     made.unwrap_or_else(|| model.to_owned())
 }
 
-/// The memory one check of `hash` takes, in KiB: argon2's `m` parameter; bcrypt and pbkdf2
-/// need little memory, so they are charged 1 MiB (which still bounds how many run at once).
+/// The memory one check of `hash` is charged, in KiB: argon2's `m` parameter and a quarter
+/// more for the thread that runs it and the allocator's slack (so that the budget bounds
+/// what the process really grows by: 24 MiB at petrel's 19 MiB); bcrypt and pbkdf2 need
+/// little memory, so they are charged 1 MiB (which still bounds how many run at once).
 fn memory_cost_kib(hash: &str) -> u32 {
     const SMALL: u32 = 1024;
     if scheme(hash) != Some("argon2") {
@@ -268,7 +270,10 @@ fn memory_cost_kib(hash: &str) -> u32 {
     PasswordHash::new(hash)
         .ok()
         .and_then(|h| argon2::Params::try_from(&h).ok())
-        .map_or(SMALL, |p| p.m_cost().max(SMALL))
+        .map_or(SMALL, |p| {
+            let m = p.m_cost();
+            m.saturating_add(m / 4).max(SMALL)
+        })
 }
 
 impl PasswordFile {

@@ -5,5 +5,6 @@
 //!
 //! One file per surface; each test names the attack and its bound.
 
+mod login;
 #[path = "../support/mod.rs"]
 mod support;
