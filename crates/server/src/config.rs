@@ -752,7 +752,8 @@ pub struct AuthConfig {
     /// Logins from one client address (IPv4, or IPv6 /64) waiting for a
     /// password hash check or running one. Past it that address's logins are
     /// refused as server busy, so a flood from one address leaves room for
-    /// the others.
+    /// the others. Raise it when many clients log in at once from behind
+    /// one NAT address.
     pub max_pending_logins_per_address: u32,
     /// An HTTP service that decides on user names petrel does not know
     /// (neither in `[[auth.users]]` nor in the password file). A JSON object
@@ -831,7 +832,7 @@ impl Default for AuthConfig {
             max_failed_logins: 10,
             hash_memory: 64 * 1024 * 1024,
             max_pending_logins: 64,
-            max_pending_logins_per_address: 2,
+            max_pending_logins_per_address: 1,
             http: None,
         }
     }

@@ -314,7 +314,7 @@ impl LoginLimits {
             max_failed_logins,
             hash_memory: 64 << 20,
             max_pending: 64,
-            max_pending_per_address: 2,
+            max_pending_per_address: 1,
         }
     }
 }

@@ -80,7 +80,7 @@ password_file = "passwords"
 max_failed_logins = 3
 hash_memory = 33554432
 max_pending_logins = 16
-max_pending_logins_per_address = 1
+max_pending_logins_per_address = 3
 
 [[auth.users]]
 name = "alice"
@@ -173,7 +173,7 @@ metrics_require_token = true
                 max_failed_logins: 3,
                 hash_memory: 32 << 20,
                 max_pending_logins: 16,
-                max_pending_logins_per_address: 1,
+                max_pending_logins_per_address: 3,
                 http: Some(HttpAuthConfig {
                     url: "http://127.0.0.1:9/auth".into(),
                     timeout: Duration::from_millis(500),
