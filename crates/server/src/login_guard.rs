@@ -97,7 +97,8 @@ struct Table {
 /// starts (before any password is verified) and is refunded if it succeeds; an address
 /// with `limit` attempts in its window is refused without verifying anything.
 pub struct FailedLogins {
-    limit: u32,
+    /// Changed in place by a reload, which keeps the table (see [`LoginState`]).
+    limit: std::sync::atomic::AtomicU32,
     window: Duration,
     max_tracked: usize,
     table: Mutex<Table>,
@@ -120,7 +121,7 @@ impl FailedLogins {
     fn with_capacity(limit: u32, max_tracked: usize) -> FailedLogins {
         let now = Instant::now();
         FailedLogins {
-            limit,
+            limit: std::sync::atomic::AtomicU32::new(limit),
             window: Duration::from_secs(60),
             max_tracked,
             table: Mutex::new(Table {
@@ -140,7 +141,7 @@ impl FailedLogins {
         if let Some(key) = key {
             let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
             let window = self.window;
-            let limit = self.limit;
+            let limit = self.limit();
             let w = self.window_of(&mut table, key, now);
             if now.duration_since(w.start) >= window {
                 let unlogged = std::mem::replace(w, Window::new(now)).unlogged;
@@ -166,7 +167,7 @@ impl FailedLogins {
     fn window_of<'t>(&self, table: &'t mut Table, key: AddressKey, now: Instant) -> &'t mut Window {
         let map = &mut table.by_address;
         if !map.contains_key(&key) && map.len() >= self.max_tracked {
-            let (window, limit) = (self.window, self.limit);
+            let (window, limit) = (self.window, self.limit());
             map.retain(|_, w| now.duration_since(w.start) < window);
             if map.len() >= self.max_tracked {
                 // Forget the addresses that are not locked out, oldest first, down to three
@@ -202,7 +203,11 @@ impl FailedLogins {
             .by_address
             .get(&key)
             .or_else(|| (table.by_address.len() >= self.max_tracked).then_some(&table.overflow));
-        w.is_some_and(|w| now.duration_since(w.start) < self.window && w.attempts >= self.limit)
+        w.is_some_and(|w| now.duration_since(w.start) < self.window && w.attempts >= self.limit())
+    }
+
+    fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
     }
 
     /// Gives back an attempt that succeeded.
@@ -310,6 +315,45 @@ impl Attempt {
             _ => self
                 .logins
                 .log_failure(self.key, &self.peer, decision, Instant::now()),
+        }
+    }
+}
+
+/// The failed-login table and the hash gate, kept across configuration reloads: a reload
+/// must not give every locked-out address a fresh start, nor run a second budget of hash
+/// checks beside the first.
+#[derive(Default)]
+pub struct LoginState {
+    failed: Mutex<Option<Arc<FailedLogins>>>,
+    gate: Mutex<Option<((u64, usize, u32), Arc<HashGate>)>>,
+}
+
+impl LoginState {
+    /// The table, with `limit` from now on.
+    pub fn failed(&self, limit: u32) -> Arc<FailedLogins> {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let table = failed.get_or_insert_with(|| Arc::new(FailedLogins::new(limit)));
+        table.limit.store(limit, Ordering::Relaxed);
+        table.clone()
+    }
+
+    /// The gate, new only if its bounds changed (checks admitted by the old one finish
+    /// under it).
+    pub fn gate(
+        &self,
+        budget_bytes: u64,
+        max_pending: usize,
+        max_per_address: u32,
+    ) -> Arc<HashGate> {
+        let bounds = (budget_bytes, max_pending, max_per_address);
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        match &*gate {
+            Some((b, g)) if *b == bounds => g.clone(),
+            _ => {
+                let g = HashGate::new(budget_bytes, max_pending, max_per_address);
+                *gate = Some((bounds, g.clone()));
+                g
+            }
         }
     }
 }
@@ -537,6 +581,29 @@ mod tests {
             "overflow at its limit"
         );
         assert!(limits.blocked("10.0.0.0:1", t0), "old lockouts kept");
+    }
+
+    #[test]
+    fn a_reload_keeps_lockouts_and_the_gate() {
+        let state = LoginState::default();
+        let t0 = Instant::now();
+        let first = state.failed(1);
+        first
+            .begin("10.0.0.1:1", t0)
+            .unwrap()
+            .finish(AuthDecision::BadCredentials);
+        let again = state.failed(1);
+        assert!(
+            again.blocked("10.0.0.1:1", t0),
+            "still locked out after a reload"
+        );
+        assert!(
+            !state.failed(5).blocked("10.0.0.1:1", t0),
+            "a new limit applies"
+        );
+        let gate = state.gate(1 << 20, 4, 1);
+        assert!(Arc::ptr_eq(&gate, &state.gate(1 << 20, 4, 1)));
+        assert!(!Arc::ptr_eq(&gate, &state.gate(2 << 20, 4, 1)));
     }
 
     #[tokio::test]

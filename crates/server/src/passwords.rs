@@ -29,7 +29,7 @@ use petrel_engine::auth::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::login_guard::{Attempt, FailedLogins, HashGate};
+use crate::login_guard::{Attempt, FailedLogins, HashGate, LoginState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordFileError {
@@ -350,6 +350,7 @@ impl FileAuthenticator {
             Default::default(),
             None,
             LoginLimits::failed(max_failed_logins),
+            &LoginState::default(),
         )
     }
 
@@ -359,6 +360,7 @@ impl FileAuthenticator {
         config_users: std::collections::HashSet<String>,
         hook: Option<Arc<crate::auth_hook::HttpHook>>,
         limits: LoginLimits,
+        state: &LoginState,
     ) -> FileAuthenticator {
         let mut key = [0u8; 32];
         // Without randomness the cache key is fixed: the digests still hold no password.
@@ -371,8 +373,8 @@ impl FileAuthenticator {
             rest,
             config_users,
             hook,
-            failed: Arc::new(FailedLogins::new(limits.max_failed_logins)),
-            gate: HashGate::new(
+            failed: state.failed(limits.max_failed_logins),
+            gate: state.gate(
                 limits.hash_memory,
                 limits.max_pending,
                 limits.max_pending_per_address,

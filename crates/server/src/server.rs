@@ -15,6 +15,7 @@ use petrel_engine::store::{Store, Volatile};
 use petrel_engine::{Broker, Limits};
 use petrel_store::{DiskStore, Fsync};
 
+use crate::login_guard::LoginState;
 use crate::passwords::{FileAuthenticator, LoginLimits, PasswordFile};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -136,9 +137,11 @@ async fn housekeeping(broker: Arc<Broker>, shutdown: CancellationToken) {
 /// anonymous clients; otherwise a user store that checks CONNECT passwords and offers the
 /// MQTT 5 SCRAM-SHA-256 exchange. `secret` ([`crate::auth_secret`]) makes SCRAM salts stable
 /// across restarts: the fake ones of unknown names, and those of users given a password.
+/// Failed-login counts and the hash gate come from `logins`, so that a reload keeps them.
 pub fn authenticator_from(
     auth: &AuthConfig,
     secret: [u8; 32],
+    logins: &LoginState,
 ) -> Result<Box<dyn Authenticator>, ServerError> {
     let file = auth
         .password_file
@@ -194,6 +197,7 @@ pub fn authenticator_from(
             max_pending: auth.max_pending_logins,
             max_pending_per_address: auth.max_pending_logins_per_address,
         },
+        logins,
     )))
 }
 
@@ -201,7 +205,7 @@ pub fn authenticator_from(
 /// a start would, without starting anything: what `--check-config` adds to parsing.
 pub fn check_files(config: &Config) -> Result<(), ServerError> {
     let secret = crate::auth_secret::load(config, crate::auth_secret::Create::No)?;
-    authenticator_from(&config.auth, secret)?;
+    authenticator_from(&config.auth, secret, &LoginState::default())?;
     if let Some(path) = &config.auth.acl_file {
         crate::acl_file::load(path)?;
     }
@@ -224,6 +228,8 @@ pub struct Reloader {
     path: PathBuf,
     /// The configuration in service, to tell what a reload changed.
     running: std::sync::Mutex<Config>,
+    /// Failed-login counts and the hash gate, carried from one authenticator to the next.
+    logins: Arc<LoginState>,
 }
 
 /// What a successful reload did.
@@ -234,11 +240,17 @@ pub struct Reloaded {
 }
 
 impl Reloader {
-    pub fn new(broker: Arc<Broker>, path: PathBuf, running: Config) -> Reloader {
+    pub fn new(
+        broker: Arc<Broker>,
+        path: PathBuf,
+        running: Config,
+        logins: Arc<LoginState>,
+    ) -> Reloader {
         Reloader {
             broker,
             path,
             running: std::sync::Mutex::new(running),
+            logins,
         }
     }
 
@@ -249,7 +261,7 @@ impl Reloader {
     /// Reloads now; `why` names the trigger in the log ("SIGHUP", "admin API").
     pub fn reload(&self, why: &str) -> Result<Reloaded, String> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        match reload_auth(&self.broker, &self.path) {
+        match reload_auth(&self.broker, &self.path, &self.logins) {
             Ok(config) => {
                 let mut rest = config.clone();
                 rest.auth = running.auth.clone();
@@ -292,11 +304,12 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) 
 
 /// Reads the config file again and puts its authentication, ACL and `[mqtt]` limits in
 /// service, all or none.
-pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
+pub fn reload_auth(broker: &Broker, path: &Path, logins: &LoginState) -> Result<Config, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let secret = crate::auth_secret::load(&config, crate::auth_secret::Create::Yes)
         .map_err(|e| format!("authentication secret: {e}"))?;
-    let authenticator = authenticator_from(&config.auth, secret).map_err(|e| e.to_string())?;
+    let authenticator =
+        authenticator_from(&config.auth, secret, logins).map_err(|e| e.to_string())?;
     let acl = config
         .auth
         .acl_file
@@ -370,13 +383,19 @@ pub struct Server {
     bridges: Vec<crate::bridge::Bridge>,
     /// Cluster mode: this node's membership of the cluster.
     cluster: Option<Arc<petrel_cluster::Cluster>>,
+    /// Failed-login counts and the hash gate, kept by configuration reloads.
+    logins: Arc<LoginState>,
 }
 
 impl Server {
     /// Binds every listener of `config`; fails naming the listener that could not bind.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
         let secret = crate::auth_secret::load(config, crate::auth_secret::Create::Yes)?;
-        Server::bind_with(config, authenticator_from(&config.auth, secret)?).await
+        let logins = Arc::new(LoginState::default());
+        let authenticator = authenticator_from(&config.auth, secret, &logins)?;
+        let mut server = Server::bind_with(config, authenticator).await?;
+        server.logins = logins;
+        Ok(server)
     }
 
     pub async fn bind_with(
@@ -522,6 +541,7 @@ impl Server {
             admin,
             bridges,
             cluster,
+            logins: Default::default(),
         })
     }
 
@@ -575,6 +595,7 @@ impl Server {
                 self.broker.clone(),
                 path,
                 self.config.clone(),
+                self.logins.clone(),
             ))
         });
         let config_reloader = config_reload

@@ -563,3 +563,45 @@ async fn a_brute_force_writes_a_few_log_lines_not_one_per_guess() {
     println!("{lines} INFO lines about refused logins for 40 guesses");
     assert!(lines <= 5, "{lines} lines for 40 guesses:\n{log}");
 }
+
+/// Item 11: a configuration reload (SIGHUP) does not lift lockouts: the failed-login table
+/// outlives the authenticator it was made for. Before: every reload started the counts over.
+#[tokio::test]
+async fn a_reload_does_not_lift_a_lockout() {
+    let _machine = light().await;
+    let broker = Broker::start_with(
+        "",
+        "[auth]\nallow_anonymous = false\nmax_failed_logins = 2\n\
+         [[auth.users]]\nname = \"alice\"\npassword = \"right\"\n\
+         [storage]\nmode = \"memory\"\n",
+    );
+    async fn code(addr: SocketAddr, password: &str) -> Option<u8> {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        login(
+            &mut s,
+            &connect_login("r", "alice", password),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+    assert_eq!(code(broker.addr, "wrong").await, Some(4));
+    assert_eq!(code(broker.addr, "wrong").await, Some(4));
+    assert_eq!(code(broker.addr, "right").await, Some(5), "locked out");
+    let pid = i32::try_from(broker.pid()).expect("pid");
+    // SAFETY: kill(2) with a child's pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.log().contains("configuration reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload logged:\n{}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        code(broker.addr, "right").await,
+        Some(5),
+        "still locked out after the reload"
+    );
+}
