@@ -78,9 +78,12 @@ struct Window {
     start: Instant,
     /// Attempts counted in this window: failures, and checks still running.
     attempts: u32,
-    /// Failures not logged in this window, reported when it ends.
+    /// Refusals not logged in this window, reported when it ends.
     unlogged: u32,
+    /// Failures logged in this window.
     logged: u32,
+    /// Whether a lockout refusal was logged in this window.
+    lock_logged: bool,
 }
 
 struct Table {
@@ -146,11 +149,10 @@ impl FailedLogins {
             if now.duration_since(w.start) >= window {
                 let unlogged = std::mem::replace(w, Window::new(now)).unlogged;
                 if unlogged > 0 {
-                    tracing::info!(address = %key, unlogged, "failed logins from this address in the last window, not logged one by one");
+                    tracing::info!(address = %key, unlogged, "refused logins from this address in its last minute, not logged one by one");
                 }
             }
             if w.attempts >= limit {
-                w.unlogged += 1;
                 return None;
             }
             w.attempts += 1;
@@ -224,21 +226,26 @@ impl FailedLogins {
         }
     }
 
-    /// Logs a failed login at info, within the per-address and broker-wide budgets; the rest
-    /// are summed up when their window ends.
-    fn log_failure(
+    /// Logs a refused login at info, within the budgets: per address, the first
+    /// [`LOGGED_PER_ADDRESS`] failures and the first lockout refusal of its window; broker-wide,
+    /// [`LOGGED_PER_WINDOW`] lines a window. What is left out is summed up: per address when
+    /// its window ends (reported with its next attempt, or by the sweep below), broker-wide
+    /// when the log window ends (reported with the next refusal).
+    fn log_refusal(
         &self,
         key: Option<AddressKey>,
         peer: &str,
         decision: AuthDecision,
+        locked_out: bool,
         now: Instant,
     ) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if now.duration_since(table.log_window) >= self.window {
+            self.sweep_summaries(&mut table, now);
             if table.unlogged > 0 {
                 tracing::info!(
                     unlogged = table.unlogged,
-                    "failed logins in the last minute not logged one by one (too many)"
+                    "refused logins in the last minute not logged one by one (too many)"
                 );
             }
             table.log_window = now;
@@ -246,6 +253,14 @@ impl FailedLogins {
             table.unlogged = 0;
         }
         let address_ok = match key.and_then(|k| table.by_address.get_mut(&k)) {
+            Some(w) if locked_out && w.lock_logged => {
+                w.unlogged += 1;
+                false
+            }
+            Some(w) if locked_out => {
+                w.lock_logged = true;
+                true
+            }
             Some(w) if w.logged >= LOGGED_PER_ADDRESS => {
                 w.unlogged += 1;
                 false
@@ -269,7 +284,13 @@ impl FailedLogins {
         let last = key
             .and_then(|k| table.by_address.get(&k))
             .is_some_and(|w| w.logged == LOGGED_PER_ADDRESS);
-        if last {
+        if locked_out {
+            tracing::info!(
+                peer,
+                "login refused: too many failed logins from this address; refused unchecked \
+                 for the rest of its minute (summed up at its end)"
+            );
+        } else if last {
             tracing::info!(
                 peer,
                 ?decision,
@@ -280,9 +301,42 @@ impl FailedLogins {
         }
     }
 
+    /// One summary line for each address whose window ended with refusals left out of the
+    /// log (at most [`LOGGED_PER_WINDOW`] lines, then one line for the rest).
+    fn sweep_summaries(&self, table: &mut Table, now: Instant) {
+        let mut lines = 0u32;
+        let (mut more_addresses, mut more_refusals) = (0u32, 0u64);
+        for (key, w) in table.by_address.iter_mut() {
+            if w.unlogged == 0 || now.duration_since(w.start) < self.window {
+                continue;
+            }
+            let unlogged = std::mem::take(&mut w.unlogged);
+            if lines < LOGGED_PER_WINDOW {
+                lines += 1;
+                tracing::info!(address = %key, unlogged, "refused logins from this address in its last minute, not logged one by one");
+            } else {
+                more_addresses += 1;
+                more_refusals += u64::from(unlogged);
+            }
+        }
+        if more_addresses > 0 {
+            tracing::info!(
+                addresses = more_addresses,
+                unlogged = more_refusals,
+                "refused logins from further addresses in their last minute, not logged"
+            );
+        }
+    }
+
     /// Logs a refusal because the address is locked out (within the same budgets).
     pub fn log_locked_out(&self, peer: &str, now: Instant) {
-        self.log_failure(AddressKey::of(peer), peer, AuthDecision::NotAuthorized, now);
+        self.log_refusal(
+            AddressKey::of(peer),
+            peer,
+            AuthDecision::NotAuthorized,
+            true,
+            now,
+        );
     }
 }
 
@@ -293,6 +347,7 @@ impl Window {
             attempts: 0,
             unlogged: 0,
             logged: 0,
+            lock_logged: false,
         }
     }
 }
@@ -314,7 +369,7 @@ impl Attempt {
             }
             _ => self
                 .logins
-                .log_failure(self.key, &self.peer, decision, Instant::now()),
+                .log_refusal(self.key, &self.peer, decision, false, Instant::now()),
         }
     }
 }
