@@ -491,8 +491,7 @@ mod tests {
             mallory,
             "the salt depends on the secret, not only on the name"
         );
-        let old_public_salt =
-            B64.encode(&Sha256::digest(format!("petrel-unknown-user:mallory")).to_vec()[..16]);
+        let old_public_salt = B64.encode(&Sha256::digest(b"petrel-unknown-user:mallory")[..16]);
         assert!(!mallory.contains(&old_public_salt), "{mallory}");
         assert!(
             mallory.ends_with(",i=4096"),

@@ -380,8 +380,11 @@ impl Attempt {
 #[derive(Default)]
 pub struct LoginState {
     failed: Mutex<Option<Arc<FailedLogins>>>,
-    gate: Mutex<Option<((u64, usize, u32), Arc<HashGate>)>>,
+    gate: Mutex<Option<(GateBounds, Arc<HashGate>)>>,
 }
+
+/// A gate's bounds: memory budget in bytes, checks admitted broker-wide, per address.
+type GateBounds = (u64, usize, u32);
 
 impl LoginState {
     /// The table, with `limit` from now on.
