@@ -279,9 +279,12 @@ fn memory_cost_kib(hash: &str) -> u32 {
 impl PasswordFile {
     /// The hash most of the file's users have the parameters of (`$alg$v$params`), if any.
     fn typical(&self) -> Option<&str> {
+        // What precedes the salt: `$2b$12` for bcrypt (salt and hash are one field),
+        // `$argon2id$v=19$m=19456,t=2,p=1` for a PHC string (salt and hash are two).
         let shape = |h: &str| -> String {
             let fields: Vec<&str> = h.split('$').collect();
-            fields[..fields.len().saturating_sub(2)].join("$")
+            let tail = if scheme(h) == Some("bcrypt") { 1 } else { 2 };
+            fields[..fields.len().saturating_sub(tail)].join("$")
         };
         let mut counts: HashMap<String, (usize, &str)> = HashMap::new();
         for (_, hash) in &self.entries {
@@ -636,6 +639,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("appears twice"), "{err}");
+    }
+
+    #[test]
+    fn unknown_names_are_checked_against_a_hash_of_the_same_cost() {
+        let argon = hash(b"a").unwrap();
+        let dummy = dummy_like(&argon);
+        assert_ne!(dummy, argon, "a hash of its own");
+        let params = |h: &str| argon2::Params::try_from(&PasswordHash::new(h).unwrap()).unwrap();
+        assert_eq!(params(&dummy), params(&argon));
+        assert!(!verify(&dummy, b"a"));
+        assert_eq!(memory_cost_kib(&dummy), 19_456 + 19_456 / 4);
+        let bcrypt = bcrypt::hash(b"b", 5).unwrap();
+        let dummy = dummy_like(&bcrypt);
+        assert_ne!(dummy, bcrypt);
+        assert_eq!(
+            dummy.parse::<bcrypt::HashParts>().unwrap().get_cost(),
+            5,
+            "{dummy}"
+        );
+        assert_eq!(memory_cost_kib(&dummy), 1024);
+        // The file's typical hash is the most common shape: two bcrypt cost 4, one cost 5.
+        let mut f = PasswordFile::default();
+        f.set("x", bcrypt::hash(b"x", 5).unwrap());
+        f.set("y", bcrypt::hash(b"y", 4).unwrap());
+        f.set("z", bcrypt::hash(b"z", 4).unwrap());
+        let typical = f.typical().unwrap();
+        assert_eq!(typical.parse::<bcrypt::HashParts>().unwrap().get_cost(), 4);
     }
 
     #[test]
