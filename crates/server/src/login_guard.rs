@@ -525,22 +525,28 @@ impl Ticket {
     /// Runs `check` on the blocking pool once `cost_kib` of the memory budget is free (a check
     /// costlier than the whole budget runs alone). The memory and the ticket are held by the
     /// blocking task itself, so a client that leaves mid-check does not free them early.
-    pub async fn verify<F>(self, cost_kib: u32, check: F) -> bool
+    /// `None` if the check could not run (the runtime is shutting down, or it panicked).
+    pub async fn verify<F, T>(self, cost_kib: u32, check: F) -> Option<T>
     where
-        F: FnOnce() -> bool + Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
     {
         let cost = cost_kib.clamp(1, self.gate.budget_kib);
-        let Ok(permit) = self.gate.memory.clone().acquire_many_owned(cost).await else {
-            return false;
-        };
+        let permit = self
+            .gate
+            .memory
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .ok()?;
         tokio::task::spawn_blocking(move || {
-            let ok = check();
+            let result = check();
             drop(permit);
             drop(self);
-            ok
+            result
         })
         .await
-        .unwrap_or(false)
+        .ok()
     }
 }
 
@@ -673,8 +679,9 @@ mod tests {
         let _b1 = gate.admit("10.0.0.2:1").unwrap();
         assert_eq!(gate.admit("10.0.0.3:1").err(), Some(Full::Broker));
         assert_eq!(gate.admitted(), 3);
-        assert!(
+        assert_eq!(
             a1.verify(19 * 1024, || true).await,
+            Some(true),
             "costlier than the budget: runs alone"
         );
         assert_eq!(gate.admitted(), 2);
@@ -699,7 +706,7 @@ mod tests {
             })));
         }
         for c in checks {
-            assert!(c.await.unwrap());
+            assert_eq!(c.await.unwrap(), Some(true));
         }
         assert!(peak.load(Ordering::SeqCst) <= 3, "{peak:?}");
         assert_eq!(gate.admitted(), 0);

@@ -262,8 +262,11 @@ fn dummy_like(model: &str) -> String {
 /// more for the thread that runs it and the allocator's slack (so that the budget bounds
 /// what the process really grows by: 24 MiB at petrel's 19 MiB); bcrypt and pbkdf2 need
 /// little memory, so they are charged 1 MiB (which still bounds how many run at once).
+/// What a check that needs little memory (bcrypt, pbkdf2, SCRAM's PBKDF2) is charged.
+const SMALL_HASH_KIB: u32 = 1024;
+
 fn memory_cost_kib(hash: &str) -> u32 {
-    const SMALL: u32 = 1024;
+    const SMALL: u32 = SMALL_HASH_KIB;
     if scheme(hash) != Some("argon2") {
         return SMALL;
     }
@@ -330,8 +333,9 @@ pub struct FileAuthenticator {
     /// A hash like the file's users', for names the file does not hold; `None` when the file
     /// has no users.
     dummy: Option<Arc<str>>,
-    /// Config users, anonymous access and certificate logins.
-    rest: Box<dyn Authenticator>,
+    /// Config users, anonymous access and certificate logins (shared with the checks on the
+    /// blocking pool).
+    rest: Arc<dyn Authenticator>,
     /// The names of the config users, so that the hook is asked only about others.
     config_users: std::collections::HashSet<String>,
     /// Decides on user names neither the file nor the config knows.
@@ -373,7 +377,7 @@ impl FileAuthenticator {
         FileAuthenticator {
             file: Arc::new(file),
             dummy,
-            rest,
+            rest: Arc::from(rest),
             config_users,
             hook,
             failed: state.failed(limits.max_failed_logins),
@@ -434,54 +438,54 @@ impl Authenticator for FileAuthenticator {
                     return counted(attempt, outcome);
                 }
             }
-            let outcome = self.rest.check(credentials);
-            // A name the file does not hold costs what one it holds does: the dummy hash.
-            return match (
-                outcome,
-                &self.dummy,
-                credentials.username,
-                credentials.password,
-            ) {
-                (AuthOutcome::Decided(decision), Some(dummy), Some(_), Some(password)) => self
-                    .hashed(
-                        attempt,
-                        peer,
-                        dummy.to_string(),
-                        password.to_vec(),
-                        move |_| decision,
-                    ),
-                (outcome, ..) => counted(attempt, outcome),
+            let (Some(_), Some(_)) = (credentials.username, credentials.password) else {
+                // Anonymous, certificate, or a name without a password: nothing to hash.
+                return counted(attempt, self.rest.check(credentials));
             };
+            // A config user's PBKDF2 (or an unknown name's dummy one) on the blocking pool,
+            // and, when there is a password file, a dummy hash like its users': a name the
+            // file does not hold costs what one it holds does.
+            let (rest, owned, dummy) = (
+                self.rest.clone(),
+                OwnedCredentials::from(credentials),
+                self.dummy.clone(),
+            );
+            let cost = dummy.as_deref().map_or(SMALL_HASH_KIB, memory_cost_kib);
+            return self.hashed(attempt, peer, cost, move || {
+                if let Some(dummy) = &dummy {
+                    let _ = verify(dummy, &owned.password);
+                }
+                rest.authenticate(&owned.borrow())
+            });
         };
         let Some(password) = credentials.password else {
             attempt.finish(AuthDecision::BadCredentials);
             return AuthOutcome::Decided(AuthDecision::BadCredentials);
         };
-        if !self.config_users.is_empty() {
-            // What a config user's (or an unknown name's) PBKDF2 costs, so the two sources
-            // cannot be told apart by time either; the answer is not used.
-            let _ = self.rest.authenticate(credentials);
-        }
         if self.verified.knows(user, password) {
             attempt.finish(AuthDecision::Allow);
             return AuthOutcome::Decided(AuthDecision::Allow);
         }
-        let (verified, cached_user, cached_password) =
-            (self.verified.clone(), user.to_owned(), password.to_vec());
-        self.hashed(
-            attempt,
-            peer,
+        // What a config user's (or an unknown name's) PBKDF2 costs, when there are config
+        // users, so the two sources cannot be told apart by time either.
+        let rest = (!self.config_users.is_empty()).then(|| self.rest.clone());
+        let (verified, owned, hash) = (
+            self.verified.clone(),
+            OwnedCredentials::from(credentials),
             hash.to_owned(),
-            password.to_vec(),
-            move |ok| {
-                if ok {
-                    verified.remember(&cached_user, &cached_password);
-                    AuthDecision::Allow
-                } else {
-                    AuthDecision::BadCredentials
-                }
-            },
-        )
+        );
+        self.hashed(attempt, peer, memory_cost_kib(&hash), move || {
+            if let Some(rest) = rest {
+                let _ = rest.authenticate(&owned.borrow());
+            }
+            let password = owned.password.as_slice();
+            if verify(&hash, password) {
+                verified.remember(owned.username.as_str(), password);
+                AuthDecision::Allow
+            } else {
+                AuthDecision::BadCredentials
+            }
+        })
     }
 
     fn enhanced(&self) -> Option<&dyn EnhancedAuth> {
@@ -490,16 +494,15 @@ impl Authenticator for FileAuthenticator {
 }
 
 impl FileAuthenticator {
-    /// Verifies `password` against `hash` through the gate (the memory budget, the queue and
-    /// the address's share), on the blocking pool; `decide` turns the result into the
-    /// decision. Refused as busy, without verifying, when the gate has no room.
+    /// Runs `check` (password hashing) through the gate, charged `cost_kib` of the memory
+    /// budget, on the blocking pool. Refused as busy, without checking, when the gate has no
+    /// room for the address or the broker.
     fn hashed(
         &self,
         attempt: Attempt,
         peer: &str,
-        hash: String,
-        password: Vec<u8>,
-        decide: impl FnOnce(bool) -> AuthDecision + Send + 'static,
+        cost_kib: u32,
+        check: impl FnOnce() -> AuthDecision + Send + 'static,
     ) -> AuthOutcome {
         let ticket = match self.gate.admit(peer) {
             Ok(ticket) => ticket,
@@ -509,13 +512,46 @@ impl FileAuthenticator {
                 return AuthOutcome::Decided(AuthDecision::Busy);
             }
         };
-        let cost = memory_cost_kib(&hash);
         AuthOutcome::Pending(Box::pin(async move {
-            let ok = ticket.verify(cost, move || verify(&hash, &password)).await;
-            let decision = decide(ok);
+            let decision = ticket
+                .verify(cost_kib, check)
+                .await
+                .unwrap_or(AuthDecision::BadCredentials);
             attempt.finish(decision);
             decision
         }))
+    }
+}
+
+/// CONNECT's credentials, owned, for a check on the blocking pool.
+struct OwnedCredentials {
+    client_id: String,
+    username: petrel_codec::MqttString,
+    password: Vec<u8>,
+    peer: String,
+    certificate_identity: Option<String>,
+}
+
+impl OwnedCredentials {
+    /// Only built for credentials with a user name and a password.
+    fn from(c: &Credentials<'_>) -> OwnedCredentials {
+        OwnedCredentials {
+            client_id: c.client_id.to_owned(),
+            username: c.username.cloned().unwrap_or_default(),
+            password: c.password.unwrap_or_default().to_vec(),
+            peer: c.peer.to_owned(),
+            certificate_identity: c.certificate_identity.map(str::to_owned),
+        }
+    }
+
+    fn borrow(&self) -> Credentials<'_> {
+        Credentials {
+            client_id: &self.client_id,
+            username: Some(&self.username),
+            password: Some(&self.password),
+            peer: &self.peer,
+            certificate_identity: self.certificate_identity.as_deref(),
+        }
     }
 }
 
