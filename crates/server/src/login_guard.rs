@@ -90,6 +90,8 @@ struct Table {
     by_address: HashMap<AddressKey, Window>,
     /// Shared by new addresses while every tracked address is locked out.
     overflow: Window,
+    /// When a full table may next be scanned for addresses to forget.
+    next_sweep: Instant,
     /// Broker-wide log budget: lines logged and lines left out in the current window.
     log_window: Instant,
     logged: u32,
@@ -130,6 +132,7 @@ impl FailedLogins {
             table: Mutex::new(Table {
                 by_address: HashMap::new(),
                 overflow: Window::new(now),
+                next_sweep: now,
                 log_window: now,
                 logged: 0,
                 unlogged: 0,
@@ -170,8 +173,10 @@ impl FailedLogins {
         let map = &mut table.by_address;
         if !map.contains_key(&key) && map.len() >= self.max_tracked {
             let (window, limit) = (self.window, self.limit());
-            map.retain(|_, w| now.duration_since(w.start) < window);
-            if map.len() >= self.max_tracked {
+            if now >= table.next_sweep {
+                map.retain(|_, w| now.duration_since(w.start) < window);
+            }
+            if now >= table.next_sweep && map.len() >= self.max_tracked {
                 // Forget the addresses that are not locked out, oldest first, down to three
                 // quarters of the table (so this scan is not repeated on every new address).
                 let mut open: Vec<(Instant, AddressKey)> = map
@@ -186,6 +191,9 @@ impl FailedLogins {
                 }
             }
             if map.len() >= self.max_tracked {
+                // Every tracked address is locked out: scan again in a second at the
+                // earliest, not for every new address of a spray.
+                table.next_sweep = now + Duration::from_secs(1);
                 if now.duration_since(table.overflow.start) >= window {
                     table.overflow = Window::new(now);
                 }
@@ -216,9 +224,10 @@ impl FailedLogins {
     fn refund(&self, key: AddressKey, at: Instant) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let window = self.window;
-        let w = match table.by_address.get_mut(&key) {
-            Some(w) => w,
-            None => &mut table.overflow,
+        // An address forgotten meanwhile (or counted in the overflow) gets nothing back: the
+        // safe side.
+        let Some(w) = table.by_address.get_mut(&key) else {
+            return;
         };
         // An attempt counted in an earlier window is not taken from this one.
         if w.start <= at && at.duration_since(w.start) < window {
