@@ -45,6 +45,9 @@ pub enum AuthDecision {
     BadCredentials,
     /// Known but not allowed to connect (v5 0x87, 3.1.1 return code 5).
     NotAuthorized,
+    /// Not checked: too many logins are being checked already (v5 0x89 Server busy, 3.1.1
+    /// return code 3 Server unavailable). Nothing was verified, so nothing is learnt.
+    Busy,
 }
 
 impl AuthDecision {
@@ -53,6 +56,7 @@ impl AuthDecision {
             AuthDecision::Allow => ReasonCode::SUCCESS,
             AuthDecision::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
             AuthDecision::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+            AuthDecision::Busy => ReasonCode::SERVER_BUSY,
         }
     }
 }
@@ -118,26 +122,37 @@ pub trait AuthExchange: Send {
 
 /// An [`Authenticator`] that also offers enhanced authentication methods.
 pub trait EnhancedAuth {
-    /// An exchange for `method`, or `None` when it is not offered (CONNACK 0x8C).
-    fn start_exchange(&self, method: &str) -> Option<Box<dyn AuthExchange>>;
+    /// An exchange for `method` with the client at `peer` (its address, for rate limits),
+    /// or `None` when it is not offered (CONNACK 0x8C).
+    fn start_exchange(&self, method: &str, peer: &str) -> Option<Box<dyn AuthExchange>>;
 }
 
 /// Users with SCRAM-SHA-256 credentials: checks CONNECT user name and password against them,
 /// and runs the SCRAM-SHA-256 enhanced authentication exchange for MQTT 5 clients. Passwords
 /// themselves are never kept, only the salted keys RFC 5802 derives from them.
+///
+/// Neither path tells which user names exist: an unknown name's password is checked against
+/// a dummy credential of the same cost, and its SCRAM challenge carries a salt derived from
+/// the name with a secret (see [`crate::scram::FakeCredentials`]).
 pub struct UserStore {
     users: std::sync::Arc<std::collections::HashMap<String, crate::scram::ScramCredentials>>,
     allow_anonymous: bool,
+    fake: std::sync::Arc<crate::scram::FakeCredentials>,
 }
 
 impl UserStore {
+    /// A store whose unknown users get credentials derived with `secret` (keep it stable
+    /// across restarts, and private, so that they look like real ones).
     pub fn new(
         users: std::collections::HashMap<String, crate::scram::ScramCredentials>,
         allow_anonymous: bool,
+        secret: [u8; 32],
     ) -> UserStore {
+        let fake = crate::scram::FakeCredentials::new(secret, &users);
         UserStore {
             users: std::sync::Arc::new(users),
             allow_anonymous,
+            fake: std::sync::Arc::new(fake),
         }
     }
 }
@@ -155,11 +170,17 @@ impl Authenticator for UserStore {
                 AuthDecision::NotAuthorized
             };
         };
-        match (self.users.get(user.as_str()), credentials.password) {
-            (Some(stored), Some(password)) if stored.verify_password(password) => {
-                AuthDecision::Allow
+        let Some(password) = credentials.password else {
+            return AuthDecision::BadCredentials;
+        };
+        match self.users.get(user.as_str()) {
+            Some(stored) if stored.verify_password(password) => AuthDecision::Allow,
+            Some(_) => AuthDecision::BadCredentials,
+            None => {
+                // The same PBKDF2 a known user costs, so the time does not tell.
+                let _ = self.fake.for_user(user.as_str()).verify_password(password);
+                AuthDecision::BadCredentials
             }
-            _ => AuthDecision::BadCredentials,
         }
     }
 
@@ -169,8 +190,12 @@ impl Authenticator for UserStore {
 }
 
 impl EnhancedAuth for UserStore {
-    fn start_exchange(&self, method: &str) -> Option<Box<dyn AuthExchange>> {
-        (method == crate::scram::METHOD)
-            .then(|| Box::new(crate::scram::ScramExchange::new(self.users.clone())) as _)
+    fn start_exchange(&self, method: &str, _peer: &str) -> Option<Box<dyn AuthExchange>> {
+        (method == crate::scram::METHOD).then(|| {
+            Box::new(crate::scram::ScramExchange::new(
+                self.users.clone(),
+                self.fake.clone(),
+            )) as _
+        })
     }
 }

@@ -395,6 +395,7 @@ fn refusal_text(reason: ReasonCode) -> Option<&'static str> {
         ReasonCode::BAD_USER_NAME_OR_PASSWORD => "bad user name or password",
         ReasonCode::NOT_AUTHORIZED => "not authorized",
         ReasonCode::SERVER_UNAVAILABLE => "server shutting down",
+        ReasonCode::SERVER_BUSY => "too many logins being checked; try again later",
         ReasonCode::BAD_AUTHENTICATION_METHOD => "authentication method not offered",
         ReasonCode::QOS_NOT_SUPPORTED => "will QoS above the server's Maximum QoS",
         ReasonCode::RETAIN_NOT_SUPPORTED => {
@@ -887,7 +888,7 @@ impl Connection {
                 .broker
                 .authenticator()
                 .enhanced()
-                .and_then(|e| e.start_exchange(&method));
+                .and_then(|e| e.start_exchange(&method, &self.peer));
             let Some(mut exchange) = exchange else {
                 tracing::debug!(peer = %self.peer, client_id = %client_id, %method, "authentication method not supported");
                 return self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD);
@@ -954,7 +955,9 @@ impl Connection {
         decision: AuthDecision,
     ) -> Result<(), CloseReason> {
         if decision != AuthDecision::Allow {
-            tracing::info!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
+            // The authenticator logs failed logins, within a rate limit (a brute force
+            // must not write a line per guess).
+            tracing::debug!(peer = %self.peer, client_id = %client_id, ?decision, "connection refused by authentication");
             return self.refuse(connect.protocol, decision.reason_code());
         }
         self.accept(now, connect, client_id, assigned, None, false)
@@ -1018,7 +1021,7 @@ impl Connection {
                 )
             }
             AuthStep::Failure(code) => {
-                tracing::info!(peer = %self.peer, client_id = %pending.client_id, method = %pending.method, reason = ?code, "connection refused by enhanced authentication");
+                tracing::debug!(peer = %self.peer, client_id = %pending.client_id, method = %pending.method, reason = ?code, "connection refused by enhanced authentication");
                 let code = if code.is_error() {
                     code
                 } else {
@@ -1082,7 +1085,7 @@ impl Connection {
                 let exchange = broker
                     .authenticator()
                     .enhanced()
-                    .and_then(|e| e.start_exchange(&enhanced.method));
+                    .and_then(|e| e.start_exchange(&enhanced.method, &self.peer));
                 let Some(exchange) = exchange else {
                     return Err(CloseReason::AuthenticationFailed);
                 };

@@ -12,8 +12,10 @@
 //! The primitives (SHA-256, HMAC, PBKDF2, base64, the random nonce) come from RustCrypto and
 //! `getrandom`; this module is only the message handling. Channel binding is not offered
 //! (gs2 header `n` or `y`). An unknown user gets a well-formed challenge with a salt derived
-//! from the name, and fails at the proof like a wrong password, so the exchange does not tell
-//! which user names exist.
+//! from the name with a secret ([`FakeCredentials`]), and fails at the proof like a wrong
+//! password, so the exchange does not tell which user names exist: without the secret the
+//! salt cannot be told from a real one, and with a secret that outlives restarts it is as
+//! stable as a real one.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -159,6 +161,51 @@ impl fmt::Display for ScramCredentials {
     }
 }
 
+/// Credentials for user names that do not exist, derived from the name with a secret: the
+/// same salt for the same name every time (as a real user's), unpredictable without the
+/// secret, and the iteration count most real users have. Also the dummy a CONNECT password
+/// of an unknown user is checked against, so that it costs the same PBKDF2.
+pub struct FakeCredentials {
+    secret: [u8; 32],
+    iterations: u32,
+}
+
+impl FakeCredentials {
+    pub fn new(secret: [u8; 32], users: &HashMap<String, ScramCredentials>) -> FakeCredentials {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for c in users.values() {
+            *counts.entry(c.iterations).or_default() += 1;
+        }
+        let iterations = counts
+            .into_iter()
+            .max_by_key(|&(iterations, n)| (n, iterations))
+            .map_or(DEFAULT_ITERATIONS, |(iterations, _)| iterations);
+        FakeCredentials { secret, iterations }
+    }
+
+    /// What `user` would have if it existed. Its keys are not derived from any password
+    /// (no proof can match them by more than chance).
+    pub fn for_user(&self, user: &str) -> ScramCredentials {
+        let salt = derive(&self.secret, "fake salt", user)[..16].to_vec();
+        ScramCredentials {
+            salt,
+            iterations: self.iterations,
+            stored_key: derive(&self.secret, "fake stored key", user),
+            server_key: derive(&self.secret, "fake server key", user),
+        }
+    }
+}
+
+/// A value derived from `secret` for `label` and `name` (HMAC-SHA-256): salts and keys that
+/// are stable for a name and unpredictable without the secret.
+pub fn derive(secret: &[u8; 32], label: &str, name: &str) -> [u8; 32] {
+    let mut data = Vec::with_capacity(label.len() + 1 + name.len());
+    data.extend_from_slice(label.as_bytes());
+    data.push(0);
+    data.extend_from_slice(name.as_bytes());
+    hmac(secret, &data)
+}
+
 fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let mut out = [0u8; 32];
     pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
@@ -173,8 +220,9 @@ enum State {
         client_first_bare: String,
         server_first: String,
         nonce: String,
-        /// `None` for an unknown user: the proof then fails like a wrong password.
-        credentials: Option<ScramCredentials>,
+        /// Fake ones for an unknown user: the proof then fails like a wrong password.
+        credentials: ScramCredentials,
+        known: bool,
     },
     Done,
 }
@@ -182,6 +230,7 @@ enum State {
 /// One SCRAM-SHA-256 exchange with one client.
 pub struct ScramExchange {
     users: Arc<HashMap<String, ScramCredentials>>,
+    fake: Arc<FakeCredentials>,
     state: State,
     /// The user name of the client-first message; proven once the exchange succeeds.
     user: Option<String>,
@@ -189,9 +238,13 @@ pub struct ScramExchange {
 }
 
 impl ScramExchange {
-    pub fn new(users: Arc<HashMap<String, ScramCredentials>>) -> ScramExchange {
+    pub fn new(
+        users: Arc<HashMap<String, ScramCredentials>>,
+        fake: Arc<FakeCredentials>,
+    ) -> ScramExchange {
         ScramExchange {
             users,
+            fake,
             state: State::ClientFirst,
             user: None,
             proven: false,
@@ -228,17 +281,16 @@ impl ScramExchange {
         let mut random = [0u8; 18];
         getrandom::getrandom(&mut random).map_err(|_| "no randomness for the server nonce")?;
         let nonce = format!("{client_nonce}{}", B64.encode(random));
-        let credentials = self.users.get(&user).cloned();
         self.user = Some(user.clone());
-        let (salt, iterations) = match &credentials {
-            Some(c) => (c.salt.clone(), c.iterations),
-            // Same shape for an unknown user: a salt that is stable for the name.
-            None => (
-                Sha256::digest(format!("petrel-unknown-user:{user}")).to_vec()[..16].to_vec(),
-                DEFAULT_ITERATIONS,
-            ),
+        let (credentials, known) = match self.users.get(&user) {
+            Some(c) => (c.clone(), true),
+            None => (self.fake.for_user(&user), false),
         };
-        let server_first = format!("r={nonce},s={},i={iterations}", B64.encode(salt));
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&credentials.salt),
+            credentials.iterations
+        );
         let reply = server_first.clone().into_bytes();
         self.state = State::ClientFinal {
             gs2_header,
@@ -246,6 +298,7 @@ impl ScramExchange {
             server_first,
             nonce,
             credentials,
+            known,
         };
         Ok(AuthStep::Continue(reply))
     }
@@ -257,6 +310,7 @@ impl ScramExchange {
             server_first,
             nonce,
             credentials,
+            known,
         } = std::mem::replace(&mut self.state, State::Done)
         else {
             return Err("exchange already finished");
@@ -278,9 +332,6 @@ impl ScramExchange {
             return Err("nonce does not match");
         }
         let proof = B64.decode(proof).map_err(|_| "proof is not base64")?;
-        let Some(credentials) = credentials else {
-            return Ok(AuthStep::Failure(ReasonCode::BAD_USER_NAME_OR_PASSWORD));
-        };
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let client_signature = hmac(&credentials.stored_key, auth_message.as_bytes());
         if proof.len() != 32 {
@@ -294,7 +345,8 @@ impl ScramExchange {
             *k = p ^ s;
         }
         let stored: [u8; 32] = Sha256::digest(client_key).into();
-        if !bool::from(stored.ct_eq(&credentials.stored_key)) {
+        // An unknown user's fake keys take the same steps, and fail even by chance.
+        if !bool::from(stored.ct_eq(&credentials.stored_key)) || !known {
             return Ok(AuthStep::Failure(ReasonCode::BAD_USER_NAME_OR_PASSWORD));
         }
         let server_signature = hmac(&credentials.server_key, auth_message.as_bytes());
@@ -410,6 +462,56 @@ mod tests {
         Arc::new(users)
     }
 
+    fn exchange(users: Arc<HashMap<String, ScramCredentials>>) -> ScramExchange {
+        exchange_with(users, [7; 32])
+    }
+
+    fn exchange_with(
+        users: Arc<HashMap<String, ScramCredentials>>,
+        secret: [u8; 32],
+    ) -> ScramExchange {
+        let fake = Arc::new(FakeCredentials::new(secret, &users));
+        ScramExchange::new(users, fake)
+    }
+
+    fn challenge(ex: &mut ScramExchange, user: &str) -> String {
+        let AuthStep::Continue(first) = ex.step(client::first(user, "abc").as_bytes()) else {
+            panic!("a challenge for {user}");
+        };
+        String::from_utf8(first).unwrap()
+    }
+
+    /// The salt and iterations of a challenge (the nonce differs every time).
+    fn salt_of(first: &str) -> &str {
+        &first[first.find(",s=").unwrap()..]
+    }
+
+    #[test]
+    fn unknown_users_get_salts_that_are_stable_and_secret() {
+        let users = store("alice", "secret");
+        let mallory = salt_of(&challenge(&mut exchange(users.clone()), "mallory")).to_owned();
+        assert_eq!(
+            salt_of(&challenge(&mut exchange(users.clone()), "mallory")),
+            mallory,
+            "the same secret, the same salt (as after a restart)"
+        );
+        assert_ne!(
+            salt_of(&challenge(
+                &mut exchange_with(users.clone(), [8; 32]),
+                "mallory"
+            )),
+            mallory,
+            "the salt depends on the secret, not only on the name"
+        );
+        let old_public_salt = B64.encode(&Sha256::digest(b"petrel-unknown-user:mallory")[..16]);
+        assert!(!mallory.contains(&old_public_salt), "{mallory}");
+        assert!(
+            mallory.ends_with(",i=4096"),
+            "alice's iteration count: {mallory}"
+        );
+        assert_ne!(salt_of(&challenge(&mut exchange(users), "eve")), mallory);
+    }
+
     /// RFC 7677 §3's example exchange, replayed against the server side.
     #[test]
     fn rfc7677_test_vector() {
@@ -419,7 +521,7 @@ mod tests {
             "user".to_owned(),
             ScramCredentials::from_password(b"pencil", &salt, 4096),
         );
-        let mut ex = ScramExchange::new(Arc::new(users));
+        let mut ex = exchange(Arc::new(users));
         let AuthStep::Continue(first) = ex.step(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO") else {
             panic!("expected a challenge");
         };
@@ -452,7 +554,7 @@ mod tests {
     #[test]
     fn wrong_password_and_unknown_user_fail_alike() {
         for (user, password) in [("alice", "wrong"), ("mallory", "secret")] {
-            let mut ex = ScramExchange::new(store("alice", "secret"));
+            let mut ex = exchange(store("alice", "secret"));
             let AuthStep::Continue(first) = ex.step(client::first(user, "abc").as_bytes()) else {
                 panic!("a challenge even for {user}");
             };
@@ -468,12 +570,12 @@ mod tests {
 
     #[test]
     fn tampered_messages_are_refused() {
-        let mut ex = ScramExchange::new(store("alice", "secret"));
+        let mut ex = exchange(store("alice", "secret"));
         assert_eq!(
             ex.step(b"p=tls-unique,,n=alice,r=x"),
             AuthStep::Failure(ReasonCode::NOT_AUTHORIZED)
         );
-        let mut ex = ScramExchange::new(store("alice", "secret"));
+        let mut ex = exchange(store("alice", "secret"));
         let AuthStep::Continue(first) = ex.step(client::first("alice", "abc").as_bytes()) else {
             panic!("challenge");
         };

@@ -1202,7 +1202,7 @@ mod enhanced_auth {
         );
         Arc::new(Broker::with_parts(
             Limits::default(),
-            Box::new(UserStore::new(users, allow_anonymous)),
+            Box::new(UserStore::new(users, allow_anonymous, [0; 32])),
             Box::new(Volatile),
         ))
     }

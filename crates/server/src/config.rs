@@ -747,8 +747,26 @@ pub struct AuthConfig {
     pub password_file: Option<PathBuf>,
     /// Failed logins one client address may make in a minute; past it, that
     /// address's logins are refused (not authorized) without checking a
-    /// password.
+    /// password. An attempt counts from the moment it is checked (and is
+    /// given back if it succeeds), so that many at once cannot exceed it.
     pub max_failed_logins: u32,
+    /// Bytes of memory all password hash checks running at once may use,
+    /// broker-wide: what logins from clients that are not yet authenticated
+    /// can cost. An argon2id check is charged its memory parameter and a
+    /// quarter more (24 MiB at petrel's 19 MiB), so the default runs two at
+    /// once; bcrypt and pbkdf2 checks are charged 1 MiB each. A hash that
+    /// needs more than this runs alone.
+    pub hash_memory: u64,
+    /// Logins waiting for a password hash check or running one, broker-wide.
+    /// Past it a login is refused as server busy (MQTT 5 0x89, 3.1.1 return
+    /// code 3) without checking anything.
+    pub max_pending_logins: usize,
+    /// Logins from one client address (IPv4, or IPv6 /64) waiting for a
+    /// password hash check or running one. Past it that address's logins are
+    /// refused as server busy, so a flood from one address leaves room for
+    /// the others. Raise it when many clients log in at once from behind
+    /// one NAT address.
+    pub max_pending_logins_per_address: u32,
     /// An HTTP service that decides on user names petrel does not know
     /// (neither in `[[auth.users]]` nor in the password file). A JSON object
     /// with CONNECT's `client_id`, `username` and `password`, the client's
@@ -824,6 +842,9 @@ impl Default for AuthConfig {
             acl_file: None,
             password_file: None,
             max_failed_logins: 10,
+            hash_memory: 64 * 1024 * 1024,
+            max_pending_logins: 64,
+            max_pending_logins_per_address: 1,
             http: None,
         }
     }
@@ -1577,6 +1598,23 @@ impl Config {
                 u64::from(self.auth.max_failed_logins),
                 Bounds::at_least(1),
             ),
+            (
+                KeyPath::root().key("auth").key("hash_memory"),
+                self.auth.hash_memory,
+                Bounds::at_least(1 << 20),
+            ),
+            (
+                KeyPath::root().key("auth").key("max_pending_logins"),
+                as_u64(self.auth.max_pending_logins),
+                Bounds::at_least(1),
+            ),
+            (
+                KeyPath::root()
+                    .key("auth")
+                    .key("max_pending_logins_per_address"),
+                u64::from(self.auth.max_pending_logins_per_address),
+                Bounds::at_least(1),
+            ),
         ];
         for (i, listener) in self.listeners.iter().enumerate() {
             settings.push((
@@ -1899,6 +1937,13 @@ pub fn default_config_toml() -> String {
          # Failed logins one client address may make in a minute before its\n\
          # logins are refused without checking a password.\n\
          max_failed_logins = {max_failed_logins}\n\
+         # Bytes all password hash checks running at once may use (an argon2id\n\
+         # check is charged 24 MiB), and how many logins may wait for one or run one,\n\
+         # broker-wide and per client address; past them, logins are refused as\n\
+         # server busy.\n\
+         hash_memory = {hash_memory}\n\
+         max_pending_logins = {max_pending_logins}\n\
+         max_pending_logins_per_address = {max_pending_logins_per_address}\n\
          # A file of user:hash lines (argon2id written by `petrel passwd FILE USER`;\n\
          # pbkdf2-sha512 and bcrypt hashes from other brokers are accepted too).\n\
          # password_file = \"passwords\"\n\
@@ -1929,6 +1974,9 @@ pub fn default_config_toml() -> String {
          # scram_sha256 = \"SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>\"\n",
         allow_anonymous = defaults.auth.allow_anonymous,
         max_failed_logins = defaults.auth.max_failed_logins,
+        hash_memory = defaults.auth.hash_memory,
+        max_pending_logins = defaults.auth.max_pending_logins,
+        max_pending_logins_per_address = defaults.auth.max_pending_logins_per_address,
         http_timeout = humantime::format_duration(http.timeout),
         http_cache_ttl = humantime::format_duration(http.cache_ttl),
         http_cache_size = http.cache_size,

@@ -10,7 +10,9 @@
 //! config.rs ── the TOML file: shape, defaults, validation with file:line: key: problem
 //! acl_file.rs ── topic authorization rules, read at start
 //! auth_hook.rs ── the HTTP authentication hook
-//! passwords.rs ── password files (PHC hashes), verified off the connection tasks; failed logins
+//! passwords.rs ── password files (PHC hashes), verified off the connection tasks
+//! login_guard.rs ── failed logins per address, bounds on concurrent hash checks and memory
+//! auth_secret.rs ── the secret SCRAM's fake salts are derived from, kept across restarts
 //! admin/ ── the operations HTTP listener: /metrics, /healthz, /readyz, the JSON API, dashboard
 //! sys_topics.rs ── the $SYS/broker/... figures, published every sys_interval
 //! store_tool.rs ── `petrel store check` / `petrel store salvage`
@@ -21,10 +23,12 @@
 pub mod acl_file;
 pub mod admin;
 mod auth_hook;
+pub mod auth_secret;
 pub mod bridge;
 pub mod config;
 mod driver;
 pub mod listener;
+pub mod login_guard;
 pub mod passwords;
 mod proxy;
 pub mod server;

@@ -171,7 +171,11 @@ fn main() -> ExitCode {
     if let Some(path) = &check {
         // The files the configuration names are read as a start would read them.
         if let Err(e) = petrel_server::server::check_files(&config) {
-            eprintln!("petrel: configuration error: {}: {e}", path.display());
+            eprintln!(
+                "petrel: configuration error: {}: {}",
+                path.display(),
+                describe(&e)
+            );
             return ExitCode::FAILURE;
         }
         println!("configuration OK");
@@ -214,8 +218,28 @@ fn print_default_config() -> ExitCode {
     }
 }
 
+/// An error and its causes, each said once: most of petrel's errors already include their
+/// cause in their message, and `{:#}` would repeat it.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 async fn run(config: Config, path: Option<PathBuf>, grace: Duration) -> anyhow::Result<()> {
-    let mut server = Server::bind(&config).await?;
+    // A start that fails on the configuration (or a file it names) says which file.
+    let mut server = Server::bind(&config).await.map_err(|e| match &path {
+        Some(path) => anyhow::anyhow!("configuration error: {}: {}", path.display(), describe(&e)),
+        None => anyhow::anyhow!("{}", describe(&e)),
+    })?;
     if let Some(path) = path {
         // SIGHUP reloads users, the password file and the ACL from it.
         server = server.reload_from(path);

@@ -15,7 +15,8 @@ use petrel_engine::store::{Store, Volatile};
 use petrel_engine::{Broker, Limits};
 use petrel_store::{DiskStore, Fsync};
 
-use crate::passwords::{FileAuthenticator, PasswordFile};
+use crate::login_guard::LoginState;
+use crate::passwords::{FileAuthenticator, LoginLimits, PasswordFile};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,11 +28,8 @@ use crate::tls::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot derive the SCRAM keys of auth.users[{index}]: no randomness for its salt")]
-    Randomness {
-        index: usize,
-        source: getrandom::Error,
-    },
+    #[error("authentication secret: {0}")]
+    Secret(#[from] crate::auth_secret::SecretError),
     #[error("cannot listen on {addr} (listeners[{index}].bind)")]
     Bind {
         addr: SocketAddr,
@@ -141,8 +139,14 @@ async fn housekeeping(broker: Arc<Broker>, shutdown: CancellationToken) {
 
 /// Who may connect, from the `[auth]` table: everyone when it lists no users and allows
 /// anonymous clients; otherwise a user store that checks CONNECT passwords and offers the
-/// MQTT 5 SCRAM-SHA-256 exchange.
-pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, ServerError> {
+/// MQTT 5 SCRAM-SHA-256 exchange. `secret` ([`crate::auth_secret`]) makes SCRAM salts stable
+/// across restarts: the fake ones of unknown names, and those of users given a password.
+/// Failed-login counts and the hash gate come from `logins`, so that a reload keeps them.
+pub fn authenticator_from(
+    auth: &AuthConfig,
+    secret: [u8; 32],
+    logins: &LoginState,
+) -> Result<Box<dyn Authenticator>, ServerError> {
     let file = auth
         .password_file
         .as_deref()
@@ -164,10 +168,15 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
         None => None,
     };
     let mut users = HashMap::new();
-    for (index, user) in auth.users.iter().enumerate() {
+    for user in &auth.users {
         let credentials = match (&user.password, &user.scram_sha256) {
-            (Some(password), _) => ScramCredentials::generate(password.as_bytes())
-                .map_err(|source| ServerError::Randomness { index, source })?,
+            // The salt is derived, not drawn: a user's challenge must not change at a restart
+            // when an unknown name's does not.
+            (Some(password), _) => ScramCredentials::from_password(
+                password.as_bytes(),
+                &petrel_engine::scram::derive(&secret, "user salt", &user.name)[..16],
+                petrel_engine::scram::DEFAULT_ITERATIONS,
+            ),
             // Validated when the config was loaded.
             (None, Some(text)) => match ScramCredentials::parse(text) {
                 Ok(c) => c,
@@ -177,8 +186,8 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
         };
         users.insert(user.name.clone(), credentials);
     }
-    let users = Box::new(UserStore::new(users, auth.allow_anonymous));
-    // The password file in front of the config's users, and failed logins limited per
+    let users = Box::new(UserStore::new(users, auth.allow_anonymous, secret));
+    // The password file in front of the config's users, and login attempts limited per
     // address for both.
     let config_users = auth.users.iter().map(|u| u.name.clone()).collect();
     Ok(Box::new(FileAuthenticator::with_hook(
@@ -186,17 +195,25 @@ pub fn authenticator_from(auth: &AuthConfig) -> Result<Box<dyn Authenticator>, S
         users,
         config_users,
         hook,
-        auth.max_failed_logins,
+        LoginLimits {
+            max_failed_logins: auth.max_failed_logins,
+            hash_memory: auth.hash_memory,
+            max_pending: auth.max_pending_logins,
+            max_pending_per_address: auth.max_pending_logins_per_address,
+        },
+        logins,
     )))
 }
 
 /// Loads the files a configuration names (password file, ACL file, the admin token file) and
-/// checks that `storage.dir` can hold a store, as a start would, without starting anything: what `--check-config` adds to parsing.
+/// checks that `storage.dir` can hold a store, as a start would, without starting anything:
+/// what `--check-config` adds to parsing.
 pub fn check_files(config: &Config) -> Result<(), ServerError> {
-    authenticator_from(&config.auth)?;
     if config.storage.mode == StorageMode::Disk {
         petrel_store::check_dir(&config.storage.dir)?;
     }
+    let secret = crate::auth_secret::load(config, crate::auth_secret::Create::No)?;
+    authenticator_from(&config.auth, secret, &LoginState::default())?;
     if let Some(path) = &config.auth.acl_file {
         crate::acl_file::load(path)?;
     }
@@ -219,6 +236,8 @@ pub struct Reloader {
     path: PathBuf,
     /// The configuration in service, to tell what a reload changed.
     running: std::sync::Mutex<Config>,
+    /// Failed-login counts and the hash gate, carried from one authenticator to the next.
+    logins: Arc<LoginState>,
 }
 
 /// What a successful reload did.
@@ -229,11 +248,17 @@ pub struct Reloaded {
 }
 
 impl Reloader {
-    pub fn new(broker: Arc<Broker>, path: PathBuf, running: Config) -> Reloader {
+    pub fn new(
+        broker: Arc<Broker>,
+        path: PathBuf,
+        running: Config,
+        logins: Arc<LoginState>,
+    ) -> Reloader {
         Reloader {
             broker,
             path,
             running: std::sync::Mutex::new(running),
+            logins,
         }
     }
 
@@ -244,7 +269,7 @@ impl Reloader {
     /// Reloads now; `why` names the trigger in the log ("SIGHUP", "admin API").
     pub fn reload(&self, why: &str) -> Result<Reloaded, String> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        match reload_auth(&self.broker, &self.path) {
+        match reload_auth(&self.broker, &self.path, &self.logins) {
             Ok(config) => {
                 let mut rest = config.clone();
                 rest.auth = running.auth.clone();
@@ -287,9 +312,12 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) 
 
 /// Reads the config file again and puts its authentication, ACL and `[mqtt]` limits in
 /// service, all or none.
-pub fn reload_auth(broker: &Broker, path: &Path) -> Result<Config, String> {
+pub fn reload_auth(broker: &Broker, path: &Path, logins: &LoginState) -> Result<Config, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    let authenticator = authenticator_from(&config.auth).map_err(|e| e.to_string())?;
+    let secret = crate::auth_secret::load(&config, crate::auth_secret::Create::Yes)
+        .map_err(|e| format!("authentication secret: {e}"))?;
+    let authenticator =
+        authenticator_from(&config.auth, secret, logins).map_err(|e| e.to_string())?;
     let acl = config
         .auth
         .acl_file
@@ -363,12 +391,19 @@ pub struct Server {
     bridges: Vec<crate::bridge::Bridge>,
     /// Cluster mode: this node's membership of the cluster.
     cluster: Option<Arc<petrel_cluster::Cluster>>,
+    /// Failed-login counts and the hash gate, kept by configuration reloads.
+    logins: Arc<LoginState>,
 }
 
 impl Server {
     /// Binds every listener of `config`; fails naming the listener that could not bind.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
-        Server::bind_with(config, authenticator_from(&config.auth)?).await
+        let secret = crate::auth_secret::load(config, crate::auth_secret::Create::Yes)?;
+        let logins = Arc::new(LoginState::default());
+        let authenticator = authenticator_from(&config.auth, secret, &logins)?;
+        let mut server = Server::bind_with(config, authenticator).await?;
+        server.logins = logins;
+        Ok(server)
     }
 
     pub async fn bind_with(
@@ -514,6 +549,7 @@ impl Server {
             admin,
             bridges,
             cluster,
+            logins: Default::default(),
         })
     }
 
@@ -567,6 +603,7 @@ impl Server {
                 self.broker.clone(),
                 path,
                 self.config.clone(),
+                self.logins.clone(),
             ))
         });
         let config_reloader = config_reload

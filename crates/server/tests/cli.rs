@@ -1006,6 +1006,60 @@ fn a_bad_password_file_stops_the_start_naming_the_line() {
     );
 }
 
+/// A password, ACL or token file that cannot be used stops the start (and `--check-config`)
+/// with one message: the configuration file, the key, the file, and its cause said once.
+#[test]
+fn an_unusable_auth_file_is_reported_once_naming_the_config_file() {
+    let dir = TempDir::new("authfiles");
+    let bad_acl = dir.write("acl.toml", "[[rules]]\nbogus = 1\n");
+    for (what, extra, cause) in [
+        (
+            "password file",
+            "[auth]\npassword_file = \"/nonexistent/passwords\"\n".to_owned(),
+            "No such file or directory",
+        ),
+        (
+            "ACL file",
+            "[auth]\nacl_file = \"/nonexistent/acl.toml\"\n".to_owned(),
+            "No such file or directory",
+        ),
+        (
+            "ACL file line",
+            format!("[auth]\nacl_file = \"{}\"\n", bad_acl.display()),
+            "acl.toml:2: unknown field `bogus`",
+        ),
+        (
+            "token file",
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"/nonexistent/token\"\n".to_owned(),
+            "No such file or directory",
+        ),
+    ] {
+        let config = config_on(&dir, free_addr(), &extra);
+        for check in [false, true] {
+            let mut args = vec![OsString::from("--config"), config.clone().into()];
+            if check {
+                args.push("--check-config".into());
+            }
+            let done = Petrel::run(args);
+            assert!(!done.status.success(), "{what}");
+            let line = done
+                .stderr
+                .lines()
+                .find(|l| l.starts_with("petrel: "))
+                .unwrap_or_else(|| panic!("{what}: no error line in {}", done.stderr));
+            assert!(
+                line.contains(&format!("{}: ", config.display())),
+                "{what} (check {check}): names the configuration file: {line}"
+            );
+            assert_eq!(
+                line.matches(cause).count(),
+                1,
+                "{what} (check {check}): the cause once: {line}"
+            );
+        }
+    }
+}
+
 #[test]
 fn sighup_reloads_passwords_and_acl_and_refuses_a_broken_file() {
     let dir = TempDir::new("reload");

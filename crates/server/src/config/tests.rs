@@ -82,6 +82,9 @@ allow_anonymous = false
 acl_file = "acl.toml"
 password_file = "passwords"
 max_failed_logins = 3
+hash_memory = 33554432
+max_pending_logins = 16
+max_pending_logins_per_address = 3
 
 [[auth.users]]
 name = "alice"
@@ -176,6 +179,9 @@ metrics_require_token = true
                 acl_file: Some("acl.toml".into()),
                 password_file: Some("passwords".into()),
                 max_failed_logins: 3,
+                hash_memory: 32 << 20,
+                max_pending_logins: 16,
+                max_pending_logins_per_address: 3,
                 http: Some(HttpAuthConfig {
                     url: "http://127.0.0.1:9/auth".into(),
                     timeout: Duration::from_millis(500),
@@ -577,7 +583,7 @@ fn default_config_toml_round_trips() {
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),
-        2
+        5
     );
 }
 

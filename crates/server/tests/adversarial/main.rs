@@ -5,10 +5,11 @@
 //!
 //! One file per surface; each test names the attack and its bound.
 
-mod retained;
-mod sessions;
-mod slow_subscriber;
 #[path = "../support/mod.rs"]
 mod support;
 
+mod login;
+mod retained;
+mod sessions;
+mod slow_subscriber;
 mod store;
