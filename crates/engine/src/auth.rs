@@ -114,10 +114,9 @@ pub trait AuthExchange: Send {
 
     /// The user name the exchange proved, once it has succeeded. The client then is that
     /// user (in topic rules and as its sessions' owner), whatever its CONNECT's User Name
-    /// field says; `None` for a method that proves no name.
-    fn user(&self) -> Option<&str> {
-        None
-    }
+    /// field says; `None` for a method that proves no name. No default: a wrapper that
+    /// forgot to pass it on would let a client name any user it liked.
+    fn user(&self) -> Option<&str>;
 }
 
 /// An [`Authenticator`] that also offers enhanced authentication methods.

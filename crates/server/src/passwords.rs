@@ -612,6 +612,10 @@ impl AuthExchange for CountedExchange {
         }
         step
     }
+
+    fn user(&self) -> Option<&str> {
+        self.inner.user()
+    }
 }
 
 /// The exchange a locked-out address gets: refused at once, nothing verified.
@@ -620,6 +624,10 @@ struct LockedOut;
 impl AuthExchange for LockedOut {
     fn step(&mut self, _: &[u8]) -> AuthStep {
         AuthStep::Failure(ReasonCode::NOT_AUTHORIZED)
+    }
+
+    fn user(&self) -> Option<&str> {
+        None
     }
 }
 
