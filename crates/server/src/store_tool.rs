@@ -65,6 +65,17 @@ pub fn salvage(dir: &Path, into: &Path) -> Outcome {
         Ok(report) => {
             let mut text = String::new();
             describe(&report, &mut text);
+            // The login secret lives beside the store (auth_secret.rs): carried across, so
+            // the salvaged store serves the same SCRAM challenges as before.
+            let secret = dir.join(crate::auth_secret::FILE_NAME);
+            if secret.exists() {
+                if let Err(e) = copy_private(&secret, &into.join(crate::auth_secret::FILE_NAME)) {
+                    text.push_str(&format!(
+                        "could not copy {}: {e}; a new login secret will be made at start\n",
+                        secret.display()
+                    ));
+                }
+            }
             text.push_str(&format!(
                 "salvaged {} records from {} into {}; {} could not be read (listed above). {} is \
                  unchanged\n",
@@ -81,6 +92,19 @@ pub fn salvage(dir: &Path, into: &Path) -> Outcome {
             ok: false,
         },
     }
+}
+
+/// Copies a file readable by its owner only (0600) from `from` to `to`.
+fn copy_private(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = std::fs::read(from)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    file.write_all(&bytes)?;
+    file.sync_all()
 }
 
 /// Prints an outcome to stderr (stdout for a sound check), as a process exit status.

@@ -289,6 +289,13 @@ async fn check_and_salvage(dir: &Path, names: &str, lost: usize) {
         snapshot(dir) == before,
         "check or salvage changed the store"
     );
+    // The login secret beside the store comes along, so SCRAM challenges stay the same.
+    assert_eq!(
+        std::fs::read(new_dir.join("auth.secret")).ok(),
+        std::fs::read(dir.join("auth.secret")).ok(),
+        "the login secret was not carried into the salvaged store"
+    );
+    assert!(dir.join("auth.secret").exists());
     let (ok, out, err) = petrel(&["store".as_ref(), "check".as_ref(), new_dir.as_os_str()]);
     assert!(ok, "the salvaged store is not sound:\n{out}{err}");
     let (retained, queued) = delivered(&new_dir).await;
