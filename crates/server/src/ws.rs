@@ -5,6 +5,12 @@
 //! MQTT packets may be split across frames or several may share one frame: the driver sees
 //! only bytes. Pings are answered by tungstenite (a ping is not an MQTT packet and moves no
 //! keepalive), a close frame ends the stream, and a text frame is a protocol error [MQTT-6.0.0-1].
+//!
+//! Bounds (issue 20): the write side holds at most two frames of `WRITE_CHUNK` and a control
+//! frame (`max_write_buffer_size`); a pong that cannot be written stops reading, as the driver
+//! stops reading a TCP client whose output does not drain, so a client that pings and never
+//! reads fills its own socket, not our memory. A message or frame larger than the packet limit
+//! (plus slack) ends the connection.
 
 use std::io;
 use std::net::IpAddr;
@@ -86,7 +92,7 @@ where
     config.max_frame_size = Some(max_message);
     // Small buffers: an idle WebSocket connection should cost little more than a TCP one.
     config.read_buffer_size = 4 * 1024;
-    config.write_buffer_size = 0;
+    bound_writes(&mut config);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
         .await
         .map_err(io::Error::other)?;
@@ -94,9 +100,26 @@ where
         WsStream {
             inner: ws,
             pending: Bytes::new(),
+            reply_owed: false,
         },
         upgrade,
     ))
+}
+
+/// Largest binary frame written: a longer write goes out as several frames (MQTT does not care
+/// where frames split), so the write buffer's bound does not depend on the packet size.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Room in the write buffer for a pong or close frame beside data (a control frame carries at
+/// most 125 bytes [RFC 6455 5.5]).
+const CONTROL_ROOM: usize = 256;
+
+/// Writes go out at once (`write_buffer_size` 0), and what the socket does not take waits in a
+/// buffer of at most two chunks and a control frame. Past that tungstenite keeps one owed pong
+/// (a newer ping replaces it) instead of queueing one per ping.
+fn bound_writes(config: &mut WebSocketConfig) {
+    config.write_buffer_size = 0;
+    config.max_write_buffer_size = 2 * WRITE_CHUNK + CONTROL_ROOM;
 }
 
 /// A WebSocket connection as a byte stream: reads yield the payloads of binary frames in
@@ -105,6 +128,9 @@ pub struct WsStream<S> {
     inner: WebSocketStream<S>,
     /// The unread rest of the last binary message.
     pending: Bytes,
+    /// A ping or close was read, so tungstenite owes a reply that may still be unwritten:
+    /// nothing more is read until it is flushed.
+    reply_owed: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
@@ -120,12 +146,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 buf.put_slice(&chunk);
                 return Poll::Ready(Ok(()));
             }
+            if self.reply_owed {
+                // Backpressure: a peer that does not read our pongs is not read either (the
+                // flush registers this task for when the socket takes more).
+                ready!(Pin::new(&mut self.inner).poll_flush(cx)).map_err(io::Error::other)?;
+                self.reply_owed = false;
+            }
             match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 // End of stream or a close frame: EOF.
                 None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
                 Some(Ok(Message::Binary(data))) => self.pending = data,
                 // Answered (pong) by tungstenite itself; not MQTT.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Ping(_))) => self.reply_owed = true,
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -144,11 +177,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // Waits until what the socket did not take is written, so at most one chunk waits.
         ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(io::Error::other)?;
+        let chunk = &buf[..buf.len().min(WRITE_CHUNK)];
         Pin::new(&mut self.inner)
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .start_send(Message::Binary(Bytes::copy_from_slice(chunk)))
             .map_err(io::Error::other)?;
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(chunk.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -176,7 +211,7 @@ where
         .headers_mut()
         .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
     let mut config = WebSocketConfig::default();
-    config.write_buffer_size = 0;
+    bound_writes(&mut config);
     let (ws, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
         .map_err(io::Error::other)?;
@@ -189,5 +224,6 @@ where
     Ok(WsStream {
         inner: ws,
         pending: Bytes::new(),
+        reply_owed: false,
     })
 }
