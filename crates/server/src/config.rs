@@ -973,6 +973,25 @@ pub struct MqttConfig {
     /// it is held to what one NATS message carries (the servers'
     /// `max_payload` less 8 KiB).
     pub max_packet_size: u32,
+    /// Largest packet accepted before the client is authenticated (its
+    /// CONNECT, will payload, user name, password and properties included,
+    /// and MQTT 5 AUTH packets during an exchange); the lower of this and
+    /// `max_packet_size` applies. A larger CONNECT is refused from its fixed
+    /// header (MQTT 5: CONNACK 0x95, Packet too large; MQTT 3.x: the
+    /// connection is closed), so a client that has proved nothing cannot make
+    /// the broker buffer a whole `max_packet_size`. Raise it for clients
+    /// with larger wills. On WebSocket listeners it also bounds what a
+    /// client may send before CONNECT beyond one message (pings, fragments),
+    /// plus 64 KiB.
+    pub max_connect_size: u32,
+    /// Bytes of incomplete packets all connections together may hold while
+    /// the rest arrives (the broker's read buffers, and WebSocket messages
+    /// being assembled before CONNECT). A connection that is not yet
+    /// authenticated and would take the total past it is closed; those
+    /// authenticated are counted but not refused (each is bounded by
+    /// `max_packet_size`), so past the budget only unauthenticated
+    /// connections are shed.
+    pub max_partial_input_total: usize,
     /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged
     /// (also capped by an MQTT 5 client's own Receive Maximum). Further
     /// messages wait in the session queue.
@@ -1179,6 +1198,8 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             max_packet_size: 1024 * 1024,
+            max_connect_size: 64 * 1024,
+            max_partial_input_total: 32 * 1024 * 1024,
             max_inflight: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
@@ -1553,6 +1574,16 @@ impl Config {
                 Bounds::between(MIN_PACKET_SIZE, MQTT_MAX_PACKET_SIZE),
             ),
             (
+                mqtt_key("max_connect_size"),
+                u64::from(mqtt.max_connect_size),
+                Bounds::between(MIN_PACKET_SIZE, MQTT_MAX_PACKET_SIZE),
+            ),
+            (
+                mqtt_key("max_partial_input_total"),
+                as_u64(mqtt.max_partial_input_total),
+                Bounds::at_least(1),
+            ),
+            (
                 mqtt_key("max_inflight"),
                 u64::from(mqtt.max_inflight),
                 Bounds::between(1, 65_535),
@@ -1727,6 +1758,12 @@ pub fn default_config_toml() -> String {
          [mqtt]\n\
          # Largest inbound packet in bytes, header included ({MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}).\n\
          max_packet_size = {max_packet_size}\n\
+         # Largest packet before the client is authenticated: a larger CONNECT\n\
+         # (will payload included) is refused from its header (MQTT 5: 0x95).\n\
+         max_connect_size = {max_connect_size}\n\
+         # Bytes of incomplete packets all connections may hold together; past\n\
+         # it, connections not yet authenticated are closed.\n\
+         max_partial_input_total = {max_partial_input_total}\n\
          # Unacknowledged outbound QoS 1/2 messages per client (1 to 65535).\n\
          max_inflight = {max_inflight}\n\
          # QoS 1/2 messages a session may hold while its client is offline or\n\
@@ -1789,6 +1826,8 @@ pub fn default_config_toml() -> String {
          # When an offline session's queue is full: \"drop_newest\" or \"drop_oldest\".\n\
          queue_overflow = \"{queue_overflow}\"\n",
         max_packet_size = mqtt.max_packet_size,
+        max_connect_size = mqtt.max_connect_size,
+        max_partial_input_total = mqtt.max_partial_input_total,
         max_inflight = mqtt.max_inflight,
         max_queued_messages = mqtt.max_queued_messages,
         max_queued_bytes = mqtt.max_queued_bytes,

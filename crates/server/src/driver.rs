@@ -24,6 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
+use crate::input::InputShare;
+
 /// Bytes read per `poll_read` into the stack buffer.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -50,12 +52,13 @@ enum Event {
 }
 
 /// Runs a connection to its end. `slot` (the listener's connection permit) is released when
-/// the connection is gone.
+/// the connection is gone; `input` is this connection's part of the partial-input budget.
 pub(crate) async fn drive<S, G>(
     mut stream: S,
     mut conn: Connection,
     shutdown: CancellationToken,
     slot: G,
+    mut input: InputShare,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     G: Send,
@@ -137,6 +140,15 @@ pub(crate) async fn drive<S, G>(
                     }
                 }
                 Ok(None) => break,
+                Err(error @ petrel_codec::DecodeError::PacketTooLarge { .. })
+                    if !conn.is_connected() =>
+                {
+                    // Before authentication the lower limit applies (`max_connect_size`):
+                    // refused from the fixed header, in the client's version if it got that far.
+                    tracing::debug!(peer = conn.peer(), %error, "packet too large before CONNECT completed");
+                    let version = petrel_codec::connect_version(&rbuf);
+                    break 'conn conn.refuse_oversized_connect(version, error);
+                }
                 Err(error) => {
                     tracing::debug!(peer = conn.peer(), client_id = conn.client_id().unwrap_or(""), %error, "malformed packet");
                     break 'conn conn.handle_decode_error(error);
@@ -145,6 +157,18 @@ pub(crate) async fn drive<S, G>(
         }
         if rbuf.is_empty() && rbuf.capacity() > 0 {
             rbuf = BytesMut::new();
+        }
+        // What is left is the start of one packet: count it against the broker-wide budget,
+        // which sheds connections that are not authenticated yet once it is spent.
+        let authenticated = conn.is_connected();
+        if authenticated {
+            input.set_authenticated();
+        }
+        let limit = conn.broker().limits().max_partial_input_total;
+        if input.hold(rbuf.capacity(), limit, authenticated).is_err() {
+            Stats::add(&conn.broker().stats.partial_input_shed, 1);
+            tracing::info!(peer = conn.peer(), held = rbuf.len(), "closing a connection before CONNECT: the partial input budget (mqtt.max_partial_input_total) is spent");
+            break 'conn CloseReason::IoError;
         }
         // CONNECT may have replaced the connect deadline with an earlier keepalive one, and a
         // pause brings its own.
@@ -186,6 +210,7 @@ pub(crate) async fn drive<S, G>(
         } => {}
         _ = sleep => {}
     }
+    drop(input);
     drop(slot);
 }
 

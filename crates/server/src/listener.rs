@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerProtocol, ProxyProtocol};
+use crate::input::{InputBudget, InputShare};
 use crate::tls::{certificate_identity, TlsConfig, TlsFileError};
 use crate::{driver, proxy, ws};
 
@@ -170,6 +171,7 @@ impl Listener {
         self,
         broker: Arc<Broker>,
         total: Arc<Semaphore>,
+        input: Arc<InputBudget>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
@@ -185,6 +187,7 @@ impl Listener {
             config: self.config,
             tls: self.tls,
             broker,
+            input,
             shutdown: shutdown.clone(),
         });
         loop {
@@ -236,7 +239,8 @@ impl Listener {
                         // size is most of an idle connection's memory. The permit rides along
                         // and frees the slot when the driver ends.
                         let conn = ctx.connection(peer.to_string(), accepted_at);
-                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+                        let input = ctx.input_share();
+                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit, input));
                     } else {
                         tracker.spawn(establish(ctx.clone(), stream, peer, accepted_at, permit));
                     }
@@ -259,8 +263,9 @@ impl Listener {
                         break;
                     };
                     let conn = ctx.connection(format!("unix:{}", path.display()), Instant::now());
+                    let input = ctx.input_share();
                     if ctx.config.proxy_protocol == ProxyProtocol::Off {
-                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit, input));
                     } else {
                         let ctx = ctx.clone();
                         tracker.spawn(async move {
@@ -272,7 +277,7 @@ impl Listener {
                             else {
                                 return;
                             };
-                            driver::drive(stream, conn, ctx.shutdown.clone(), permit).await
+                            driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await
                         });
                     }
                 }
@@ -352,10 +357,16 @@ struct Ctx {
     config: ListenerConfig,
     tls: Option<Arc<TlsConfig>>,
     broker: Arc<Broker>,
+    /// The partial-input budget all listeners share.
+    input: Arc<InputBudget>,
     shutdown: CancellationToken,
 }
 
 impl Ctx {
+    fn input_share(&self) -> InputShare {
+        InputShare::new(self.input.clone())
+    }
+
     fn limit_after_handshake(&self) -> bool {
         self.config.proxy_protocol != ProxyProtocol::Off || self.config.trust_x_forwarded_for
     }
@@ -474,7 +485,8 @@ async fn establish(
     match config.protocol {
         ListenerProtocol::Tcp | ListenerProtocol::Unix => {
             let conn = ctx.connection(peer.to_string(), accepted_at);
-            driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+            let input = ctx.input_share();
+            driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
         }
         ListenerProtocol::Ws => {
             websocket(&ctx, stream, peer, accepted_at, deadline, None, permit).await;
@@ -498,7 +510,8 @@ async fn establish(
             } else {
                 let mut conn = ctx.connection(peer.to_string(), accepted_at);
                 conn.set_certificate_identity(identity);
-                driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+                let input = ctx.input_share();
+                driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
             }
         }
     }
@@ -515,12 +528,23 @@ async fn websocket<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let max = ctx.broker.limits().max_packet_size as usize + WS_MESSAGE_SLACK;
+    let limits = ctx.broker.limits();
+    let max = limits.max_packet_size as usize + WS_MESSAGE_SLACK;
+    // The WebSocket layer assembles a message before the driver sees its bytes: before
+    // CONNECT it holds that to the pre-authentication limit and the shared budget too.
+    let mut input = ctx.input_share();
+    let before_connect = ws::PreAuth {
+        share: input.beneath(),
+        max_connect: limits.max_connect_size as usize + WS_MESSAGE_SLACK,
+        budget: limits.max_partial_input_total,
+    };
+    drop(limits);
     let upgrade = ws::accept(
         stream,
         &ctx.config.path,
         ctx.config.trust_x_forwarded_for,
         max,
+        before_connect,
     );
     let Some((stream, upgrade)) = ctx.step("WebSocket upgrade", deadline, upgrade).await else {
         return;
@@ -534,7 +558,7 @@ async fn websocket<S>(
     }
     let mut conn = ctx.connection(peer.to_string(), accepted_at);
     conn.set_certificate_identity(identity);
-    driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+    driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -78,6 +78,8 @@ pub fn exposed_without_login(config: &Config) -> Vec<(usize, SocketAddr)> {
 pub fn limits_from(config: &MqttConfig) -> Limits {
     Limits {
         max_packet_size: config.max_packet_size,
+        max_connect_size: config.max_connect_size,
+        max_partial_input_total: config.max_partial_input_total,
         max_inflight: config.max_inflight,
         max_queued_messages: config.max_queued_messages,
         max_queued_bytes: config.max_queued_bytes,
@@ -571,6 +573,7 @@ impl Server {
             .admin
             .map(|a| tokio::spawn(a.run(config_reload.clone(), admin_stop.clone())));
         let total = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let input = crate::input::InputBudget::new();
         // Listeners and connections stop on their own token, cancelled only once the drain
         // deadline is set: a connection that saw the shutdown first would find no deadline
         // and close without draining.
@@ -580,6 +583,7 @@ impl Server {
             accept_tasks.push(tokio::spawn(listener.run(
                 self.broker.clone(),
                 total.clone(),
+                input.clone(),
                 connections.clone(),
                 tracker.clone(),
             )));

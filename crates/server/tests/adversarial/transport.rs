@@ -162,3 +162,213 @@ async fn websocket_ping_flood_does_not_grow_memory() {
     // The broker still serves others.
     ws_open(broker.addr).await;
 }
+
+/// Starts `clients` connections that each send `prefix` and then `body` (shared), and never
+/// finish; returns how many the broker closed within `wait` after they sent all they could.
+async fn half_sent(
+    addr: SocketAddr,
+    clients: usize,
+    prefix: impl Fn(usize) -> Vec<u8>,
+    body: Arc<Vec<u8>>,
+    wait: Duration,
+) -> (usize, Vec<TcpStream>) {
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let first = prefix(i);
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.expect("connect to petrel");
+            // The broker may close as soon as it has the header: later writes then fail.
+            let _ = stream.write_all(&first).await;
+            let _ = tokio::time::timeout(wait, stream.write_all(&body)).await;
+            let mut byte = [0u8; 64];
+            let closed = loop {
+                match tokio::time::timeout(wait, stream.read(&mut byte)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break true,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => break false,
+                }
+            };
+            (closed, stream)
+        }));
+    }
+    let mut closed = 0;
+    let mut open = Vec::new();
+    for task in tasks {
+        let (was_closed, stream) = task.await.expect("client task");
+        closed += usize::from(was_closed);
+        open.push(stream);
+    }
+    (closed, open)
+}
+
+/// A 3.1.1 CONNECT's start that announces `size` bytes in all (a will payload would make it
+/// that long); only this prefix is sent by itself.
+fn big_connect_v311_prefix(size: usize) -> Vec<u8> {
+    let mut out = vec![0x10];
+    let mut len = size - 5;
+    for _ in 0..4 {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+    }
+    // protocol name, level 4, flags: clean session + will, keepalive 60
+    out.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x06, 0x00, 0x3c]);
+    out
+}
+
+/// 300 clients each send ~1 MiB of a CONNECT (a huge will) and never the last bytes. Before
+/// the fix each was buffered until the connect deadline (318 MiB). Now a CONNECT larger than
+/// `max_connect_size` (64 KiB) is refused from its fixed header. Bound: peak RSS growth
+/// < 64 MiB, every connection closed long before the 10 s connect deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_connect_flood_is_refused_from_the_header() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(2048).expect("descriptors for 300 clients");
+    let broker = Broker::start("");
+    let before = broker.rss_kib();
+    let watch = RssWatch::start(broker.pid());
+    let size = 1024 * 1024;
+    let body = Arc::new(vec![0x61; size - 20]);
+    let started = Instant::now();
+    let (closed, _streams) = half_sent(
+        broker.addr,
+        300,
+        |_| big_connect_v311_prefix(size),
+        body,
+        Duration::from_secs(3),
+    )
+    .await;
+    let peak = watch.peak().max(broker.rss_kib());
+    drop(watch);
+    let growth = peak.saturating_sub(before);
+    println!(
+        "pre-CONNECT flood: {closed}/300 closed in {:?}; RSS {before} KiB -> peak {peak} KiB (+{growth} KiB)",
+        started.elapsed()
+    );
+    assert!(growth < RSS_GROWTH_LIMIT_KIB, "grew by {growth} KiB");
+    assert_eq!(closed, 300, "every oversized CONNECT is refused at once");
+    support::RawClient::connected(broker.addr, "after-flood", 0).await;
+}
+
+/// The same flood with the per-connection limit raised to 1 MiB: now only the broker-wide
+/// budget for partial input (`max_partial_input_total`, 32 MiB) stands between the clients
+/// and the broker's memory, and it closes unauthenticated connections past it. Bound: peak
+/// RSS growth < 64 MiB; a client that completes its CONNECT still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_connect_flood_is_held_to_the_partial_input_budget() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(2048).expect("descriptors for 300 clients");
+    let broker = Broker::start_with(
+        "",
+        "[storage]\nmode = \"memory\"\n[mqtt]\nmax_connect_size = 2097152\n",
+    );
+    let before = broker.rss_kib();
+    let watch = RssWatch::start(broker.pid());
+    let size = 1024 * 1024;
+    let body = Arc::new(vec![0x61; size - 20]);
+    let (closed, streams) = half_sent(
+        broker.addr,
+        300,
+        |_| big_connect_v311_prefix(size),
+        body,
+        Duration::from_secs(3),
+    )
+    .await;
+    support::RawClient::connected(broker.addr, "during-flood", 0).await;
+    let peak = watch.peak().max(broker.rss_kib());
+    drop(watch);
+    drop(streams);
+    let growth = peak.saturating_sub(before);
+    println!(
+        "pre-CONNECT flood past the budget: {closed}/300 closed; RSS {before} KiB -> peak {peak} KiB (+{growth} KiB)"
+    );
+    assert!(growth < RSS_GROWTH_LIMIT_KIB, "grew by {growth} KiB");
+    assert!(closed >= 250, "only {closed} of 300 were shed");
+}
+
+/// A v5 CONNECT larger than `max_connect_size` gets CONNACK 0x95 (Packet too large) as soon
+/// as its header and protocol level are in; a 3.1.1 one is closed (no such return code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_connect_is_refused_in_the_clients_version() {
+    let _machine = support::light().await;
+    let broker = Broker::start("");
+    // v5: remaining length 100,000 (a0 8d 06), then "MQTT" level 5, clean start.
+    let mut client = support::RawClient::connect(broker.addr).await;
+    client
+        .send(&[
+            0x10, 0xa0, 0x8d, 0x06, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02,
+        ])
+        .await;
+    let close = client
+        .until_closed(Duration::from_secs(3))
+        .await
+        .expect("closed at once");
+    assert_eq!(
+        close.packets,
+        vec![vec![0x20, 0x03, 0x00, 0x95, 0x00]],
+        "CONNACK 0x95"
+    );
+    let mut client = support::RawClient::connect(broker.addr).await;
+    client.send(&big_connect_v311_prefix(100_000)).await;
+    let close = client
+        .until_closed(Duration::from_secs(3))
+        .await
+        .expect("closed at once");
+    assert!(close.packets.is_empty(), "3.1.1 has no code for it");
+    // One just under the limit is read whole (and then fails on its content, not its size).
+    support::RawClient::connected(broker.addr, "small", 0).await;
+}
+
+/// 64 WebSocket clients each start a binary message and send 16 KiB fragments of it that
+/// never end, without a CONNECT. tungstenite assembles a message before anything reads it, so
+/// each could make the broker hold up to the message limit (1 MiB + 64 KiB). Before CONNECT
+/// the WebSocket layer now holds input to `max_connect_size` (+64 KiB) and the partial-input
+/// budget. Bound: peak RSS growth < 64 MiB, every client closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_fragment_flood_before_connect_is_bounded() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(2048).expect("descriptors for 64 clients");
+    let broker = Broker::start("protocol = \"ws\"");
+    let before = broker.rss_kib();
+    let watch = RssWatch::start(broker.pid());
+    let fragment = ws_frame(0x00, &[0x42; 16 * 1024]);
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let addr = broker.addr;
+        let fragment = fragment.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = ws_open(addr).await;
+            let _ = ws.write_all(&ws_frame(0x02, &[0x42; 1024])).await;
+            let burst: Vec<u8> = fragment
+                .iter()
+                .copied()
+                .cycle()
+                .take(fragment.len() * 64)
+                .collect();
+            flood(&mut ws, &burst, Duration::from_secs(3)).await;
+            let mut byte = [0u8; 64];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), ws.read(&mut byte)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break true,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => break false,
+                }
+            }
+        }));
+    }
+    let mut closed = 0;
+    for task in tasks {
+        closed += usize::from(task.await.expect("client task"));
+    }
+    let peak = watch.peak().max(broker.rss_kib());
+    drop(watch);
+    let growth = peak.saturating_sub(before);
+    println!("WebSocket fragment flood: {closed}/64 closed; RSS {before} KiB -> peak {peak} KiB (+{growth} KiB)");
+    assert!(growth < RSS_GROWTH_LIMIT_KIB, "grew by {growth} KiB");
+    assert_eq!(closed, 64, "every endless message is refused");
+    ws_open(broker.addr).await;
+}
