@@ -53,6 +53,16 @@ pub struct Config {
     /// clients wait in the kernel's accept backlog until a connection closes,
     /// as with a listener's own `max_connections`.
     pub max_connections: usize,
+    /// File descriptors kept for everything but client connections (the
+    /// store's files, logs, configuration files read on SIGHUP, the HTTP
+    /// authentication hook, bridges, NATS). At start petrel raises its soft
+    /// RLIMIT_NOFILE to the hard limit and gives client connections only
+    /// what is left after this, the listening sockets and the admin
+    /// listener's `max_connections`: `max_connections` is lowered to fit (and
+    /// logged), so a flood on one port cannot take the descriptors the rest
+    /// of the process needs. Raise the limit (`ulimit -n`, systemd
+    /// `LimitNOFILE`) rather than lowering this.
+    pub reserved_descriptors: usize,
     /// Protocol limits, each a bound on what one client (or all together)
     /// may make the broker hold. SIGHUP puts a changed `[mqtt]` table in
     /// service: new connections and new messages follow it.
@@ -636,6 +646,28 @@ pub struct AdminConfig {
     /// Whether `/metrics` requires the token too (Prometheus then needs it
     /// as its bearer token).
     pub metrics_require_token: bool,
+    /// HTTP connections the admin listener serves at once; further ones
+    /// wait in the kernel's backlog (holding no descriptor of petrel's).
+    /// Counted out of the descriptors left for MQTT clients (see
+    /// `reserved_descriptors`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, counted from when the
+    /// request is awaited: from accept, and after each response on a
+    /// kept-alive connection (so it is also the idle time allowed between
+    /// requests).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub header_timeout: Duration,
+    /// A connection on which nothing is read or written for this long is
+    /// closed, whatever it is doing (a body that trickles in, a response
+    /// that is not read).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub idle_timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -646,6 +678,9 @@ impl Default for AdminConfig {
             token: String::new(),
             token_file: None,
             metrics_require_token: false,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -847,6 +882,11 @@ pub struct ListenerConfig {
     /// kernel's accept backlog until a slot frees, so file descriptors and
     /// per-connection memory stay bounded.
     pub max_connections: usize,
+    /// Connections of the server-wide total (`max_connections` at the top,
+    /// as lowered to fit the descriptors) kept for this listener alone (at
+    /// most its own `max_connections`): a flood on another listener cannot
+    /// take them. The rest of the total is shared, first come first served.
+    pub reserved_connections: usize,
     /// Length of the kernel's queue of connections not yet accepted. A burst
     /// of reconnects larger than this makes clients wait for a SYN retry
     /// (about 1 s); the kernel may cap it (net.core.somaxconn).
@@ -1157,6 +1197,7 @@ impl Default for Config {
         Config {
             listeners: vec![ListenerConfig::default()],
             max_connections: 100_000,
+            reserved_descriptors: 64,
             mqtt: MqttConfig::default(),
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),
@@ -1176,6 +1217,7 @@ impl Default for ListenerConfig {
             bind: DEFAULT_BIND,
             connect_timeout: Duration::from_secs(10),
             max_connections: 100_000,
+            reserved_connections: 32,
             backlog: 1024,
             handshake_timeout: None,
             path: "/mqtt".to_owned(),
@@ -1434,6 +1476,17 @@ impl Config {
                     message: "give token or token_file, not both".to_owned(),
                 });
             }
+            for (name, value) in [
+                ("header_timeout", admin.header_timeout),
+                ("idle_timeout", admin.idle_timeout),
+            ] {
+                if value.is_zero() {
+                    return Err(Violation {
+                        key: key(name),
+                        message: "must be greater than zero".to_owned(),
+                    });
+                }
+            }
         }
         if self.storage.fsync == FsyncPolicy::EveryMs && self.storage.fsync_interval.is_zero() {
             return Err(Violation {
@@ -1548,11 +1601,23 @@ impl Config {
                 Bounds::at_least(1),
             ),
             (
+                KeyPath::root().key("reserved_descriptors"),
+                as_u64(self.reserved_descriptors),
+                Bounds::at_least(16),
+            ),
+            (
                 KeyPath::root().key("auth").key("max_failed_logins"),
                 u64::from(self.auth.max_failed_logins),
                 Bounds::at_least(1),
             ),
         ];
+        if let Some(admin) = self.admin.as_ref().filter(|a| a.enabled) {
+            settings.push((
+                KeyPath::root().key("admin").key("max_connections"),
+                as_u64(admin.max_connections),
+                Bounds::at_least(1),
+            ));
+        }
         for (i, listener) in self.listeners.iter().enumerate() {
             settings.push((
                 listener_key(i, "max_connections"),
@@ -1679,6 +1744,9 @@ pub fn default_config_toml() -> String {
          \n\
          # Open connections across all listeners.\n\
          max_connections = {max_connections}\n\
+         # Descriptors kept for all but client connections; connections get what\n\
+         # RLIMIT_NOFILE leaves after these (max_connections is lowered to fit).\n\
+         reserved_descriptors = {reserved_descriptors}\n\
          # How often the $SYS/broker/... topics are published; \"0s\" = never.\n\
          sys_interval = \"{sys_interval}\"\n\
          # On SIGTERM: time clients get to receive what is queued for them before\n\
@@ -1690,6 +1758,10 @@ pub fn default_config_toml() -> String {
          # Certificate files reload on SIGHUP and when they change.\n",
     )
     .replace("{max_connections}", &defaults.max_connections.to_string())
+    .replace(
+        "{reserved_descriptors}",
+        &defaults.reserved_descriptors.to_string(),
+    )
     .replace(
         "{sys_interval}",
         &humantime::format_duration(defaults.sys_interval).to_string(),
@@ -1709,6 +1781,8 @@ pub fn default_config_toml() -> String {
              connect_timeout = \"{timeout}\"\n\
              # Open connections on this listener; further ones wait in the backlog.\n\
              max_connections = {max_connections}\n\
+             # Connections of the server-wide total only this listener may use.\n\
+             reserved_connections = {reserved}\n\
              # Connections the kernel queues before petrel accepts them (1 to 65535).\n\
              backlog = {backlog}\n\
              # New connections per second from one address; 0 = no limit.\n\
@@ -1742,6 +1816,7 @@ pub fn default_config_toml() -> String {
             bind = listener.bind,
             timeout = humantime::format_duration(listener.connect_timeout),
             max_connections = listener.max_connections,
+            reserved = listener.reserved_connections,
             backlog = listener.backlog,
             rate = listener.max_connection_rate_per_ip,
             per_ip = listener.max_connections_per_ip,
@@ -1942,10 +2017,19 @@ pub fn default_config_toml() -> String {
          # Or read it from the first line of a file:\n\
          # token_file = \"/etc/petrel/admin-token\"\n\
          # Require the token on /metrics too.\n\
-         metrics_require_token = {metrics_require_token}\n",
+         metrics_require_token = {metrics_require_token}\n\
+         # HTTP connections served at once (out of the descriptors MQTT does not\n\
+         # get); time for a request's headers (and idle time between requests);\n\
+         # time a connection may move no byte at all.\n\
+         max_connections = {max_connections}\n\
+         header_timeout = \"{header_timeout}\"\n\
+         idle_timeout = \"{idle_timeout}\"\n",
         enabled = admin.enabled,
         bind = admin.bind,
         metrics_require_token = admin.metrics_require_token,
+        max_connections = admin.max_connections,
+        header_timeout = humantime::format_duration(admin.header_timeout),
+        idle_timeout = humantime::format_duration(admin.idle_timeout),
     ));
     let bridge = BridgeConfig::default();
     let topic = BridgeTopic::default();

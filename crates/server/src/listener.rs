@@ -170,7 +170,7 @@ impl Listener {
     pub async fn run(
         self,
         broker: Arc<Broker>,
-        total: Arc<Semaphore>,
+        (reserved, total): (Arc<Semaphore>, Arc<Semaphore>),
         input: Arc<InputBudget>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -217,7 +217,8 @@ impl Listener {
                     };
                     Stats::add(&self.stats.accepted, 1);
                     self.stats.set_waiting(false);
-                    let Some(mut permit) = server_slot(own, &total, &shutdown).await else {
+                    let Some(mut permit) = server_slot(own, (&reserved, &total), &shutdown).await
+                    else {
                         break;
                     };
                     // The accept instant starts the connect deadline; nothing later resets it.
@@ -259,7 +260,8 @@ impl Listener {
                     };
                     Stats::add(&self.stats.accepted, 1);
                     self.stats.set_waiting(false);
-                    let Some(permit) = server_slot(own, &total, &shutdown).await else {
+                    let Some(permit) = server_slot(own, (&reserved, &total), &shutdown).await
+                    else {
                         break;
                     };
                     let conn = ctx.connection(format!("unix:{}", path.display()), Instant::now());
@@ -323,13 +325,20 @@ impl Drop for AddressSlot {
 }
 
 /// Waits for a server-wide slot for a connection just accepted (this listener accepts
-/// nothing more meanwhile, so further clients wait in the backlog).
+/// nothing more meanwhile, so further clients wait in the backlog): one of those reserved for
+/// this listener if one is free, else a shared one (`descriptors.rs`).
 async fn server_slot(
     own: OwnedSemaphorePermit,
-    total: &Arc<Semaphore>,
+    (reserved, total): (&Arc<Semaphore>, &Arc<Semaphore>),
     shutdown: &CancellationToken,
 ) -> Option<Permit> {
     tokio::select! {
+        biased;
+        p = reserved.clone().acquire_owned() => p.ok().map(|all| Permit {
+            _listener: own,
+            _server: all,
+            address: None,
+        }),
         p = total.clone().acquire_owned() => p.ok().map(|all| Permit {
             _listener: own,
             _server: all,

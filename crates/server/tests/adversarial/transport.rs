@@ -372,3 +372,130 @@ async fn websocket_fragment_flood_before_connect_is_bounded() {
     assert_eq!(closed, 64, "every endless message is refused");
     ws_open(broker.addr).await;
 }
+
+/// The broker's open file limit in the descriptor tests: small, so that hundreds of sockets
+/// exhaust it (the attack used ~20,000 against the default limit).
+const LOW_NOFILE: u64 = 400;
+
+/// Opens up to `n` TCP connections to `addr` and keeps them (idle); connects that the kernel
+/// does not complete within 200 ms (a full backlog) are given up.
+async fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => open.push(stream),
+            _ => break,
+        }
+    }
+    open
+}
+
+/// 1,000 idle connections to the admin listener of a broker limited to 400 descriptors. Before,
+/// it accepted them all until the process ran out of descriptors, and MQTT CONNECTs failed.
+/// Now it serves at most `admin.max_connections` (64) at once (the rest wait in the kernel's
+/// backlog) and those are counted out of the descriptors before MQTT gets any. Bound: the
+/// broker stays under its limit and an MQTT client still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_cannot_take_the_mqtt_listeners_descriptors() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(4096).expect("descriptors for the attack");
+    let admin = support::free_port();
+    let broker = Broker::start_with_open_files(
+        "",
+        &format!("[storage]\nmode = \"memory\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n"),
+        LOW_NOFILE,
+    );
+    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let flood = idle_connections(admin_addr, 1000).await;
+    // Let the broker accept what it will.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds = broker.open_fds();
+    println!(
+        "{} idle admin connections opened; the broker holds {fds} descriptors (limit {LOW_NOFILE})",
+        flood.len()
+    );
+    assert!(
+        fds < LOW_NOFILE as usize - 32,
+        "the admin listener took the process to {fds} descriptors"
+    );
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(support::RawClient::connected(broker.addr, &format!("c{i}"), 0).await);
+    }
+    drop(flood);
+}
+
+/// A broker limited to 400 descriptors with two MQTT listeners: 400 idle connections to the
+/// first take all it may have (its reserve and the shared slots), and the second still
+/// accepts a client (its `reserved_connections`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listener_cannot_take_another_listeners_descriptors() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(4096).expect("descriptors for the attack");
+    let second = support::free_port();
+    let broker = Broker::start_with_open_files(
+        "",
+        &format!(
+            "[storage]\nmode = \"memory\"\n[admin]\nenabled = false\n\
+             [[listeners]]\nbind = \"127.0.0.1:{second}\"\n"
+        ),
+        LOW_NOFILE,
+    );
+    let flood = idle_connections(broker.addr, 400).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds = broker.open_fds();
+    println!(
+        "{} idle connections to the first listener; the broker holds {fds} descriptors",
+        flood.len()
+    );
+    assert!(fds < LOW_NOFILE as usize - 32, "{fds} descriptors held");
+    let second: SocketAddr = ([127, 0, 0, 1], second).into();
+    for i in 0..10 {
+        support::RawClient::connected(second, &format!("s{i}"), 0).await;
+    }
+    drop(flood);
+}
+
+/// An admin connection that sends half a request, and one left idle after a response, are
+/// closed after `admin.header_timeout`; neither holds a slot longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_header_and_idle_timeouts() {
+    let _machine = support::light().await;
+    let admin = support::free_port();
+    let broker = Broker::start_with(
+        "",
+        &format!(
+            "[storage]\nmode = \"memory\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
+             header_timeout = \"1s\"\nidle_timeout = \"3s\"\n"
+        ),
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let mut half = TcpStream::connect(addr).await.expect("connect to admin");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut idle = TcpStream::connect(addr).await.expect("connect to admin");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for (what, stream) in [
+        ("half a request", &mut half),
+        ("idle after a response", &mut idle),
+    ] {
+        let mut buf = [0u8; 4096];
+        let closed_at = loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("{what}: still open after 5 s"),
+            }
+        };
+        println!("{what}: closed after {closed_at:?}");
+        assert!(
+            closed_at < Duration::from_millis(2500),
+            "{what}: {closed_at:?}"
+        );
+    }
+    drop(broker);
+}
