@@ -570,6 +570,82 @@ async fn websocket<S>(
     driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
 }
 
+/// For `--check-config`: what a start would find wrong with the addresses, without taking
+/// them. An explicit admin address must be free (bound and released at once); a unix
+/// socket's directory must exist and be writable, and nothing but a socket may be in its
+/// place. Only the admin address is bound: the MQTT ports are usually held by the running
+/// broker the checked file is meant to replace.
+pub fn check_addresses(config: &crate::Config) -> Result<(), crate::ServerError> {
+    let (admin, explicit) = crate::admin::effective(config.admin.as_ref());
+    if explicit && admin.enabled && admin.bind.port() != 0 {
+        std::net::TcpListener::bind(admin.bind).map_err(|source| {
+            crate::admin::AdminError::Bind {
+                addr: admin.bind,
+                source,
+            }
+        })?;
+    }
+    for (index, listener) in config.listeners.iter().enumerate() {
+        if listener.protocol != ListenerProtocol::Unix {
+            continue;
+        }
+        let Some(path) = &listener.socket else {
+            continue;
+        };
+        unix_path_problem(path).map_or(Ok(()), |message| {
+            Err(crate::ServerError::Listener {
+                index,
+                key: "socket",
+                message: format!("{}: {message}", path.display()),
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// Why a unix listener could not bind `path`, if it could not.
+fn unix_path_problem(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    // sun_path holds 108 bytes with the terminating NUL.
+    if path.as_os_str().as_bytes().len() > 107 {
+        return Some("longer than the 107 bytes a unix socket path may have".to_owned());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Err(e) => {
+            return Some(format!(
+                "its directory {} cannot be used: {e}",
+                dir.display()
+            ))
+        }
+        Ok(meta) if !meta.is_dir() => {
+            return Some(format!("{} is not a directory", dir.display()));
+        }
+        Ok(_) => {}
+    }
+    let Ok(dir_c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return Some("holds a NUL byte".to_owned());
+    };
+    // SAFETY: access(2) reads the NUL-terminated path only.
+    if unsafe { libc::access(dir_c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Some(format!(
+            "its directory {} is not writable: {}",
+            dir.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            Some("a file that is not a socket is in its place".to_owned())
+        }
+        _ => None,
+    }
+}
+
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
     matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))

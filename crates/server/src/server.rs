@@ -232,6 +232,7 @@ pub fn check_files(config: &Config) -> Result<(), ServerError> {
     for (i, bridge) in config.bridges.iter().enumerate() {
         crate::bridge::Bridge::prepare(i, bridge)?;
     }
+    crate::listener::check_addresses(config)?;
     Ok(())
 }
 

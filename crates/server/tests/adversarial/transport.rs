@@ -499,3 +499,58 @@ async fn admin_header_and_idle_timeouts() {
     }
     drop(broker);
 }
+
+/// Runs `petrel --check-config` on `text`; its exit status and stderr.
+fn check_config(text: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "petrel-check-{}-{}",
+        std::process::id(),
+        support::free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let path = dir.join("petrel.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrel"))
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .expect("run petrel --check-config");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--check-config` refuses what a start would fail on: an `[admin] bind` address someone
+/// else holds, and a unix socket whose directory does not exist. Each error names its key.
+#[test]
+fn check_config_finds_unusable_listener_addresses() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let addr = taken.local_addr().unwrap();
+    let (ok, stderr) = check_config(&format!(
+        "[storage]\nmode = \"memory\"\n[admin]\nbind = \"{addr}\"\n"
+    ));
+    assert!(!ok, "an admin port in use passed: {stderr}");
+    assert!(stderr.contains("admin.bind"), "the key is named: {stderr}");
+
+    let (ok, stderr) = check_config(
+        "[storage]\nmode = \"memory\"\n[admin]\nenabled = false\n[[listeners]]\n\
+         protocol = \"unix\"\nsocket = \"/nonexistent-petrel-dir/mqtt.sock\"\n",
+    );
+    assert!(!ok, "a socket in a missing directory passed: {stderr}");
+    assert!(
+        stderr.contains("listeners[0].socket"),
+        "the key is named: {stderr}"
+    );
+
+    // And what a start can use still passes.
+    let (ok, stderr) = check_config(&format!(
+        "[storage]\nmode = \"memory\"\n[admin]\nbind = \"127.0.0.1:{}\"\n[[listeners]]\n\
+         protocol = \"unix\"\nsocket = \"{}/petrel-check-{}.sock\"\n",
+        support::free_port(),
+        std::env::temp_dir().display(),
+        std::process::id()
+    ));
+    assert!(ok, "a usable configuration failed: {stderr}");
+}
