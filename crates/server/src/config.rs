@@ -1611,13 +1611,15 @@ impl Config {
                 Bounds::at_least(1),
             ),
         ];
-        if let Some(admin) = self.admin.as_ref().filter(|a| a.enabled) {
-            settings.push((
-                KeyPath::root().key("admin").key("max_connections"),
-                as_u64(admin.max_connections),
-                Bounds::at_least(1),
-            ));
-        }
+        settings.push((
+            KeyPath::root().key("admin").key("max_connections"),
+            as_u64(
+                self.admin
+                    .as_ref()
+                    .map_or(AdminConfig::default().max_connections, |a| a.max_connections),
+            ),
+            Bounds::at_least(1),
+        ));
         for (i, listener) in self.listeners.iter().enumerate() {
             settings.push((
                 listener_key(i, "max_connections"),
