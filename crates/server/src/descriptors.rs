@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_limit_below_the_reserves_is_an_error() {
-        let error = plan(Some(200), &needs(100_000, vec![32, 32])).unwrap_err();
-        assert!(error.contains("RLIMIT_NOFILE 200"), "{error}");
+        let error = plan(Some(150), &needs(100_000, vec![32, 32])).unwrap_err();
+        assert!(error.contains("RLIMIT_NOFILE 150"), "{error}");
     }
 }
