@@ -1616,7 +1616,9 @@ impl Config {
             as_u64(
                 self.admin
                     .as_ref()
-                    .map_or(AdminConfig::default().max_connections, |a| a.max_connections),
+                    .map_or(AdminConfig::default().max_connections, |a| {
+                        a.max_connections
+                    }),
             ),
             Bounds::at_least(1),
         ));

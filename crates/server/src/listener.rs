@@ -578,10 +578,15 @@ async fn websocket<S>(
 pub fn check_addresses(config: &crate::Config) -> Result<(), crate::ServerError> {
     let (admin, explicit) = crate::admin::effective(config.admin.as_ref());
     if explicit && admin.enabled && admin.bind.port() != 0 {
+        // A running broker that this file is meant to replace holds it too: the error says
+        // so, since a start would fail the same way while that broker runs.
         std::net::TcpListener::bind(admin.bind).map_err(|source| {
             crate::admin::AdminError::Bind {
                 addr: admin.bind,
-                source,
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("{source} (by another process, or a petrel already running with it)"),
+                ),
             }
         })?;
     }
