@@ -886,6 +886,8 @@ pub struct ListenerConfig {
     /// as lowered to fit the descriptors) kept for this listener alone (at
     /// most its own `max_connections`): a flood on another listener cannot
     /// take them. The rest of the total is shared, first come first served.
+    /// Reserves that together exceed the total are each held to an equal
+    /// part of it.
     pub reserved_connections: usize,
     /// Length of the kernel's queue of connections not yet accepted. A burst
     /// of reconnects larger than this makes clients wait for a SYN retry

@@ -21,6 +21,9 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+/// Fewer descriptors for clients than this is a limit set by mistake: the start stops.
+const MIN_CONNECTIONS: usize = 16;
+
 /// How the descriptors were shared out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -57,14 +60,24 @@ pub struct Needs {
     pub listener_reserves: Vec<usize>,
 }
 
-/// Shares `limit` descriptors out; an error says why they do not suffice.
+/// Shares `limit` descriptors out; an error says why they do not suffice. The reserves are
+/// carved out of the total, never added to it: each is held to an equal part of the total
+/// when together they would not fit.
 pub fn plan(limit: Option<u64>, needs: &Needs) -> Result<Plan, String> {
-    let reserved: usize = needs.listener_reserves.iter().sum();
+    let reserves = |total: usize| {
+        let part = total / needs.listener_reserves.len().max(1);
+        let reserved: usize = needs.listener_reserves.iter().sum();
+        needs
+            .listener_reserves
+            .iter()
+            .map(|r| if reserved > total { (*r).min(part) } else { *r })
+            .collect()
+    };
     let Some(limit) = limit else {
         return Ok(Plan {
             limit,
-            connections: needs.max_connections.max(reserved),
-            reserved: needs.listener_reserves.clone(),
+            connections: needs.max_connections,
+            reserved: reserves(needs.max_connections),
         });
     };
     let fixed = needs.reserved_descriptors
@@ -75,19 +88,21 @@ pub fn plan(limit: Option<u64>, needs: &Needs) -> Result<Plan, String> {
     let left = usize::try_from(limit)
         .unwrap_or(usize::MAX)
         .saturating_sub(fixed);
-    if left < reserved.max(1) {
+    let wanted = needs.listener_reserves.len().max(MIN_CONNECTIONS);
+    if left < wanted {
         return Err(format!(
             "the open file limit (RLIMIT_NOFILE {limit}) leaves {left} descriptors for client \
              connections after reserved_descriptors ({}), admin.max_connections ({}) and the \
-             listening sockets, fewer than the listeners' reserved_connections ({reserved}); \
-             raise the limit (ulimit -n, systemd LimitNOFILE) or lower those settings",
+             listening sockets; at least {wanted} are needed: raise the limit (ulimit -n, \
+             systemd LimitNOFILE) or lower those settings",
             needs.reserved_descriptors, needs.admin_connections
         ));
     }
+    let connections = needs.max_connections.min(left);
     Ok(Plan {
         limit: Some(limit),
-        connections: needs.max_connections.max(reserved).min(left),
-        reserved: needs.listener_reserves.clone(),
+        connections,
+        reserved: reserves(connections),
     })
 }
 
@@ -142,13 +157,26 @@ mod tests {
         assert_eq!(plan_of(None, 100_000), 100_000);
     }
 
+    #[test]
+    fn reserves_are_carved_out_of_a_small_total() {
+        let plan = plan(Some(1024), &needs(1, vec![32, 32])).unwrap();
+        assert_eq!(plan.connections, 1, "max_connections is a hard cap");
+        assert_eq!(plan.reserved, vec![0, 0]);
+        assert_eq!(plan.semaphores().0.available_permits(), 1);
+        let plan = super::plan(Some(1024), &needs(40, vec![32, 4])).unwrap();
+        assert_eq!(plan.reserved, vec![32, 4], "they fit");
+        let plan = super::plan(Some(1024), &needs(30, vec![32, 4])).unwrap();
+        assert_eq!(plan.reserved, vec![15, 4], "each held to half of 30");
+        assert_eq!(plan.semaphores().0.available_permits(), 11);
+    }
+
     fn plan_of(limit: Option<u64>, max: usize) -> usize {
         plan(limit, &needs(max, vec![32])).unwrap().connections
     }
 
     #[test]
     fn a_limit_below_the_reserves_is_an_error() {
-        let error = plan(Some(150), &needs(100_000, vec![32, 32])).unwrap_err();
-        assert!(error.contains("RLIMIT_NOFILE 150"), "{error}");
+        let error = plan(Some(140), &needs(100_000, vec![32, 32])).unwrap_err();
+        assert!(error.contains("RLIMIT_NOFILE 140"), "{error}");
     }
 }
