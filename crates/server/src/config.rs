@@ -1027,8 +1027,9 @@ pub struct MqttConfig {
     /// plus 64 KiB.
     pub max_connect_size: u32,
     /// Bytes of incomplete packets all connections together may hold while
-    /// the rest arrives (the broker's read buffers, and WebSocket messages
-    /// being assembled before CONNECT). A connection that is not yet
+    /// the rest arrives (the broker's read buffers, and PROXY headers and
+    /// WebSocket messages being assembled before CONNECT). A connection
+    /// that is not yet
     /// authenticated and would take the total past it is closed; those
     /// authenticated are counted but not refused (each is bounded by
     /// `max_packet_size`), so past the budget only unauthenticated

@@ -10,7 +10,9 @@
 //! and refusing them would let unauthenticated ones starve clients that proved who they are),
 //! so once past the budget only unauthenticated connections are shed.
 //!
-//! Each holder keeps its own share and gives it back when it completes its packet or ends.
+//! Holders: the driver's read buffer, the WebSocket layer before CONNECT (`ws.rs`) and the
+//! PROXY header being read (`proxy.rs`). Each keeps its own share and gives it back when it
+//! completes its packet (message, header) or ends.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

@@ -265,7 +265,7 @@ impl Listener {
                         break;
                     };
                     let conn = ctx.connection(format!("unix:{}", path.display()), Instant::now());
-                    let input = ctx.input_share();
+                    let mut input = ctx.input_share();
                     if ctx.config.proxy_protocol == ProxyProtocol::Off {
                         tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit, input));
                     } else {
@@ -273,9 +273,9 @@ impl Listener {
                         tracker.spawn(async move {
                             let deadline = ctx.handshake_deadline(Instant::now());
                             let mode = ctx.config.proxy_protocol;
-                            let Some((_, stream)) = ctx
-                                .step("PROXY header", deadline, proxy::read_header(stream, mode))
-                                .await
+                            let budget = ctx.broker.limits().max_partial_input_total;
+                            let read = proxy::read_header(stream, mode, &mut input, budget);
+                            let Some((_, stream)) = ctx.step("PROXY header", deadline, read).await
                             else {
                                 return;
                             };
@@ -478,7 +478,9 @@ async fn establish(
     let (source, stream) = if config.proxy_protocol == ProxyProtocol::Off {
         (None, proxy::Prefixed::new(Vec::new(), stream))
     } else {
-        let read = proxy::read_header(stream, config.proxy_protocol);
+        let mut input = ctx.input_share();
+        let budget = ctx.broker.limits().max_partial_input_total;
+        let read = proxy::read_header(stream, config.proxy_protocol, &mut input, budget);
         let Some(done) = ctx.step("PROXY header", deadline, read).await else {
             return;
         };
