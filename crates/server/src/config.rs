@@ -1029,9 +1029,8 @@ pub struct MqttConfig {
     /// Bytes of incomplete packets all connections together may hold while
     /// the rest arrives (the broker's read buffers, and PROXY headers and
     /// WebSocket messages being assembled before CONNECT). A connection
-    /// that is not yet
-    /// authenticated and would take the total past it is closed; those
-    /// authenticated are counted but not refused (each is bounded by
+    /// that is not yet authenticated and would take the total past it is
+    /// closed; those authenticated are counted but not refused (each is bounded by
     /// `max_packet_size`), so past the budget only unauthenticated
     /// connections are shed.
     pub max_partial_input_total: usize,

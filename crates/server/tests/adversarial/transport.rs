@@ -563,3 +563,29 @@ fn check_config_finds_unusable_listener_addresses() {
     ));
     assert!(ok, "a usable configuration failed: {stderr}");
 }
+
+/// 100 clients of a PROXY-protocol listener each send a v2 header announcing 64 KiB of TLVs and
+/// 60 KiB of them, and stop. The header being read counts against the partial-input budget
+/// (1 MiB here): past it, further clients are closed rather than each held to the connect
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_headers_count_against_the_partial_input_budget() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(2048).expect("descriptors for 100 clients");
+    let broker = Broker::start_with(
+        "proxy_protocol = \"required\"",
+        "[storage]\nmode = \"memory\"\n[mqtt]\nmax_partial_input_total = 1048576\n",
+    );
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+    let (closed, _streams) = half_sent(
+        broker.addr,
+        100,
+        |_| header.clone(),
+        Arc::new(vec![0u8; 60 * 1024]),
+        Duration::from_secs(2),
+    )
+    .await;
+    println!("PROXY headers past the budget: {closed}/100 closed");
+    assert!(closed >= 80, "only {closed} of 100 were shed");
+}
