@@ -157,6 +157,13 @@ pub(crate) async fn drive<S, G>(
         }
         if rbuf.is_empty() && rbuf.capacity() > 0 {
             rbuf = BytesMut::new();
+        } else if let Some(total) = packet_len(&rbuf) {
+            // The rest of a packet whose size the header gave (decode has checked it against
+            // the limit): room for all of it at once, not a buffer doubled (and copied) as it
+            // arrives, so the memory held, and counted below, is the packet's size.
+            if total > rbuf.capacity() {
+                rbuf.reserve(total - rbuf.len());
+            }
         }
         // What is left is the start of one packet: count it against the broker-wide budget,
         // which sheds connections that are not authenticated yet once it is spent.
@@ -296,6 +303,12 @@ fn poll_timer(cx: &mut Context<'_>, conn: &Connection, sleep: Pin<&mut Sleep>) -
     Poll::Pending
 }
 
+/// The whole size of the packet that starts `buf`, once its fixed header is in.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let (remaining, varint) = petrel_codec::wire::parse_varint(buf.get(1..)?).ok()??;
+    Some(1 + varint + remaining as usize)
+}
+
 /// Reads into `rbuf` without holding heap memory while idle: with no partial packet buffered
 /// the read goes to the stack and only what arrived is copied to the heap.
 fn poll_read<S: AsyncRead + Unpin>(
@@ -305,7 +318,7 @@ fn poll_read<S: AsyncRead + Unpin>(
 ) -> Poll<std::io::Result<usize>> {
     if !rbuf.is_empty() {
         // Assembling a packet: read straight into the heap buffer.
-        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+        if rbuf.capacity() == rbuf.len() {
             rbuf.reserve(READ_CHUNK);
         }
         return tokio_util::io::poll_read_buf(Pin::new(stream), cx, rbuf);
