@@ -287,7 +287,14 @@ where
                 Stats::add(&conn.broker().stats.bytes_received, n as u64);
                 return Poll::Ready(Event::Read);
             }
-            Poll::Ready(Err(_)) => return Poll::Ready(Event::IoError),
+            Poll::Ready(Err(e)) => {
+                // The WebSocket layer refuses growth past the partial-input budget with
+                // this kind.
+                if e.kind() == std::io::ErrorKind::OutOfMemory {
+                    Stats::add(&conn.broker().stats.partial_input_shed, 1);
+                }
+                return Poll::Ready(Event::IoError);
+            }
             Poll::Pending => {}
         }
     }

@@ -451,6 +451,10 @@ impl Ctx {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 Stats::add(&self.broker.stats.handshake_failures, 1);
+                // A PROXY header refused past the partial-input budget.
+                if e.kind() == io::ErrorKind::OutOfMemory {
+                    Stats::add(&self.broker.stats.partial_input_shed, 1);
+                }
                 tracing::debug!(step = what, error = %e, "connection failed before MQTT");
                 None
             }
