@@ -171,11 +171,13 @@ pub(crate) async fn drive<S, G>(
         if authenticated {
             input.set_authenticated();
         }
-        let limit = conn.broker().limits().max_partial_input_total;
-        if input.hold(rbuf.capacity(), limit, authenticated).is_err() {
-            Stats::add(&conn.broker().stats.partial_input_shed, 1);
-            tracing::info!(peer = conn.peer(), held = rbuf.len(), "closing a connection before CONNECT: the partial input budget (mqtt.max_partial_input_total) is spent");
-            break 'conn CloseReason::IoError;
+        if rbuf.capacity() != input.held() {
+            let limit = conn.broker().limits().max_partial_input_total;
+            if input.hold(rbuf.capacity(), limit, authenticated).is_err() {
+                Stats::add(&conn.broker().stats.partial_input_shed, 1);
+                tracing::debug!(peer = conn.peer(), held = rbuf.len(), "closing a connection before CONNECT: the partial input budget (mqtt.max_partial_input_total) is spent");
+                break 'conn CloseReason::IoError;
+            }
         }
         // CONNECT may have replaced the connect deadline with an earlier keepalive one, and a
         // pause brings its own.

@@ -95,12 +95,21 @@ impl InputShare {
             .is_some_and(|flag| flag.load(Relaxed))
     }
 
+    /// What this holder holds now.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
     /// This holder now holds `bytes`. Growth that takes the total past `limit` is refused
     /// (and not recorded) unless `trusted` (authenticated).
     pub fn hold(&mut self, bytes: usize, limit: usize, trusted: bool) -> Result<(), OverBudget> {
         let Some(budget) = &self.budget else {
             return Ok(());
         };
+        // The common case, a packet read whole: no shared counter touched.
+        if bytes == self.held {
+            return Ok(());
+        }
         if bytes <= self.held {
             budget.held.fetch_sub(self.held - bytes, Relaxed);
             self.held = bytes;
