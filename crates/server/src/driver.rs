@@ -166,7 +166,8 @@ pub(crate) async fn drive<S, G>(
             }
         }
         // What is left is the start of one packet: count it against the broker-wide budget,
-        // which sheds connections that are not authenticated yet once it is spent.
+        // which sheds connections that are not authenticated yet once it is spent, and any
+        // connection past twice it.
         let authenticated = conn.is_connected();
         if authenticated {
             input.set_authenticated();
@@ -175,7 +176,7 @@ pub(crate) async fn drive<S, G>(
             let limit = conn.broker().limits().max_partial_input_total;
             if input.hold(rbuf.capacity(), limit, authenticated).is_err() {
                 Stats::add(&conn.broker().stats.partial_input_shed, 1);
-                tracing::debug!(peer = conn.peer(), held = rbuf.len(), "closing a connection before CONNECT: the partial input budget (mqtt.max_partial_input_total) is spent");
+                tracing::debug!(peer = conn.peer(), held = rbuf.len(), authenticated, "closing a connection: the partial input budget (mqtt.max_partial_input_total) is spent");
                 break 'conn CloseReason::IoError;
             }
         }

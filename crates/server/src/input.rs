@@ -4,11 +4,13 @@
 //! A complete packet is decoded and leaves the read buffer at once, so what a connection
 //! holds between reads is the start of one packet, at most `max_packet_size` (before CONNECT,
 //! at most `max_connect_size`). Many connections each holding that much add up; the budget
-//! (`mqtt.max_partial_input_total`) bounds the sum for connections that are not authenticated
-//! yet: growth that would take the total past it closes that connection. Authenticated
-//! connections are counted but never refused for it (each is bounded by `max_packet_size`,
-//! and refusing them would let unauthenticated ones starve clients that proved who they are),
-//! so once past the budget only unauthenticated connections are shed.
+//! (`mqtt.max_partial_input_total`) bounds the sum: growth that would take the total past it
+//! closes a connection that is not authenticated yet. Authenticated connections have twice
+//! the budget (the second half is theirs alone), so past the budget unauthenticated
+//! connections are shed first and clients that proved who they are keep room; past twice
+//! the budget any connection whose packet would grow the total is closed. Without that hard
+//! cap, connections with keep alive 0 (no deadline at all), which anonymous clients may
+//! open, could each hold an incomplete `max_packet_size` for ever.
 //!
 //! Holders: the driver's read buffer, the WebSocket layer before CONNECT (`ws.rs`) and the
 //! PROXY header being read (`proxy.rs`). Each keeps its own share and gives it back when it
@@ -101,7 +103,7 @@ impl InputShare {
     }
 
     /// This holder now holds `bytes`. Growth that takes the total past `limit` is refused
-    /// (and not recorded) unless `trusted` (authenticated).
+    /// (and not recorded), or past twice `limit` when `trusted` (authenticated).
     pub fn hold(&mut self, bytes: usize, limit: usize, trusted: bool) -> Result<(), OverBudget> {
         let Some(budget) = &self.budget else {
             return Ok(());
@@ -117,7 +119,12 @@ impl InputShare {
         }
         let grow = bytes - self.held;
         let total = budget.held.fetch_add(grow, Relaxed) + grow;
-        if total > limit && !trusted {
+        let cap = if trusted {
+            limit.saturating_mul(2)
+        } else {
+            limit
+        };
+        if total > cap {
             budget.held.fetch_sub(grow, Relaxed);
             return Err(OverBudget);
         }
@@ -150,8 +157,11 @@ mod tests {
         assert_eq!(
             budget.held(),
             110,
-            "an authenticated holder is counted, not refused"
+            "an authenticated holder has twice the budget"
         );
+        let mut c = InputShare::new(budget.clone());
+        assert!(c.hold(91, 100, true).is_err(), "but not more");
+        drop(c);
         a.hold(10, 100, false).unwrap();
         assert_eq!(budget.held(), 60);
         drop(b);

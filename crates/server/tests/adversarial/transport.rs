@@ -589,3 +589,48 @@ async fn proxy_headers_count_against_the_partial_input_budget() {
     println!("PROXY headers past the budget: {closed}/100 closed");
     assert!(closed >= 80, "only {closed} of 100 were shed");
 }
+
+/// 100 anonymous clients connect with keep alive 0 (no deadline at all) and each send all but
+/// the last bytes of a 1 MiB PUBLISH. Before, each was held for ever (100 MiB). Authenticated
+/// connections may take the partial-input budget (16 MiB here) to twice itself; past that
+/// they are closed too. Bound: peak RSS growth < 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_zero_clients_cannot_pin_incomplete_packets() {
+    let _machine = support::heavy().await;
+    support::raise_open_files_limit(2048).expect("descriptors for 100 clients");
+    let broker = Broker::start_with(
+        "",
+        "[storage]\nmode = \"memory\"\n[mqtt]\nmax_partial_input_total = 16777216\n",
+    );
+    let before = broker.rss_kib();
+    let watch = RssWatch::start(broker.pid());
+    let publish = support::publish("big", 0, 0, &vec![0x61; 1024 * 1024 - 16]);
+    let body = Arc::new(publish[..publish.len() - 10].to_vec());
+    let connect = support::connect_v311("x", 0);
+    let (closed, streams) = half_sent(
+        broker.addr,
+        100,
+        |i| {
+            let mut c = connect.clone();
+            // Client id "x" becomes k00..k99: two bytes longer.
+            let id = format!("k{i:02}");
+            c.truncate(c.len() - 3);
+            c[1] += 2;
+            c.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            c.extend_from_slice(id.as_bytes());
+            c
+        },
+        body,
+        Duration::from_secs(3),
+    )
+    .await;
+    let peak = watch.peak().max(broker.rss_kib());
+    drop(watch);
+    drop(streams);
+    let growth = peak.saturating_sub(before);
+    println!(
+        "keep alive 0, incomplete 1 MiB PUBLISHes: {closed}/100 closed; RSS {before} KiB -> peak {peak} KiB (+{growth} KiB)"
+    );
+    assert!(growth < RSS_GROWTH_LIMIT_KIB, "grew by {growth} KiB");
+    assert!(closed >= 60, "only {closed} of 100 were closed");
+}
