@@ -17,7 +17,8 @@ pub struct Limits {
     pub max_connect_size: u32,
     /// Bytes of incomplete packets all connections together may hold (the server's read
     /// buffers). Past it, connections that are not authenticated are closed rather than let
-    /// grow; authenticated ones may take it to twice this, and are closed past that.
+    /// grow; authenticated ones with keep alive 0 may take it to twice this, and are closed past
+    /// that; those with a keep alive are counted but not refused.
     pub max_partial_input_total: usize,
     /// Outbound QoS 1/2 messages sent but not yet acknowledged, per connection. The window
     /// keeps a slow client from holding an unbounded retransmission set.

@@ -1030,11 +1030,11 @@ pub struct MqttConfig {
     /// the rest arrives (the broker's read buffers, and PROXY headers and
     /// WebSocket messages being assembled before CONNECT). A connection
     /// that is not yet authenticated and would take the total past it is
-    /// closed; authenticated ones may take it to twice this, so that past
-    /// the budget unauthenticated connections are shed first. Past twice
-    /// it, any connection whose packet would grow the total is closed (so
-    /// clients with keep alive 0 cannot each hold an incomplete packet for
-    /// ever).
+    /// closed, so these are shed first. Authenticated clients with keep
+    /// alive 0 (no deadline bounds how long they hold an incomplete packet)
+    /// may take it to twice this and are closed past that; those with a
+    /// keep alive are counted but not refused (their deadline bounds the
+    /// time, `max_packet_size` the size).
     pub max_partial_input_total: usize,
     /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged
     /// (also capped by an MQTT 5 client's own Receive Maximum). Further

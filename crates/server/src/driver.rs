@@ -165,16 +165,21 @@ pub(crate) async fn drive<S, G>(
                 rbuf.reserve(total - rbuf.len());
             }
         }
-        // What is left is the start of one packet: count it against the broker-wide budget,
-        // which sheds connections that are not authenticated yet once it is spent, and any
-        // connection past twice it.
+        // What is left is the start of one packet: count it against the broker-wide budget
+        // (`input.rs`), which sheds connections that are not authenticated yet once it is
+        // spent, and those with keep alive 0 (no deadline) past twice it.
         let authenticated = conn.is_connected();
         if authenticated {
             input.set_authenticated();
         }
         if rbuf.capacity() != input.held() {
             let limit = conn.broker().limits().max_partial_input_total;
-            if input.hold(rbuf.capacity(), limit, authenticated).is_err() {
+            let cap = match (authenticated, conn.deadline()) {
+                (false, _) => limit,
+                (true, None) => limit.saturating_mul(2),
+                (true, Some(_)) => usize::MAX,
+            };
+            if input.hold(rbuf.capacity(), cap).is_err() {
                 Stats::add(&conn.broker().stats.partial_input_shed, 1);
                 tracing::debug!(peer = conn.peer(), held = rbuf.len(), authenticated, "closing a connection: the partial input budget (mqtt.max_partial_input_total) is spent");
                 break 'conn CloseReason::IoError;

@@ -4,13 +4,16 @@
 //! A complete packet is decoded and leaves the read buffer at once, so what a connection
 //! holds between reads is the start of one packet, at most `max_packet_size` (before CONNECT,
 //! at most `max_connect_size`). Many connections each holding that much add up; the budget
-//! (`mqtt.max_partial_input_total`) bounds the sum: growth that would take the total past it
-//! closes a connection that is not authenticated yet. Authenticated connections have twice
-//! the budget (the second half is theirs alone), so past the budget unauthenticated
-//! connections are shed first and clients that proved who they are keep room; past twice
-//! the budget any connection whose packet would grow the total is closed. Without that hard
-//! cap, connections with keep alive 0 (no deadline at all), which anonymous clients may
-//! open, could each hold an incomplete `max_packet_size` for ever.
+//! (`mqtt.max_partial_input_total`) bounds the sum. Each holder grows only while the total
+//! stays under its cap, which depends on what the connection has proved:
+//!
+//! - not authenticated yet: the budget (so these are the first shed);
+//! - authenticated with keep alive 0: twice the budget. Nothing bounds how long such a
+//!   connection may hold an incomplete packet (anonymous clients may open them), so past
+//!   twice the budget they are closed too;
+//! - authenticated with a keep alive: counted, never refused. Its keepalive deadline (only
+//!   complete packets move it) bounds how long it can hold one, and refusing it would close
+//!   clients that merely publish large messages under load.
 //!
 //! Holders: the driver's read buffer, the WebSocket layer before CONNECT (`ws.rs`) and the
 //! PROXY header being read (`proxy.rs`). Each keeps its own share and gives it back when it
@@ -102,9 +105,9 @@ impl InputShare {
         self.held
     }
 
-    /// This holder now holds `bytes`. Growth that takes the total past `limit` is refused
-    /// (and not recorded), or past twice `limit` when `trusted` (authenticated).
-    pub fn hold(&mut self, bytes: usize, limit: usize, trusted: bool) -> Result<(), OverBudget> {
+    /// This holder now holds `bytes`. Growth that takes the total past `cap` is refused (and
+    /// not recorded).
+    pub fn hold(&mut self, bytes: usize, cap: usize) -> Result<(), OverBudget> {
         let Some(budget) = &self.budget else {
             return Ok(());
         };
@@ -119,11 +122,6 @@ impl InputShare {
         }
         let grow = bytes - self.held;
         let total = budget.held.fetch_add(grow, Relaxed) + grow;
-        let cap = if trusted {
-            limit.saturating_mul(2)
-        } else {
-            limit
-        };
         if total > cap {
             budget.held.fetch_sub(grow, Relaxed);
             return Err(OverBudget);
@@ -150,19 +148,19 @@ mod tests {
         let budget = InputBudget::new();
         let mut a = InputShare::new(budget.clone());
         let mut b = InputShare::new(budget.clone());
-        a.hold(60, 100, false).unwrap();
-        assert!(b.hold(50, 100, false).is_err(), "60 + 50 > 100");
+        a.hold(60, 100).unwrap();
+        assert!(b.hold(50, 100).is_err(), "60 + 50 > 100");
         assert_eq!(budget.held(), 60, "the refused growth is not recorded");
-        b.hold(50, 100, true).unwrap();
+        b.hold(50, 200).unwrap();
         assert_eq!(
             budget.held(),
             110,
-            "an authenticated holder has twice the budget"
+            "a holder with a higher cap grows past the budget"
         );
         let mut c = InputShare::new(budget.clone());
-        assert!(c.hold(91, 100, true).is_err(), "but not more");
+        assert!(c.hold(91, 200).is_err(), "but not past its cap");
         drop(c);
-        a.hold(10, 100, false).unwrap();
+        a.hold(10, 100).unwrap();
         assert_eq!(budget.held(), 60);
         drop(b);
         drop(a);
@@ -176,6 +174,6 @@ mod tests {
         assert!(!ws.is_authenticated());
         driver.set_authenticated();
         assert!(ws.is_authenticated());
-        assert!(InputShare::unmetered().hold(usize::MAX, 0, false).is_ok());
+        assert!(InputShare::unmetered().hold(usize::MAX, 0).is_ok());
     }
 }

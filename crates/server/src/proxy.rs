@@ -99,7 +99,7 @@ pub async fn read_header<S: AsyncRead + Unpin>(
     budget: usize,
 ) -> io::Result<(Option<SocketAddr>, Prefixed<S>)> {
     let read = read_metered(stream, mode, input, budget).await;
-    let _ = input.hold(0, budget, false);
+    let _ = input.hold(0, budget);
     read
 }
 
@@ -145,7 +145,7 @@ async fn read_metered<S: AsyncRead + Unpin>(
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if input.hold(buf.capacity(), budget, false).is_err() {
+        if input.hold(buf.capacity(), budget).is_err() {
             return Err(io::Error::new(
                 io::ErrorKind::OutOfMemory,
                 "the partial input budget (mqtt.max_partial_input_total) is spent",

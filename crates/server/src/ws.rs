@@ -277,7 +277,7 @@ impl<S> Metered<S> {
     fn message_done(&mut self) {
         self.since_message = 0;
         if let Some(pre) = &mut self.pre_auth {
-            let _ = pre.share.hold(0, pre.budget, false);
+            let _ = pre.share.hold(0, pre.budget);
         }
     }
 }
@@ -303,11 +303,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
                         "WebSocket input before CONNECT larger than mqtt.max_connect_size",
                     )));
                 }
-                if pre
-                    .share
-                    .hold(this.since_message, pre.budget, false)
-                    .is_err()
-                {
+                if pre.share.hold(this.since_message, pre.budget).is_err() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::OutOfMemory,
                         "the partial input budget (mqtt.max_partial_input_total) is spent",

@@ -591,9 +591,10 @@ async fn proxy_headers_count_against_the_partial_input_budget() {
 }
 
 /// 100 anonymous clients connect with keep alive 0 (no deadline at all) and each send all but
-/// the last bytes of a 1 MiB PUBLISH. Before, each was held for ever (100 MiB). Authenticated
+/// the last bytes of a 1 MiB PUBLISH. Before, each was held for ever (100 MiB). Such
 /// connections may take the partial-input budget (16 MiB here) to twice itself; past that
-/// they are closed too. Bound: peak RSS growth < 64 MiB.
+/// they are closed too. A client with a keep alive still publishes 1 MiB meanwhile. Bound:
+/// peak RSS growth < 64 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_zero_clients_cannot_pin_incomplete_packets() {
     let _machine = support::heavy().await;
@@ -624,6 +625,14 @@ async fn keepalive_zero_clients_cannot_pin_incomplete_packets() {
         Duration::from_secs(3),
     )
     .await;
+    // A client with a keep alive is not refused room while the others hold the budget: its
+    // deadline bounds how long it can hold an incomplete packet.
+    let mut steady = support::RawClient::connected(broker.addr, "steady", 60).await;
+    steady.send(&publish).await;
+    steady.send(&support::PINGREQ).await;
+    steady
+        .expect(&support::PINGRESP, Duration::from_secs(5))
+        .await;
     let peak = watch.peak().max(broker.rss_kib());
     drop(watch);
     drop(streams);
