@@ -93,7 +93,7 @@ pub fn plan(limit: Option<u64>, needs: &Needs) -> Result<Plan, String> {
         return Err(format!(
             "the open file limit (RLIMIT_NOFILE {limit}) leaves {left} descriptors for client \
              connections after reserved_descriptors ({}), admin.max_connections ({}) and the \
-             listening sockets; at least {wanted} are needed: raise the limit (ulimit -n, \
+             listener sockets; at least {wanted} are needed: raise the limit (ulimit -n, \
              systemd LimitNOFILE) or lower those settings",
             needs.reserved_descriptors, needs.admin_connections
         ));

@@ -85,7 +85,7 @@ fn share_descriptors(
             open_file_limit = plan.limit,
             max_connections = plan.connections,
             configured = config.max_connections,
-            "client connections held to what the open file limit leaves (reserved_descriptors, admin.max_connections and the listening sockets kept apart)"
+            "client connections held to what the open file limit leaves (reserved_descriptors, admin.max_connections and the listener sockets kept apart)"
         );
     }
     Ok(plan)
