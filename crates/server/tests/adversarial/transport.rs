@@ -643,3 +643,45 @@ async fn keepalive_zero_clients_cannot_pin_incomplete_packets() {
     assert!(growth < RSS_GROWTH_LIMIT_KIB, "grew by {growth} KiB");
     assert!(closed >= 60, "only {closed} of 100 were closed");
 }
+
+/// An admin client pipelines requests for the 38 KB OpenAPI document and never reads the
+/// answers: once the socket buffers are full nothing moves, and after `admin.idle_timeout`
+/// the connection is closed (its header timeout, an hour here, would never fire: hyper is
+/// busy writing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_idle_timeout_closes_a_client_that_does_not_read() {
+    let _machine = support::light().await;
+    let admin = support::free_port();
+    let broker = Broker::start_with(
+        "",
+        &format!(
+            "[storage]\nmode = \"memory\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
+             header_timeout = \"1h\"\nidle_timeout = \"1s\"\n"
+        ),
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let stream = TcpStream::connect(addr).await.expect("connect to admin");
+    let (mut reader, mut writer) = stream.into_split();
+    let request = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    // The writes stop being taken once the broker stops reading (it is stuck writing).
+    let _ = tokio::time::timeout(Duration::from_secs(3), writer.write_all(&request)).await;
+    let stalled = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Now drain what was sent before the close: the stream must end.
+    let mut buf = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    println!(
+        "admin client that does not read: ended {:?} after it stalled",
+        stalled.elapsed()
+    );
+    assert!(ended.is_ok(), "still open 13 s after it stopped reading");
+    drop(broker);
+}
