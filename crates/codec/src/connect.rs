@@ -227,3 +227,45 @@ impl Connect {
         }
     }
 }
+
+/// The protocol version a CONNECT announces, read from the start of its bytes (`buf` begins
+/// at the fixed header) without decoding the rest: `None` when too few bytes have arrived, the
+/// packet is not a CONNECT or the level is unknown. Lets a broker refuse a CONNECT that is too
+/// large in the client's own version (v5: CONNACK 0x95) before its body has arrived.
+pub fn connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let (_, varint_len) = wire::parse_varint(buf.get(1..)?).ok()??;
+    let rest = buf.get(1 + varint_len..)?;
+    let name_len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    match rest.get(2 + name_len)? {
+        3 => Some(ProtocolVersion::V3_1),
+        4 => Some(ProtocolVersion::V3_1_1),
+        5 => Some(ProtocolVersion::V5),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn connect_version_from_a_partial_connect() {
+        // A v5 CONNECT claiming 1 MiB, of which only the variable header's start arrived.
+        let v5 = [
+            0x10, 0x80, 0x80, 0x40, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02,
+        ];
+        assert_eq!(connect_version(&v5), Some(ProtocolVersion::V5));
+        let v311 = [0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04];
+        assert_eq!(connect_version(&v311), Some(ProtocolVersion::V3_1_1));
+        let v31 = [
+            0x10, 0x0f, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03,
+        ];
+        assert_eq!(connect_version(&v31), Some(ProtocolVersion::V3_1));
+        assert_eq!(connect_version(&v5[..10]), None, "level not yet there");
+        assert_eq!(connect_version(&[0x30, 0x02, 0, 0]), None, "not a CONNECT");
+        assert_eq!(connect_version(&[]), None);
+    }
+}

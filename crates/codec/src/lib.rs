@@ -41,7 +41,7 @@ pub mod wire;
 pub use ack::{AckKind, PubAck};
 pub use auth::Auth;
 pub use connack::{ConnAck, ConnectReturnCode};
-pub use connect::{Connect, LastWill};
+pub use connect::{connect_version, Connect, LastWill};
 pub use disconnect::Disconnect;
 pub use error::{DecodeError, EncodeError};
 pub use packet::{decode, encode, encoded_len, Packet, PacketType, MAX_REMAINING_LENGTH};

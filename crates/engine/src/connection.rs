@@ -463,8 +463,15 @@ impl Connection {
         }
     }
 
+    /// The largest packet to accept next: before the client is authenticated, the lower
+    /// pre-authentication limit (`max_connect_size`).
     pub fn max_packet_size(&self) -> u32 {
-        self.broker.limits().max_packet_size
+        let limits = self.broker.limits();
+        if self.is_connected() {
+            limits.max_packet_size
+        } else {
+            limits.max_packet_size.min(limits.max_connect_size)
+        }
     }
 
     pub fn client_id(&self) -> Option<&str> {
@@ -678,6 +685,33 @@ impl Connection {
                 .stats
                 .count_refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
             return CloseReason::Refused(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
+        }
+        CloseReason::Violation(Violation::Malformed(error))
+    }
+
+    /// A CONNECT larger than the pre-authentication limit, refused from its fixed header
+    /// (`version` is what its variable header says, when that much had arrived). An MQTT 5
+    /// client is told why (CONNACK 0x95, Packet too large); a 3.x CONNACK has no such code,
+    /// so that client is closed without one [MQTT-3.1.4-1].
+    pub fn refuse_oversized_connect(
+        &mut self,
+        version: Option<ProtocolVersion>,
+        error: DecodeError,
+    ) -> CloseReason {
+        if !matches!(self.state, State::AwaitingConnect { .. }) {
+            return self.handle_decode_error(error);
+        }
+        self.broker
+            .stats
+            .count_refusal(ReasonCode::PACKET_TOO_LARGE);
+        if version == Some(ProtocolVersion::V5) {
+            let refusal = ConnAck {
+                session_present: false,
+                reason: ReasonCode::PACKET_TOO_LARGE,
+                properties: Properties::default(),
+            };
+            self.write(&Packet::ConnAck(refusal), ProtocolVersion::V5);
+            return CloseReason::Refused(ReasonCode::PACKET_TOO_LARGE);
         }
         CloseReason::Violation(Violation::Malformed(error))
     }

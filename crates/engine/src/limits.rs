@@ -10,6 +10,16 @@ pub struct Limits {
     /// Largest packet accepted from a client, header included. Checked from the fixed header,
     /// before the body is buffered.
     pub max_packet_size: u32,
+    /// Largest packet accepted before the client is authenticated (CONNECT, and AUTH during an
+    /// exchange), header included; the lower of this and `max_packet_size` applies. Without
+    /// it, every connection that has not yet proved anything could make the broker buffer a
+    /// whole `max_packet_size` until its connect deadline.
+    pub max_connect_size: u32,
+    /// Bytes of incomplete packets all connections together may hold (the server's read
+    /// buffers). Past it, connections that are not authenticated are closed rather than let
+    /// grow; authenticated ones with keep alive 0 may take it to twice this, and are closed past
+    /// that; those with a keep alive are counted but not refused.
+    pub max_partial_input_total: usize,
     /// Outbound QoS 1/2 messages sent but not yet acknowledged, per connection. The window
     /// keeps a slow client from holding an unbounded retransmission set.
     pub max_inflight: u16,
@@ -99,6 +109,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_packet_size: 1024 * 1024,
+            max_connect_size: 64 * 1024,
+            max_partial_input_total: 32 * 1024 * 1024,
             max_inflight: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,

@@ -30,6 +30,9 @@ pub struct Stats {
     /// Connections that failed before MQTT began: PROXY header, TLS handshake, WebSocket
     /// upgrade (including those that ran out of time there).
     pub handshake_failures: AtomicU64,
+    /// Connections not yet authenticated closed because the partial-input budget
+    /// (`max_partial_input_total`) was spent.
+    pub partial_input_shed: AtomicU64,
     /// Connections refused by a listener's per-address connection rate limit.
     pub rate_limited: AtomicU64,
     /// Connections refused by a listener's `max_connections_per_ip`.

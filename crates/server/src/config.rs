@@ -53,6 +53,16 @@ pub struct Config {
     /// clients wait in the kernel's accept backlog until a connection closes,
     /// as with a listener's own `max_connections`.
     pub max_connections: usize,
+    /// File descriptors kept for everything but client connections (the
+    /// store's files, logs, configuration files read on SIGHUP, the HTTP
+    /// authentication hook, bridges, NATS). At start petrel raises its soft
+    /// RLIMIT_NOFILE to the hard limit and gives client connections only
+    /// what is left after this, the listening sockets and the admin
+    /// listener's `max_connections`: `max_connections` is lowered to fit (and
+    /// logged), so a flood on one port cannot take the descriptors the rest
+    /// of the process needs. Raise the limit (`ulimit -n`, systemd
+    /// `LimitNOFILE`) rather than lowering this.
+    pub reserved_descriptors: usize,
     /// Protocol limits, each a bound on what one client (or all together)
     /// may make the broker hold. SIGHUP puts a changed `[mqtt]` table in
     /// service: new connections and new messages follow it.
@@ -636,6 +646,28 @@ pub struct AdminConfig {
     /// Whether `/metrics` requires the token too (Prometheus then needs it
     /// as its bearer token).
     pub metrics_require_token: bool,
+    /// HTTP connections the admin listener serves at once; further ones
+    /// wait in the kernel's backlog (holding no descriptor of petrel's).
+    /// Counted out of the descriptors left for MQTT clients (see
+    /// `reserved_descriptors`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, counted from when the
+    /// request is awaited: from accept, and after each response on a
+    /// kept-alive connection (so it is also the idle time allowed between
+    /// requests).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub header_timeout: Duration,
+    /// A connection on which nothing is read or written for this long is
+    /// closed, whatever it is doing (a body that trickles in, a response
+    /// that is not read).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub idle_timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -646,6 +678,9 @@ impl Default for AdminConfig {
             token: String::new(),
             token_file: None,
             metrics_require_token: false,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -880,6 +915,13 @@ pub struct ListenerConfig {
     /// kernel's accept backlog until a slot frees, so file descriptors and
     /// per-connection memory stay bounded.
     pub max_connections: usize,
+    /// Connections of the server-wide total (`max_connections` at the top,
+    /// as lowered to fit the descriptors) kept for this listener alone (at
+    /// most its own `max_connections`): a flood on another listener cannot
+    /// take them. The rest of the total is shared, first come first served.
+    /// Reserves that together exceed the total are each held to an equal
+    /// part of it.
+    pub reserved_connections: usize,
     /// Length of the kernel's queue of connections not yet accepted. A burst
     /// of reconnects larger than this makes clients wait for a SYN retry
     /// (about 1 s); the kernel may cap it (net.core.somaxconn).
@@ -1006,6 +1048,27 @@ pub struct MqttConfig {
     /// it is held to what one NATS message carries (the servers'
     /// `max_payload` less 8 KiB).
     pub max_packet_size: u32,
+    /// Largest packet accepted before the client is authenticated (its
+    /// CONNECT, will payload, user name, password and properties included,
+    /// and MQTT 5 AUTH packets during an exchange); the lower of this and
+    /// `max_packet_size` applies. A larger CONNECT is refused from its fixed
+    /// header (MQTT 5: CONNACK 0x95, Packet too large; MQTT 3.x: the
+    /// connection is closed), so a client that has proved nothing cannot make
+    /// the broker buffer a whole `max_packet_size`. Raise it for clients
+    /// with larger wills. On WebSocket listeners it also bounds what a
+    /// client may send before CONNECT beyond one message (pings, fragments),
+    /// plus 64 KiB.
+    pub max_connect_size: u32,
+    /// Bytes of incomplete packets all connections together may hold while
+    /// the rest arrives (the broker's read buffers, and PROXY headers and
+    /// WebSocket messages being assembled before CONNECT). A connection
+    /// that is not yet authenticated and would take the total past it is
+    /// closed, so these are shed first. Authenticated clients with keep
+    /// alive 0 (no deadline bounds how long they hold an incomplete packet)
+    /// may take it to twice this and are closed past that; those with a
+    /// keep alive are counted but not refused (their deadline bounds the
+    /// time, `max_packet_size` the size).
+    pub max_partial_input_total: usize,
     /// Outbound QoS 1/2 messages sent to one client and not yet acknowledged
     /// (also capped by an MQTT 5 client's own Receive Maximum). Further
     /// messages wait in the session queue.
@@ -1193,6 +1256,7 @@ impl Default for Config {
         Config {
             listeners: vec![ListenerConfig::default()],
             max_connections: 100_000,
+            reserved_descriptors: 64,
             mqtt: MqttConfig::default(),
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),
@@ -1212,6 +1276,7 @@ impl Default for ListenerConfig {
             bind: DEFAULT_BIND,
             connect_timeout: Duration::from_secs(10),
             max_connections: 100_000,
+            reserved_connections: 32,
             backlog: 1024,
             handshake_timeout: None,
             path: "/mqtt".to_owned(),
@@ -1234,6 +1299,8 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             max_packet_size: 1024 * 1024,
+            max_connect_size: 64 * 1024,
+            max_partial_input_total: 32 * 1024 * 1024,
             max_inflight: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
@@ -1472,6 +1539,17 @@ impl Config {
                     message: "give token or token_file, not both".to_owned(),
                 });
             }
+            for (name, value) in [
+                ("header_timeout", admin.header_timeout),
+                ("idle_timeout", admin.idle_timeout),
+            ] {
+                if value.is_zero() {
+                    return Err(Violation {
+                        key: key(name),
+                        message: "must be greater than zero".to_owned(),
+                    });
+                }
+            }
         }
         if self.mqtt.flow_control_window < self.mqtt.flow_control_timeout
             || self.mqtt.flow_control_window.is_zero()
@@ -1594,6 +1672,11 @@ impl Config {
                 Bounds::at_least(1),
             ),
             (
+                KeyPath::root().key("reserved_descriptors"),
+                as_u64(self.reserved_descriptors),
+                Bounds::at_least(16),
+            ),
+            (
                 KeyPath::root().key("auth").key("max_failed_logins"),
                 u64::from(self.auth.max_failed_logins),
                 Bounds::at_least(1),
@@ -1616,6 +1699,17 @@ impl Config {
                 Bounds::at_least(1),
             ),
         ];
+        settings.push((
+            KeyPath::root().key("admin").key("max_connections"),
+            as_u64(
+                self.admin
+                    .as_ref()
+                    .map_or(AdminConfig::default().max_connections, |a| {
+                        a.max_connections
+                    }),
+            ),
+            Bounds::at_least(1),
+        ));
         for (i, listener) in self.listeners.iter().enumerate() {
             settings.push((
                 listener_key(i, "max_connections"),
@@ -1635,6 +1729,16 @@ impl Config {
                 mqtt_key("max_packet_size"),
                 u64::from(mqtt.max_packet_size),
                 Bounds::between(MIN_PACKET_SIZE, MQTT_MAX_PACKET_SIZE),
+            ),
+            (
+                mqtt_key("max_connect_size"),
+                u64::from(mqtt.max_connect_size),
+                Bounds::between(MIN_PACKET_SIZE, MQTT_MAX_PACKET_SIZE),
+            ),
+            (
+                mqtt_key("max_partial_input_total"),
+                as_u64(mqtt.max_partial_input_total),
+                Bounds::at_least(1),
             ),
             (
                 mqtt_key("max_inflight"),
@@ -1742,6 +1846,9 @@ pub fn default_config_toml() -> String {
          \n\
          # Open connections across all listeners.\n\
          max_connections = {max_connections}\n\
+         # Descriptors kept for all but client connections; connections get what\n\
+         # RLIMIT_NOFILE leaves after these (max_connections is lowered to fit).\n\
+         reserved_descriptors = {reserved_descriptors}\n\
          # How often the $SYS/broker/... topics are published; \"0s\" = never.\n\
          sys_interval = \"{sys_interval}\"\n\
          # On SIGTERM: time clients get to receive what is queued for them before\n\
@@ -1753,6 +1860,10 @@ pub fn default_config_toml() -> String {
          # Certificate files reload on SIGHUP and when they change.\n",
     )
     .replace("{max_connections}", &defaults.max_connections.to_string())
+    .replace(
+        "{reserved_descriptors}",
+        &defaults.reserved_descriptors.to_string(),
+    )
     .replace(
         "{sys_interval}",
         &humantime::format_duration(defaults.sys_interval).to_string(),
@@ -1772,6 +1883,8 @@ pub fn default_config_toml() -> String {
              connect_timeout = \"{timeout}\"\n\
              # Open connections on this listener; further ones wait in the backlog.\n\
              max_connections = {max_connections}\n\
+             # Connections of the server-wide total only this listener may use.\n\
+             reserved_connections = {reserved}\n\
              # Connections the kernel queues before petrel accepts them (1 to 65535).\n\
              backlog = {backlog}\n\
              # New connections per second from one address; 0 = no limit.\n\
@@ -1805,6 +1918,7 @@ pub fn default_config_toml() -> String {
             bind = listener.bind,
             timeout = humantime::format_duration(listener.connect_timeout),
             max_connections = listener.max_connections,
+            reserved = listener.reserved_connections,
             backlog = listener.backlog,
             rate = listener.max_connection_rate_per_ip,
             per_ip = listener.max_connections_per_ip,
@@ -1821,6 +1935,12 @@ pub fn default_config_toml() -> String {
          [mqtt]\n\
          # Largest inbound packet in bytes, header included ({MIN_PACKET_SIZE} to {MQTT_MAX_PACKET_SIZE}).\n\
          max_packet_size = {max_packet_size}\n\
+         # Largest packet before the client is authenticated: a larger CONNECT\n\
+         # (will payload included) is refused from its header (MQTT 5: 0x95).\n\
+         max_connect_size = {max_connect_size}\n\
+         # Bytes of incomplete packets all connections may hold together; past\n\
+         # it, connections not yet authenticated are closed.\n\
+         max_partial_input_total = {max_partial_input_total}\n\
          # Unacknowledged outbound QoS 1/2 messages per client (1 to 65535).\n\
          max_inflight = {max_inflight}\n\
          # QoS 1/2 messages a session may hold while its client is offline or\n\
@@ -1891,6 +2011,8 @@ pub fn default_config_toml() -> String {
          # When an offline session's queue is full: \"drop_newest\" or \"drop_oldest\".\n\
          queue_overflow = \"{queue_overflow}\"\n",
         max_packet_size = mqtt.max_packet_size,
+        max_connect_size = mqtt.max_connect_size,
+        max_partial_input_total = mqtt.max_partial_input_total,
         max_inflight = mqtt.max_inflight,
         max_queued_messages = mqtt.max_queued_messages,
         max_queued_bytes = mqtt.max_queued_bytes,
@@ -2021,10 +2143,19 @@ pub fn default_config_toml() -> String {
          # Or read it from the first line of a file:\n\
          # token_file = \"/etc/petrel/admin-token\"\n\
          # Require the token on /metrics too.\n\
-         metrics_require_token = {metrics_require_token}\n",
+         metrics_require_token = {metrics_require_token}\n\
+         # HTTP connections served at once (out of the descriptors MQTT does not\n\
+         # get); time for a request's headers (and idle time between requests);\n\
+         # time a connection may move no byte at all.\n\
+         max_connections = {max_connections}\n\
+         header_timeout = \"{header_timeout}\"\n\
+         idle_timeout = \"{idle_timeout}\"\n",
         enabled = admin.enabled,
         bind = admin.bind,
         metrics_require_token = admin.metrics_require_token,
+        max_connections = admin.max_connections,
+        header_timeout = humantime::format_duration(admin.header_timeout),
+        idle_timeout = humantime::format_duration(admin.idle_timeout),
     ));
     let bridge = BridgeConfig::default();
     let topic = BridgeTopic::default();

@@ -24,6 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
+use crate::input::InputShare;
+
 /// Bytes read per `poll_read` into the stack buffer.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -50,12 +52,13 @@ enum Event {
 }
 
 /// Runs a connection to its end. `slot` (the listener's connection permit) is released when
-/// the connection is gone.
+/// the connection is gone; `input` is this connection's part of the partial-input budget.
 pub(crate) async fn drive<S, G>(
     mut stream: S,
     mut conn: Connection,
     shutdown: CancellationToken,
     slot: G,
+    mut input: InputShare,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     G: Send,
@@ -137,6 +140,15 @@ pub(crate) async fn drive<S, G>(
                     }
                 }
                 Ok(None) => break,
+                Err(error @ petrel_codec::DecodeError::PacketTooLarge { .. })
+                    if !conn.is_connected() =>
+                {
+                    // Before authentication the lower limit applies (`max_connect_size`):
+                    // refused from the fixed header, in the client's version if it got that far.
+                    tracing::debug!(peer = conn.peer(), %error, "packet too large before CONNECT completed");
+                    let version = petrel_codec::connect_version(&rbuf);
+                    break 'conn conn.refuse_oversized_connect(version, error);
+                }
                 Err(error) => {
                     tracing::debug!(peer = conn.peer(), client_id = conn.client_id().unwrap_or(""), %error, "malformed packet");
                     break 'conn conn.handle_decode_error(error);
@@ -145,6 +157,33 @@ pub(crate) async fn drive<S, G>(
         }
         if rbuf.is_empty() && rbuf.capacity() > 0 {
             rbuf = BytesMut::new();
+        } else if let Some(total) = packet_len(&rbuf) {
+            // The rest of a packet whose size the header gave (decode has checked it against
+            // the limit): room for all of it at once, not a buffer doubled (and copied) as it
+            // arrives, so the memory held, and counted below, is the packet's size.
+            if total > rbuf.capacity() {
+                rbuf.reserve(total - rbuf.len());
+            }
+        }
+        // What is left is the start of one packet: count it against the broker-wide budget
+        // (`input.rs`), which sheds connections that are not authenticated yet once it is
+        // spent, and those with keep alive 0 (no deadline) past twice it.
+        let authenticated = conn.is_connected();
+        if authenticated {
+            input.set_authenticated();
+        }
+        if rbuf.capacity() != input.held() {
+            let limit = conn.broker().limits().max_partial_input_total;
+            let cap = match (authenticated, conn.deadline()) {
+                (false, _) => limit,
+                (true, None) => limit.saturating_mul(2),
+                (true, Some(_)) => usize::MAX,
+            };
+            if input.hold(rbuf.capacity(), cap).is_err() {
+                Stats::add(&conn.broker().stats.partial_input_shed, 1);
+                tracing::debug!(peer = conn.peer(), held = rbuf.len(), authenticated, "closing a connection: the partial input budget (mqtt.max_partial_input_total) is spent");
+                break 'conn CloseReason::IoError;
+            }
         }
         // CONNECT may have replaced the connect deadline with an earlier keepalive one, and a
         // pause brings its own.
@@ -186,6 +225,7 @@ pub(crate) async fn drive<S, G>(
         } => {}
         _ = sleep => {}
     }
+    drop(input);
     drop(slot);
 }
 
@@ -255,7 +295,14 @@ where
                 Stats::add(&conn.broker().stats.bytes_received, n as u64);
                 return Poll::Ready(Event::Read);
             }
-            Poll::Ready(Err(_)) => return Poll::Ready(Event::IoError),
+            Poll::Ready(Err(e)) => {
+                // The WebSocket layer refuses growth past the partial-input budget with
+                // this kind.
+                if e.kind() == std::io::ErrorKind::OutOfMemory {
+                    Stats::add(&conn.broker().stats.partial_input_shed, 1);
+                }
+                return Poll::Ready(Event::IoError);
+            }
             Poll::Pending => {}
         }
     }
@@ -271,6 +318,12 @@ fn poll_timer(cx: &mut Context<'_>, conn: &Connection, sleep: Pin<&mut Sleep>) -
     Poll::Pending
 }
 
+/// The whole size of the packet that starts `buf`, once its fixed header is in.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let (remaining, varint) = petrel_codec::wire::parse_varint(buf.get(1..)?).ok()??;
+    Some(1 + varint + remaining as usize)
+}
+
 /// Reads into `rbuf` without holding heap memory while idle: with no partial packet buffered
 /// the read goes to the stack and only what arrived is copied to the heap.
 fn poll_read<S: AsyncRead + Unpin>(
@@ -280,7 +333,7 @@ fn poll_read<S: AsyncRead + Unpin>(
 ) -> Poll<std::io::Result<usize>> {
     if !rbuf.is_empty() {
         // Assembling a packet: read straight into the heap buffer.
-        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+        if rbuf.capacity() == rbuf.len() {
             rbuf.reserve(READ_CHUNK);
         }
         return tokio_util::io::poll_read_buf(Pin::new(stream), cx, rbuf);

@@ -7,6 +7,8 @@
 //!                │              back-off); PROXY header, TLS, WebSocket upgrade per transport
 //!                │   proxy.rs (PROXY v1/v2) · tls.rs (rustls, reload) · ws.rs (upgrade, frames)
 //!                └─ driver.rs ── one task per connection: stream ⇄ petrel_engine::Connection
+//!                      input.rs ── the broker-wide budget for incomplete packets
+//! descriptors.rs ── RLIMIT_NOFILE shared out: client connections, admin, a reserve
 //! config.rs ── the TOML file: shape, defaults, validation with file:line: key: problem
 //! acl_file.rs ── topic authorization rules, read at start
 //! auth_hook.rs ── the HTTP authentication hook
@@ -26,7 +28,9 @@ mod auth_hook;
 pub mod auth_secret;
 pub mod bridge;
 pub mod config;
+pub mod descriptors;
 mod driver;
+mod input;
 pub mod listener;
 pub mod login_guard;
 pub mod passwords;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerProtocol, ProxyProtocol};
+use crate::input::{InputBudget, InputShare};
 use crate::tls::{certificate_identity, TlsConfig, TlsFileError};
 use crate::{driver, proxy, ws};
 
@@ -169,7 +170,8 @@ impl Listener {
     pub async fn run(
         self,
         broker: Arc<Broker>,
-        total: Arc<Semaphore>,
+        (reserved, total): (Arc<Semaphore>, Arc<Semaphore>),
+        input: Arc<InputBudget>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
@@ -185,6 +187,7 @@ impl Listener {
             config: self.config,
             tls: self.tls,
             broker,
+            input,
             shutdown: shutdown.clone(),
         });
         loop {
@@ -214,7 +217,8 @@ impl Listener {
                     };
                     Stats::add(&self.stats.accepted, 1);
                     self.stats.set_waiting(false);
-                    let Some(mut permit) = server_slot(own, &total, &shutdown).await else {
+                    let Some(mut permit) = server_slot(own, (&reserved, &total), &shutdown).await
+                    else {
                         break;
                     };
                     // The accept instant starts the connect deadline; nothing later resets it.
@@ -236,7 +240,8 @@ impl Listener {
                         // size is most of an idle connection's memory. The permit rides along
                         // and frees the slot when the driver ends.
                         let conn = ctx.connection(peer.to_string(), accepted_at);
-                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+                        let input = ctx.input_share();
+                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit, input));
                     } else {
                         tracker.spawn(establish(ctx.clone(), stream, peer, accepted_at, permit));
                     }
@@ -255,24 +260,26 @@ impl Listener {
                     };
                     Stats::add(&self.stats.accepted, 1);
                     self.stats.set_waiting(false);
-                    let Some(permit) = server_slot(own, &total, &shutdown).await else {
+                    let Some(permit) = server_slot(own, (&reserved, &total), &shutdown).await
+                    else {
                         break;
                     };
                     let conn = ctx.connection(format!("unix:{}", path.display()), Instant::now());
+                    let mut input = ctx.input_share();
                     if ctx.config.proxy_protocol == ProxyProtocol::Off {
-                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit));
+                        tracker.spawn(driver::drive(stream, conn, shutdown.clone(), permit, input));
                     } else {
                         let ctx = ctx.clone();
                         tracker.spawn(async move {
                             let deadline = ctx.handshake_deadline(Instant::now());
                             let mode = ctx.config.proxy_protocol;
-                            let Some((_, stream)) = ctx
-                                .step("PROXY header", deadline, proxy::read_header(stream, mode))
-                                .await
+                            let budget = ctx.broker.limits().max_partial_input_total;
+                            let read = proxy::read_header(stream, mode, &mut input, budget);
+                            let Some((_, stream)) = ctx.step("PROXY header", deadline, read).await
                             else {
                                 return;
                             };
-                            driver::drive(stream, conn, ctx.shutdown.clone(), permit).await
+                            driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await
                         });
                     }
                 }
@@ -318,13 +325,20 @@ impl Drop for AddressSlot {
 }
 
 /// Waits for a server-wide slot for a connection just accepted (this listener accepts
-/// nothing more meanwhile, so further clients wait in the backlog).
+/// nothing more meanwhile, so further clients wait in the backlog): one of those reserved for
+/// this listener if one is free, else a shared one (`descriptors.rs`).
 async fn server_slot(
     own: OwnedSemaphorePermit,
-    total: &Arc<Semaphore>,
+    (reserved, total): (&Arc<Semaphore>, &Arc<Semaphore>),
     shutdown: &CancellationToken,
 ) -> Option<Permit> {
     tokio::select! {
+        biased;
+        p = reserved.clone().acquire_owned() => p.ok().map(|all| Permit {
+            _listener: own,
+            _server: all,
+            address: None,
+        }),
         p = total.clone().acquire_owned() => p.ok().map(|all| Permit {
             _listener: own,
             _server: all,
@@ -352,10 +366,16 @@ struct Ctx {
     config: ListenerConfig,
     tls: Option<Arc<TlsConfig>>,
     broker: Arc<Broker>,
+    /// The partial-input budget all listeners share.
+    input: Arc<InputBudget>,
     shutdown: CancellationToken,
 }
 
 impl Ctx {
+    fn input_share(&self) -> InputShare {
+        InputShare::new(self.input.clone())
+    }
+
     fn limit_after_handshake(&self) -> bool {
         self.config.proxy_protocol != ProxyProtocol::Off || self.config.trust_x_forwarded_for
     }
@@ -431,6 +451,10 @@ impl Ctx {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 Stats::add(&self.broker.stats.handshake_failures, 1);
+                // A PROXY header refused past the partial-input budget.
+                if e.kind() == io::ErrorKind::OutOfMemory {
+                    Stats::add(&self.broker.stats.partial_input_shed, 1);
+                }
                 tracing::debug!(step = what, error = %e, "connection failed before MQTT");
                 None
             }
@@ -458,7 +482,9 @@ async fn establish(
     let (source, stream) = if config.proxy_protocol == ProxyProtocol::Off {
         (None, proxy::Prefixed::new(Vec::new(), stream))
     } else {
-        let read = proxy::read_header(stream, config.proxy_protocol);
+        let mut input = ctx.input_share();
+        let budget = ctx.broker.limits().max_partial_input_total;
+        let read = proxy::read_header(stream, config.proxy_protocol, &mut input, budget);
         let Some(done) = ctx.step("PROXY header", deadline, read).await else {
             return;
         };
@@ -474,7 +500,8 @@ async fn establish(
     match config.protocol {
         ListenerProtocol::Tcp | ListenerProtocol::Unix => {
             let conn = ctx.connection(peer.to_string(), accepted_at);
-            driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+            let input = ctx.input_share();
+            driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
         }
         ListenerProtocol::Ws => {
             websocket(&ctx, stream, peer, accepted_at, deadline, None, permit).await;
@@ -498,7 +525,8 @@ async fn establish(
             } else {
                 let mut conn = ctx.connection(peer.to_string(), accepted_at);
                 conn.set_certificate_identity(identity);
-                driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+                let input = ctx.input_share();
+                driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
             }
         }
     }
@@ -515,12 +543,23 @@ async fn websocket<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let max = ctx.broker.limits().max_packet_size as usize + WS_MESSAGE_SLACK;
+    let limits = ctx.broker.limits();
+    let max = limits.max_packet_size as usize + WS_MESSAGE_SLACK;
+    // The WebSocket layer assembles a message before the driver sees its bytes: before
+    // CONNECT it holds that to the pre-authentication limit and the shared budget too.
+    let mut input = ctx.input_share();
+    let before_connect = ws::PreAuth {
+        share: input.beneath(),
+        max_connect: limits.max_connect_size as usize + WS_MESSAGE_SLACK,
+        budget: limits.max_partial_input_total,
+    };
+    drop(limits);
     let upgrade = ws::accept(
         stream,
         &ctx.config.path,
         ctx.config.trust_x_forwarded_for,
         max,
+        before_connect,
     );
     let Some((stream, upgrade)) = ctx.step("WebSocket upgrade", deadline, upgrade).await else {
         return;
@@ -534,7 +573,88 @@ async fn websocket<S>(
     }
     let mut conn = ctx.connection(peer.to_string(), accepted_at);
     conn.set_certificate_identity(identity);
-    driver::drive(stream, conn, ctx.shutdown.clone(), permit).await;
+    driver::drive(stream, conn, ctx.shutdown.clone(), permit, input).await;
+}
+
+/// For `--check-config`: what a start would find wrong with the addresses, without taking
+/// them. An explicit admin address must be free (bound and released at once); a unix
+/// socket's directory must exist and be writable, and nothing but a socket may be in its
+/// place. Only the admin address is bound: the MQTT ports are usually held by the running
+/// broker the checked file is meant to replace.
+pub fn check_addresses(config: &crate::Config) -> Result<(), crate::ServerError> {
+    let (admin, explicit) = crate::admin::effective(config.admin.as_ref());
+    if explicit && admin.enabled && admin.bind.port() != 0 {
+        // A running broker that this file is meant to replace holds it too: the error says
+        // so, since a start would fail the same way while that broker runs.
+        std::net::TcpListener::bind(admin.bind).map_err(|source| {
+            crate::admin::AdminError::Bind {
+                addr: admin.bind,
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("{source} (by another process, or a petrel already running with it)"),
+                ),
+            }
+        })?;
+    }
+    for (index, listener) in config.listeners.iter().enumerate() {
+        if listener.protocol != ListenerProtocol::Unix {
+            continue;
+        }
+        let Some(path) = &listener.socket else {
+            continue;
+        };
+        unix_path_problem(path).map_or(Ok(()), |message| {
+            Err(crate::ServerError::Listener {
+                index,
+                key: "socket",
+                message: format!("{}: {message}", path.display()),
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// Why a unix listener could not bind `path`, if it could not.
+fn unix_path_problem(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    // sun_path holds 108 bytes with the terminating NUL.
+    if path.as_os_str().as_bytes().len() > 107 {
+        return Some("longer than the 107 bytes a unix socket path may have".to_owned());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Err(e) => {
+            return Some(format!(
+                "its directory {} cannot be used: {e}",
+                dir.display()
+            ))
+        }
+        Ok(meta) if !meta.is_dir() => {
+            return Some(format!("{} is not a directory", dir.display()));
+        }
+        Ok(_) => {}
+    }
+    let Ok(dir_c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return Some("holds a NUL byte".to_owned());
+    };
+    // SAFETY: access(2) reads the NUL-terminated path only.
+    if unsafe { libc::access(dir_c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Some(format!(
+            "its directory {} is not writable: {}",
+            dir.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            Some("a file that is not a socket is in its place".to_owned())
+        }
+        _ => None,
+    }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -14,6 +14,7 @@ use ppp::{HeaderResult, PartialResult};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::config::ProxyProtocol;
+use crate::input::InputShare;
 
 const V1_PREFIX: &[u8] = b"PROXY ";
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -88,10 +89,25 @@ fn may_be_header(data: &[u8]) -> bool {
 
 /// Reads the PROXY header, if `mode` expects one. Returns the client's address from it (or
 /// `None`: no header in `optional` mode, or a LOCAL / UNKNOWN header) and the stream with
-/// whatever was read past the header put back.
+/// whatever was read past the header put back. The header being read (up to 64 KiB with v2
+/// TLVs) counts against the partial-input budget (`input`, `budget`) like an incomplete
+/// CONNECT, since its sender is not authenticated either.
 pub async fn read_header<S: AsyncRead + Unpin>(
+    stream: S,
+    mode: ProxyProtocol,
+    input: &mut InputShare,
+    budget: usize,
+) -> io::Result<(Option<SocketAddr>, Prefixed<S>)> {
+    let read = read_metered(stream, mode, input, budget).await;
+    let _ = input.hold(0, budget);
+    read
+}
+
+async fn read_metered<S: AsyncRead + Unpin>(
     mut stream: S,
     mode: ProxyProtocol,
+    input: &mut InputShare,
+    budget: usize,
 ) -> io::Result<(Option<SocketAddr>, Prefixed<S>)> {
     let mut buf: Vec<u8> = Vec::with_capacity(256);
     loop {
@@ -129,6 +145,12 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
+        if input.hold(buf.capacity(), budget).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "the partial input budget (mqtt.max_partial_input_total) is spent",
+            ));
+        }
     }
 }
 
@@ -161,7 +183,9 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     async fn run(input: &[u8], mode: ProxyProtocol) -> io::Result<(Option<SocketAddr>, Vec<u8>)> {
-        let (addr, mut rest) = read_header(input, mode).await?;
+        let budget = crate::input::InputBudget::new();
+        let mut share = InputShare::new(budget);
+        let (addr, mut rest) = read_header(input, mode, &mut share, usize::MAX).await?;
         let mut after = Vec::new();
         rest.read_to_end(&mut after).await?;
         Ok((addr, after))

@@ -50,12 +50,43 @@ pub enum ServerError {
     Bridge(#[from] crate::bridge::BridgeError),
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("reserved_descriptors: {0}")]
+    Descriptors(String),
     #[error("listeners[{index}].{key}: {message}")]
     Listener {
         index: usize,
         key: &'static str,
         message: String,
     },
+}
+
+/// Raises the open file limit and shares it out (`descriptors.rs`); logs where it lowered
+/// `max_connections`.
+fn share_descriptors(
+    config: &Config,
+    admin: Option<&crate::admin::AdminServer>,
+) -> Result<crate::descriptors::Plan, ServerError> {
+    let needs = crate::descriptors::Needs {
+        max_connections: config.max_connections,
+        reserved_descriptors: config.reserved_descriptors,
+        admin_connections: admin.map_or(0, |a| a.max_connections()),
+        listener_reserves: config
+            .listeners
+            .iter()
+            .map(|l| l.reserved_connections.min(l.max_connections))
+            .collect(),
+    };
+    let plan = crate::descriptors::plan(crate::descriptors::raise_limit(), &needs)
+        .map_err(ServerError::Descriptors)?;
+    if plan.connections < config.max_connections {
+        tracing::info!(
+            open_file_limit = plan.limit,
+            max_connections = plan.connections,
+            configured = config.max_connections,
+            "client connections held to what the open file limit leaves (reserved_descriptors, admin.max_connections and the listener sockets kept apart)"
+        );
+    }
+    Ok(plan)
 }
 
 /// Listeners reachable from other machines while clients may connect without a login.
@@ -76,6 +107,8 @@ pub fn exposed_without_login(config: &Config) -> Vec<(usize, SocketAddr)> {
 pub fn limits_from(config: &MqttConfig) -> Limits {
     Limits {
         max_packet_size: config.max_packet_size,
+        max_connect_size: config.max_connect_size,
+        max_partial_input_total: config.max_partial_input_total,
         max_inflight: config.max_inflight,
         max_queued_messages: config.max_queued_messages,
         max_queued_bytes: config.max_queued_bytes,
@@ -223,6 +256,7 @@ pub fn check_files(config: &Config) -> Result<(), ServerError> {
     for (i, bridge) in config.bridges.iter().enumerate() {
         crate::bridge::Bridge::prepare(i, bridge)?;
     }
+    crate::listener::check_addresses(config)?;
     Ok(())
 }
 
@@ -380,7 +414,8 @@ async fn reload_tls(configs: Vec<Arc<TlsConfig>>, shutdown: CancellationToken) {
 pub struct Server {
     broker: Arc<Broker>,
     listeners: Vec<Listener>,
-    max_connections: usize,
+    /// How the process's descriptors are shared out between the listeners.
+    descriptors: crate::descriptors::Plan,
     /// The file the configuration came from: SIGHUP reads it again.
     config_path: Option<PathBuf>,
     /// The configuration in service, to tell a reload what changed.
@@ -540,10 +575,11 @@ impl Server {
                 None
             }
         };
+        let descriptors = share_descriptors(config, admin.as_ref())?;
         Ok(Server {
             broker,
             listeners,
-            max_connections: config.max_connections,
+            descriptors,
             config_path: None,
             config: config.clone(),
             admin,
@@ -614,16 +650,18 @@ impl Server {
         let admin = self
             .admin
             .map(|a| tokio::spawn(a.run(config_reload.clone(), admin_stop.clone())));
-        let total = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let (total, reserves) = self.descriptors.semaphores();
+        let input = crate::input::InputBudget::new();
         // Listeners and connections stop on their own token, cancelled only once the drain
         // deadline is set: a connection that saw the shutdown first would find no deadline
         // and close without draining.
         let connections = CancellationToken::new();
-        for listener in self.listeners {
+        for (listener, reserved) in self.listeners.into_iter().zip(reserves) {
             tracing::info!(addr = %listener.describe(), protocol = %listener.config.protocol, "listening");
             accept_tasks.push(tokio::spawn(listener.run(
                 self.broker.clone(),
-                total.clone(),
+                (reserved, total.clone()),
+                input.clone(),
                 connections.clone(),
                 tracker.clone(),
             )));

@@ -185,6 +185,7 @@ impl Collector for BrokerCollector {
             "reason",
             [
                 ("connect_timeout", get(&s.connect_timeouts)),
+                ("partial_input_budget", get(&s.partial_input_shed)),
                 ("keepalive_timeout", get(&s.keepalive_timeouts)),
                 ("protocol_error", get(&s.protocol_errors)),
                 ("session_taken_over", get(&s.takeovers)),

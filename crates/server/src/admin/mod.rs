@@ -14,6 +14,7 @@
 
 mod api;
 mod metrics;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ pub(crate) struct Admin {
 pub struct AdminServer {
     listener: TcpListener,
     admin: Arc<Admin>,
+    bounds: serve::Bounds,
 }
 
 /// The token from the configuration: given, read from a file, or made up (and logged).
@@ -137,22 +139,32 @@ impl AdminServer {
             reloader: std::sync::OnceLock::new(),
             rates: std::sync::Mutex::new(api::Rates::default()),
         });
-        Ok(AdminServer { listener, admin })
+        let bounds = serve::Bounds {
+            max_connections: config.max_connections,
+            header_timeout: config.header_timeout,
+            idle_timeout: config.idle_timeout,
+        };
+        Ok(AdminServer {
+            listener,
+            admin,
+            bounds,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// Connections it serves at once: descriptors the MQTT listeners do not get.
+    pub fn max_connections(&self) -> usize {
+        self.bounds.max_connections
+    }
+
     /// Serves until `shutdown`; `/readyz` turns 503 as soon as the broker drains.
     pub async fn run(self, reloader: Option<Arc<Reloader>>, shutdown: CancellationToken) {
         let _ = self.admin.reloader.set(reloader);
         let app = router(self.admin);
-        let serve = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
+        serve::serve(self.listener, app, self.bounds, shutdown).await;
     }
 }
 

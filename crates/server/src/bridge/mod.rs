@@ -374,7 +374,14 @@ impl Bridge {
             config.connect_timeout,
         );
         conn.set_internal();
-        tracker.spawn(crate::driver::drive(theirs, conn, stop.clone(), ()));
+        // Our own pipe: not metered against the clients' partial input budget.
+        tracker.spawn(crate::driver::drive(
+            theirs,
+            conn,
+            stop.clone(),
+            (),
+            crate::input::InputShare::unmetered(),
+        ));
         let (mut local_r, mut local_w) = link::split(Box::new(ours), ProtocolVersion::V5);
         let mut properties = petrel_codec::Properties::default();
         // Never expires: what goes out waits here while the remote is unreachable.

@@ -110,6 +110,7 @@ metrics_require_token = true
         config,
         Config {
             max_connections: 100_000,
+            reserved_descriptors: 64,
             sys_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             bridges: Vec::new(),
@@ -120,6 +121,7 @@ metrics_require_token = true
                 token: "s3cret".into(),
                 token_file: None,
                 metrics_require_token: true,
+                ..AdminConfig::default()
             }),
             storage: StorageConfig::default(),
             listeners: vec![
@@ -173,6 +175,7 @@ metrics_require_token = true
                 response_information: String::new(),
                 strict_v31_client_id: false,
                 queue_overflow: QueueOverflow::DropOldest,
+                ..MqttConfig::default()
             },
             auth: AuthConfig {
                 allow_anonymous: false,
@@ -576,10 +579,10 @@ fn default_config_toml_round_trips() {
     // Every key is spelled out, not left to its default.
     let root = DeTable::parse(&text).unwrap();
     let listener = root.get_ref()["listeners"].get_ref().as_array().unwrap()[0].get_ref();
-    assert_eq!(listener.as_table().unwrap().len(), 12);
+    assert_eq!(listener.as_table().unwrap().len(), 13);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        32
+        34
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),

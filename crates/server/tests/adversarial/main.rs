@@ -13,3 +13,4 @@ mod retained;
 mod sessions;
 mod slow_subscriber;
 mod store;
+mod transport;
