@@ -547,6 +547,12 @@ fn verified(dir: &Path) -> Result<Verified, StoreError> {
 
 /// The keyspace and its partitions, opened (fjall recovers its journal here), and the format
 /// the store declares.
+/// Segment files fjall keeps open at once (its default is 900). The server's descriptor plan
+/// (`reserved_descriptors`, 64 by default) must cover the store's files, so that the store
+/// cannot take the descriptors set aside for client connections; a segment not in the cache
+/// is opened again when read, which only loading at start does much of.
+pub const MAX_OPEN_FILES: usize = 32;
+
 type Opened = (Keyspace, Parts, PartitionHandle, Option<String>);
 
 /// `threads`: with fjall's background threads (flushes, compactions). Without them, opening
@@ -558,12 +564,13 @@ fn opened(dir: &Path, threads: bool) -> Result<Opened, StoreError> {
         dir: dir.to_owned(),
         source,
     };
+    let config = || Config::new(dir).max_open_files(MAX_OPEN_FILES);
     let keyspace = if threads {
-        Config::new(dir).open()
+        config().open()
     } else {
         // fjall's own way to open without its threads (hidden, used by its tests); pinned to
         // fjall 2.11 in Cargo.toml with the journal format journal.rs reads.
-        Keyspace::create_or_recover(Config::new(dir))
+        Keyspace::create_or_recover(config())
     }
     .map_err(open_err)?;
     let part = |name: &str| {
