@@ -97,6 +97,9 @@ pub struct Broker {
     /// Topic and payload bytes of the retained messages clients set (`$SYS` not counted):
     /// what `max_retained_bytes` bounds. Changed under the `retained` write lock.
     retained_bytes: std::sync::atomic::AtomicUsize,
+    /// Who set each retained message, while `max_retained_per_client` is set. A leaf lock,
+    /// taken under `retained`.
+    retained_setters: Mutex<crate::retained_quota::Setters>,
     /// Other nodes of a cluster, when there are any.
     fabric: OnceLock<Arc<dyn Fabric>>,
     /// Where an operator sends clients instead of this server (v5 Server Reference).
@@ -294,6 +297,7 @@ impl Broker {
             activity: TopicActivity::default(),
             sys_retained: std::sync::atomic::AtomicUsize::new(0),
             retained_bytes: std::sync::atomic::AtomicUsize::new(0),
+            retained_setters: Mutex::new(Default::default()),
             fabric: OnceLock::new(),
             redirect: RwLock::new(None),
         }
@@ -492,9 +496,35 @@ impl Broker {
             && self.retained_bytes().saturating_sub(freed) + weight <= limits.max_retained_bytes
     }
 
+    /// Whether `client_id` may set a new retained message on `topic` under
+    /// `max_retained_per_client` (see [`crate::retained_quota`]).
+    pub fn retained_quota_allows(&self, client_id: &str, topic: &str) -> bool {
+        let limit = self.limits().max_retained_per_client;
+        limit == 0 || lock(&self.retained_setters).allows(client_id, topic, limit)
+    }
+
+    /// `client_id` set the retained message of `topic` (kept only while a per-client limit is
+    /// set). Called after [`Broker::retain`].
+    pub fn retained_set_by(&self, client_id: &str, topic: &str) {
+        let mut setters = lock(&self.retained_setters);
+        if self.limits().max_retained_per_client == 0 {
+            if !setters.is_empty() {
+                setters.clear();
+            }
+            return;
+        }
+        setters.note(topic, client_id);
+    }
+
     /// Keeps `retained_bytes` true after a change to the retained trie (the caller holds its
     /// write lock): `added` went in, `removed` came out.
     fn retained_changed(&self, added: Option<&Message>, removed: Option<&Message>) {
+        if let Some(topic) = added.or(removed).map(|m| &*m.topic) {
+            let mut setters = lock(&self.retained_setters);
+            if !setters.is_empty() {
+                setters.forget(topic);
+            }
+        }
         let weigh =
             |m: Option<&Message>| m.filter(|m| !is_sys(&m.topic)).map_or(0, Message::weight);
         let (added, removed) = (weigh(added), weigh(removed));

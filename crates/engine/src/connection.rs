@@ -1519,16 +1519,19 @@ impl Connection {
         // A new retained message must fit the broker's retained bounds; one that does not is
         // refused whole, so the publisher learns of it (v5) rather than the broker keeping
         // it unretained behind its back.
-        if retain
-            && !publish.payload.is_empty()
-            && !self.internal
-            && !self
+        if retain && !publish.payload.is_empty() && !self.internal {
+            let full = !self
                 .broker
-                .retained_room(&topic, topic.len() + publish.payload.len())
-        {
-            Stats::add(&self.broker.stats.refused_retained_quota, 1);
-            tracing::debug!(peer = %self.peer, topic = %topic, "publish refused: the retained store is full");
-            return self.refuse_publish(version, qos, packet_id, ReasonCode::QUOTA_EXCEEDED);
+                .retained_room(&topic, topic.len() + publish.payload.len());
+            if full
+                || !self
+                    .broker
+                    .retained_quota_allows(&session.client_id, &topic)
+            {
+                Stats::add(&self.broker.stats.refused_retained_quota, 1);
+                tracing::debug!(peer = %self.peer, topic = %topic, full, "publish refused: past the retained message bounds");
+                return self.refuse_publish(version, qos, packet_id, ReasonCode::QUOTA_EXCEEDED);
+            }
         }
         // The inbound allowance: past it QoS 0 is dropped; QoS 1/2 is taken and the client
         // is not read from until it is even again.
@@ -1580,7 +1583,11 @@ impl Connection {
             let message = Arc::new(message);
             // Acknowledged once the retained change, too, is durable.
             let (retain_token, retain_forwarded) = if retain {
-                broker.retain(&message)
+                let done = broker.retain(&message);
+                if !message.payload.is_empty() {
+                    broker.retained_set_by(&session.client_id, &message.topic);
+                }
+                done
             } else {
                 (0, 0)
             };

@@ -37,6 +37,7 @@ pub mod limits;
 pub mod message;
 pub mod record;
 pub mod retained;
+pub mod retained_quota;
 pub mod scram;
 pub mod session;
 pub mod shared;

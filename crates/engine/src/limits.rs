@@ -103,6 +103,8 @@ pub struct Limits {
     /// dropped) and counted; replacing or clearing one always works.
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
+    /// Retained messages one client id may have set (0: no limit), refused the same way.
+    pub max_retained_per_client: usize,
 }
 
 impl Default for Limits {
@@ -142,6 +144,7 @@ impl Default for Limits {
             max_inbound_bytes_per_second: 0,
             max_retained_messages: 100_000,
             max_retained_bytes: 128 * 1024 * 1024,
+            max_retained_per_client: 0,
         }
     }
 }

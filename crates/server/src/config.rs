@@ -1107,6 +1107,11 @@ pub struct MqttConfig {
     /// Topic and payload bytes of all retained messages together; a PUBLISH
     /// that would take them past it is refused the same way.
     pub max_retained_bytes: usize,
+    /// Retained messages one client id may have set (the last to set a topic
+    /// holds it); past it a new one is refused the same way. 0 = no per-client
+    /// limit. Counted from when it is set (a reload that sets it counts what
+    /// is set from then on).
+    pub max_retained_per_client: usize,
     /// PUBLISH packets one client may send per second (a token bucket);
     /// 0 = no limit. Past it QoS 0 messages are dropped and QoS 1/2 slowed
     /// (the client is not read from until it is back under the rate).
@@ -1311,6 +1316,7 @@ impl Default for MqttConfig {
             max_subscriptions_per_client: 10_000,
             max_retained_messages: petrel_engine::Limits::default().max_retained_messages,
             max_retained_bytes: petrel_engine::Limits::default().max_retained_bytes,
+            max_retained_per_client: petrel_engine::Limits::default().max_retained_per_client,
             max_inbound_messages_per_second: 0,
             max_inbound_bytes_per_second: 0,
             outbox_bytes: 1024 * 1024,
@@ -1791,6 +1797,11 @@ impl Config {
                 Bounds::at_least(1),
             ),
             (
+                mqtt_key("max_retained_per_client"),
+                as_u64(mqtt.max_retained_per_client),
+                Bounds::at_least(0),
+            ),
+            (
                 mqtt_key("outbox_bytes"),
                 as_u64(mqtt.outbox_bytes),
                 Bounds::at_least(1),
@@ -1962,6 +1973,8 @@ pub fn default_config_toml() -> String {
          # a PUBLISH that would set a new one past them is refused (0x97).\n\
          max_retained_messages = {max_retained_messages}\n\
          max_retained_bytes = {max_retained_bytes}\n\
+         # Retained messages one client id may have set; 0 = no per-client limit.\n\
+         max_retained_per_client = {max_retained_per_client}\n\
          # PUBLISH packets and payload bytes one client may send per second;\n\
          # 0 = no limit. Past them QoS 0 is dropped, QoS 1/2 slowed.\n\
          max_inbound_messages_per_second = {max_inbound_messages_per_second}\n\
@@ -2023,6 +2036,7 @@ pub fn default_config_toml() -> String {
         max_subscriptions_per_client = mqtt.max_subscriptions_per_client,
         max_retained_messages = mqtt.max_retained_messages,
         max_retained_bytes = mqtt.max_retained_bytes,
+        max_retained_per_client = mqtt.max_retained_per_client,
         max_inbound_messages_per_second = mqtt.max_inbound_messages_per_second,
         max_inbound_bytes_per_second = mqtt.max_inbound_bytes_per_second,
         outbox_bytes = mqtt.outbox_bytes,

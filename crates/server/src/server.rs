@@ -119,6 +119,7 @@ pub fn limits_from(config: &MqttConfig) -> Limits {
         max_subscriptions_per_client: config.max_subscriptions_per_client,
         max_retained_messages: config.max_retained_messages,
         max_retained_bytes: config.max_retained_bytes,
+        max_retained_per_client: config.max_retained_per_client,
         max_inbound_messages_per_second: config.max_inbound_messages_per_second,
         max_inbound_bytes_per_second: config.max_inbound_bytes_per_second,
         outbox_bytes: config.outbox_bytes,

@@ -55,6 +55,7 @@ max_topic_levels = 5
 max_subscriptions_per_client = 7
 max_retained_messages = 500
 max_retained_bytes = 65536
+max_retained_per_client = 50
 max_inbound_messages_per_second = 50
 max_inbound_bytes_per_second = 5000
 outbox_bytes = 2048
@@ -154,6 +155,7 @@ metrics_require_token = true
                 max_subscriptions_per_client: 7,
                 max_retained_messages: 500,
                 max_retained_bytes: 65536,
+                max_retained_per_client: 50,
                 max_inbound_messages_per_second: 50,
                 max_inbound_bytes_per_second: 5000,
                 outbox_bytes: 2048,
@@ -582,7 +584,7 @@ fn default_config_toml_round_trips() {
     assert_eq!(listener.as_table().unwrap().len(), 13);
     assert_eq!(
         root.get_ref()["mqtt"].get_ref().as_table().unwrap().len(),
-        34
+        35
     );
     assert_eq!(
         root.get_ref()["auth"].get_ref().as_table().unwrap().len(),

@@ -165,3 +165,38 @@ async fn large_retained_messages_are_held_to_the_byte_bound() {
         "resident memory grew {grown_mib:.1} MiB for a 16 MiB retained bound"
     );
 }
+
+/// `max_retained_per_client`: one client cannot take the whole retained store. Its sixth of
+/// five is refused with 0x97 while another client still sets its own; replacing one of its
+/// own works, and a message another client replaced is no longer counted as its.
+#[tokio::test]
+async fn one_client_is_held_to_its_share_of_the_retained_store() {
+    let _machine = light().await;
+    let admin = free_port();
+    let broker = Broker::start_with("", &tables(admin, "max_retained_per_client = 5"));
+    let mut greedy = v5_client(broker.addr, "greedy").await;
+    let mut other = v5_client(broker.addr, "other").await;
+    for i in 0..5u16 {
+        greedy
+            .send(&retained_v5(&format!("g/{i}"), i + 1, b"x"))
+            .await;
+        assert_eq!(puback_reason(&mut greedy, i + 1).await, 0x00, "its own {i}");
+    }
+    greedy.send(&retained_v5("g/5", 6, b"x")).await;
+    assert_eq!(puback_reason(&mut greedy, 6).await, 0x97, "the sixth");
+    greedy.send(&retained_v5("g/0", 7, b"again")).await;
+    assert_eq!(
+        puback_reason(&mut greedy, 7).await,
+        0x00,
+        "replacing its own"
+    );
+    other.send(&retained_v5("o/0", 1, b"x")).await;
+    assert_eq!(puback_reason(&mut other, 1).await, 0x00, "another client's");
+    // `other` takes over one of greedy's topics: greedy has room for one more.
+    other.send(&retained_v5("g/1", 2, b"mine now")).await;
+    assert_eq!(puback_reason(&mut other, 2).await, 0x00);
+    greedy.send(&retained_v5("g/5", 8, b"x")).await;
+    assert_eq!(puback_reason(&mut greedy, 8).await, 0x00, "room again");
+    greedy.send(&retained_v5("g/6", 9, b"x")).await;
+    assert_eq!(puback_reason(&mut greedy, 9).await, 0x97, "full again");
+}
