@@ -434,6 +434,10 @@ pub struct Server {
 impl Server {
     /// Binds every listener of `config`; fails naming the listener that could not bind.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
+        // The secret lives in the store's directory: an unusable one is named as such.
+        if config.storage.mode == StorageMode::Disk {
+            petrel_store::check_dir(&config.storage.dir)?;
+        }
         let secret = crate::auth_secret::load(config, crate::auth_secret::Create::Yes)?;
         let logins = Arc::new(LoginState::default());
         let authenticator = authenticator_from(&config.auth, secret, &logins)?;

@@ -502,6 +502,15 @@ fn bad_config_stops_the_start_naming_file_line_and_key() {
             line: None,
             fragments: &["cannot read config file"],
         },
+        BadConfig {
+            name: "storage dir under a file",
+            contents: Some(format!(
+                "[[listeners]]\nbind = \"{bind}\"\n\n[storage]\ndir = {:?}\n",
+                dir.write("a-file", "").join("store").display().to_string()
+            )),
+            line: None,
+            fragments: &["storage.dir: ", "not a directory"],
+        },
     ];
     for (i, case) in cases.iter().enumerate() {
         let name = case.name;
