@@ -34,6 +34,10 @@ pub(crate) struct TakeoverRequest {
 /// was touched. (A session's parts start with [`VERSION`]; no session is an empty answer.)
 pub(crate) const REFUSED: &[u8] = b"\xffrefused";
 
+/// The answer to a [`TakeoverRequest`] from a node that is claiming the client id itself at
+/// that moment: the asker gives its claim back and looks again.
+pub(crate) const BUSY: &[u8] = b"\xffbusy";
+
 const VERSION: u8 = 2;
 
 /// Version, index, count, deliveries, settings length.

@@ -61,6 +61,13 @@ pub fn takeover_subject(node: &str) -> String {
     format!("petrel.node.{node}.takeover")
 }
 
+/// Where a node asks `node`, before claiming a client id from it, whether the login
+/// connecting may have that id's session: asked first, so that a claim another login's
+/// session refuses never moves the session key at all.
+pub fn owner_check_subject(node: &str) -> String {
+    format!("petrel.node.{node}.owner")
+}
+
 /// Whether `id` can name a node.
 pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()

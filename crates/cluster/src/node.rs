@@ -131,8 +131,29 @@ pub(crate) struct Inner {
     /// Sessions that moved to another node lately, to forward what was still on its way
     /// here for them.
     moved: Mutex<Vec<Moved>>,
+    /// Client ids this node is claiming now: one claim per id at a time here, and a takeover
+    /// request for one of them is answered "busy" (the asker retries), so that no CONNECT
+    /// can slip through the window in which the key says this node but the session's owner
+    /// has not yet agreed.
+    claiming: Mutex<HashSet<String>>,
     boot: u64,
     started_ms: u64,
+}
+
+/// Removes a client id from `Inner::claiming` when its claim ends, however it ends (done,
+/// timed out, or dropped with its connection).
+struct Claiming<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    client_id: String,
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.client_id);
+    }
 }
 
 /// Which (origin, number) pairs were routed lately: a bounded window.
@@ -146,6 +167,16 @@ const SEEN_WINDOW: usize = 65_536;
 
 /// `take_over`'s error when the node holding the session refused the login asking for it.
 const REFUSED_BY_OWNER: &str = "the session belongs to another login";
+
+/// An owner check's answer.
+enum Check {
+    Allowed,
+    Refused,
+    Busy,
+}
+
+/// `take_over`'s error when the node asked is claiming the client id itself.
+const BUSY: &str = "that node is claiming the client id itself";
 
 impl Seen {
     /// True the first time a pair is seen (within the window).
@@ -323,6 +354,7 @@ impl Cluster {
             seen: Mutex::new(Seen::default()),
             core_seq: AtomicU64::new(1),
             moved: Mutex::new(Vec::new()),
+            claiming: Mutex::new(HashSet::new()),
             boot: broker_nonce(),
             started_ms: wall_ms(),
         });
@@ -335,6 +367,12 @@ impl Cluster {
             .await
             .map_err(|e| format!("cluster takeover subscription: {e}"))?;
         tasks.push(tokio::spawn(inner.clone().serve_takeovers(takeovers)));
+        let owner_checks = inner
+            .client
+            .subscribe(names::owner_check_subject(&config.node_id))
+            .await
+            .map_err(|e| format!("cluster owner-check subscription: {e}"))?;
+        tasks.push(tokio::spawn(inner.clone().serve_owner_checks(owner_checks)));
         // The interest table and the retained messages are loaded before clients come.
         let (loaded, interest_task) = watch(interest_kv.clone(), {
             let interest = interest.clone();
@@ -624,6 +662,22 @@ impl Inner {
         let key = names::session_key(&client_id);
         let me = self.config.node_id.clone();
         let work = async {
+            // One claim of this id at a time on this node: a second CONNECT waits for the
+            // first to settle, then sees where the key really points.
+            let _claiming = loop {
+                let inserted = self
+                    .claiming
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(client_id.clone());
+                if inserted {
+                    break Claiming {
+                        set: &self.claiming,
+                        client_id: client_id.clone(),
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             for _ in 0..8 {
                 let entry = self.sessions.entry(&key).await.map_err(|e| e.to_string())?;
                 let (owner, revision) = match &entry {
@@ -635,6 +689,29 @@ impl Inner {
                 };
                 if owner.as_deref() == Some(me.as_str()) {
                     return Ok(true);
+                }
+                let request = serde_json::to_vec(&handover::TakeoverRequest {
+                    client_id: client_id.clone(),
+                    clean_start,
+                    node: me.clone(),
+                    login: Some((login.username.clone(), login.certificate.clone())),
+                    granted,
+                })
+                .unwrap_or_default();
+                // The owner says first whether this login may have the session; only then is
+                // the key moved, so a refused claim never points it away from the session.
+                if let Some(owner) = &owner {
+                    match self.check_owner(owner, Bytes::from(request.clone())).await {
+                        Check::Refused => {
+                            tracing::debug!(client_id, %login, node = owner, "connection refused: the client id's session on another node belongs to another login");
+                            return Ok(false);
+                        }
+                        Check::Busy => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        Check::Allowed => {}
+                    }
                 }
                 let value = Bytes::from(me.clone().into_bytes());
                 let written = match revision {
@@ -656,22 +733,18 @@ impl Inner {
                 let Some(owner) = owner else {
                     return Ok(true);
                 };
-                let request = serde_json::to_vec(&handover::TakeoverRequest {
-                    client_id: client_id.clone(),
-                    clean_start,
-                    node: me.clone(),
-                    login: Some((login.username.clone(), login.certificate.clone())),
-                    granted,
-                })
-                .unwrap_or_default();
                 match self.take_over(&owner, Bytes::from(request)).await {
                     Err(why) if why == REFUSED_BY_OWNER => {
-                        // Give the key back (unless someone took it since), so the session
-                        // stays where it is.
-                        let back = Bytes::from(owner.clone().into_bytes());
-                        let _ = self.sessions.update(&key, back, mine).await;
-                        tracing::info!(client_id, %login, node = owner, "connection refused: the client id's session on another node belongs to another login");
+                        // The session stays where it is, and so does the key.
+                        self.give_back(&key, &owner, mine).await;
+                        tracing::debug!(client_id, %login, node = owner, "connection refused: the client id's session on another node belongs to another login");
                         return Ok(false);
+                    }
+                    Err(why) if why == BUSY => {
+                        // That node is claiming the id itself: look again once it settled.
+                        self.give_back(&key, &owner, mine).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
                     }
                     Ok(None) => {}
                     Ok(Some(parts)) => match handover::decode(&parts) {
@@ -721,6 +794,79 @@ impl Inner {
         true
     }
 
+    /// Asks `owner` whether the login in `request` may have the session (see
+    /// [`Inner::serve_owner_checks`]). A node that does not answer (an older one, or one that
+    /// is gone) leaves it to the takeover request, which checks again.
+    async fn check_owner(&self, owner: &str, request: Bytes) -> Check {
+        let asked = self
+            .client
+            .request(names::owner_check_subject(owner), request);
+        match tokio::time::timeout(Duration::from_secs(3), asked).await {
+            Ok(Ok(reply)) if &reply.payload[..] == handover::REFUSED => Check::Refused,
+            Ok(Ok(reply)) if &reply.payload[..] == handover::BUSY => Check::Busy,
+            _ => Check::Allowed,
+        }
+    }
+
+    /// Answers other nodes' owner checks: "refused" when this node holds the client id's
+    /// session for another login, "busy" while it is claiming the id itself, allowed
+    /// (empty) otherwise. Changes nothing.
+    async fn serve_owner_checks(self: Arc<Self>, mut requests: async_nats::Subscriber) {
+        while let Some(msg) = requests.next().await {
+            let Some(reply) = msg.reply else { continue };
+            let Ok(request) = serde_json::from_slice::<handover::TakeoverRequest>(&msg.payload)
+            else {
+                continue;
+            };
+            let claiming = self
+                .claiming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&request.client_id);
+            let answer = if claiming {
+                handover::BUSY
+            } else {
+                let (username, certificate) = request.login.unwrap_or_default();
+                let login = Login {
+                    username,
+                    certificate,
+                };
+                let allowed = self.broker.may_hand_over(
+                    &request.client_id,
+                    &login,
+                    request.granted,
+                    Instant::now(),
+                );
+                if allowed {
+                    &b""[..]
+                } else {
+                    handover::REFUSED
+                }
+            };
+            let _ = self.client.publish(reply, Bytes::from_static(answer)).await;
+        }
+    }
+
+    /// Points the session key back at `owner` if it still points here (at revision `mine`,
+    /// or a later one this node wrote): a claim that did not go through leaves the key as
+    /// it found it.
+    async fn give_back(&self, key: &str, owner: &str, mine: u64) {
+        let me = self.config.node_id.as_bytes();
+        let back = || Bytes::from(owner.to_owned().into_bytes());
+        if self.sessions.update(key, back(), mine).await.is_ok() {
+            return;
+        }
+        match self.sessions.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put && &e.value[..] == me => {
+                if let Err(err) = self.sessions.update(key, back(), e.revision).await {
+                    tracing::warn!(key, error = %err, "cannot give a session key back");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(key, error = %err, "cannot give a session key back"),
+        }
+    }
+
     /// Asks `owner` for a session (`request`: a [`handover::TakeoverRequest`]) and gathers
     /// the parts of its answer. `None`: it had none.
     async fn take_over(&self, owner: &str, request: Bytes) -> Result<Option<Vec<Bytes>>, String> {
@@ -750,6 +896,9 @@ impl Inner {
                 }
                 if &reply.payload[..] == handover::REFUSED {
                     return Err(REFUSED_BY_OWNER.to_owned());
+                }
+                if &reply.payload[..] == handover::BUSY {
+                    return Err(BUSY.to_owned());
                 }
                 let (_, count) = handover::part_of(&reply.payload)?;
                 parts.push(reply.payload);
@@ -1030,6 +1179,21 @@ impl Inner {
             else {
                 continue;
             };
+            if self
+                .claiming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&request.client_id)
+            {
+                // This node is claiming the id itself: the asker looks again shortly.
+                if let Some(reply) = msg.reply {
+                    let _ = self
+                        .client
+                        .publish(reply, Bytes::from_static(handover::BUSY))
+                        .await;
+                }
+                continue;
+            }
             let login = request.login.clone().map(|(username, certificate)| Login {
                 username,
                 certificate,

@@ -950,6 +950,25 @@ impl Broker {
         dropped
     }
 
+    /// Cluster mode: whether [`Broker::hand_over`] would give `client_id`'s session to
+    /// `login` (`granted`: the ACL binds the id to it), without touching anything: true when
+    /// there is no such session, it expired, or it is `login`'s own (or has no recorded owner).
+    pub fn may_hand_over(
+        &self,
+        client_id: &str,
+        login: &Login,
+        granted: bool,
+        now: Instant,
+    ) -> bool {
+        let sessions = lock(&self.sessions);
+        let Some(existing) = sessions.get(client_id) else {
+            return true;
+        };
+        let st = existing.lock();
+        let expired = st.owner == Owner::Offline && st.expires_at.is_some_and(|t| t <= now);
+        granted || expired || st.login.as_ref().is_none_or(|owner| owner == login)
+    }
+
     /// Cluster mode: gives this node's session of `client_id` to the node its client now
     /// connects to. A connected client is closed as taken over (v5: DISCONNECT 0x8E) and the
     /// session leaves this node. Returns what the other node continues the session with,

@@ -1438,7 +1438,8 @@ fn connect_as(client_id: &str, user: &str, password: &str) -> Vec<u8> {
 async fn another_login_cannot_take_a_session_from_another_node() {
     let _one = ONE_AT_A_TIME.lock().await;
     let nats = Nats::single("owner");
-    let tables = "[storage]\nmode = \"memory\"\n\n[auth]\nallow_anonymous = false\n\n\
+    let tables = "[storage]\nmode = \"memory\"\n\n[auth]\nallow_anonymous = false\n\
+                  max_pending_logins_per_address = 8\n\n\
                   [[auth.users]]\nname = \"alice\"\npassword = \"pa\"\n\n\
                   [[auth.users]]\nname = \"bob\"\npassword = \"pb\"\n";
     let a = Node::start("a", &nats.urls(), tables, 1);
@@ -1458,6 +1459,23 @@ async fn another_login_cannot_take_a_session_from_another_node() {
         [vec![0x20, 0x02, 0x00, 0x05]],
         "alice refused"
     );
+
+    // Several CONNECTs at once, two to b and two to a third node, so that one lands while
+    // another's claim has the key pointing away from a: every one is refused.
+    let c = Node::start("c", &nats.urls(), tables, 1);
+    let mut tries = Vec::new();
+    for node in [&b, &c, &b, &c] {
+        let addr = node.broker.addr;
+        tries.push(tokio::spawn(async move {
+            let mut alice = RawClient::connect(addr).await;
+            alice.send(&connect_as("bob-phone", "alice", "pa")).await;
+            alice.until_closed(WAIT).await.map(|c| c.packets)
+        }));
+    }
+    for attempt in tries {
+        let packets = attempt.await.unwrap().expect("refused and closed");
+        assert_eq!(packets, [vec![0x20, 0x02, 0x00, 0x05]], "alice refused");
+    }
 
     // bob was not disconnected, and his session is still on a: a message published on a
     // reaches him there.
