@@ -175,6 +175,9 @@ pub struct Routed {
     /// congested subscriber's hold time ([`crate::hold`]). When every subscriber is behind,
     /// the pause holds back no one who could go faster and costs nothing.
     pub others_keep_up: bool,
+    /// One of those subscribers (the first), for the publisher to remember: a later wait on a
+    /// slow subscriber of another of its topics holds this one back too.
+    pub keeper: Option<Arc<Session>>,
 }
 
 impl Routed {
@@ -1546,6 +1549,7 @@ impl Broker {
             forwarded: 0,
             fabric_congested: false,
             others_keep_up: false,
+            keeper: None,
         };
         match sub
             .session
@@ -1601,6 +1605,7 @@ impl Broker {
             forwarded: 0,
             fabric_congested: false,
             others_keep_up: false,
+            keeper: None,
         };
         match session.offer(delivery, &self.limits(), &self.stats, &*self.store) {
             Ok((_, written)) => routed.token = written,
@@ -1658,6 +1663,7 @@ impl Broker {
             let mut congested = None;
             let mut token = 0;
             let mut others_keep_up = false;
+            let mut keeper = None;
             let mut offer = |t: Target, ids: Vec<u32>, congested: &mut Option<Arc<Session>>| {
                 let mut delivery =
                     Delivery::new(message.clone(), t.qos.min(message.qos), t.retain, weight);
@@ -1680,6 +1686,9 @@ impl Broker {
                             *congested = Some(t.session);
                         } else if admitted == Admitted::Queued && t.id != message.origin {
                             others_keep_up = true;
+                            if keeper.is_none() {
+                                keeper = Some(t.session);
+                            }
                         }
                     }
                     Err(reason) => self.count_drop(reason),
@@ -1722,6 +1731,7 @@ impl Broker {
                 forwarded: 0,
                 fabric_congested: false,
                 others_keep_up,
+                keeper,
             }
         })
     }
@@ -1763,8 +1773,15 @@ impl Broker {
         }
         let message = Arc::new(message);
         if retain {
-            // A will has no acknowledgement to hold back.
-            let _ = self.retain(&message);
+            // A will has no acknowledgement to hold back. Past the retained bounds it still
+            // goes to the subscribers, but is not kept: a client dropping its connection
+            // again and again with a retained will must not grow the retained store.
+            let empty = message.payload.is_empty();
+            if empty || self.retained_room(&message.topic, message.weight()) {
+                let _ = self.retain(&message);
+            } else {
+                Stats::add(&self.stats.refused_retained_quota, 1);
+            }
         }
         self.route(&message);
         Stats::add(&self.stats.wills_published, 1);

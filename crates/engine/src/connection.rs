@@ -252,6 +252,9 @@ struct Attached {
     will: Option<Box<LastWill>>,
     /// Set while this client, as a publisher, waits for a subscriber's queue to drain.
     pause: Option<Pause>,
+    /// A subscriber this connection's messages reached lately while it kept up, and when:
+    /// see the flow-control wait in `handle_publish`.
+    keeper: Option<(Arc<Session>, Instant)>,
     /// The enhanced authentication method CONNECT used, if any.
     enhanced: Option<Box<Enhanced>>,
     /// What waits for the store, in the order it is to be written, with the durability token
@@ -1192,7 +1195,7 @@ impl Connection {
             .and_then(|acl| acl.may_use_client_id(identity))
         {
             Some(false) => {
-                tracing::info!(peer = %self.peer, client_id = %client_id, "connection refused: the ACL binds this client id to other logins");
+                tracing::debug!(peer = %self.peer, client_id = %client_id, "connection refused: the ACL binds this client id to other logins");
                 return self.refuse(connect.protocol, ReasonCode::NOT_AUTHORIZED);
             }
             Some(true) => true,
@@ -1232,6 +1235,12 @@ impl Connection {
         // checked now rather than dropped silently when the connection ends.
         let acl_generation = self.broker.acl_generation();
         let acl = rules.as_ref().map(|acl| Arc::new(acl.for_client(identity)));
+        if let Some(will) = connect.will.as_ref().filter(|w| is_sys(&w.topic)) {
+            // `$SYS` is the broker's, ACL or not: a will there would spoof its figures.
+            Stats::add(&self.broker.stats.denied_publish, 1);
+            tracing::debug!(peer = %self.peer, client_id = %client_id, topic = %will.topic, "connection refused: a will under $SYS");
+            return self.refuse(version, ReasonCode::NOT_AUTHORIZED);
+        }
         if let (Some(acl), Some(will)) = (&acl, &connect.will) {
             if !acl.may_publish(&will.topic) {
                 Stats::add(&self.broker.stats.denied_publish, 1);
@@ -1266,7 +1275,7 @@ impl Connection {
         ) {
             Ok(attach) => attach,
             Err(NotOwner) => {
-                tracing::info!(peer = %self.peer, client_id = %client_id, %login, "connection refused: the client id's session belongs to another login");
+                tracing::debug!(peer = %self.peer, client_id = %client_id, %login, "connection refused: the client id's session belongs to another login");
                 return self.refuse(version, ReasonCode::NOT_AUTHORIZED);
             }
         };
@@ -1403,6 +1412,7 @@ impl Connection {
             last_received: now,
             will: connect.will.map(Box::new),
             pause: None,
+            keeper: None,
             pending_acks: (!pending.is_empty()).then(|| Box::new(pending)),
             username: connect.username.clone().map(Box::new),
             allowance: Allowance::new(&self.broker.limits(), now),
@@ -1519,15 +1529,13 @@ impl Connection {
         // A new retained message must fit the broker's retained bounds; one that does not is
         // refused whole, so the publisher learns of it (v5) rather than the broker keeping
         // it unretained behind its back.
-        if retain && !publish.payload.is_empty() && !self.internal {
+        let setter = (retain && !publish.payload.is_empty() && !self.internal)
+            .then(|| self.retained_setter());
+        if let Some(setter) = &setter {
             let full = !self
                 .broker
                 .retained_room(&topic, topic.len() + publish.payload.len());
-            if full
-                || !self
-                    .broker
-                    .retained_quota_allows(&session.client_id, &topic)
-            {
+            if full || !self.broker.retained_quota_allows(setter, &topic) {
                 Stats::add(&self.broker.stats.refused_retained_quota, 1);
                 tracing::debug!(peer = %self.peer, topic = %topic, full, "publish refused: past the retained message bounds");
                 return self.refuse_publish(version, qos, packet_id, ReasonCode::QUOTA_EXCEEDED);
@@ -1584,8 +1592,8 @@ impl Connection {
             // Acknowledged once the retained change, too, is durable.
             let (retain_token, retain_forwarded) = if retain {
                 let done = broker.retain(&message);
-                if !message.payload.is_empty() {
-                    broker.retained_set_by(&session.client_id, &message.topic);
+                if let Some(setter) = &setter {
+                    broker.retained_set_by(setter, &message.topic);
                 }
                 done
             } else {
@@ -1595,7 +1603,7 @@ impl Connection {
             routed.forwarded = routed.forwarded.max(retain_forwarded);
             (message, retain_token, routed)
         };
-        let (message, retain_token, routed) = match persistent_qos2 {
+        let (message, retain_token, mut routed) = match persistent_qos2 {
             // The packet id is durable before PUBREC, so that after a restart the repeat is
             // still recognised; and it lands with the message's queue entries (one group), so
             // a crash keeps both or neither: nothing acknowledged is lost, nothing sent twice.
@@ -1624,6 +1632,9 @@ impl Connection {
         self.broker
             .activity
             .record(&message.topic, message.payload.len());
+        if let (Some(keeper), State::Connected(a)) = (routed.keeper.take(), &mut self.state) {
+            a.keeper = Some((keeper, now));
+        }
         if let Some(subscriber) = routed.congested {
             // The message is queued (so it is acknowledged below), but this publisher reads
             // nothing more until the subscriber catches up. When another subscriber took the
@@ -1631,7 +1642,15 @@ impl Connection {
             // the slow one's hold time, and a subscriber out of hold time is a slow consumer
             // nobody waits for. When every subscriber is behind, the wait is plain back
             // pressure and lasts while the subscriber moves messages at all.
-            let spends = routed.others_keep_up;
+            // Also when this publisher lately fed, on another of its topics, a subscriber that
+            // still keeps up: a trickling subscriber alone on one topic would otherwise hold
+            // the publisher's other topics back for as long as it liked.
+            let fed_other = matches!(&self.state, State::Connected(a) if a.keeper.as_ref().is_some_and(|(k, at)| {
+                k.id != subscriber.id
+                    && now.saturating_duration_since(*at) < limits.flow_control_window
+                    && k.keeps_up(limits)
+            }));
+            let spends = routed.others_keep_up || fed_other;
             let (progress, left) = if spends {
                 subscriber.start_hold(now, limits)
             } else {
@@ -1723,6 +1742,24 @@ impl Connection {
         };
         self.ack_when_durable(0, ack);
         Ok(())
+    }
+
+    /// Whom `max_retained_per_client` counts this client's retained messages against: its
+    /// login (user name, else certificate identity), and an anonymous client by its address,
+    /// never by a client id it could change at will.
+    fn retained_setter(&self) -> String {
+        let username = match &self.state {
+            State::Connected(a) => a.username.as_deref().map(|u| u.to_string()),
+            _ => None,
+        };
+        match (username, self.certificate_identity()) {
+            (Some(user), _) => format!("user:{user}"),
+            (None, Some(certificate)) => format!("certificate:{certificate}"),
+            (None, None) => {
+                let ip = self.peer.rsplit_once(':').map_or(&*self.peer, |(ip, _)| ip);
+                format!("address:{ip}")
+            }
+        }
     }
 
     /// After the ACL was replaced (a reload), compiles this client's rules again. One atomic

@@ -103,7 +103,8 @@ pub struct Limits {
     /// dropped) and counted; replacing or clearing one always works.
     pub max_retained_messages: usize,
     pub max_retained_bytes: usize,
-    /// Retained messages one client id may have set (0: no limit), refused the same way.
+    /// Retained messages one login (an anonymous client: its address) may have set (0: no
+    /// limit), refused the same way.
     pub max_retained_per_client: usize,
 }
 

@@ -1,9 +1,11 @@
 //! Who set each retained message, for `max_retained_per_client`: the broker-wide bounds keep
-//! the retained store's memory in check, and this keeps one client from taking all of it.
+//! the retained store's memory in check, and this keeps one client from taking all of it. A
+//! client is its login (user name or certificate identity), or for an anonymous client its
+//! address, never its client id, which it could change at will.
 //!
 //! Kept only while the limit is set (it costs a copy of each topic name), so a limit switched
 //! on by a reload counts the retained messages set from then on. A message belongs to the
-//! client id that last set it; a replacement by another client moves it to that client, and a
+//! client that last set it; a replacement by another client moves it to that client, and a
 //! clear, an expiry or an operator's removal frees it. Changes from other nodes of a cluster
 //! free a topic but belong to no client here.
 

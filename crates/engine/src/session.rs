@@ -625,6 +625,17 @@ impl Session {
         (seen, true)
     }
 
+    /// Whether this subscriber keeps up now: connected, not stalled, and its queue and
+    /// outbox within their bounds.
+    pub fn keeps_up(&self, limits: &Limits) -> bool {
+        let st = self.lock();
+        matches!(st.owner, Owner::Connection(_))
+            && !st.stalled
+            && st.queued_messages <= limits.max_queued_messages
+            && st.queued_bytes <= limits.max_queued_bytes
+            && st.qos0_bytes <= limits.outbox_bytes
+    }
+
     /// A publisher starts waiting on this subscriber (its message took the queue past its
     /// bounds): returns the `drained` counter and the hold time the subscriber has left. With
     /// none left the subscriber is found slow at once ([`Session::check_hold`]) and the

@@ -1107,8 +1107,10 @@ pub struct MqttConfig {
     /// Topic and payload bytes of all retained messages together; a PUBLISH
     /// that would take them past it is refused the same way.
     pub max_retained_bytes: usize,
-    /// Retained messages one client id may have set (the last to set a topic
-    /// holds it); past it a new one is refused the same way. 0 = no per-client
+    /// Retained messages one client may have set (the last to set a topic
+    /// holds it), a client being its login (user name or certificate
+    /// identity; an anonymous one, its address), not a client id it could
+    /// change; past it a new one is refused the same way. 0 = no per-client
     /// limit. Counted from when it is set (a reload that sets it counts what
     /// is set from then on).
     pub max_retained_per_client: usize,
@@ -1973,7 +1975,8 @@ pub fn default_config_toml() -> String {
          # a PUBLISH that would set a new one past them is refused (0x97).\n\
          max_retained_messages = {max_retained_messages}\n\
          max_retained_bytes = {max_retained_bytes}\n\
-         # Retained messages one client id may have set; 0 = no per-client limit.\n\
+         # Retained messages one login (anonymous: one address) may have set;\n\
+         # 0 = no per-client limit.\n\
          max_retained_per_client = {max_retained_per_client}\n\
          # PUBLISH packets and payload bytes one client may send per second;\n\
          # 0 = no limit. Past them QoS 0 is dropped, QoS 1/2 slowed.\n\

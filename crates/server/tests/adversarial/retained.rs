@@ -166,16 +166,26 @@ async fn large_retained_messages_are_held_to_the_byte_bound() {
     );
 }
 
-/// `max_retained_per_client`: one client cannot take the whole retained store. Its sixth of
-/// five is refused with 0x97 while another client still sets its own; replacing one of its
-/// own works, and a message another client replaced is no longer counted as its.
+/// `max_retained_per_client`: one login cannot take the whole retained store, and a new
+/// client id does not give it a new share. Its sixth of five is refused with 0x97 while
+/// another login still sets its own; replacing one of its own works, and a message another
+/// login replaced is no longer counted as its.
 #[tokio::test]
-async fn one_client_is_held_to_its_share_of_the_retained_store() {
+async fn one_login_is_held_to_its_share_of_the_retained_store() {
     let _machine = light().await;
     let admin = free_port();
-    let broker = Broker::start_with("", &tables(admin, "max_retained_per_client = 5"));
-    let mut greedy = v5_client(broker.addr, "greedy").await;
-    let mut other = v5_client(broker.addr, "other").await;
+    let broker = Broker::start_with(
+        "",
+        &tables(
+            admin,
+            "max_retained_per_client = 5\n\n[auth]\nallow_anonymous = false\n\
+             max_pending_logins_per_address = 4\n\n\
+             [[auth.users]]\nname = \"greedy\"\npassword = \"g\"\n\n\
+             [[auth.users]]\nname = \"other\"\npassword = \"o\"",
+        ),
+    );
+    let mut greedy = v5_login(broker.addr, "greedy-1", "greedy", "g").await;
+    let mut other = v5_login(broker.addr, "other-1", "other", "o").await;
     for i in 0..5u16 {
         greedy
             .send(&retained_v5(&format!("g/{i}"), i + 1, b"x"))
@@ -184,6 +194,14 @@ async fn one_client_is_held_to_its_share_of_the_retained_store() {
     }
     greedy.send(&retained_v5("g/5", 6, b"x")).await;
     assert_eq!(puback_reason(&mut greedy, 6).await, 0x97, "the sixth");
+    // Another client id of the same login shares its count.
+    let mut again = v5_login(broker.addr, "greedy-2", "greedy", "g").await;
+    again.send(&retained_v5("g/5", 1, b"x")).await;
+    assert_eq!(
+        puback_reason(&mut again, 1).await,
+        0x97,
+        "a new client id, same login"
+    );
     greedy.send(&retained_v5("g/0", 7, b"again")).await;
     assert_eq!(
         puback_reason(&mut greedy, 7).await,
@@ -191,7 +209,7 @@ async fn one_client_is_held_to_its_share_of_the_retained_store() {
         "replacing its own"
     );
     other.send(&retained_v5("o/0", 1, b"x")).await;
-    assert_eq!(puback_reason(&mut other, 1).await, 0x00, "another client's");
+    assert_eq!(puback_reason(&mut other, 1).await, 0x00, "another login's");
     // `other` takes over one of greedy's topics: greedy has room for one more.
     other.send(&retained_v5("g/1", 2, b"mine now")).await;
     assert_eq!(puback_reason(&mut other, 2).await, 0x00);
@@ -199,4 +217,85 @@ async fn one_client_is_held_to_its_share_of_the_retained_store() {
     assert_eq!(puback_reason(&mut greedy, 8).await, 0x00, "room again");
     greedy.send(&retained_v5("g/6", 9, b"x")).await;
     assert_eq!(puback_reason(&mut greedy, 9).await, 0x97, "full again");
+}
+
+/// A v5 CONNECT with a user name and password, clean start, then its CONNACK checked.
+async fn v5_login(addr: std::net::SocketAddr, id: &str, user: &str, password: &str) -> RawClient {
+    let mut body = vec![
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0xc2, 0x00, 0x00, 0x00,
+    ];
+    for field in [id, user, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    let mut c = RawClient::connect(addr).await;
+    c.send(&packet).await;
+    let ack = c.packet(WAIT).await.expect("CONNACK");
+    assert_eq!(
+        (ack[0], ack[3]),
+        (0x20, 0x00),
+        "{user} as {id}: {}",
+        hex(&ack)
+    );
+    c
+}
+
+/// A 3.1.1 CONNECT with a retained will, clean session, no credentials.
+fn connect_with_retained_will(id: &str, topic: &str, message: &[u8]) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x26, 0x00, 0x00];
+    for field in [id.as_bytes(), topic.as_bytes(), message] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Wills are retained messages too: clients that connect with a retained will and drop the
+/// connection, over and over, get their wills published but not kept past the bounds. And no
+/// will may stand for the broker's own `$SYS` figures, whether or not an ACL is configured.
+#[tokio::test]
+async fn retained_wills_are_held_to_the_bounds_and_never_under_sys() {
+    let _machine = light().await;
+    let admin = free_port();
+    let broker = Broker::start_with("", &tables(admin, "max_retained_messages = 5"));
+    for i in 0..10 {
+        let mut c = RawClient::connect(broker.addr).await;
+        c.send(&connect_with_retained_will(
+            &format!("w{i}"),
+            &format!("w/{i}"),
+            b"gone",
+        ))
+        .await;
+        c.expect(&CONNACK_ACCEPTED, WAIT).await;
+        drop(c);
+    }
+    let started = std::time::Instant::now();
+    while metric(admin, "petrel_wills_published_total").await < 10.0 {
+        assert!(started.elapsed() < WAIT, "the wills were not published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(admin, "petrel_retained_messages").await, 5.0);
+    assert_eq!(
+        metric(admin, "petrel_refused_total{reason=\"retained_quota\"}").await,
+        5.0
+    );
+
+    let mut spoof = RawClient::connect(broker.addr).await;
+    spoof
+        .send(&connect_with_retained_will(
+            "spoof",
+            "$SYS/broker/uptime",
+            b"0",
+        ))
+        .await;
+    let close = spoof.until_closed(WAIT).await.expect("refused and closed");
+    assert_eq!(
+        close.packets,
+        [vec![0x20, 0x02, 0x00, 0x05]],
+        "a will under $SYS"
+    );
 }
