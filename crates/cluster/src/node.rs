@@ -165,6 +165,30 @@ struct Seen {
 
 const SEEN_WINDOW: usize = 65_536;
 
+/// Records in `moved` that `client_id`'s session (`state`) went to `node` (see
+/// `Inner::remember_moved`).
+fn remember_moved(
+    moved: &mut Vec<Moved>,
+    client_id: &str,
+    node: &str,
+    state: &petrel_engine::store::StoredSession,
+) {
+    let filters = state
+        .subscriptions
+        .iter()
+        .map(|(f, _)| f.clone())
+        .filter(|f| !f.starts_with("$share/"))
+        .collect();
+    let now = Instant::now();
+    moved.retain(|m| m.until > now && m.client_id != client_id);
+    moved.push(Moved {
+        client_id: client_id.to_owned(),
+        node: node.to_owned(),
+        filters,
+        until: now + MOVED_FORWARD,
+    });
+}
+
 /// `take_over`'s error when the node holding the session refused the login asking for it.
 const REFUSED_BY_OWNER: &str = "the session belongs to another login";
 
@@ -1121,21 +1145,8 @@ impl Inner {
         node: &str,
         state: &petrel_engine::store::StoredSession,
     ) {
-        let filters = state
-            .subscriptions
-            .iter()
-            .map(|(f, _)| f.clone())
-            .filter(|f| !f.starts_with("$share/"))
-            .collect();
         let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        moved.retain(|m| m.until > now && m.client_id != client_id);
-        moved.push(Moved {
-            client_id: client_id.to_owned(),
-            node: node.to_owned(),
-            filters,
-            until: now + MOVED_FORWARD,
-        });
+        remember_moved(&mut moved, client_id, node, state);
     }
 
     /// Sends a copy of `message` (stream sequence `seq` here) to each session that moved
@@ -1199,12 +1210,23 @@ impl Inner {
                 certificate,
             });
             let claimant = login.as_ref().map(|l| (l, request.granted));
-            let state = match self.broker.hand_over(
-                &request.client_id,
-                request.clean_start,
-                claimant,
-                Instant::now(),
-            ) {
+            // The session leaves and its forwarding starts under one hold of `moved`: a message
+            // routed here meanwhile either lands in the queue that moves, or finds the record
+            // (`forward_to_moved` takes the lock after routing) and follows the session.
+            let handed = {
+                let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+                let handed = self.broker.hand_over(
+                    &request.client_id,
+                    request.clean_start,
+                    claimant,
+                    Instant::now(),
+                );
+                if let Ok(Some(state)) = &handed {
+                    remember_moved(&mut moved, &request.client_id, &request.node, state);
+                }
+                handed
+            };
+            let state = match handed {
                 Ok(state) => state,
                 Err(NotOwner) => {
                     // Another login's session: it stays here, its client connected.
@@ -1227,9 +1249,6 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&request.client_id);
-            if let Some(state) = &state {
-                self.remember_moved(&request.client_id, &request.node, state);
-            }
             let parts = match &state {
                 Some(state) => {
                     let (parts, left_out) = handover::encode(state, max_payload - 1024);
