@@ -79,6 +79,17 @@ impl Broker {
     }
 
     fn try_start_at(port: u16, listener_keys: &str, tables: &str) -> Result<Broker, String> {
+        Broker::spawn_at(port, listener_keys, tables, None)
+    }
+
+    /// Starts petrel on `port`, with its RLIMIT_NOFILE (soft and hard) set to `open_files` if
+    /// given, and waits until it listens.
+    fn spawn_at(
+        port: u16,
+        listener_keys: &str,
+        tables: &str,
+        open_files: Option<u64>,
+    ) -> Result<Broker, String> {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let dir = std::env::temp_dir().join(format!(
@@ -102,6 +113,21 @@ impl Broker {
             .stdout(Stdio::null())
             .stderr(log);
         dies_with_test(&mut command);
+        if let Some(open_files) = open_files {
+            // SAFETY: setrlimit is async-signal-safe and reads only the struct passed.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: open_files,
+                        rlim_max: open_files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
         let child = command.spawn().expect("spawn petrel");
         let broker = Broker { child, addr, dir };
 
@@ -623,43 +649,7 @@ impl Broker {
     /// As `start_with`, with the broker's RLIMIT_NOFILE (soft and hard) set to `open_files`,
     /// so that a test can exhaust its descriptors with hundreds of sockets.
     pub fn start_with_open_files(listener_keys: &str, tables: &str, open_files: u64) -> Broker {
-        static STARTED: AtomicUsize = AtomicUsize::new(0);
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let dir = std::env::temp_dir().join(format!(
-            "petrel-nofile-{}-{}",
-            std::process::id(),
-            STARTED.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        let config = dir.join("petrel.toml");
-        let text = format!("[[listeners]]\nbind = \"{addr}\"\n{listener_keys}\n\n{tables}");
-        std::fs::write(&config, text).expect("write config");
-        let log = std::fs::File::create(dir.join("petrel.log")).expect("create log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_petrel"));
-        command
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        dies_with_test(&mut command);
-        // SAFETY: setrlimit is async-signal-safe and reads only the struct passed.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: open_files,
-                    rlim_max: open_files,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        };
-        let child = command.spawn().expect("spawn petrel");
-        Broker::wait_ready(Broker { child, addr, dir }, Instant::now())
+        Broker::spawn_at(free_port(), listener_keys, tables, Some(open_files))
             .unwrap_or_else(|log| panic!("petrel did not start; its log:\n{log}"))
     }
 }
